@@ -66,11 +66,10 @@ pub fn boolean(text: &str) -> Result<bool, String> {
 /// database, which is not the pod's and can stall.
 pub fn uid(text: &str) -> Result<u32, String> {
     let text = text.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(uid) = text.parse::<u32>() {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(uid) = text.parse::<u32>() {
             return Ok(uid);
         }
-    }
     Err("expected a numeric UID (user names are not resolved by the CNI)".into())
 }
 

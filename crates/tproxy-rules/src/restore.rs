@@ -60,11 +60,10 @@ pub fn parse_save(text: &str) -> Saved {
                 if let Some(chain) = decl.split_whitespace().next() {
                     table.chains.push(chain.to_owned());
                 }
-            } else if let Some(rest) = line.strip_prefix("-A ") {
-                if let Some(chain) = rest.split_whitespace().next() {
+            } else if let Some(rest) = line.strip_prefix("-A ")
+                && let Some(chain) = rest.split_whitespace().next() {
                     table.rules.push((chain.to_owned(), normalize(line)));
                 }
-            }
         }
     }
     saved
