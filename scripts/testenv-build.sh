@@ -37,6 +37,7 @@ if ((${#missing[@]})); then
 	fi
 fi
 
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
 command -v go >/dev/null || { echo "testenv-build: go not found in PATH" >&2; exit 1; }
 
 # The key covers everything that decides the output: our sources, go.sum, this
@@ -63,12 +64,13 @@ if [[ ! -e $out/.complete ]]; then
 		tmp=$(mktemp -d "$cache/.build-XXXXXX")
 		trap 'rm -rf "$tmp"' EXIT
 		# GOMODCACHE and GOCACHE stay at their defaults so they persist between builds.
-		export GOFLAGS="-trimpath -mod=readonly"
+		# -buildvcs=false: the binaries must not depend on the state of the git tree.
+		export GOFLAGS="-trimpath -mod=readonly -buildvcs=false"
 		(cd "$src" && go build -ldflags='-s -w' -o "$tmp/bin/" ./cmd/k8s-testenv ./cmd/cni-runtime) >&2
 		# go install pkg@version builds with the plugins' own go.mod: exactly v1.10.0's deps.
 		pkgs=()
 		for p in "${PLUGINS[@]}"; do pkgs+=("github.com/containernetworking/plugins/plugins/$p@$PLUGINS_VERSION"); done
-		GOFLAGS=-trimpath GOBIN="$tmp/bin/plugins" go install -ldflags='-s -w' "${pkgs[@]}" >&2
+		GOFLAGS="-trimpath -buildvcs=false" GOBIN="$tmp/bin/plugins" go install -ldflags='-s -w' "${pkgs[@]}" >&2
 		touch "$tmp/.complete"
 		rm -rf "$out"
 		mv "$tmp" "$out"

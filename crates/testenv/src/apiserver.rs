@@ -9,7 +9,9 @@ use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
 use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -54,7 +56,10 @@ impl ApiServer {
         let log = std::fs::File::create(&log_path).expect("creating k8s-testenv log");
 
         let mut cmd = Command::new(bin_dir().join("k8s-testenv"));
-        cmd.arg("--data-dir").arg(&dir).arg("--kubeconfig").arg(&kubeconfig);
+        cmd.arg("--data-dir")
+            .arg(&dir)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig);
         for crd in crds {
             cmd.arg("--crd").arg(crd);
         }
@@ -66,7 +71,9 @@ impl ApiServer {
             cmd.stderr(log);
         }
         let started = Instant::now();
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()));
 
         // Wait for "READY <path>" on stdout, then keep draining stdout on that thread so
         // that a late write can never block or SIGPIPE the server.
@@ -93,8 +100,16 @@ impl ApiServer {
                  end of its log:\n{tail}"
             );
         }
-        eprintln!("testenv: API server ready in {:.1?} ({})", started.elapsed(), dir.display());
-        ApiServer { dir, kubeconfig, child: Mutex::new(child) }
+        eprintln!(
+            "testenv: API server ready in {:.1?} ({})",
+            started.elapsed(),
+            dir.display()
+        );
+        ApiServer {
+            dir,
+            kubeconfig,
+            child: Mutex::new(child),
+        }
     }
 
     /// The admin (system:masters) kubeconfig. Server address is `https://127.0.0.1:PORT`.
@@ -121,7 +136,10 @@ impl ApiServer {
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some(BTreeMap::from([("kmc-test".to_string(), "true".to_string())])),
+                labels: Some(BTreeMap::from([(
+                    "kmc-test".to_string(),
+                    "true".to_string(),
+                )])),
                 ..Default::default()
             },
             ..Default::default()
@@ -130,7 +148,11 @@ impl ApiServer {
             .create(&PostParams::default(), &ns)
             .await
             .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
-        TestNamespace { name, client, kubeconfig: self.kubeconfig.clone() }
+        TestNamespace {
+            name,
+            client,
+            kubeconfig: self.kubeconfig.clone(),
+        }
     }
 
     /// Creates node `PREFIX-xxxxxxxx` with these labels (not Ready until
@@ -142,7 +164,12 @@ impl ApiServer {
         let node = Node {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
                 ..Default::default()
             },
             ..Default::default()
@@ -151,7 +178,11 @@ impl ApiServer {
             .create(&PostParams::default(), &node)
             .await
             .unwrap_or_else(|e| panic!("creating node {name}: {e}"));
-        TestNode { name, client, kubeconfig: self.kubeconfig.clone() }
+        TestNode {
+            name,
+            client,
+            kubeconfig: self.kubeconfig.clone(),
+        }
     }
 
     /// A kubeconfig for ServiceAccount `namespace/name` (created if missing), with a bound
@@ -161,7 +192,10 @@ impl ApiServer {
         let client = self.client().await;
         let sas = Api::<ServiceAccount>::namespaced(client, namespace);
         let sa = ServiceAccount {
-            metadata: ObjectMeta { name: Some(name.to_string()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         match sas.create(&PostParams::default(), &sa).await {
@@ -170,7 +204,10 @@ impl ApiServer {
             Err(e) => panic!("creating ServiceAccount {namespace}/{name}: {e}"),
         }
         let request = TokenRequest {
-            spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let token = sas
@@ -182,7 +219,10 @@ impl ApiServer {
             .token;
 
         let admin = Kubeconfig::read_from(&self.kubeconfig).expect("reading admin kubeconfig");
-        let cluster = admin.clusters[0].cluster.clone().expect("admin kubeconfig has a cluster");
+        let cluster = admin.clusters[0]
+            .cluster
+            .clone()
+            .expect("admin kubeconfig has a cluster");
         // JSON is YAML: kube and kubectl both read it.
         let kubeconfig = json!({
             "apiVersion": "v1",
@@ -195,7 +235,10 @@ impl ApiServer {
             "contexts": [{"name": "sa", "context": {"cluster": "k8s-testenv", "user": name, "namespace": namespace}}],
             "current-context": "sa",
         });
-        let path = self.dir.join(format!("sa-{namespace}-{name}-{}.kubeconfig", unique_suffix()));
+        let path = self.dir.join(format!(
+            "sa-{namespace}-{name}-{}.kubeconfig",
+            unique_suffix()
+        ));
         std::fs::write(&path, serde_json::to_vec_pretty(&kubeconfig).unwrap())
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         path
@@ -301,7 +344,10 @@ impl TestNamespace {
     /// containers running and ready, conditions True, and `pod_ip` if given.
     pub async fn set_pod_running(&self, name: &str, pod_ip: Option<&str>) -> Pod {
         let pods = self.api::<Pod>();
-        let pod = pods.get(name).await.unwrap_or_else(|e| panic!("getting pod {name}: {e}"));
+        let pod = pods
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("getting pod {name}: {e}"));
         let spec = pod.spec.unwrap_or_default();
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let running = |c: &Container| {
@@ -323,9 +369,13 @@ impl TestNamespace {
             status["podIP"] = json!(ip);
             status["podIPs"] = json!([{ "ip": ip }]);
         }
-        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status })))
-            .await
-            .unwrap_or_else(|e| panic!("updating status of pod {}/{name}: {e}", self.name))
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("updating status of pod {}/{name}: {e}", self.name))
     }
 
     /// Creates Role `role` with these rules and binds it to ServiceAccount `sa` of this
@@ -333,9 +383,18 @@ impl TestNamespace {
     /// and returns once the grant is in effect.
     pub async fn grant(&self, sa: &str, role: &str, rules: Vec<PolicyRule>) {
         let rules_copy = rules.clone();
-        let meta = ObjectMeta { name: Some(role.to_string()), ..Default::default() };
+        let meta = ObjectMeta {
+            name: Some(role.to_string()),
+            ..Default::default()
+        };
         self.api::<Role>()
-            .create(&PostParams::default(), &Role { metadata: meta.clone(), rules: Some(rules) })
+            .create(
+                &PostParams::default(),
+                &Role {
+                    metadata: meta.clone(),
+                    rules: Some(rules),
+                },
+            )
             .await
             .unwrap_or_else(|e| panic!("creating Role {role}: {e}"));
         let binding = RoleBinding {
@@ -387,7 +446,10 @@ impl TestNamespace {
                 if allowed {
                     break;
                 }
-                assert!(Instant::now() < deadline, "grant {role} to {user}: not effective after 10s");
+                assert!(
+                    Instant::now() < deadline,
+                    "grant {role} to {user}: not effective after 10s"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -399,7 +461,10 @@ impl Drop for TestNamespace {
         let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
         block_on_thread(move || async move {
             let client = client_from(&kubeconfig).await;
-            let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+            let now = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            };
             let pods = Api::<Pod>::namespaced(client.clone(), &name);
             if let Err(e) = pods.delete_collection(&now, &ListParams::default()).await {
                 eprintln!("testenv: deleting pods of {name}: {e}");
@@ -411,7 +476,9 @@ impl Drop for TestNamespace {
             }
             // Empty spec.finalizers through the finalize subresource: the namespace goes.
             let finalize = json!({"metadata": {"name": name}, "spec": {"finalizers": []}});
-            if let Err(e) = namespaces.replace_subresource("finalize", &name, &PostParams::default(), &finalize).await
+            if let Err(e) = namespaces
+                .replace_subresource("finalize", &name, &PostParams::default(), &finalize)
+                .await
                 && !matches!(&e, kube::Error::Api(s) if s.code == 404)
             {
                 eprintln!("testenv: finalizing namespace {name}: {e}");
@@ -441,7 +508,11 @@ impl TestNode {
             "lastHeartbeatTime": now, "lastTransitionTime": now,
         }]}});
         Api::<Node>::all(self.client.clone())
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(patch))
+            .patch_status(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Strategic(patch),
+            )
             .await
             .unwrap_or_else(|e| panic!("updating status of node {}: {e}", self.name))
     }
@@ -461,7 +532,15 @@ impl Drop for TestNode {
 
 /// Starts a pod description: `pod("app").annotation(k, v).container("kuma-sidecar").build()`.
 pub fn pod(name: &str) -> PodBuilder {
-    PodBuilder { pod: Pod { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() } }
+    PodBuilder {
+        pod: Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    }
 }
 
 /// Builds a [`Pod`]; with no container given, it gets one named `app`.
@@ -471,12 +550,20 @@ pub struct PodBuilder {
 
 impl PodBuilder {
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
-        self.pod.metadata.annotations.get_or_insert_default().insert(key.into(), value.into());
+        self.pod
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(key.into(), value.into());
         self
     }
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
-        self.pod.metadata.labels.get_or_insert_default().insert(key.into(), value.into());
+        self.pod
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert(key.into(), value.into());
         self
     }
 
@@ -486,13 +573,19 @@ impl PodBuilder {
     }
 
     pub fn init_container(mut self, name: &str) -> Self {
-        self.spec().init_containers.get_or_insert_default().push(test_container(name));
+        self.spec()
+            .init_containers
+            .get_or_insert_default()
+            .push(test_container(name));
         self
     }
 
     /// A native sidecar: an init container with `restartPolicy: Always`.
     pub fn sidecar_init_container(mut self, name: &str) -> Self {
-        let c = Container { restart_policy: Some("Always".into()), ..test_container(name) };
+        let c = Container {
+            restart_policy: Some("Always".into()),
+            ..test_container(name)
+        };
         self.spec().init_containers.get_or_insert_default().push(c);
         self
     }
@@ -517,7 +610,11 @@ impl PodBuilder {
 
 fn test_container(name: &str) -> Container {
     // Never pulled: no kubelet runs.
-    Container { name: name.into(), image: Some("kmc-test/none:0".into()), ..Default::default() }
+    Container {
+        name: name.into(),
+        image: Some("kmc-test/none:0".into()),
+        ..Default::default()
+    }
 }
 
 /// A [`PolicyRule`]: `policy_rule(&[""], &["pods"], &["get"])`.

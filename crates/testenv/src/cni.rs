@@ -158,7 +158,10 @@ impl CniRuntime {
 
     /// Any conflist: `conflist` gets the private state dir (for `dataDir`s and the like).
     pub fn custom(plugin_dirs: Vec<PathBuf>, conflist: impl FnOnce(&Path) -> Value) -> CniRuntime {
-        let dir = tempfile::Builder::new().prefix("kmc-cni-").tempdir().expect("creating temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("kmc-cni-")
+            .tempdir()
+            .expect("creating temp dir");
         let rt = CniRuntime {
             conflist: dir.path().join("net.conflist"),
             plugin_dirs,
@@ -186,7 +189,8 @@ impl CniRuntime {
 
     /// Replaces the conflist, e.g. to chain another plugin after the reference ones.
     pub fn set_conflist(&self, conflist: &Value) {
-        std::fs::write(&self.conflist, serde_json::to_vec_pretty(conflist).unwrap()).expect("writing conflist");
+        std::fs::write(&self.conflist, serde_json::to_vec_pretty(conflist).unwrap())
+            .expect("writing conflist");
     }
 
     /// The private state dir (removed on drop); host-local keeps its leases in `ipam/`.
@@ -214,7 +218,10 @@ impl CniRuntime {
     pub fn del(&self, a: &Attachment) -> Result<(), CniError> {
         let result = self.run("del", Some(a), &[]).map(drop);
         if result.is_ok() {
-            self.added.lock().unwrap().retain(|x| x.container_id != a.container_id || x.ifname != a.ifname);
+            self.added
+                .lock()
+                .unwrap()
+                .retain(|x| x.container_id != a.container_id || x.ifname != a.ifname);
         }
         result
     }
@@ -229,37 +236,68 @@ impl CniRuntime {
     pub fn gc(&self, valid: &[&Attachment]) -> Result<(), CniError> {
         let args: Vec<String> = valid
             .iter()
-            .flat_map(|a| ["--valid-attachment".to_string(), format!("{}:{}", a.container_id, a.ifname)])
+            .flat_map(|a| {
+                [
+                    "--valid-attachment".to_string(),
+                    format!("{}:{}", a.container_id, a.ifname),
+                ]
+            })
             .collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run("gc", None, &args).map(drop)
     }
 
     /// Runs `cni-runtime COMMAND` and returns its output when it exits 0.
-    pub fn run(&self, command: &str, a: Option<&Attachment>, extra: &[&str]) -> Result<Output, CniError> {
+    pub fn run(
+        &self,
+        command: &str,
+        a: Option<&Attachment>,
+        extra: &[&str],
+    ) -> Result<Output, CniError> {
         let mut cmd = Command::new(bin_dir().join("cni-runtime"));
-        cmd.arg("--conflist").arg(&self.conflist).arg("--cache-dir").arg(self.dir.path().join("cache"));
+        cmd.arg("--conflist")
+            .arg(&self.conflist)
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"));
         for d in &self.plugin_dirs {
             cmd.arg("--bin-dir").arg(d);
         }
         if let Some(a) = a {
             cmd.arg("--netns").arg(&a.netns);
             cmd.args(["--container-id", &a.container_id, "--ifname", &a.ifname]);
-            cmd.args(["--pod-namespace", &a.pod_namespace, "--pod-name", &a.pod_name, "--pod-uid", &a.pod_uid]);
+            cmd.args([
+                "--pod-namespace",
+                &a.pod_namespace,
+                "--pod-name",
+                &a.pod_name,
+                "--pod-uid",
+                &a.pod_uid,
+            ]);
         }
         cmd.arg(command).args(extra);
-        let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         match out.status.code() {
             Some(0) => Ok(out),
             // A plugin's error result: its JSON is on stdout.
             Some(2) => {
-                let mut err: CniError = serde_json::from_slice(&out.stdout)
-                    .unwrap_or_else(|e| panic!("cni-runtime error JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+                let mut err: CniError = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                    panic!(
+                        "cni-runtime error JSON ({e}): {}",
+                        String::from_utf8_lossy(&out.stdout)
+                    )
+                });
                 err.stderr = stderr;
                 Err(err)
             }
-            _ => Err(CniError { code: None, msg: String::new(), details: String::new(), stderr }),
+            _ => Err(CniError {
+                code: None,
+                msg: String::new(),
+                details: String::new(),
+                stderr,
+            }),
         }
     }
 }
@@ -283,7 +321,12 @@ impl Drop for CniRuntime {
 /// for each chain of this process and random across processes.
 fn test_subnet() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(u32::MAX, u32::from_str_radix(&unique_suffix(), 16).unwrap() % 512, Ordering::Relaxed, Ordering::Relaxed);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        u32::from_str_radix(&unique_suffix(), 16).unwrap() % 512,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     let n = NEXT.fetch_add(1, Ordering::Relaxed) % 512;
     format!("198.{}.{}.0/24", 18 + n / 256, n % 256)
 }

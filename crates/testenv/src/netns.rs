@@ -56,7 +56,10 @@ impl Default for NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        match Command::new("ip").args(["netns", "delete", &self.name]).output() {
+        match Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output()
+        {
             Ok(out) if out.status.success() => {}
             Ok(out) => eprintln!(
                 "testenv: ip netns delete {}: {}",

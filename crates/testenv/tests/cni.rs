@@ -8,7 +8,10 @@ use testenv::{Attachment, CniRuntime, NetNs, Plugins, need_root, skip_heavy, uni
 
 /// The IPv4 address (CIDR) of the result's first IP.
 fn first_ip(result: &Value) -> String {
-    result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no IP in result {result}")).to_string()
+    result["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no IP in result {result}"))
+        .to_string()
 }
 
 /// host-local's lease files (one per IP) for this runtime's network.
@@ -16,7 +19,10 @@ fn leases(rt: &CniRuntime) -> Vec<String> {
     let name = rt.conflist()["name"].as_str().unwrap().to_string();
     let dir = rt.state_dir().join("ipam").join(name);
     let mut ips: Vec<String> = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default();
     ips.retain(|f| f.parse::<std::net::IpAddr>().is_ok());
     ips.sort();
@@ -32,9 +38,16 @@ fn bridge_add_check_del(plugins: Plugins) {
     assert_eq!(result["cniVersion"], plugins.cni_version());
     let ip = first_ip(&result);
     let addr = ns.ip(&["-4", "addr", "show", "dev", "eth0"]);
-    assert!(addr.contains(&format!("inet {ip}")), "{ip} not on eth0 in {}: {addr}", ns.name());
+    assert!(
+        addr.contains(&format!("inet {ip}")),
+        "{ip} not on eth0 in {}: {addr}",
+        ns.name()
+    );
     let host = testenv_ip_link(rt.bridge_name().unwrap());
-    assert!(host.contains("state UP") || host.contains("UP"), "bridge not up: {host}");
+    assert!(
+        host.contains("state UP") || host.contains("UP"),
+        "bridge not up: {host}"
+    );
     let bare_ip = ip.split('/').next().unwrap().to_string();
     assert_eq!(leases(&rt), [bare_ip], "host-local lease");
 
@@ -42,15 +55,30 @@ fn bridge_add_check_del(plugins: Plugins) {
     rt.del(&a).expect("DEL");
 
     let links = ns.ip(&["link", "show"]);
-    assert!(!links.contains("eth0"), "eth0 still in {} after DEL: {links}", ns.name());
-    assert!(!ns.ip(&["-4", "addr"]).contains(&ip), "{ip} still in {} after DEL", ns.name());
-    assert!(leases(&rt).is_empty(), "lease not released by DEL: {:?}", leases(&rt));
+    assert!(
+        !links.contains("eth0"),
+        "eth0 still in {} after DEL: {links}",
+        ns.name()
+    );
+    assert!(
+        !ns.ip(&["-4", "addr"]).contains(&ip),
+        "{ip} still in {} after DEL",
+        ns.name()
+    );
+    assert!(
+        leases(&rt).is_empty(),
+        "lease not released by DEL: {:?}",
+        leases(&rt)
+    );
     // DEL is idempotent, as the spec demands.
     rt.del(&a).expect("second DEL");
 }
 
 fn testenv_ip_link(dev: &str) -> String {
-    let out = std::process::Command::new("ip").args(["link", "show", "dev", dev]).output().unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["link", "show", "dev", dev])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "host link {dev} missing");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -61,7 +89,9 @@ fn host_link_exists(dev: &str) -> bool {
 
 #[test]
 fn bridge_host_local_with_debian_plugins() {
-    if skip_heavy("bridge_host_local_with_debian_plugins") || !need_root("bridge_host_local_with_debian_plugins") {
+    if skip_heavy("bridge_host_local_with_debian_plugins")
+        || !need_root("bridge_host_local_with_debian_plugins")
+    {
         return;
     }
     bridge_add_check_del(Plugins::Debian);
@@ -69,7 +99,9 @@ fn bridge_host_local_with_debian_plugins() {
 
 #[test]
 fn bridge_host_local_with_upstream_plugins() {
-    if skip_heavy("bridge_host_local_with_upstream_plugins") || !need_root("bridge_host_local_with_upstream_plugins") {
+    if skip_heavy("bridge_host_local_with_upstream_plugins")
+        || !need_root("bridge_host_local_with_upstream_plugins")
+    {
         return;
     }
     bridge_add_check_del(Plugins::Upstream);
@@ -77,7 +109,9 @@ fn bridge_host_local_with_upstream_plugins() {
 
 #[test]
 fn ptp_host_local_with_upstream_plugins() {
-    if skip_heavy("ptp_host_local_with_upstream_plugins") || !need_root("ptp_host_local_with_upstream_plugins") {
+    if skip_heavy("ptp_host_local_with_upstream_plugins")
+        || !need_root("ptp_host_local_with_upstream_plugins")
+    {
         return;
     }
     let rt = CniRuntime::ptp(Plugins::Upstream);
@@ -91,14 +125,20 @@ fn ptp_host_local_with_upstream_plugins() {
 
 #[test]
 fn guards_remove_netns_bridge_and_state() {
-    if skip_heavy("guards_remove_netns_bridge_and_state") || !need_root("guards_remove_netns_bridge_and_state") {
+    if skip_heavy("guards_remove_netns_bridge_and_state")
+        || !need_root("guards_remove_netns_bridge_and_state")
+    {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
     let ns = NetNs::new();
     let a = Attachment::new(&ns, "default", "pod-leak");
     rt.add(&a).expect("ADD");
-    let (bridge, state, netns) = (rt.bridge_name().unwrap().to_string(), rt.state_dir().to_path_buf(), ns.path());
+    let (bridge, state, netns) = (
+        rt.bridge_name().unwrap().to_string(),
+        rt.state_dir().to_path_buf(),
+        ns.path(),
+    );
     assert!(host_link_exists(&bridge) && state.exists() && netns.exists());
     // No DEL: the guards must clean up as after a failed test.
     drop(rt);
@@ -165,8 +205,14 @@ fn gc_reaches_host_local() {
         pod_uid: String::new(),
     };
     rt.gc(&[&live]).expect("GC");
-    assert!(leases.join("198.18.255.10").exists(), "valid reservation released");
-    assert!(!leases.join("198.18.255.11").exists(), "stale reservation kept: GC did not reach host-local");
+    assert!(
+        leases.join("198.18.255.10").exists(),
+        "valid reservation released"
+    );
+    assert!(
+        !leases.join("198.18.255.11").exists(),
+        "stale reservation kept: GC did not reach host-local"
+    );
 }
 
 /// GC also makes libcni DEL every attachment it cached that the runtime no longer
@@ -186,8 +232,15 @@ fn gc_deletes_stale_attachments_through_the_chain() {
     rt.add(&stale).expect("ADD stale");
 
     rt.gc(&[&live]).expect("GC");
-    assert!(!ns_stale.ip(&["link", "show"]).contains("eth0"), "stale attachment not deleted");
-    assert!(ns_live.ip(&["-4", "addr", "show", "dev", "eth0"]).contains(&live_ip));
+    assert!(
+        !ns_stale.ip(&["link", "show"]).contains("eth0"),
+        "stale attachment not deleted"
+    );
+    assert!(
+        ns_live
+            .ip(&["-4", "addr", "show", "dev", "eth0"])
+            .contains(&live_ip)
+    );
     assert_eq!(leases(&rt), [live_ip.split('/').next().unwrap()]);
     rt.del(&live).expect("DEL live");
 }
@@ -195,7 +248,8 @@ fn gc_deletes_stale_attachments_through_the_chain() {
 /// A plugin's CNI error reaches the test with its code.
 #[test]
 fn plugin_errors_carry_their_code() {
-    if skip_heavy("plugin_errors_carry_their_code") || !need_root("plugin_errors_carry_their_code") {
+    if skip_heavy("plugin_errors_carry_their_code") || !need_root("plugin_errors_carry_their_code")
+    {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
@@ -204,5 +258,8 @@ fn plugin_errors_carry_their_code() {
     a.netns = "/var/run/netns/kmc-test-does-not-exist".into();
     let err = rt.add(&a).expect_err("ADD into a missing netns");
     assert!(err.code.is_some(), "not a plugin error: {err}");
-    assert!(err.msg.contains("netns") || err.msg.contains("kmc-test-does-not-exist"), "{err}");
+    assert!(
+        err.msg.contains("netns") || err.msg.contains("kmc-test-does-not-exist"),
+        "{err}"
+    );
 }
