@@ -1,0 +1,33 @@
+//! `kong-mesh-cni`: every role of the Kong Mesh CNI in one static binary. Each
+//! subcommand lives in its own module or crate; this file only dispatches.
+
+mod logging;
+mod rules_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kong-mesh-cni", version, about = "The Kong Mesh CNI: transparent-proxy redirect for mesh pods, programmed from the node")]
+struct Cli {
+    /// Log level: off, error, warn, info, debug or trace.
+    #[arg(long, global = true, env = "CNI_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show, apply, verify or remove the redirect rules of a pod.
+    Rules(rules_cmd::RulesArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(&cli.log_level);
+    match cli.command {
+        Command::Rules(args) => rules_cmd::run(args),
+    }
+}
