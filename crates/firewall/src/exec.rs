@@ -3,71 +3,50 @@
 //! The owner match makes iptables call getpwnam() on the UID text, which goes through
 //! the node's nsswitch.conf: with LDAP, SSSD or systemd-userdb configured, that can
 //! stall. The tool therefore runs in a private mount namespace whose
-//! /etc/nsswitch.conf is a memory file saying `files`, so a lookup only reads
-//! /etc/passwd. The host's mounts are never changed.
+//! /etc/nsswitch.conf says `files`, so a lookup only reads /etc/passwd. The host's
+//! mounts are never changed.
 
-use std::ffi::CString;
-use std::io::{self, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::FirewallError;
 
-const NSSWITCH: &str = "passwd: files\ngroup: files\nhosts: files\n";
+const NSSWITCH: &[u8] = b"passwd: files\ngroup: files\nhosts: files\n";
 
-/// The memory file holding our nsswitch.conf, created once per process.
-fn nsswitch_memfd() -> Option<&'static OwnedFd> {
-    static FD: OnceLock<Option<OwnedFd>> = OnceLock::new();
-    FD.get_or_init(|| {
-        // SAFETY: memfd_create with a static name; the result is checked before use.
-        let fd = unsafe { libc::memfd_create(c"kong-mesh-cni-nsswitch".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            tracing::warn!(error = %io::Error::last_os_error(), "cannot create a memfd: iptables user lookups use the node's nsswitch.conf");
-            return None;
-        }
-        // SAFETY: fd is fresh and owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut file = std::fs::File::from(fd.try_clone().ok()?);
-        file.write_all(NSSWITCH.as_bytes()).ok()?;
-        Some(fd)
-    })
-    .as_ref()
-}
-
-/// Makes the child see our nsswitch.conf. Prepared before the fork, because the
-/// closure that runs between fork and exec must not allocate.
+/// Makes the child see our nsswitch.conf. Runs between fork and exec, so it uses only
+/// syscalls on static data (no allocation). The file is written on a tmpfs briefly
+/// mounted over /tmp (files on internal mounts such as memfds cannot be bind-mounted),
+/// bind-mounted over /etc/nsswitch.conf, and the tmpfs is detached again. Any failure
+/// leaves the child with the node's nsswitch.conf, which still works.
 fn isolate_user_lookups(cmd: &mut Command) {
-    let Some(fd) = nsswitch_memfd() else { return };
     if !Path::new("/etc/nsswitch.conf").exists() {
         return; // glibc's built-in default is already "files"
     }
-    let source = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
-    // SAFETY: only async-signal-safe syscalls run in the child, on data prepared here.
-    // A failure leaves the child with the host's nsswitch.conf, which still works.
+    // SAFETY: only async-signal-safe syscalls on static data run in the child.
     unsafe {
-        cmd.pre_exec(move || {
-            if libc::unshare(libc::CLONE_NEWNS) == 0
-                && libc::mount(
-                    c"none".as_ptr(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) == 0
+        cmd.pre_exec(|| {
+            let none = std::ptr::null();
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(c"none".as_ptr(), c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none.cast()) != 0
+                || libc::mount(c"tmpfs".as_ptr(), c"/tmp".as_ptr(), c"tmpfs".as_ptr(), 0, c"size=64k".as_ptr().cast()) != 0
             {
-                libc::mount(
-                    source.as_ptr(),
-                    c"/etc/nsswitch.conf".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                );
+                return Ok(());
             }
+            let file = c"/tmp/nsswitch.conf";
+            let fd = libc::open(file.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+            if fd >= 0 {
+                let written = libc::write(fd, NSSWITCH.as_ptr().cast(), NSSWITCH.len());
+                libc::close(fd);
+                if written == NSSWITCH.len() as isize {
+                    libc::mount(file.as_ptr(), c"/etc/nsswitch.conf".as_ptr(), none, libc::MS_BIND, none.cast());
+                }
+            }
+            libc::umount2(c"/tmp".as_ptr(), libc::MNT_DETACH);
             Ok(())
         });
     }

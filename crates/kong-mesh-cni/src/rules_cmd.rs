@@ -35,6 +35,9 @@ pub struct RulesArgs {
     /// iptables backend: auto, nft or legacy.
     #[arg(long, env = "KMC_IPTABLES_BACKEND", default_value = "auto")]
     iptables_backend: String,
+    /// Directory for per-namespace xtables lock files (legacy backend).
+    #[arg(long, env = "KMC_RUN_DIR", default_value = "/run/kong-mesh-cni")]
+    run_dir: PathBuf,
     /// Without --netns: show the IPv6 rules too, as for a pod with an IPv6 address.
     #[arg(long, action = ArgAction::Set, default_value_t = true, value_name = "BOOL")]
     ipv6: bool,
@@ -85,7 +88,7 @@ fn execute(args: &RulesArgs) -> Result<(), Failure> {
         None => return print_plan(&cfg, &NsFacts { has_ipv6: args.ipv6, ..Default::default() }),
         Some(path) => NetNs::open(path).map_err(|e| invalid(e.to_string()))?,
     };
-    let opts = Options { backend, ..Options::default() };
+    let opts = Options { backend, lock_dir: args.run_dir.clone(), ..Options::default() };
     if args.apply {
         let r = firewall::apply(&ns, &cfg, &opts).map_err(failed)?;
         let families: Vec<&str> = r.families.iter().map(|f| f.as_str()).collect();
