@@ -49,6 +49,22 @@ impl ApiServer {
     /// ready. Stopped (and its data removed) on drop. Prefer [`ApiServer::shared`]:
     /// each start costs seconds.
     pub fn start(crds: &[PathBuf]) -> ApiServer {
+        // k8s-testenv picks free loopback ports and binds them a moment later; another
+        // process can take one in between. That start fails at once: try again.
+        let mut failure = String::new();
+        for attempt in 1..=3 {
+            match ApiServer::try_start(crds) {
+                Ok(server) => return server,
+                Err(e) => {
+                    eprintln!("testenv: start attempt {attempt} failed");
+                    failure = e;
+                }
+            }
+        }
+        panic!("{failure}");
+    }
+
+    fn try_start(crds: &[PathBuf]) -> Result<ApiServer, String> {
         let dir = std::env::temp_dir().join(format!("kmc-testenv-{}", unique_suffix()));
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let kubeconfig = dir.join("admin.kubeconfig");
@@ -90,26 +106,31 @@ impl ApiServer {
             }
             for _ in lines {}
         });
-        if rx.recv_timeout(READY_TIMEOUT).is_err() {
+        if let Err(e) = rx.recv_timeout(READY_TIMEOUT) {
             let _ = child.kill();
             let _ = child.wait();
             let tail = log_tail(&log_path);
             let _ = std::fs::remove_dir_all(&dir);
-            panic!(
-                "k8s-testenv did not become ready within {READY_TIMEOUT:?} (exited or hung); \
-                 end of its log:\n{tail}"
-            );
+            if e == mpsc::RecvTimeoutError::Timeout {
+                // Not a lost port race: trying again would only wait as long again.
+                panic!(
+                    "k8s-testenv did not become ready within {READY_TIMEOUT:?}; end of its log:\n{tail}"
+                );
+            }
+            return Err(format!(
+                "k8s-testenv exited before it was ready; end of its log:\n{tail}"
+            ));
         }
         eprintln!(
             "testenv: API server ready in {:.1?} ({})",
             started.elapsed(),
             dir.display()
         );
-        ApiServer {
+        Ok(ApiServer {
             dir,
             kubeconfig,
             child: Mutex::new(child),
-        }
+        })
     }
 
     /// The admin (system:masters) kubeconfig. Server address is `https://127.0.0.1:PORT`.

@@ -263,3 +263,51 @@ fn plugin_errors_carry_their_code() {
         "{err}"
     );
 }
+
+/// `--net-dir` loads the config the way kubelet/containerd do: files in sorted order,
+/// unparsable ones skipped, the first valid one wins, a `.conf` wrapped into a list.
+/// Each candidate names a different missing IPAM plugin, so the STATUS error tells
+/// which one was loaded.
+#[test]
+fn net_dir_loads_the_first_valid_config() {
+    if skip_heavy("net_dir_loads_the_first_valid_config") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf =
+        |ipam: &str| json!({"type": "bridge", "bridge": "kmc-unused", "ipam": {"type": ipam}});
+    let list = |ipam: &str| json!({"cniVersion": "1.1.0", "name": "n", "plugins": [conf(ipam)]});
+    let write =
+        |name: &str, v: &Value| std::fs::write(dir.path().join(name), v.to_string()).unwrap();
+    std::fs::write(dir.path().join("00-broken.conflist"), "{not json").unwrap();
+    write("10-a.conflist", &list("kmc-missing-a"));
+    write("20-b.conflist", &list("kmc-missing-b"));
+    std::fs::write(
+        dir.path().join("05-notes.txt"),
+        "ignored: not a config extension",
+    )
+    .unwrap();
+
+    let status = || {
+        let out = std::process::Command::new(testenv::bin_dir().join("cni-runtime"))
+            .arg("--net-dir")
+            .arg(dir.path())
+            .arg("--bin-dir")
+            .arg(Plugins::Upstream.dir())
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("status")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(status().contains("kmc-missing-a"), "{}", status());
+
+    // A single-plugin .conf sorted first is wrapped into a list and wins.
+    let mut single = conf("kmc-missing-c");
+    single["cniVersion"] = json!("1.1.0");
+    single["name"] = json!("c");
+    write("07-c.conf", &single);
+    assert!(status().contains("kmc-missing-c"), "{}", status());
+}
