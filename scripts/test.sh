@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The project's test command. Builds the test environment once (a real kube-apiserver
+# and the reference CNI runtime; see README), then runs every test of the workspace.
+# Privileged tests need root; under CI=1 they fail instead of skipping when not root.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+eval "$(scripts/testenv-build.sh --env)"
+cargo test --workspace "$@"
