@@ -251,3 +251,15 @@ async fn namespace_guard_removes_namespace_and_pods() {
         .unwrap();
     assert!(pods.items.is_empty(), "pods left in {name}");
 }
+
+#[test]
+fn private_server_stops_and_removes_its_dir_on_drop() {
+    if skip_heavy("private_server_stops_and_removes_its_dir_on_drop") {
+        return;
+    }
+    let server = ApiServer::start(&[]);
+    let dir = server.dir().to_path_buf();
+    assert!(server.kubeconfig_path().is_file());
+    drop(server);
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
