@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use crate::netns::NetNs;
+use nettest::NamedNetns;
 use crate::{bin_dir, unique_suffix};
 
 /// Which build of the reference plugins a chain uses.
@@ -54,9 +54,9 @@ pub struct Attachment {
 
 impl Attachment {
     /// `eth0` of pod `namespace/name` in `netns`, with a fresh container ID and UID.
-    pub fn new(netns: &NetNs, pod_namespace: &str, pod_name: &str) -> Attachment {
+    pub fn new(netns: &NamedNetns, pod_namespace: &str, pod_name: &str) -> Attachment {
         Attachment {
-            netns: netns.path(),
+            netns: PathBuf::from(netns.path()),
             container_id: format!("kmc{}{}", unique_suffix(), unique_suffix()),
             ifname: "eth0".into(),
             pod_namespace: pod_namespace.into(),

@@ -7,18 +7,17 @@
 //!
 //! - [`ApiServer::shared`]: one API server per test binary, dying with it.
 //! - [`TestNamespace`], [`TestNode`], [`pod`]: objects that clean up after themselves.
-//! - [`NetNs`], [`CniRuntime`], [`Attachment`]: CNI commands against a fresh netns.
-//! - [`need_root`], [`skip_heavy`]: gatekeeping that never skips silently on CI.
+//! - [`NamedNetns`], [`CniRuntime`], [`Attachment`]: CNI commands against a fresh netns.
+//! - [`require_root`], [`skip_heavy`]: gatekeeping that never skips silently on CI.
 //!
 //! Use this crate only as a dev-dependency.
 
 mod apiserver;
 mod cni;
-mod netns;
 
 pub use apiserver::{ApiServer, PodBuilder, TestNamespace, TestNode, pod, policy_rule};
 pub use cni::{Attachment, CniError, CniRuntime, Plugins};
-pub use netns::NetNs;
+pub use nettest::{NamedNetns, require_root};
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -63,21 +62,6 @@ pub fn bin_dir() -> &'static Path {
         );
         PathBuf::from(last)
     })
-}
-
-/// True when the caller may go on with a test that needs root (network namespaces,
-/// links). Not root: panics when `CI` is set (a skipped test must never look green on
-/// CI), otherwise prints why and returns false so the test can return early.
-pub fn need_root(what: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{what}: needs root, and CI is set: refusing to skip");
-    }
-    eprintln!("SKIPPED {what}: needs root (run as root, or under CI where this fails)");
-    false
 }
 
 /// True when the developer asked to skip tests that need the Go-built test environment

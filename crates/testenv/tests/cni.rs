@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde_json::{Value, json};
-use testenv::{Attachment, CniRuntime, NetNs, Plugins, need_root, skip_heavy, unique_suffix};
+use testenv::{Attachment, CniRuntime, NamedNetns, Plugins, require_root, skip_heavy, unique_suffix};
 
 /// The IPv4 address (CIDR) of the result's first IP.
 fn first_ip(result: &Value) -> String {
@@ -31,7 +31,7 @@ fn leases(rt: &CniRuntime) -> Vec<String> {
 
 fn bridge_add_check_del(plugins: Plugins) {
     let rt = CniRuntime::bridge(plugins);
-    let ns = NetNs::new();
+    let ns = NamedNetns::new("cni");
     let a = Attachment::new(&ns, "default", "pod-a");
 
     let result = rt.add(&a).expect("ADD");
@@ -41,7 +41,7 @@ fn bridge_add_check_del(plugins: Plugins) {
     assert!(
         addr.contains(&format!("inet {ip}")),
         "{ip} not on eth0 in {}: {addr}",
-        ns.name()
+        ns.name
     );
     let host = testenv_ip_link(rt.bridge_name().unwrap());
     assert!(
@@ -58,12 +58,12 @@ fn bridge_add_check_del(plugins: Plugins) {
     assert!(
         !links.contains("eth0"),
         "eth0 still in {} after DEL: {links}",
-        ns.name()
+        ns.name
     );
     assert!(
         !ns.ip(&["-4", "addr"]).contains(&ip),
         "{ip} still in {} after DEL",
-        ns.name()
+        ns.name
     );
     assert!(
         leases(&rt).is_empty(),
@@ -90,7 +90,7 @@ fn host_link_exists(dev: &str) -> bool {
 #[test]
 fn bridge_host_local_with_debian_plugins() {
     if skip_heavy("bridge_host_local_with_debian_plugins")
-        || !need_root("bridge_host_local_with_debian_plugins")
+        || !require_root()
     {
         return;
     }
@@ -100,7 +100,7 @@ fn bridge_host_local_with_debian_plugins() {
 #[test]
 fn bridge_host_local_with_upstream_plugins() {
     if skip_heavy("bridge_host_local_with_upstream_plugins")
-        || !need_root("bridge_host_local_with_upstream_plugins")
+        || !require_root()
     {
         return;
     }
@@ -110,12 +110,12 @@ fn bridge_host_local_with_upstream_plugins() {
 #[test]
 fn ptp_host_local_with_upstream_plugins() {
     if skip_heavy("ptp_host_local_with_upstream_plugins")
-        || !need_root("ptp_host_local_with_upstream_plugins")
+        || !require_root()
     {
         return;
     }
     let rt = CniRuntime::ptp(Plugins::Upstream);
-    let ns = NetNs::new();
+    let ns = NamedNetns::new("cni");
     let a = Attachment::new(&ns, "default", "pod-ptp");
     let ip = first_ip(&rt.add(&a).expect("ADD"));
     assert!(ns.ip(&["-4", "addr", "show", "dev", "eth0"]).contains(&ip));
@@ -126,18 +126,18 @@ fn ptp_host_local_with_upstream_plugins() {
 #[test]
 fn guards_remove_netns_bridge_and_state() {
     if skip_heavy("guards_remove_netns_bridge_and_state")
-        || !need_root("guards_remove_netns_bridge_and_state")
+        || !require_root()
     {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
-    let ns = NetNs::new();
+    let ns = NamedNetns::new("cni");
     let a = Attachment::new(&ns, "default", "pod-leak");
     rt.add(&a).expect("ADD");
     let (bridge, state, netns) = (
         rt.bridge_name().unwrap().to_string(),
         rt.state_dir().to_path_buf(),
-        ns.path(),
+        std::path::PathBuf::from(ns.path()),
     );
     assert!(host_link_exists(&bridge) && state.exists() && netns.exists());
     // No DEL: the guards must clean up as after a failed test.
@@ -220,12 +220,12 @@ fn gc_reaches_host_local() {
 #[test]
 fn gc_deletes_stale_attachments_through_the_chain() {
     if skip_heavy("gc_deletes_stale_attachments_through_the_chain")
-        || !need_root("gc_deletes_stale_attachments_through_the_chain")
+        || !require_root()
     {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
-    let (ns_live, ns_stale) = (NetNs::new(), NetNs::new());
+    let (ns_live, ns_stale) = (NamedNetns::new("cni"), NamedNetns::new("cni"));
     let live = Attachment::new(&ns_live, "default", "live");
     let stale = Attachment::new(&ns_stale, "default", "stale");
     let live_ip = first_ip(&rt.add(&live).expect("ADD live"));
@@ -248,12 +248,12 @@ fn gc_deletes_stale_attachments_through_the_chain() {
 /// A plugin's CNI error reaches the test with its code.
 #[test]
 fn plugin_errors_carry_their_code() {
-    if skip_heavy("plugin_errors_carry_their_code") || !need_root("plugin_errors_carry_their_code")
+    if skip_heavy("plugin_errors_carry_their_code") || !require_root()
     {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
-    let ns = NetNs::new();
+    let ns = NamedNetns::new("cni");
     let mut a = Attachment::new(&ns, "default", "pod-err");
     a.netns = "/var/run/netns/kmc-test-does-not-exist".into();
     let err = rt.add(&a).expect_err("ADD into a missing netns");
