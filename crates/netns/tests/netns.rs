@@ -3,42 +3,7 @@
 use std::process::Command;
 
 use netns::{NetNs, NetNsError};
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Skips (outside CI) or fails (in CI) when not root.
-fn require_root() -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI is set but this privileged test is not running as root");
-    eprintln!("skipping: needs root");
-    false
-}
-
-/// A named namespace removed on drop, even when the test fails.
-struct Named(String);
-
-impl Named {
-    fn new(tag: &str) -> Self {
-        let name = format!("kmc-netns-{tag}-{}", std::process::id());
-        let ok = Command::new("ip").args(["netns", "add", &name]).status().unwrap().success();
-        assert!(ok, "ip netns add {name}");
-        Named(name)
-    }
-    fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.0)
-    }
-}
-
-impl Drop for Named {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use nettest::{NamedNetns, require_root};
 
 fn link_names() -> String {
     String::from_utf8(Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).unwrap()
@@ -49,7 +14,7 @@ fn work_runs_inside_and_the_caller_stays_outside() {
     if !require_root() {
         return;
     }
-    let ns = Named::new("run");
+    let ns = NamedNetns::new("run");
     let handle = NetNs::open(ns.path()).unwrap();
     let host = NetNs::current().unwrap().inode().unwrap();
     assert_ne!(handle.inode().unwrap(), host);
@@ -86,7 +51,7 @@ fn a_panic_in_the_work_reaches_the_caller() {
     if !require_root() {
         return;
     }
-    let ns = Named::new("panic");
+    let ns = NamedNetns::new("panic");
     let handle = NetNs::open(ns.path()).unwrap();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle.run(|| panic!("boom"))));
     assert!(caught.is_err());
