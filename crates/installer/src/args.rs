@@ -1,0 +1,229 @@
+//! `kong-mesh-cni install` flags. Each takes the environment variable of the Go
+//! installer's contract (DESIGN.md), so the chart's DaemonSet works unchanged; the
+//! `KMC_*` ones are ours.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use clap::builder::BoolishValueParser;
+
+use crate::InstallError;
+use crate::kubeconfig::server_url;
+use crate::template::{DEFAULT_TEMPLATE, Ours};
+
+/// The standalone conf's name when `CNI_CONF_NAME` is empty (the chart's default).
+pub const DEFAULT_STANDALONE_NAME: &str = "kuma-cni.conf";
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Install the CNI plugin on this node and keep it chained until SIGTERM")]
+pub struct InstallArgs {
+    /// The primary CNI's configuration file to chain into (`X.conf` falls back to
+    /// `X.conflist`); empty: the first valid .conf/.conflist in sorted order. In
+    /// standalone mode, the name of our own conf (default kuma-cni.conf).
+    #[arg(long, env = "CNI_CONF_NAME", default_value = "")]
+    pub cni_conf_name: String,
+    /// Chain into the primary CNI's configuration (true), or write our own conf (false:
+    /// Multus, OpenShift).
+    #[arg(long, env = "CHAINED_CNI_PLUGIN", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub chained_cni_plugin: bool,
+    /// Our plugin's configuration; `__KUBECONFIG_FILEPATH__` is replaced by the
+    /// kubeconfig's host path, and `type` names the binary.
+    #[arg(long, env = "CNI_NETWORK_CONFIG", default_value = DEFAULT_TEMPLATE, hide_default_value = true)]
+    pub cni_network_config: String,
+    /// The CNI configuration dir as the host sees it (paths written into our conf).
+    #[arg(long, env = "CNI_NET_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_net_dir: PathBuf,
+    /// The same dir as mounted in this container (where files are written).
+    #[arg(long, env = "MOUNTED_CNI_NET_DIR", default_value = "/host/etc/cni/net.d")]
+    pub mounted_cni_net_dir: PathBuf,
+    /// The host's CNI bin dir as mounted in this container.
+    #[arg(long, env = "MOUNTED_CNI_BIN_DIR", default_value = "/host/opt/cni/bin")]
+    pub mounted_cni_bin_dir: PathBuf,
+    /// A second bin dir that gets the binary too, when it exists (mounted by the chart
+    /// for runtimes that look elsewhere).
+    #[arg(long, env = "KMC_SECONDARY_BIN_DIR", default_value = "/host/secondary-bin-dir")]
+    pub secondary_bin_dir: PathBuf,
+    /// File name of the plugin's kubeconfig in the net dir.
+    #[arg(long, env = "KUBECFG_FILE_NAME", default_value = "ZZZ-kuma-cni-kubeconfig")]
+    pub kubecfg_file_name: String,
+    #[arg(long, env = "KUBE_CA_FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")]
+    pub kube_ca_file: PathBuf,
+    #[arg(long, env = "KUBE_SERVICE_ACCOUNT_TOKEN_PATH", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
+    pub kube_service_account_token_path: PathBuf,
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST", default_value = "")]
+    pub kubernetes_service_host: String,
+    #[arg(long, env = "KUBERNETES_SERVICE_PORT", default_value = "443")]
+    pub kubernetes_service_port: String,
+    #[arg(long, env = "KUBERNETES_SERVICE_PROTOCOL", default_value = "https")]
+    pub kubernetes_service_protocol: String,
+    /// Backstop check of everything, in seconds (or `500ms`), besides the file watch.
+    #[arg(long, env = "CFGCHECK_INTERVAL", default_value = "1", value_parser = parse_interval)]
+    pub cfgcheck_interval: Duration,
+    /// Re-read the service-account token this often (seconds), besides watching it.
+    #[arg(long, env = "REFRESH_SA_TOKEN_INTERVAL", default_value = "60", value_parser = parse_interval)]
+    pub refresh_sa_token_interval: Duration,
+    /// Keep running, watching and repairing, until SIGTERM (false: install once, exit).
+    #[arg(long, env = "SLEEP", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub sleep: bool,
+    /// Present exactly while the binary, kubeconfig and chain are in place.
+    #[arg(long, env = "CNI_READY_FILE", default_value = "/tmp/ready")]
+    pub cni_ready_file: PathBuf,
+    /// Port of /healthz, /readyz and /metrics; 0 disables them.
+    #[arg(long, env = "KMC_HEALTH_PORT", default_value_t = 9081)]
+    pub health_port: u16,
+    /// Repairs within --repair-window that run at once; past that another agent is
+    /// reverting us: repairs are spaced out and a warning names the file.
+    #[arg(long, env = "KMC_REPAIR_LIMIT", default_value_t = 10)]
+    pub repair_limit: usize,
+    #[arg(long, env = "KMC_REPAIR_WINDOW", default_value = "30", value_parser = parse_interval)]
+    pub repair_window: Duration,
+}
+
+/// What to maintain in the net dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Our entry in the primary CNI's configuration (`None`: auto-detect the file).
+    Chained { conf_name: Option<String> },
+    /// Our conf, verbatim, under this name.
+    Standalone { conf_name: String },
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    pub ours: Ours,
+    pub net_dir: PathBuf,
+    /// Bin dirs that get the binary: the primary, and the secondary if it exists.
+    pub bin_dirs: Vec<PathBuf>,
+    pub binary_source: PathBuf,
+    pub kubeconfig_name: String,
+    pub server: String,
+    pub ca_file: PathBuf,
+    pub token_file: PathBuf,
+    pub cfgcheck_interval: Duration,
+    pub token_refresh_interval: Duration,
+    pub sleep: bool,
+    pub ready_file: PathBuf,
+    pub health_port: u16,
+    pub repair_limit: usize,
+    pub repair_window: Duration,
+}
+
+impl Settings {
+    pub fn from_args(args: InstallArgs) -> Result<Settings, InstallError> {
+        let bad = |what: &str| InstallError::Setting(what.to_string());
+        if args.kubernetes_service_host.is_empty() {
+            return Err(bad("KUBERNETES_SERVICE_HOST is not set (the API server address for the plugin's kubeconfig)"));
+        }
+        for (var, name) in [("CNI_CONF_NAME", &args.cni_conf_name), ("KUBECFG_FILE_NAME", &args.kubecfg_file_name)] {
+            if name.contains('/') || name == "." || name == ".." {
+                return Err(bad(&format!("{var}={name:?} must be a file name in the net dir")));
+            }
+        }
+        if args.kubecfg_file_name.is_empty() {
+            return Err(bad("KUBECFG_FILE_NAME is empty"));
+        }
+        for (var, d) in [("CFGCHECK_INTERVAL", args.cfgcheck_interval), ("REFRESH_SA_TOKEN_INTERVAL", args.refresh_sa_token_interval)] {
+            if d.is_zero() {
+                return Err(bad(&format!("{var} must be greater than 0")));
+            }
+        }
+        let host_kubeconfig = args.cni_net_dir.join(&args.kubecfg_file_name);
+        let ours = Ours::render(&args.cni_network_config, &host_kubeconfig.to_string_lossy())?;
+        let conf_name = Some(args.cni_conf_name).filter(|n| !n.is_empty());
+        let mode = match args.chained_cni_plugin {
+            true => Mode::Chained { conf_name },
+            false => Mode::Standalone { conf_name: conf_name.unwrap_or_else(|| DEFAULT_STANDALONE_NAME.into()) },
+        };
+        let mut bin_dirs = vec![args.mounted_cni_bin_dir];
+        if args.secondary_bin_dir.is_dir() {
+            bin_dirs.push(args.secondary_bin_dir);
+        }
+        Ok(Settings {
+            mode,
+            ours,
+            net_dir: args.mounted_cni_net_dir,
+            bin_dirs,
+            binary_source: PathBuf::from("/proc/self/exe"),
+            kubeconfig_name: args.kubecfg_file_name,
+            server: server_url(&args.kubernetes_service_protocol, &args.kubernetes_service_host, &args.kubernetes_service_port),
+            ca_file: args.kube_ca_file,
+            token_file: args.kube_service_account_token_path,
+            cfgcheck_interval: args.cfgcheck_interval,
+            token_refresh_interval: args.refresh_sa_token_interval,
+            sleep: args.sleep,
+            ready_file: args.cni_ready_file,
+            health_port: args.health_port,
+            repair_limit: args.repair_limit,
+            repair_window: args.repair_window,
+        })
+    }
+}
+
+/// Whole seconds, as the Go installer takes them, or a number with `ms`, `s` or `m`.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a number of seconds (or a number with ms, s or m)"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, InstallError> {
+        let mut argv = vec!["install", "--kubernetes-service-host", "10.96.0.1"];
+        argv.extend_from_slice(args);
+        Settings::from_args(InstallArgs::try_parse_from(argv).map_err(|e| InstallError::Setting(e.to_string()))?)
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.mode, Mode::Chained { conf_name: None });
+        assert_eq!(s.net_dir, PathBuf::from("/host/etc/cni/net.d"));
+        assert_eq!(s.bin_dirs[0], PathBuf::from("/host/opt/cni/bin"));
+        assert_eq!(s.kubeconfig_name, "ZZZ-kuma-cni-kubeconfig");
+        assert_eq!(s.ours.conf["kubernetes"]["kubeconfig"], "/etc/cni/net.d/ZZZ-kuma-cni-kubeconfig");
+        assert_eq!(s.server, "https://10.96.0.1:443");
+        assert_eq!((s.cfgcheck_interval, s.token_refresh_interval), (Duration::from_secs(1), Duration::from_secs(60)));
+        assert!(s.sleep);
+        assert_eq!(s.ready_file, PathBuf::from("/tmp/ready"));
+    }
+
+    #[test]
+    fn standalone_defaults_to_kuma_cni_conf_and_bools_read_like_go() {
+        let s = parse(&["--chained-cni-plugin", "False"]).unwrap();
+        assert_eq!(s.mode, Mode::Standalone { conf_name: "kuma-cni.conf".into() });
+        let s = parse(&["--chained-cni-plugin", "0", "--cni-conf-name", "00-kuma.conf"]).unwrap();
+        assert_eq!(s.mode, Mode::Standalone { conf_name: "00-kuma.conf".into() });
+    }
+
+    #[test]
+    fn intervals_take_seconds_or_units() {
+        assert_eq!(parse_interval("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_interval("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_interval("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_interval("1h").is_err() && parse_interval("x").is_err());
+        assert!(parse(&["--cfgcheck-interval", "0"]).is_err());
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let e = Settings::from_args(InstallArgs::try_parse_from(["install", "--kubernetes-service-host", ""]).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("KUBERNETES_SERVICE_HOST"), "{e}");
+        let e = parse(&["--cni-conf-name", "../x.conf"]).unwrap_err().to_string();
+        assert!(e.contains("CNI_CONF_NAME"), "{e}");
+        let e = parse(&["--cni-network-config", "{}"]).unwrap_err().to_string();
+        assert!(e.contains("CNI_NETWORK_CONFIG"), "{e}");
+    }
+}

@@ -1,0 +1,365 @@
+//! The event loop: each batch of events goes through [`Machine::decide`], the checks
+//! it calls for read the host dirs, decide with the pure planners, and write.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::Receiver;
+
+use crate::args::{Mode, Settings};
+use crate::health::{State, Status};
+use crate::kubeconfig::{self, Secret};
+use crate::machine::{Checks, Event, Gate, Machine, Step};
+use crate::plan::{self, Plan};
+use crate::throttle::{Fight, Throttle};
+use crate::{InstallError, fsio};
+
+/// Why a part is not in place: the state it puts the installer in, and the reason.
+type Problem = (State, String);
+
+pub struct Installer {
+    s: Settings,
+    machine: Machine,
+    status: Arc<Status>,
+    binary: Result<(), String>,
+    /// Whether the installed binary's bytes were compared with ours since start.
+    binary_verified: bool,
+    kubeconfig: Result<(), String>,
+    /// The file holding our entry (or our standalone conf) when in place.
+    chain: Result<String, Problem>,
+    /// The file our entry went into last: auto-detection may move on to another one,
+    /// and then we leave this one as we found it.
+    chained_file: Option<String>,
+    ready: bool,
+}
+
+impl Installer {
+    pub fn new(settings: Settings, status: Arc<Status>) -> Installer {
+        let throttle = Throttle::new(settings.repair_limit, settings.repair_window);
+        Installer {
+            s: settings,
+            machine: Machine::new(throttle),
+            status,
+            binary: Err("not installed yet".into()),
+            binary_verified: false,
+            kubeconfig: Err("not written yet".into()),
+            chain: Err((State::Starting, "starting".into())),
+            chained_file: None,
+            ready: false,
+        }
+    }
+
+    /// Runs until `Shutdown` (then removes everything of ours), or, with `SLEEP=false`,
+    /// until installed. Returns when `events` closes, leaving everything in place.
+    pub async fn run(mut self, mut events: Receiver<Event>) -> Result<(), InstallError> {
+        self.start();
+        let mut batch = vec![Event::Backstop];
+        loop {
+            // Let the sources forward what they already have, so that one pass covers
+            // a burst of events.
+            tokio::task::yield_now().await;
+            while let Ok(event) = events.try_recv() {
+                batch.push(event);
+            }
+            let now = Instant::now();
+            match self.machine.decide(&batch, now) {
+                Step::Remove => return self.remove(),
+                Step::Check(checks) => self.check(checks, now),
+            }
+            batch.clear();
+            if !self.s.sleep && self.ready {
+                tracing::info!("installed; SLEEP=false, so exiting without watching");
+                return Ok(());
+            }
+            let next = match self.machine.wake_at() {
+                Some(at) => tokio::select! {
+                    event = events.recv() => event,
+                    () = tokio::time::sleep_until(at.into()) => Some(Event::Wake),
+                },
+                None => events.recv().await,
+            };
+            match next {
+                Some(event) => batch.push(event),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    fn start(&mut self) {
+        let _ = fs::remove_file(&self.s.ready_file);
+        for dir in std::iter::once(&self.s.net_dir).chain(&self.s.bin_dirs) {
+            match fsio::remove_stale_temps(dir) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(dir = %dir.display(), count = n, "removed temp files a previous run left"),
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot clean up temp files"),
+            }
+        }
+        tracing::info!(
+            mode = ?self.s.mode,
+            net_dir = %self.s.net_dir.display(),
+            bin_dirs = ?self.s.bin_dirs,
+            plugin = %self.s.ours.binary,
+            "installing the Kong Mesh CNI plugin"
+        );
+    }
+
+    fn check(&mut self, checks: Checks, now: Instant) {
+        if checks.binary {
+            self.check_binary();
+        }
+        if checks.kubeconfig {
+            self.check_kubeconfig();
+        }
+        if checks.chain {
+            self.check_chain(now);
+        }
+        self.status.beat();
+        self.status.set_fighting(self.machine.fighting(now));
+        self.update_readiness();
+    }
+
+    fn check_binary(&mut self) {
+        let mut result = Ok(());
+        for dir in &self.s.bin_dirs {
+            match fsio::ensure_binary(&self.s.binary_source, dir, &self.s.ours.binary, !self.binary_verified) {
+                Ok(true) => tracing::info!(path = %dir.join(&self.s.ours.binary).display(), "installed the plugin binary"),
+                Ok(false) => {}
+                Err(e) => result = Err(format!("cannot install the plugin binary in {}: {e}", dir.display())),
+            }
+        }
+        self.binary_verified |= result.is_ok();
+        report_change(&self.binary, &result);
+        self.binary = result;
+    }
+
+    fn check_kubeconfig(&mut self) {
+        let result = self.write_kubeconfig();
+        report_change(&self.kubeconfig, &result);
+        self.kubeconfig = result;
+    }
+
+    fn write_kubeconfig(&self) -> Result<(), String> {
+        // Errors name the files, never their content.
+        let token = fs::read_to_string(&self.s.token_file)
+            .map_err(|e| format!("cannot read the service-account token {}: {e}", self.s.token_file.display()))?;
+        let ca = fs::read(&self.s.ca_file).map_err(|e| format!("cannot read the API server CA {}: {e}", self.s.ca_file.display()))?;
+        let config = kubeconfig::render(&self.s.server, &ca, &Secret::new(token));
+        let path = self.s.net_dir.join(&self.s.kubeconfig_name);
+        match fsio::ensure_file(&self.s.net_dir, &self.s.kubeconfig_name, config.expose().as_bytes(), 0o600) {
+            Ok(true) if self.kubeconfig.is_ok() => tracing::info!(path = %path.display(), "rewrote the plugin's kubeconfig (token rotated, or the file changed)"),
+            Ok(true) => tracing::info!(path = %path.display(), server = %self.s.server, "wrote the plugin's kubeconfig"),
+            Ok(false) => {}
+            Err(e) => return Err(format!("cannot write the plugin's kubeconfig {}: {e}", path.display())),
+        }
+        Ok(())
+    }
+
+    fn check_chain(&mut self, now: Instant) {
+        let (wanted, conf_name) = match &self.s.mode {
+            Mode::Chained { conf_name } => (plan::wanted(conf_name.as_deref()), conf_name.as_deref()),
+            Mode::Standalone { conf_name } => (plan::wanted(Some(conf_name)), Some(conf_name.as_str())),
+        };
+        let snap = match fsio::snapshot(&self.s.net_dir, wanted) {
+            Ok(snap) => snap,
+            Err(e) => return self.set_chain(Err((State::Waiting, format!("cannot read the CNI net dir {}: {e}", self.s.net_dir.display())))),
+        };
+        let plan = match &self.s.mode {
+            Mode::Chained { .. } => plan::chain(conf_name, &snap, &self.s.ours),
+            Mode::Standalone { conf_name } => plan::standalone(conf_name, &snap, &self.s.ours),
+        };
+        if let Plan::InPlace { file, .. } | Plan::Apply { file, .. } = &plan {
+            self.leave_previous(file);
+        }
+        let gate = self.machine.gate(&plan, now);
+        let path = |file: &str| self.s.net_dir.join(file).display().to_string();
+        let result = match (plan, gate) {
+            (Plan::InPlace { file, .. }, _) => {
+                if self.chain.is_err() {
+                    tracing::info!(path = %path(&file), "our plugin is in the CNI configuration");
+                }
+                Ok(file)
+            }
+            (Plan::Waiting { reason }, _) => Err((State::Waiting, format!("waiting for the primary CNI's configuration in {}: {reason}", self.s.net_dir.display()))),
+            (Plan::Refused { file, reason }, _) => Err((State::Refused, format!("not touching {}: {reason}; will chain once it is fixed", path(&file)))),
+            (Plan::Apply { file, .. }, Gate::Defer(at)) => Err((
+                State::Degraded,
+                format!("our entry is out of {}; the next repair is held back {:.1?}", path(&file), at.saturating_duration_since(now)),
+            )),
+            (Plan::Apply { file, primary, ops }, Gate::Write { repair, fight }) => match fsio::apply(&self.s.net_dir, &ops) {
+                Ok(()) => {
+                    let primary = primary.join(", ");
+                    if repair {
+                        self.status.repaired();
+                        tracing::info!(path = %path(&file), primary = %primary, "put our entry back: something had rewritten the file without it");
+                    } else {
+                        tracing::info!(path = %path(&file), primary = %primary, "chained our plugin into the CNI configuration");
+                    }
+                    if let Some(fight) = fight {
+                        tracing::warn!("{}", fight_warning(&path(&file), &primary, fight));
+                    }
+                    self.chained_file = Some(file.clone());
+                    Ok(file)
+                }
+                Err(e) => Err((State::Degraded, format!("cannot write {}: {e}", path(&file)))),
+            },
+            (Plan::Apply { .. }, Gate::Idle) => unreachable!("an Apply plan is always written or deferred"),
+        };
+        self.set_chain(result);
+    }
+
+    /// Auto-detection moved to another file: take our entry out of the one we used.
+    fn leave_previous(&mut self, file: &str) {
+        let Some(previous) = self.chained_file.take_if(|p| p.as_str() != file) else {
+            return;
+        };
+        let left = fsio::snapshot(&self.s.net_dir, plan::wanted(Some(&previous)))
+            .and_then(|snap| fsio::apply(&self.s.net_dir, &plan::unchain(Some(&previous), &snap, &self.s.ours)));
+        match left {
+            Ok(()) => tracing::info!(from = %previous, to = %file, "the CNI configuration in use changed; took our entry out of the previous one"),
+            Err(e) => tracing::warn!(from = %previous, error = %e, "the CNI configuration in use changed, but our entry could not be taken out of the previous one"),
+        }
+    }
+
+    fn set_chain(&mut self, result: Result<String, Problem>) {
+        if let Err((state, why)) = &result
+            && self.chain.as_ref().err().is_none_or(|(_, old)| old != why)
+        {
+            match state {
+                State::Refused => tracing::warn!("{why}"),
+                State::Degraded => tracing::debug!("{why}"),
+                _ => tracing::info!("{why}"),
+            }
+        }
+        self.chain = result;
+    }
+
+    fn update_readiness(&mut self) {
+        let (state, detail) = match (&self.binary, &self.kubeconfig, &self.chain) {
+            (Err(why), _, _) | (_, Err(why), _) => (State::Degraded, why.clone()),
+            (_, _, Err((state, why))) => (*state, why.clone()),
+            (Ok(()), Ok(()), Ok(file)) => (State::Ready, format!("chained in {file}")),
+        };
+        self.status.set(state, detail.clone());
+        let ready = state == State::Ready;
+        if ready == self.ready {
+            return;
+        }
+        self.ready = ready;
+        let path = &self.s.ready_file;
+        let written = match ready {
+            true => fs::write(path, "ready\n"),
+            false => fs::remove_file(path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
+        };
+        match (ready, written) {
+            (true, Ok(())) => tracing::info!(ready_file = %path.display(), "ready: binary, kubeconfig and CNI configuration in place"),
+            (false, Ok(())) => tracing::info!(reason = %detail, "not ready"),
+            (_, Err(e)) => tracing::error!(ready_file = %path.display(), error = %e, "cannot update the ready file"),
+        }
+    }
+
+    /// SIGTERM: readiness off first, then our entry out of the chain (the original
+    /// `.conf` back), then the kubeconfig and the binary.
+    fn remove(&mut self) -> Result<(), InstallError> {
+        self.status.set(State::Removing, "removing");
+        tracing::info!("shutting down: removing the plugin from this node");
+        let mut first_error = None;
+        let mut note = |r: Result<(), InstallError>| {
+            if let Err(e) = r {
+                tracing::error!("{e}");
+                first_error.get_or_insert(e);
+            }
+        };
+        note(fs::remove_file(&self.s.ready_file).or_else(not_found_ok).map_err(InstallError::io("removing", &self.s.ready_file)));
+        note(self.remove_chain());
+        note(fsio::remove(&self.s.net_dir, &self.s.kubeconfig_name).map_err(InstallError::io("removing", self.s.net_dir.join(&self.s.kubeconfig_name))));
+        for dir in &self.s.bin_dirs {
+            note(fsio::remove(dir, &self.s.ours.binary).map_err(InstallError::io("removing", dir.join(&self.s.ours.binary))));
+        }
+        match first_error {
+            None => {
+                tracing::info!("removed");
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+
+    fn remove_chain(&self) -> Result<(), InstallError> {
+        let dir = &self.s.net_dir;
+        let (name, ops) = match &self.s.mode {
+            Mode::Chained { conf_name } => {
+                let name = self.chained_file.as_deref().or(conf_name.as_deref());
+                let snap = fsio::snapshot(dir, plan::wanted(name)).map_err(InstallError::io("reading", dir))?;
+                (name.map(str::to_string), plan::unchain(name, &snap, &self.s.ours))
+            }
+            Mode::Standalone { conf_name } => {
+                let snap = fsio::snapshot(dir, plan::wanted(Some(conf_name))).map_err(InstallError::io("reading", dir))?;
+                (Some(conf_name.clone()), plan::standalone_removal(conf_name, &snap, &self.s.ours))
+            }
+        };
+        fsio::apply(dir, &ops).map_err(InstallError::io("restoring the CNI configuration in", dir))?;
+        if !ops.is_empty() {
+            tracing::info!(file = name.as_deref().unwrap_or("(auto-detected)"), changes = ?ops_summary(&ops), "took our plugin out of the CNI configuration");
+        }
+        Ok(())
+    }
+}
+
+fn not_found_ok(e: std::io::Error) -> std::io::Result<()> {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => Ok(()),
+        _ => Err(e),
+    }
+}
+
+fn ops_summary(ops: &[plan::FileOp]) -> Vec<String> {
+    ops.iter()
+        .map(|op| match op {
+            plan::FileOp::Write { name, .. } => format!("wrote {name}"),
+            plan::FileOp::Remove { name } => format!("removed {name}"),
+        })
+        .collect()
+}
+
+/// Logs a part going out of place (or failing differently than before).
+fn report_change(old: &Result<(), String>, new: &Result<(), String>) {
+    if let Err(why) = new
+        && old.as_ref().err() != Some(why)
+    {
+        tracing::warn!("{why}");
+    }
+}
+
+/// The warning when something keeps reverting us: the file, who is in it, what to do.
+pub fn fight_warning(path: &str, primary: &str, fight: Fight) -> String {
+    let name = Path::new(path).file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let hint = match name.contains("cilium") || primary.contains("cilium") {
+        true => "Cilium removes other plugins from its configuration unless it is told not to: set the Helm value cni.exclusive=false (cni-exclusive: \"false\" in the cilium-config ConfigMap).",
+        false => "Find the agent that rewrites this file (usually the primary CNI's node agent) and configure it to keep chained plugins.",
+    };
+    format!(
+        "{path} keeps losing our entry: {} repairs in the last {:?}. Another agent is rewriting it (plugins in the file: {}). Repairs are now spaced {:?} apart. {hint}",
+        fight.repairs,
+        fight.window,
+        if primary.is_empty() { "none" } else { primary },
+        fight.spacing
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn fight_warning_names_the_file_and_the_cilium_fix() {
+        let fight = Fight { repairs: 11, window: Duration::from_secs(30), spacing: Duration::from_secs(3) };
+        let w = fight_warning("/host/etc/cni/net.d/05-cilium.conflist", "cilium-cni", fight);
+        assert!(w.contains("05-cilium.conflist") && w.contains("cilium-cni") && w.contains("cni.exclusive=false"), "{w}");
+        let w = fight_warning("/host/etc/cni/net.d/10-azure.conflist", "azure-vnet, portmap", fight);
+        assert!(w.contains("azure-vnet, portmap") && !w.contains("exclusive"), "{w}");
+    }
+}

@@ -1,0 +1,212 @@
+//! File edges: atomic writes, the net dir snapshot, the binary copy.
+//!
+//! Every write goes to a temp file in the target's directory, is fsynced, renamed over
+//! the target and the directory fsynced: a reader (a CNI runtime, or the primary CNI's
+//! agent) sees the old file or the new one, never a partial one, and a crash (or
+//! SIGKILL) at any instant leaves one or the other. Temp names start with
+//! [`TEMP_PREFIX`] and end in digits, never in `.conf`, `.conflist` or `.json`, so
+//! runtimes ignore them and a restarted installer can clean up what a crash left.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::plan::{FileOp, Snapshot};
+
+pub const TEMP_PREFIX: &str = ".kong-mesh-cni.tmp.";
+
+/// Mode of a configuration file we create (one we rewrite keeps its own).
+const CONF_MODE: u32 = 0o644;
+
+/// Writes `dir/name` atomically with `mode`; `fill` writes the content.
+pub fn write_atomic(dir: &Path, name: &str, mode: u32, fill: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let temp = dir.join(format!("{TEMP_PREFIX}{name}.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp)?;
+        fill(&mut file)?;
+        // The umask may have narrowed the mode at creation.
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        fs::rename(&temp, dir.join(name))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Removes `dir/name` durably; a file that is already gone is fine.
+pub fn remove(dir: &Path, name: &str) -> io::Result<()> {
+    match fs::remove_file(dir.join(name)) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Removes the temp files a crashed installer left in `dir`. Returns how many.
+pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Reads the configuration files `wanted` names (`None`: every `.conf`/`.conflist`).
+pub fn snapshot(dir: &Path, wanted: Option<Vec<String>>) -> io::Result<Snapshot> {
+    let names = match wanted {
+        Some(names) => names,
+        None => fs::read_dir(dir)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| crate::conflist::is_conf_name(n))
+            .collect(),
+    };
+    let mut snap = Snapshot::new();
+    for name in names {
+        match fs::read(dir.join(&name)) {
+            Ok(bytes) => snap.insert(name, Ok(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => snap.insert(name, Err(e.to_string())),
+        };
+    }
+    Ok(snap)
+}
+
+/// Applies the plan's edits in order, each atomic. A rewritten file keeps its mode.
+pub fn apply(dir: &Path, ops: &[FileOp]) -> io::Result<()> {
+    for op in ops {
+        match op {
+            FileOp::Write { name, content } => {
+                let mode = fs::metadata(dir.join(name)).map_or(CONF_MODE, |m| m.permissions().mode() & 0o7777);
+                write_atomic(dir, name, mode, |f| io::Write::write_all(f, content.as_bytes()))?;
+            }
+            FileOp::Remove { name } => remove(dir, name)?,
+        }
+    }
+    Ok(())
+}
+
+/// Makes `dir/name` hold `content` with `mode`; writes only when it does not already.
+/// Returns whether it wrote.
+pub fn ensure_file(dir: &Path, name: &str, content: &[u8], mode: u32) -> io::Result<bool> {
+    let path = dir.join(name);
+    if let Ok(meta) = fs::metadata(&path)
+        && meta.permissions().mode() & 0o7777 == mode
+        && fs::read(&path).is_ok_and(|c| c == content)
+    {
+        return Ok(false);
+    }
+    write_atomic(dir, name, mode, |f| io::Write::write_all(f, content))?;
+    Ok(true)
+}
+
+/// Makes `dir/name` a copy of `source`, mode 0755. Without `compare_content`, a file
+/// of the same size and mode counts as the copy (the cheap periodic check); with it,
+/// the bytes are compared (at start, so an upgraded image replaces the binary).
+/// Returns whether it copied.
+pub fn ensure_binary(source: &Path, dir: &Path, name: &str, compare_content: bool) -> io::Result<bool> {
+    let size = fs::metadata(source)?.len();
+    let path = dir.join(name);
+    if let Ok(meta) = fs::metadata(&path)
+        && meta.is_file()
+        && meta.len() == size
+        && meta.permissions().mode() & 0o7777 == 0o755
+        && (!compare_content || same_content(source, &path)?)
+    {
+        return Ok(false);
+    }
+    write_atomic(dir, name, 0o755, |f| io::copy(&mut File::open(source)?, f).map(drop))?;
+    Ok(true)
+}
+
+fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
+    let (mut a, mut b) = (File::open(a)?, File::open(b)?);
+    let (mut buf_a, mut buf_b) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = a.read(&mut buf_a)?;
+        if n == 0 {
+            return Ok(b.read(&mut buf_b)? == 0);
+        }
+        if b.read_exact(&mut buf_b[..n]).is_err() || buf_a[..n] != buf_b[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_sets_mode_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.conflist"), "old").unwrap();
+        write_atomic(dir.path(), "a.conflist", 0o600, |f| io::Write::write_all(f, b"new")).unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join("a.conflist")).unwrap(), "new");
+        assert_eq!(fs::metadata(dir.path().join("a.conflist")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn failed_fill_leaves_target_and_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.conf"), "old").unwrap();
+        let err = write_atomic(dir.path(), "a.conf", 0o644, |_| Err(io::Error::other("boom")));
+        assert!(err.is_err());
+        assert_eq!(fs::read_to_string(dir.path().join("a.conf")).unwrap(), "old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn temp_names_are_ignored_by_runtimes_and_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = format!("{TEMP_PREFIX}10-calico.conflist.123.0");
+        assert!(!crate::conflist::is_conf_name(&stale) && !stale.ends_with(".json"));
+        fs::write(dir.path().join(&stale), "{").unwrap();
+        fs::write(dir.path().join("10-calico.conflist"), "{}").unwrap();
+        assert_eq!(remove_stale_temps(dir.path()).unwrap(), 1);
+        assert_eq!(snapshot(dir.path(), None).unwrap().keys().collect::<Vec<_>>(), ["10-calico.conflist"]);
+    }
+
+    #[test]
+    fn rewrite_keeps_mode_and_ensure_skips_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.conflist");
+        fs::write(&p, "x").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        apply(dir.path(), &[FileOp::Write { name: "a.conflist".into(), content: "y".into() }]).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(ensure_file(dir.path(), "k", b"1", 0o600).unwrap());
+        assert!(!ensure_file(dir.path(), "k", b"1", 0o600).unwrap());
+        assert!(ensure_file(dir.path(), "k", b"2", 0o600).unwrap());
+    }
+
+    #[test]
+    fn binary_copy_is_skipped_only_when_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::write(&src, b"binary-1").unwrap();
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        assert!(ensure_binary(&src, &bin, "kong-mesh-cni", true).unwrap());
+        assert_eq!(fs::metadata(bin.join("kong-mesh-cni")).unwrap().permissions().mode() & 0o777, 0o755);
+        assert!(!ensure_binary(&src, &bin, "kong-mesh-cni", true).unwrap());
+        fs::write(&src, b"binary-2").unwrap();
+        assert!(!ensure_binary(&src, &bin, "kong-mesh-cni", false).unwrap(), "same size: the quick check trusts it");
+        assert!(ensure_binary(&src, &bin, "kong-mesh-cni", true).unwrap());
+        assert_eq!(fs::read(bin.join("kong-mesh-cni")).unwrap(), b"binary-2");
+    }
+}

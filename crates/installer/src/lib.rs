@@ -1,0 +1,104 @@
+//! The Kong Mesh CNI installer (`kong-mesh-cni install`, the image's `/install-cni`):
+//! copies the plugin binary to the host, writes the plugin's kubeconfig, chains the
+//! plugin into the primary CNI's configuration (or writes a standalone conf for
+//! Multus), keeps all of it in place from file watches, and removes it on SIGTERM.
+//!
+//! Pure parts: [`template`], [`conflist`] and [`plan`] (what to write), [`kubeconfig`],
+//! [`throttle`] and [`machine`] (what to do after which events). I/O edges: [`fsio`],
+//! [`sources`] (inotify, timers, signals), [`health`], and the loop in [`daemon`].
+
+pub mod args;
+pub mod conflist;
+pub mod daemon;
+mod error;
+pub mod fsio;
+pub mod health;
+mod jsontext;
+pub mod kubeconfig;
+pub mod machine;
+pub mod plan;
+mod sources;
+pub mod template;
+pub mod throttle;
+
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub use args::{InstallArgs, Settings};
+pub use daemon::Installer;
+pub use error::InstallError;
+pub use machine::Event;
+
+/// The image's entrypoint name: invoked as this, the binary runs `install`.
+const ENTRYPOINT: &str = "install-cni";
+
+/// Command-line arguments with `install` inserted when the binary was invoked as
+/// `install-cni` (the image's `/install-cni` is this binary under that name).
+pub fn entrypoint_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    if args.first().and_then(|a| Path::new(a).file_name()).is_some_and(|n| n == ENTRYPOINT) {
+        args.insert(1, "install".into());
+    }
+    args
+}
+
+/// Runs the installer; the one place its errors are reported.
+pub fn run(args: InstallArgs) -> ExitCode {
+    match Settings::from_args(args).and_then(run_with) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            match e {
+                InstallError::Setting(_) | InstallError::Template(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// One thread is plenty for a loop that mostly sleeps, and keeps the resident memory
+/// of a process that runs on every node small.
+fn run_with(settings: Settings) -> Result<(), InstallError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(InstallError::runtime("starting the runtime"))?;
+    runtime.block_on(async {
+        let status = Arc::new(health::Status::default());
+        if settings.health_port != 0 {
+            let listener = bind(settings.health_port).await?;
+            // A loop that misses several backstop ticks is stuck.
+            let stale_after = (settings.cfgcheck_interval * 5).max(std::time::Duration::from_secs(10));
+            tokio::spawn(health::serve(listener, status.clone(), stale_after));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        sources::spawn(&settings, tx)?;
+        Installer::new(settings, status).run(rx).await
+    })
+}
+
+/// Every address, IPv6 and IPv4 (or IPv4 only where IPv6 is off).
+async fn bind(port: u16) -> Result<tokio::net::TcpListener, InstallError> {
+    match tokio::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).await {
+        Ok(listener) => Ok(listener),
+        Err(_) => tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+            .await
+            .map_err(InstallError::runtime("listening for /healthz, /readyz and /metrics")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_cni_name_runs_install() {
+        let args = |v: &[&str]| entrypoint_args(v.iter().map(OsString::from));
+        assert_eq!(args(&["/install-cni", "--sleep", "false"]), ["/install-cni", "install", "--sleep", "false"]);
+        assert_eq!(args(&["install-cni"]), ["install-cni", "install"]);
+        assert_eq!(args(&["/usr/bin/kong-mesh-cni", "rules"]), ["/usr/bin/kong-mesh-cni", "rules"]);
+    }
+}
