@@ -25,6 +25,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The container runtime calls us with CNI_COMMAND set (under whatever name the
+    // binary was installed as, kong-mesh-cni or kuma-cni): we are the plugin.
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        return cni_plugin::main();
+    }
     let cli = Cli::parse();
     logging::init(&cli.log_level);
     match cli.command {

@@ -1,0 +1,77 @@
+//! Fetching the pod from the API server: bounded attempts inside one overall deadline,
+//! the kubeconfig re-read on every attempt (the installer rewrites it when the bound
+//! service-account token rotates).
+
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+use tokio::time::{Instant, sleep, timeout_at};
+
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Box<Pod>),
+    /// The pod is gone (deleted meanwhile): nothing to do for it.
+    NotFound,
+    /// The API server could not say; the reason is for the log and the error.
+    Unavailable(String),
+}
+
+/// One attempt's own bound, so that a hung connection leaves time for another.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A client from the kubeconfig as it is on disk now, every call bounded by `timeout`.
+pub async fn client_for(kubeconfig: &Path, timeout: Duration) -> Result<Client, String> {
+    let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| format!("kubeconfig {}: {e}", kubeconfig.display()))?;
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| format!("kubeconfig {}: {e}", kubeconfig.display()))?;
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    Client::try_from(config).map_err(|e| format!("API client: {e}"))
+}
+
+/// Whether another attempt may succeed where this one failed.
+fn retriable(error: &kube::Error) -> bool {
+    match error {
+        // 401 can be a token that rotated after we read the kubeconfig; 429 and 5xx pass.
+        kube::Error::Api(status) => matches!(status.code, 401 | 429 | 500..=599),
+        _ => true,
+    }
+}
+
+/// A failed attempt: its message, and whether retrying may help.
+struct Failed(String, bool);
+
+async fn attempt(kubeconfig: &Path, namespace: &str, name: &str) -> Result<Option<Pod>, Failed> {
+    // A broken kubeconfig may be mid-rewrite by the installer: worth another attempt.
+    let client = client_for(kubeconfig, ATTEMPT_TIMEOUT).await.map_err(|e| Failed(e, true))?;
+    Api::<Pod>::namespaced(client, namespace).get_opt(name).await.map_err(|e| Failed(e.to_string(), retriable(&e)))
+}
+
+pub async fn pod(kubeconfig: &Path, namespace: &str, name: &str, deadline: Duration) -> Lookup {
+    let deadline = Instant::now() + deadline;
+    let mut backoff = FIRST_BACKOFF;
+    let mut last_error;
+    loop {
+        let started = Instant::now();
+        let attempt_deadline = deadline.min(started + ATTEMPT_TIMEOUT);
+        match timeout_at(attempt_deadline, attempt(kubeconfig, namespace, name)).await {
+            Ok(Ok(Some(pod))) => return Lookup::Found(Box::new(pod)),
+            Ok(Ok(None)) => return Lookup::NotFound,
+            Ok(Err(Failed(e, false))) => return Lookup::Unavailable(e),
+            Ok(Err(Failed(e, true))) => last_error = e,
+            Err(_) => last_error = format!("no answer within {:?}", started.elapsed()),
+        }
+        if Instant::now() + backoff >= deadline {
+            return Lookup::Unavailable(last_error);
+        }
+        tracing::debug!(error = %last_error, "pod lookup failed; retrying");
+        sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(800));
+    }
+}

@@ -1,0 +1,363 @@
+//! The plugin as a container runtime drives it: the reference libcni runtime, a chain
+//! of real reference plugins with ours last, pods in a real API server read through a
+//! service account that may only `get` pods, and real traffic in the pod's namespace.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nettest::{NamedNetns, accept_within, connect_tcp, listen_tcp, read_exact};
+use origdst::original_destination;
+use serde_json::{Value, json};
+use testenv::{ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod, policy_rule, require_root, skip_heavy};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
+
+/// Our plugin entry, as the installer's template renders it, with test paths.
+fn our_entry(kubeconfig: &Path, scratch: &Path, extra: Value) -> Value {
+    let mut entry = json!({
+        "type": "kong-mesh-cni",
+        "name": "kong-mesh-cni",
+        "log_level": "debug",
+        "log_socket": scratch.join("log.sock"),
+        "log_file": scratch.join("cni.log"),
+        "run_dir": scratch.join("run"),
+        "kubernetes": {"kubeconfig": kubeconfig, "exclude_namespaces": ["kube-system"]},
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        entry[k] = v.clone();
+    }
+    entry
+}
+
+/// A runtime whose conflist is the reference chain followed by our entry.
+fn chain(plugins: Plugins, entry: Value) -> CniRuntime {
+    let mut rt = CniRuntime::bridge(plugins);
+    rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
+    let mut conflist = rt.conflist();
+    conflist["plugins"].as_array_mut().unwrap().push(entry);
+    rt.set_conflist(&conflist);
+    rt
+}
+
+struct Fixture {
+    ns: TestNamespace,
+    kubeconfig: PathBuf,
+    scratch: tempfile::TempDir,
+}
+
+/// A namespace, and a kubeconfig for the DaemonSet's identity with only `get pods`.
+async fn fixture() -> Fixture {
+    let api = ApiServer::shared();
+    let ns = api.namespace("kmc-plugin").await;
+    let kubeconfig = api.service_account_kubeconfig(ns.name(), "kong-mesh-cni").await;
+    ns.grant("kong-mesh-cni", "kong-mesh-cni-plugin", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
+    Fixture { ns, kubeconfig, scratch: tempfile::tempdir().unwrap() }
+}
+
+async fn mesh_pod(ns: &TestNamespace, name: &str, extra: &[(&str, &str)]) {
+    let mut p = pod(name).container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true");
+    for (k, v) in extra {
+        p = p.annotation(k, v);
+    }
+    ns.create_pod(p.build()).await;
+}
+
+fn saved_rules(ns: &NamedNetns) -> String {
+    ["iptables-nft-save", "iptables-legacy-save", "ip6tables-nft-save", "ip6tables-legacy-save"]
+        .iter()
+        .map(|tool| ns.exec(tool, &[]))
+        .collect::<String>()
+        .lines()
+        .filter(|l| l.starts_with("-A") || l.starts_with(":KUMA"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn rt_ip(ns: &NamedNetns) -> String {
+    let text = ns.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
+    text.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap().split('/').next().unwrap().to_owned()
+}
+
+fn skip(what: &str) -> bool {
+    skip_heavy(what) || !require_root()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mesh_pod_gets_its_address_from_bridge_and_its_redirect_from_us() {
+    if skip("mesh pod through libcni") {
+        return;
+    }
+    let f = fixture().await;
+    mesh_pod(&f.ns, "web", &[]).await;
+    f.ns.create_pod(pod("client").build()).await;
+    let rt = chain(Plugins::Upstream, our_entry(&f.kubeconfig, f.scratch.path(), json!({})));
+    let (web_ns, client_ns) = (NamedNetns::new("plw"), NamedNetns::new("plc"));
+    let web = Attachment::new(&web_ns, f.ns.name(), "web");
+    let client = Attachment::new(&client_ns, f.ns.name(), "client");
+
+    let result = rt.add(&web).expect("ADD of the mesh pod");
+    let web_ip = result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_owned();
+    assert!(web_ns.ip(&["-4", "addr", "show", "dev", "eth0"]).contains(&web_ip), "bridge gave the address");
+    rt.add(&client).expect("ADD of a plain pod");
+    assert_eq!(saved_rules(&client_ns), "", "the plain pod is untouched");
+
+    // Outbound from the app lands on the sidecar's outbound listener (any address the
+    // pod can route to: the bridge network has no default route).
+    let (pod_ns, peer_ns) = (web_ns.open(), client_ns.open());
+    let outbound = listen_tcp(&pod_ns, false, 15001);
+    let client_ip = rt_ip(&client_ns);
+    let dest = format!("{client_ip}:443").parse().unwrap();
+    let _c = connect_tcp(&pod_ns, None, dest, b"out").unwrap();
+    let mut conn = accept_within(&outbound, Duration::from_secs(2)).expect("outbound redirected");
+    assert_eq!(read_exact(&mut conn, 3), b"out");
+    assert_eq!(original_destination(&conn).unwrap(), dest);
+    // Inbound from the other pod lands on the inbound listener.
+    let inbound = listen_tcp(&pod_ns, false, 15006);
+    let dest = format!("{web_ip}:8080").parse().unwrap();
+    let _c = connect_tcp(&peer_ns, None, dest, b"in").unwrap();
+    let mut conn = accept_within(&inbound, Duration::from_secs(2)).expect("inbound redirected");
+    assert_eq!(read_exact(&mut conn, 2), b"in");
+    assert_eq!(original_destination(&conn).unwrap(), dest);
+
+    // The bridge plugin's own CHECK compares the bridge's MAC, which changes while a
+    // second pod is attached: CHECK the mesh pod alone.
+    rt.del(&client).expect("DEL of the plain pod");
+    rt.check(&web).expect("CHECK passes with every rule in place");
+    web_ns.exec("sh", &["-c", "iptables-nft -t nat -F KUMA_MESH_OUTBOUND_REDIRECT 2>/dev/null; iptables-legacy -t nat -F KUMA_MESH_OUTBOUND_REDIRECT 2>/dev/null; true"]);
+    let err = rt.check(&web).unwrap_err();
+    assert_eq!(err.code, Some(101), "{err}");
+    assert!(err.details.contains("-A KUMA_MESH_OUTBOUND_REDIRECT -p tcp"), "the missing rule is named: {err}");
+
+    rt.del(&web).expect("DEL");
+    assert_eq!(saved_rules(&web_ns), "", "DEL removed every rule of ours");
+    rt.del(&web).expect("a second DEL succeeds");
+
+    let log = std::fs::read_to_string(f.scratch.path().join("cni.log")).unwrap();
+    let add_line = log.lines().find(|l| l.contains("redirect programmed")).expect("ADD logged");
+    assert!(add_line.contains(&format!("pod={}/web", f.ns.name())) && add_line.contains(&web.container_id), "{add_line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_that_are_not_ours_pass_through_untouched() {
+    if skip("pass-through pods") {
+        return;
+    }
+    let f = fixture().await;
+    f.ns.create_pod(pod("plain").build()).await;
+    f.ns.create_pod(
+        pod("with-init")
+            .init_container("kuma-init")
+            .container("app")
+            .container("kuma-sidecar")
+            .annotation("kuma.io/sidecar-injected", "true")
+            .build(),
+    )
+    .await;
+    f.ns.create_pod(pod("not-injected").container("app").container("kuma-sidecar").build()).await;
+    // The excluded namespace is not readable by our identity and has no pod at all:
+    // passing it proves no API call is made.
+    let entry = our_entry(
+        &f.kubeconfig,
+        f.scratch.path(),
+        json!({"on_api_error": "fail", "kubernetes": {"kubeconfig": f.kubeconfig, "exclude_namespaces": ["kmc-excluded"]}}),
+    );
+    let rt = chain(Plugins::Upstream, entry);
+    for (namespace, name) in [(f.ns.name(), "plain"), (f.ns.name(), "with-init"), (f.ns.name(), "not-injected"), ("kmc-excluded", "x")] {
+        let netns = NamedNetns::new("plp");
+        let a = Attachment::new(&netns, namespace, name);
+        let result = rt.add(&a).unwrap_or_else(|e| panic!("ADD {namespace}/{name}: {e}"));
+        assert_eq!(result["cniVersion"], "1.1.0");
+        assert!(result["ips"][0]["address"].is_string(), "{result}");
+        assert_eq!(saved_rules(&netns), "", "{namespace}/{name} is untouched");
+        rt.del(&a).unwrap();
+    }
+    let log = std::fs::read_to_string(f.scratch.path().join("cni.log")).unwrap();
+    for reason in ["no kuma-sidecar container", "kuma-init init container", "is absent", "namespace kmc-excluded is excluded"] {
+        assert!(log.contains(reason), "the log says why ({reason}):\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_annotation_fails_add_with_code_7() {
+    if skip("invalid annotation") {
+        return;
+    }
+    let f = fixture().await;
+    mesh_pod(&f.ns, "bad", &[("traffic.kuma.io/exclude-outbound-ports", "80,eighty")]).await;
+    let rt = chain(Plugins::Upstream, our_entry(&f.kubeconfig, f.scratch.path(), json!({})));
+    let netns = NamedNetns::new("plbad");
+    let a = Attachment::new(&netns, f.ns.name(), "bad");
+    let err = rt.add(&a).unwrap_err();
+    assert_eq!(err.code, Some(7), "{err}");
+    assert!(err.details.contains("traffic.kuma.io/exclude-outbound-ports") && err.details.contains("80,eighty"), "{err}");
+    assert_eq!(saved_rules(&netns), "");
+    rt.del(&a).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_spec_version_round_trips() {
+    if skip("spec versions") {
+        return;
+    }
+    let f = fixture().await;
+    mesh_pod(&f.ns, "versions", &[]).await;
+    for (plugins, version) in [
+        (Plugins::Debian, "0.3.0"),
+        (Plugins::Debian, "0.3.1"),
+        (Plugins::Debian, "0.4.0"),
+        (Plugins::Debian, "1.0.0"),
+        (Plugins::Upstream, "1.1.0"),
+    ] {
+        let rt = chain(plugins, our_entry(&f.kubeconfig, f.scratch.path(), json!({})));
+        let mut conflist = rt.conflist();
+        conflist["cniVersion"] = json!(version);
+        rt.set_conflist(&conflist);
+        let netns = NamedNetns::new("plv");
+        let a = Attachment::new(&netns, f.ns.name(), "versions");
+        let result = rt.add(&a).unwrap_or_else(|e| panic!("{version}: {e}"));
+        assert_eq!(result["cniVersion"], version);
+        let ip = &result["ips"][0];
+        assert!(ip["address"].is_string(), "{version}: {result}");
+        assert_eq!(ip.get("version").is_some(), version.starts_with('0'), "{version}: ips[].version per format: {result}");
+        assert!(saved_rules(&netns).contains("KUMA_MESH_OUTBOUND"), "{version}: rules applied");
+        if version != "0.3.0" && version != "0.3.1" {
+            rt.check(&a).unwrap_or_else(|e| panic!("{version} CHECK: {e}")); // CHECK exists since 0.4.0
+        }
+        rt.del(&a).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn standalone_like_multus_without_prev_result() {
+    if skip("standalone") {
+        return;
+    }
+    let f = fixture().await;
+    mesh_pod(&f.ns, "solo", &[]).await;
+    let mut entry = our_entry(&f.kubeconfig, f.scratch.path(), json!({}));
+    entry["cniVersion"] = json!("1.0.0");
+    let mut rt = CniRuntime::custom(vec![], |_| json!({"cniVersion": "1.0.0", "name": "kong-mesh-cni", "plugins": [entry]}));
+    rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
+    let netns = NamedNetns::new("plsolo");
+    let a = Attachment::new(&netns, f.ns.name(), "solo");
+    let result = rt.add(&a).unwrap();
+    assert_eq!(result["cniVersion"], "1.0.0");
+    assert!(result.get("ips").is_none() && result.get("interfaces").is_none(), "an empty result: {result}");
+    assert!(saved_rules(&netns).contains("KUMA_MESH_INBOUND"));
+    rt.del(&a).unwrap();
+    assert_eq!(saved_rules(&netns), "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_gc() {
+    if skip("status and gc") {
+        return;
+    }
+    let f = fixture().await;
+    let rt = chain(Plugins::Upstream, our_entry(&f.kubeconfig, f.scratch.path(), json!({})));
+    rt.status().expect("STATUS: ready with a working kubeconfig");
+    rt.gc(&[]).expect("GC succeeds");
+
+    let missing = f.scratch.path().join("no-such-kubeconfig");
+    let rt = chain(Plugins::Upstream, our_entry(&missing, f.scratch.path(), json!({})));
+    let err = rt.status().unwrap_err();
+    assert_eq!(err.code, Some(50), "{err}");
+    assert!(err.details.contains("no-such-kubeconfig"), "{err}");
+}
+
+/// The API server stops: the plugin answers within its deadline, as configured.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_server_down() {
+    if skip("API server down") {
+        return;
+    }
+    let private = ApiServer::start(&[]);
+    let ns = private.namespace("kmc-down").await;
+    mesh_pod(&ns, "web", &[]).await;
+    let kubeconfig = private.service_account_kubeconfig(ns.name(), "kong-mesh-cni").await;
+    let name = ns.name().to_owned();
+    std::mem::forget(ns); // its server is about to go; nothing to clean up there
+    drop(private);
+    let scratch = tempfile::tempdir().unwrap();
+    let timeout = json!({"kubernetes": {"kubeconfig": kubeconfig, "lookup_timeout_ms": 2000}});
+
+    let rt = chain(Plugins::Upstream, our_entry(&kubeconfig, scratch.path(), timeout.clone()));
+    let netns = NamedNetns::new("pldown");
+    let a = Attachment::new(&netns, &name, "web");
+    let start = Instant::now();
+    let result = rt.add(&a).expect("default policy: the pod starts");
+    let took = start.elapsed();
+    assert!(result["ips"][0]["address"].is_string());
+    assert!(took < Duration::from_secs(4), "ADD took {took:?}");
+    assert_eq!(saved_rules(&netns), "", "nothing known about the pod: nothing applied");
+    rt.del(&a).unwrap();
+    let err = rt.status().unwrap_err();
+    assert_eq!(err.code, Some(50), "STATUS says not ready: {err}");
+
+    let mut fail = timeout;
+    fail["on_api_error"] = json!("fail");
+    let rt = chain(Plugins::Upstream, our_entry(&kubeconfig, scratch.path(), fail));
+    let a = Attachment::new(&netns, &name, "web");
+    let start = Instant::now();
+    let err = rt.add(&a).unwrap_err();
+    assert_eq!(err.code, Some(11), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(4), "ADD took {:?}", start.elapsed());
+    rt.del(&a).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_reach_the_installer_socket_and_a_broken_log_never_fails_add() {
+    if skip("logging") {
+        return;
+    }
+    let f = fixture().await;
+    mesh_pod(&f.ns, "logged", &[]).await;
+    let socket_path = f.scratch.path().join("log.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket_path).unwrap();
+    let rt = chain(Plugins::Upstream, our_entry(&f.kubeconfig, f.scratch.path(), json!({})));
+    let netns = NamedNetns::new("pllog");
+    let a = Attachment::new(&netns, f.ns.name(), "logged");
+    // The plugin connects during ADD; read its stream to the end on a thread.
+    let reader = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut text).unwrap();
+        text
+    });
+    rt.add(&a).unwrap();
+    let text = reader.join().unwrap();
+    let programmed = text.lines().find(|l| l.contains("redirect programmed")).unwrap_or_else(|| panic!("{text}"));
+    assert!(programmed.contains(&format!("pod={}/logged", f.ns.name())) && programmed.contains(&a.container_id));
+    assert!(!f.scratch.path().join("cni.log").exists(), "with a listener, nothing goes to the file");
+    rt.del(&a).unwrap();
+
+    // Neither the socket nor the file can be written: ADD still succeeds.
+    let broken = json!({"log_socket": "/proc/kmc/none.sock", "log_file": "/proc/kmc/none.log"});
+    let rt = chain(Plugins::Upstream, our_entry(&f.kubeconfig, f.scratch.path(), broken));
+    let a = Attachment::new(&netns, f.ns.name(), "logged");
+    rt.add(&a).expect("ADD despite broken logging");
+    assert!(saved_rules(&netns).contains("KUMA_MESH"));
+    rt.del(&a).unwrap();
+}
+
+/// Installed as `kuma-cni` (the Go implementation's name), it works the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn installed_as_kuma_cni() {
+    if skip("kuma-cni name") {
+        return;
+    }
+    let f = fixture().await;
+    mesh_pod(&f.ns, "renamed", &[]).await;
+    let bin_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(BIN, bin_dir.path().join("kuma-cni")).unwrap();
+    let mut entry = our_entry(&f.kubeconfig, f.scratch.path(), json!({}));
+    entry["type"] = json!("kuma-cni");
+    entry["name"] = json!("kuma-cni");
+    let mut rt = chain(Plugins::Upstream, entry);
+    rt.prepend_plugin_dir(bin_dir.path());
+    let netns = NamedNetns::new("plkuma");
+    let a = Attachment::new(&netns, f.ns.name(), "renamed");
+    rt.add(&a).unwrap();
+    assert!(saved_rules(&netns).contains("KUMA_MESH_OUTBOUND"));
+    rt.del(&a).unwrap();
+}
