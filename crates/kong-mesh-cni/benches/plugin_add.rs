@@ -1,0 +1,76 @@
+//! ADD of a mesh pod through the reference libcni runtime: the chain bridge + host-local
+//! + portmap + ours against the same chain without ours, interleaved, per iptables
+//! backend. Our overhead is the difference (API lookup through a service account,
+//! decision, rules for both families included). Needs root and the test environment.
+//!
+//! `cargo bench -p kong-mesh-cni --bench plugin_add` (ROUNDS=N, default 200).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use testenv::{ApiServer, Attachment, CniRuntime, NamedNetns, Plugins, pod, policy_rule};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() {
+    if !nettest::require_root() {
+        return;
+    }
+    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let api = ApiServer::shared();
+    let ns = api.namespace("kmc-bench").await;
+    let kubeconfig = api.service_account_kubeconfig(ns.name(), "kong-mesh-cni").await;
+    ns.grant("kong-mesh-cni", "plugin", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
+    ns.create_pod(pod("web").container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true").build())
+        .await;
+    let scratch = tempfile::tempdir().unwrap();
+
+    println!("ADD of a mesh pod through libcni, {rounds} rounds per backend (bridge + host-local + portmap [+ ours])");
+    println!("{:<8} {:<14} {:>9} {:>9}", "backend", "chain", "p50 ms", "p99 ms");
+    for backend in ["nft", "legacy"] {
+        let without = CniRuntime::bridge(Plugins::Upstream);
+        let mut with = CniRuntime::bridge(Plugins::Upstream);
+        with.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
+        let mut conflist = with.conflist();
+        conflist["plugins"].as_array_mut().unwrap().push(json!({
+            "type": "kong-mesh-cni",
+            "log_level": "info",
+            "log_file": scratch.path().join("cni.log"),
+            "log_socket": scratch.path().join("none.sock"),
+            "run_dir": scratch.path().join("run"),
+            "iptables_backend": backend,
+            "kubernetes": {"kubeconfig": kubeconfig},
+        }));
+        with.set_conflist(&conflist);
+        let (mut t_with, mut t_without) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            for first in if round % 2 == 0 { [true, false] } else { [false, true] } {
+                let (rt, times) = if first { (&with, &mut t_with) } else { (&without, &mut t_without) };
+                let netns = NamedNetns::new("badd");
+                let a = Attachment::new(&netns, ns.name(), "web");
+                let start = Instant::now();
+                rt.add(&a).expect("ADD");
+                times.push(start.elapsed());
+                rt.del(&a).expect("DEL");
+            }
+        }
+        t_with.sort();
+        t_without.sort();
+        for (name, v) in [("with ours", &t_with), ("without", &t_without)] {
+            println!("{backend:<8} {name:<14} {:>9.2} {:>9.2}", ms(percentile(v, 0.5)), ms(percentile(v, 0.99)));
+        }
+        let overhead = ms(percentile(&t_with, 0.5)) - ms(percentile(&t_without, 0.5));
+        let overhead99 = ms(percentile(&t_with, 0.99)) - ms(percentile(&t_without, 0.99));
+        println!("{backend:<8} our overhead: p50 {overhead:.2} ms, p99 {overhead99:.2} ms (target: p50 <= 25 ms)");
+    }
+}
