@@ -8,6 +8,11 @@ use tproxy_config::{Config, ConfigError};
 pub const SIDECAR_CONTAINER: &str = "kuma-sidecar";
 pub const INIT_CONTAINER: &str = "kuma-init";
 pub const SIDECAR_INJECTED: &str = "kuma.io/sidecar-injected";
+/// The init container that runs `kong-mesh-cni validate` in mesh pods.
+pub const VALIDATION_CONTAINER: &str = "kuma-validation";
+/// The validator's exit code when the pod's traffic is not redirected: the contract
+/// between the validator and the repair controller (any other failure exits 1).
+pub const VALIDATOR_EXIT_NOT_REDIRECTED: i32 = 97;
 
 /// Why a pod is left alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
