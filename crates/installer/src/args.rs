@@ -72,6 +72,11 @@ pub struct InstallArgs {
     /// Port of /healthz, /readyz and /metrics; 0 disables them.
     #[arg(long, env = "KMC_HEALTH_PORT", default_value_t = 9081)]
     pub health_port: u16,
+    /// Unix socket the plugin sends its log lines to; they are copied to our stderr.
+    /// Must be the path the plugin's `log_socket` names, on a dir shared with the host.
+    /// Empty: no relay (the plugin then logs to its file on the host).
+    #[arg(long, env = "KMC_LOG_SOCKET", default_value = "/run/kong-mesh-cni/log.sock")]
+    pub log_socket: PathBuf,
     /// Repairs within --repair-window that run at once; past that another agent is
     /// reverting us: repairs are spaced out and a warning names the file.
     #[arg(long, env = "KMC_REPAIR_LIMIT", default_value_t = 10)]
@@ -107,6 +112,7 @@ pub struct Settings {
     pub sleep: bool,
     pub ready_file: PathBuf,
     pub health_port: u16,
+    pub log_socket: Option<PathBuf>,
     pub repair_limit: usize,
     pub repair_window: Duration,
 }
@@ -156,6 +162,7 @@ impl Settings {
             sleep: args.sleep,
             ready_file: args.cni_ready_file,
             health_port: args.health_port,
+            log_socket: Some(args.log_socket).filter(|p| !p.as_os_str().is_empty()),
             repair_limit: args.repair_limit,
             repair_window: args.repair_window,
         })

@@ -106,6 +106,10 @@ impl Installer {
     }
 
     fn check(&mut self, checks: Checks, now: Instant) {
+        // Events held back by the throttle: nothing to look at, nothing changed.
+        if checks == Checks::default() {
+            return;
+        }
         if checks.binary {
             self.check_binary();
         }

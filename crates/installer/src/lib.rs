@@ -5,7 +5,8 @@
 //!
 //! Pure parts: [`template`], [`conflist`] and [`plan`] (what to write), [`kubeconfig`],
 //! [`throttle`] and [`machine`] (what to do after which events). I/O edges: [`fsio`],
-//! [`sources`] (inotify, timers, signals), [`health`], and the loop in [`daemon`].
+//! [`sources`] (inotify, timers, signals), [`health`], the plugin's log relay
+//! ([`logsock`]), and the loop in [`daemon`].
 
 pub mod args;
 pub mod conflist;
@@ -15,6 +16,7 @@ pub mod fsio;
 pub mod health;
 mod jsontext;
 pub mod kubeconfig;
+mod logsock;
 pub mod machine;
 pub mod plan;
 mod sources;
@@ -30,6 +32,7 @@ use std::sync::Arc;
 pub use args::{InstallArgs, Settings};
 pub use daemon::Installer;
 pub use error::InstallError;
+use logsock::LogSocket;
 pub use machine::Event;
 
 /// The image's entrypoint name: invoked as this, the binary runs `install`.
@@ -74,9 +77,19 @@ fn run_with(settings: Settings) -> Result<(), InstallError> {
             let stale_after = (settings.cfgcheck_interval * 5).max(std::time::Duration::from_secs(10));
             tokio::spawn(health::serve(listener, status.clone(), stale_after));
         }
+        // Plugin logs matter only while we run; without the relay the plugin writes
+        // them to a file on the host, so a failure here does not stop the install.
+        let log_socket = match &settings.log_socket {
+            Some(path) if settings.sleep => LogSocket::start(path).inspect_err(|e| tracing::warn!("{e}; plugin logs go to its file on the host")).ok(),
+            _ => None,
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         sources::spawn(&settings, tx)?;
-        Installer::new(settings, status).run(rx).await
+        let result = Installer::new(settings, status).run(rx).await;
+        if let Some(socket) = log_socket {
+            socket.close();
+        }
+        result
     })
 }
 

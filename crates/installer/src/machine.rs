@@ -10,8 +10,10 @@ use crate::throttle::{Fight, Throttle, Verdict};
 /// timers and signals ([`crate::sources`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// A configuration file, or our kubeconfig, changed in the net dir.
+    /// A configuration file changed in the net dir.
     NetDir,
+    /// Our kubeconfig changed (or went) in the net dir.
+    Kubeconfig,
     /// The service-account token changed (a projected volume swaps its `..data` link).
     Token,
     /// `CFGCHECK_INTERVAL` elapsed: check everything, whatever the watches said.
@@ -71,9 +73,8 @@ impl Machine {
         let mut checks = Checks::default();
         for event in events {
             match event {
-                Event::NetDir => (checks.chain, checks.kubeconfig) = (true, true),
-                Event::Token | Event::TokenTick => checks.kubeconfig = true,
-                Event::Wake => checks.chain = true,
+                Event::NetDir | Event::Wake => checks.chain = true,
+                Event::Kubeconfig | Event::Token | Event::TokenTick => checks.kubeconfig = true,
                 Event::Backstop => checks = Checks { chain: true, kubeconfig: true, binary: true },
                 Event::Shutdown => unreachable!("handled above"),
             }
@@ -139,7 +140,8 @@ mod tests {
         let mut m = Machine::new(Throttle::new(3, Duration::from_secs(10)));
         let now = Instant::now();
         let check = |c, k, b| Step::Check(Checks { chain: c, kubeconfig: k, binary: b });
-        assert_eq!(m.decide(&[Event::NetDir], now), check(true, true, false));
+        assert_eq!(m.decide(&[Event::NetDir], now), check(true, false, false));
+        assert_eq!(m.decide(&[Event::Kubeconfig], now), check(false, true, false));
         assert_eq!(m.decide(&[Event::Token], now), check(false, true, false));
         assert_eq!(m.decide(&[Event::TokenTick, Event::Wake], now), check(true, true, false));
         assert_eq!(m.decide(&[Event::Backstop], now), check(true, true, true));

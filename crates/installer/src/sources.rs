@@ -52,15 +52,16 @@ pub fn spawn(settings: &Settings, tx: Sender<Event>) -> Result<(), InstallError>
         let mut net_wd = arm(&mut watches, &net_dir, retry, &events).await;
         while let Some(Ok(ev)) = stream.next().await {
             if ev.mask.contains(EventMask::Q_OVERFLOW) {
-                let _ = events.try_send(Event::NetDir);
-                let _ = events.try_send(Event::Token);
+                for event in [Event::NetDir, Event::Kubeconfig, Event::Token] {
+                    let _ = events.try_send(event);
+                }
             } else if ev.wd == net_wd {
                 if ev.mask.contains(EventMask::IGNORED) {
                     // The dir itself went away (or was unmounted): watch it again once it is back.
                     tracing::warn!(dir = %net_dir.display(), "the CNI net dir was removed; waiting for it to come back");
                     net_wd = arm(&mut watches, &net_dir, retry, &events).await;
-                } else if ev.name.as_deref().is_some_and(|n| relevant.net_dir(n)) {
-                    let _ = events.try_send(Event::NetDir);
+                } else if let Some(event) = ev.name.as_deref().and_then(|n| relevant.event(n)) {
+                    let _ = events.try_send(event);
                 }
             } else if Some(&ev.wd) == token_wd.as_ref() {
                 let _ = events.try_send(Event::Token);
@@ -88,7 +89,9 @@ async fn arm(watches: &mut Watches, dir: &Path, retry: Duration, events: &Sender
     loop {
         match watches.add(dir, net_dir_mask()) {
             Ok(wd) => {
-                let _ = events.try_send(Event::NetDir);
+                for event in [Event::NetDir, Event::Kubeconfig] {
+                    let _ = events.try_send(event);
+                }
                 return wd;
             }
             Err(e) if !logged => {
@@ -106,10 +109,14 @@ struct Relevant {
 }
 
 impl Relevant {
-    /// Configuration files and our kubeconfig; not temp files (ours included) or
-    /// anything else.
-    fn net_dir(&self, name: &OsStr) -> bool {
-        name.to_str().is_some_and(|n| conflist::is_conf_name(n) || n == self.kubeconfig)
+    /// The event for a name in the net dir: configuration files and our kubeconfig;
+    /// not temp files (ours included) or anything else.
+    fn event(&self, name: &OsStr) -> Option<Event> {
+        match name.to_str()? {
+            n if conflist::is_conf_name(n) => Some(Event::NetDir),
+            n if n == self.kubeconfig => Some(Event::Kubeconfig),
+            _ => None,
+        }
     }
 }
 

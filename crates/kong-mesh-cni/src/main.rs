@@ -22,6 +22,9 @@ struct Cli {
 enum Command {
     /// Show, apply, verify or remove the redirect rules of a pod.
     Rules(rules_cmd::RulesArgs),
+    /// Install the plugin on this node and keep it chained until SIGTERM (the
+    /// DaemonSet's container; also what the binary runs when invoked as `install-cni`).
+    Install(installer::InstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,9 +33,10 @@ fn main() -> ExitCode {
     if std::env::var_os("CNI_COMMAND").is_some() {
         return cni_plugin::main();
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(installer::entrypoint_args(std::env::args_os()));
     logging::init(&cli.log_level);
     match cli.command {
         Command::Rules(args) => rules_cmd::run(args),
+        Command::Install(args) => installer::run(args),
     }
 }

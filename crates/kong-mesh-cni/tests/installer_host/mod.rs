@@ -1,0 +1,229 @@
+//! A fake node for running the real installer binary: temporary host dirs (net dir,
+//! bin dir, a projected service-account volume) and the installer process, killed on
+//! drop. Shared by `tests/installer.rs` and `benches/installer.rs`.
+
+#![allow(dead_code)] // each of the two users needs a different part
+
+use std::io::Read;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
+pub const KUBECONFIG: &str = "ZZZ-kuma-cni-kubeconfig";
+
+/// The host side: `net/` (MOUNTED_CNI_NET_DIR), `bin/` (MOUNTED_CNI_BIN_DIR), `sa/` laid
+/// out like a projected service-account volume, and the ready file's path.
+pub struct Host {
+    pub root: tempfile::TempDir,
+    pub net: PathBuf,
+    pub bin: PathBuf,
+    pub sa: PathBuf,
+    pub ready: PathBuf,
+}
+
+impl Host {
+    pub fn new() -> Host {
+        let root = tempfile::Builder::new().prefix("kmc-installer-").tempdir().expect("creating a temp dir");
+        let (net, bin, sa) = (root.path().join("net"), root.path().join("bin"), root.path().join("sa"));
+        for dir in [&net, &bin, &sa] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        let host = Host { ready: root.path().join("ready"), root, net, bin, sa };
+        host.rotate_token("token-one", b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
+        symlink("..data/token", host.sa.join("token")).unwrap();
+        symlink("..data/ca.crt", host.sa.join("ca.crt")).unwrap();
+        host
+    }
+
+    /// What the kubelet does to a projected volume: a new timestamped dir, then a
+    /// `..data` symlink renamed over the old one, then the old dir removed.
+    pub fn rotate_token(&self, token: &str, ca: &[u8]) {
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let name = format!("..2026_11_26_00_00_00.{}", GENERATION.fetch_add(1, Ordering::Relaxed));
+        let dir = self.sa.join(&name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("token"), token).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca).unwrap();
+        let old = std::fs::read_link(self.sa.join("..data")).ok();
+        symlink(&name, self.sa.join("..data_tmp")).unwrap();
+        std::fs::rename(self.sa.join("..data_tmp"), self.sa.join("..data")).unwrap();
+        if let Some(old) = old {
+            std::fs::remove_dir_all(self.sa.join(old)).unwrap();
+        }
+    }
+
+    /// Where the installer listens for the plugin's log lines.
+    pub fn log_socket(&self) -> PathBuf {
+        self.root.path().join("run/log.sock")
+    }
+
+    pub fn net_file(&self, name: &str) -> PathBuf {
+        self.net.join(name)
+    }
+
+    /// The environment of the DaemonSet's container, pointed at this host.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        [
+            ("KUBERNETES_SERVICE_HOST", "127.0.0.1".to_string()),
+            ("KUBERNETES_SERVICE_PORT", "6443".to_string()),
+            ("MOUNTED_CNI_NET_DIR", path(&self.net)),
+            ("MOUNTED_CNI_BIN_DIR", path(&self.bin)),
+            ("KMC_SECONDARY_BIN_DIR", path(&self.root.path().join("secondary"))),
+            ("KUBE_CA_FILE", path(&self.sa.join("ca.crt"))),
+            ("KUBE_SERVICE_ACCOUNT_TOKEN_PATH", path(&self.sa.join("token"))),
+            ("CNI_READY_FILE", path(&self.ready)),
+            ("KMC_HEALTH_PORT", "0".to_string()),
+            ("KMC_LOG_SOCKET", path(&self.log_socket())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+/// The installer process; killed (SIGKILL) and reaped on drop if still running.
+pub struct Installer {
+    pub child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Installer {
+    /// Starts `kong-mesh-cni install` with the host's environment plus `extra` (which
+    /// wins), and nothing inherited but PATH.
+    pub fn start(host: &Host, extra: &[(&str, &str)]) -> Installer {
+        Installer::start_program(Path::new(BINARY), &["install"], host, extra)
+    }
+
+    pub fn start_program(program: &Path, args: &[&str], host: &Host, extra: &[(&str, &str)]) -> Installer {
+        let mut cmd = Command::new(program);
+        cmd.args(args).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("NO_COLOR", "1");
+        cmd.envs(host.env());
+        cmd.envs(extra.iter().copied());
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("starting the installer");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if std::env::var_os("KMC_TEST_VERBOSE").is_some() {
+                    eprint!("{text}");
+                }
+                sink.lock().unwrap().push_str(&text);
+            }
+        });
+        Installer { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(20)).expect("the installer did not exit within 20s of SIGTERM")
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// User plus system CPU time so far, from /proc/<pid>/stat.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which may hold spaces) start at ") ".
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// A field of /proc/<pid>/status, in kB (VmRSS, VmHWM, Threads...).
+    pub fn proc_status(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with(&format!("{field}:"))).unwrap_or_else(|| panic!("no {field}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Installer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` every millisecond until it holds; returns how long it took, or
+/// None after `timeout`.
+pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The file parsed as JSON, if it exists and parses.
+pub fn json(path: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Whether the conflist at `path` ends with our plugin, once.
+pub fn chained(path: &Path, plugin: &str) -> bool {
+    json(path).and_then(|v| v["plugins"].as_array().cloned()).is_some_and(|plugins| {
+        plugins.last().is_some_and(|p| p["type"] == plugin) && plugins.iter().filter(|p| p["type"] == plugin).count() == 1
+    })
+}
+
+/// Writes `content` the way an agent that does not care writes: truncate and write in
+/// place.
+pub fn write_in_place(path: &Path, content: &str) {
+    std::fs::write(path, content).unwrap();
+}
+
+/// Writes `content` the careful way: a temp file renamed over the target.
+pub fn rename_over(path: &Path, content: &str) {
+    let temp = path.with_file_name(format!(".primary-{}", path.file_name().unwrap().to_string_lossy()));
+    std::fs::write(&temp, content).unwrap();
+    std::fs::rename(&temp, path).unwrap();
+}
+
+pub const CALICO: &str = include_str!("../../../installer/tests/golden/calico/input/10-calico.conflist");
+pub const FLANNEL_CONF: &str = include_str!("../../../installer/tests/golden/flannel-conf/input/10-flannel.conf");
+pub const CILIUM: &str = include_str!("../../../installer/tests/golden/cilium/input/05-cilium.conflist");
