@@ -140,6 +140,9 @@ impl Settings {
         let ours = Ours::render(&args.cni_network_config, &host_kubeconfig.to_string_lossy())?;
         let conf_name = Some(args.cni_conf_name).filter(|n| !n.is_empty());
         let mode = match args.chained_cni_plugin {
+            true if conf_name.as_deref().is_some_and(|n| !crate::conflist::is_conf_name(n)) => {
+                return Err(bad("CNI_CONF_NAME must name a .conf or .conflist file to chain into"));
+            }
             true => Mode::Chained { conf_name },
             false => Mode::Standalone { conf_name: conf_name.unwrap_or_else(|| DEFAULT_STANDALONE_NAME.into()) },
         };
@@ -230,6 +233,8 @@ mod tests {
         assert!(e.contains("KUBERNETES_SERVICE_HOST"), "{e}");
         let e = parse(&["--cni-conf-name", "../x.conf"]).unwrap_err().to_string();
         assert!(e.contains("CNI_CONF_NAME"), "{e}");
+        let e = parse(&["--cni-conf-name", "10-calico.json"]).unwrap_err().to_string();
+        assert!(e.contains(".conflist"), "{e}");
         let e = parse(&["--cni-network-config", "{}"]).unwrap_err().to_string();
         assert!(e.contains("CNI_NETWORK_CONFIG"), "{e}");
     }

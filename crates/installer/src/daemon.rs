@@ -96,8 +96,13 @@ impl Installer {
                 Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot clean up temp files"),
             }
         }
+        let target = match &self.s.mode {
+            Mode::Chained { conf_name: Some(name) } => format!("chained into {name}"),
+            Mode::Chained { conf_name: None } => "chained into the first valid .conf/.conflist".into(),
+            Mode::Standalone { conf_name } => format!("standalone as {conf_name}"),
+        };
         tracing::info!(
-            mode = ?self.s.mode,
+            mode = %target,
             net_dir = %self.s.net_dir.display(),
             bin_dirs = ?self.s.bin_dirs,
             plugin = %self.s.ours.binary,

@@ -24,7 +24,7 @@ enum Command {
     Rules(rules_cmd::RulesArgs),
     /// Install the plugin on this node and keep it chained until SIGTERM (the
     /// DaemonSet's container; also what the binary runs when invoked as `install-cni`).
-    Install(installer::InstallArgs),
+    Install(Box<installer::InstallArgs>),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +37,6 @@ fn main() -> ExitCode {
     logging::init(&cli.log_level);
     match cli.command {
         Command::Rules(args) => rules_cmd::run(args),
-        Command::Install(args) => installer::run(args),
+        Command::Install(args) => installer::run(*args),
     }
 }
