@@ -69,7 +69,9 @@ impl NsFacts {
     }
 }
 
-fn has_ipv6() -> bool {
+/// Whether the calling thread's namespace has an IPv6 address on an interface other
+/// than `lo` (link-local counts): the pod then gets IPv6 rules in dual-stack mode.
+pub fn has_ipv6() -> bool {
     // Columns: address, ifindex, prefix length, scope, flags, device name.
     std::fs::read_to_string("/proc/thread-self/net/if_inet6")
         .unwrap_or_default()

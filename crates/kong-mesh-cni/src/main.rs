@@ -22,6 +22,9 @@ struct Cli {
 enum Command {
     /// Show, apply, verify or remove the redirect rules of a pod.
     Rules(rules_cmd::RulesArgs),
+    /// Prove from inside a pod that its traffic is redirected (the kuma-validation init
+    /// container); exits 97 when it is not.
+    Validate(validator::ValidateArgs),
     /// Install the plugin on this node and keep it chained until SIGTERM (the
     /// DaemonSet's container; also what the binary runs when invoked as `install-cni`).
     Install(Box<installer::InstallArgs>),
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     logging::init(&cli.log_level);
     match cli.command {
         Command::Rules(args) => rules_cmd::run(args),
+        Command::Validate(args) => validator::run(args),
         Command::Install(args) => installer::run(*args),
     }
 }
