@@ -64,7 +64,9 @@ impl Installer {
                 batch.push(event);
             }
             let now = Instant::now();
-            match self.machine.decide(&batch, now) {
+            let step = self.machine.decide(&batch, now);
+            tracing::debug!(events = ?batch, ?step, "woke up");
+            match step {
                 Step::Remove => return self.remove(),
                 Step::Check(checks) => self.check(checks, now),
             }

@@ -98,7 +98,11 @@ fn rewrites_by_the_primary_are_repaired_from_the_watch() {
 fn the_primary_may_start_after_us() {
     let host = Host::new();
     let installer = Installer::start(&host, &[NO_POLLING, ("CNI_CONF_NAME", "10-calico.conflist")]);
-    std::thread::sleep(Duration::from_millis(800));
+    let waiting = || installer.log().contains("waiting for the primary CNI's configuration");
+    assert!(wait_for(STARTUP, waiting).is_some(), "{}", installer.log());
+    // Other events (its own kubeconfig write, a few more) must not repeat the line.
+    std::fs::write(host.net_file("README.txt"), "not a conf").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     assert!(!host.ready.exists());
     let log = installer.log();
     assert_eq!(log.matches("waiting for the primary CNI's configuration").count(), 1, "one clear line:\n{log}");
@@ -121,10 +125,14 @@ fn bad_input_is_never_overwritten_and_readiness_stays_off() {
         let conflist = host.net_file("10-calico.conflist");
         std::fs::write(&conflist, content).unwrap();
         let installer = Installer::start(&host, &[("CNI_CONF_NAME", "10-calico.conflist"), ("CFGCHECK_INTERVAL", "100ms")]);
-        // Several backstop passes, and a few more rewrites of the same bad content.
+        let refused = || installer.log().contains("not touching");
+        assert!(wait_for(STARTUP, refused).is_some(), "{what}: {}", installer.log());
+        // Several backstop passes, and a few more rewrites of the same bad content
+        // (renamed over: written in place, a pass could catch the file half-written,
+        // a different reason, rightly logged).
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(300));
-            write_in_place(&conflist, content);
+            rename_over(&conflist, content);
         }
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(std::fs::read_to_string(&conflist).unwrap(), content, "{what}: overwritten");
@@ -256,7 +264,7 @@ fn kubeconfig_is_private_follows_token_rotation_and_never_logs_the_token() {
     assert!(wait_for(REPAIR_DEADLINE, || kubeconfig.exists()).is_some());
 
     let log = installer.log();
-    assert!(log.contains("DEBUG") || log.contains("rewrote the plugin's kubeconfig"), "debug logging is on:\n{log}");
+    assert!(log.contains("DEBUG") && log.contains("rewrote the plugin's kubeconfig"), "debug logging is on:\n{log}");
     for secret in [secret_one, secret_two, "do-not-log"] {
         assert!(!log.contains(secret), "the token is in the log:\n{log}");
     }
