@@ -73,7 +73,7 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
     let level = var("CNI_LOG_LEVEL").unwrap_or_else(|| plugin.log_level.clone());
     logging::init(&level, &plugin.log_socket, &plugin.log_file);
     let pod = format!("{}/{}", env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME"));
-    let span = tracing::info_span!("cni", cmd = ?env.command, pod = %pod, container = %env.container_id);
+    let span = tracing::info_span!("cni", cmd = env.command.as_str(), pod = %pod, container = %env.container_id);
     let _entered = span.enter();
     let started = Instant::now();
     let result = match env.command {
@@ -157,9 +157,10 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
             let ns = open_netns(&env.netns)?;
             let report = firewall::apply(&ns, &cfg, &options(plugin))
                 .map_err(|e| CniError::new(code::RULES_FAILED, "cannot program the transparent-proxy redirect", e.to_string()))?;
+            let families: Vec<&str> = report.families.iter().map(|f| f.as_str()).collect();
             tracing::info!(
                 rules = report.rules,
-                families = ?report.families,
+                families = %families.join(","),
                 backend = report.backend.as_str(),
                 backend_reason = %report.backend_reason,
                 "redirect programmed"

@@ -265,11 +265,44 @@ impl ApiServer {
         path
     }
 
+    /// What the kubelet projects into a pod running as ServiceAccount `namespace/name`,
+    /// written to `dir`: its token and the cluster CA as files, with the API server's
+    /// address as `KUBERNETES_SERVICE_HOST`/`_PORT` would give it. For the installer.
+    pub async fn project_service_account(&self, namespace: &str, name: &str, dir: &Path) -> ProjectedServiceAccount {
+        use base64::Engine;
+        let minted: Value = serde_json::from_slice(&std::fs::read(self.service_account_kubeconfig(namespace, name).await).unwrap())
+            .expect("the kubeconfig is JSON");
+        let cluster = &minted["clusters"][0]["cluster"];
+        let ca = base64::engine::general_purpose::STANDARD
+            .decode(cluster["certificate-authority-data"].as_str().expect("CA data"))
+            .expect("CA data is base64");
+        let server = cluster["server"].as_str().expect("server URL");
+        let (host, port) = server.trim_start_matches("https://").rsplit_once(':').expect("host:port");
+        let projected = ProjectedServiceAccount {
+            token_file: dir.join("token"),
+            ca_file: dir.join("ca.crt"),
+            host: host.to_owned(),
+            port: port.to_owned(),
+        };
+        std::fs::write(&projected.token_file, minted["users"][0]["user"]["token"].as_str().expect("token")).unwrap();
+        std::fs::write(&projected.ca_file, ca).unwrap();
+        projected
+    }
+
     /// A client with the identity of ServiceAccount `namespace/name` (see
     /// [`ApiServer::service_account_kubeconfig`]).
     pub async fn service_account_client(&self, namespace: &str, name: &str) -> Client {
         client_from(&self.service_account_kubeconfig(namespace, name).await).await
     }
+}
+
+/// A service account's credentials as files, and where the API server is.
+#[derive(Debug, Clone)]
+pub struct ProjectedServiceAccount {
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub host: String,
+    pub port: String,
 }
 
 impl Drop for ApiServer {

@@ -96,7 +96,9 @@ impl std::error::Error for CniError {}
 /// created and any attachment still added (DEL is run for it, best effort).
 pub struct CniRuntime {
     dir: TempDir,
+    /// The conflist, or (with `net_dir`) the configuration dir to load it from.
     conflist: PathBuf,
+    net_dir: bool,
     plugin_dirs: Vec<PathBuf>,
     bridge: Option<String>,
     added: Mutex<Vec<Attachment>>,
@@ -164,6 +166,7 @@ impl CniRuntime {
             .expect("creating temp dir");
         let rt = CniRuntime {
             conflist: dir.path().join("net.conflist"),
+            net_dir: false,
             plugin_dirs,
             bridge: None,
             added: Mutex::new(Vec::new()),
@@ -171,6 +174,21 @@ impl CniRuntime {
         };
         rt.set_conflist(&conflist(rt.dir.path()));
         rt
+    }
+
+    /// The configuration of `net_dir` as kubelet/containerd load it (the first valid
+    /// file, read anew on every command): for tests of what an installer wrote there.
+    /// `conflist`/`set_conflist` do not apply.
+    pub fn net_dir(net_dir: &Path, plugin_dirs: Vec<PathBuf>) -> CniRuntime {
+        let dir = tempfile::Builder::new().prefix("kmc-cni-").tempdir().expect("creating temp dir");
+        CniRuntime {
+            conflist: net_dir.to_owned(),
+            net_dir: true,
+            plugin_dirs,
+            bridge: None,
+            added: Mutex::new(Vec::new()),
+            dir,
+        }
     }
 
     /// Searches `dir` before the other plugin dirs (e.g. the dir of our own plugin).
@@ -255,7 +273,7 @@ impl CniRuntime {
         extra: &[&str],
     ) -> Result<Output, CniError> {
         let mut cmd = Command::new(bin_dir().join("cni-runtime"));
-        cmd.arg("--conflist")
+        cmd.arg(if self.net_dir { "--net-dir" } else { "--conflist" })
             .arg(&self.conflist)
             .arg("--cache-dir")
             .arg(self.dir.path().join("cache"));

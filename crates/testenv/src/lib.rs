@@ -15,7 +15,7 @@
 mod apiserver;
 mod cni;
 
-pub use apiserver::{ApiServer, PodBuilder, TestNamespace, TestNode, pod, policy_rule};
+pub use apiserver::{ApiServer, PodBuilder, ProjectedServiceAccount, TestNamespace, TestNode, pod, policy_rule};
 pub use cni::{Attachment, CniError, CniRuntime, Plugins};
 pub use nettest::{NamedNetns, require_root};
 

@@ -1,0 +1,38 @@
+//! The README's main job, run as a test: the node demo end to end, with its report's
+//! checks asserted (not just "it ran").
+
+#[test]
+fn the_node_demo_shows_every_behaviour() {
+    if testenv::skip_heavy("the node demo") || !testenv::require_root() {
+        return;
+    }
+    let report = demo::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni"))).expect("the demo runs");
+    println!("{report}");
+
+    assert_eq!(report.chained.last().map(String::as_str), Some("kong-mesh-cni"), "chained last: {:?}", report.chained);
+    assert_eq!(report.chained.len(), 3, "bridge, portmap, ours: {:?}", report.chained);
+
+    // The mesh pod: address from bridge, rules from us, validator passes, traffic lands
+    // on the stand-in sidecar with the original destination intact.
+    assert!(report.web.address.starts_with("198.19.250."), "{}", report.web.address);
+    assert!(report.web.rules > 10, "{} rules", report.web.rules);
+    assert!(report.validator.contains("ipv4: redirected to 127.0.0.1:15006"), "{}", report.validator);
+    assert_eq!(report.outbound.1, report.outbound.0, "outbound original destination");
+    assert_eq!(report.outbound.0.to_string(), "10.96.0.10:80");
+    assert_eq!(report.inbound.1, report.inbound.0, "inbound original destination");
+
+    // The plain pod: an address, and not one rule.
+    assert!(report.plain.address.starts_with("198.19.250."));
+    assert_eq!(report.plain.rules, 0, "the non-mesh pod is untouched");
+
+    // The pod with a bad annotation: a clear CNI error.
+    assert_eq!(report.broken.0, Some(7));
+    assert!(report.broken.1.contains("traffic.kuma.io/exclude-inbound-ports") && report.broken.1.contains("80,http"), "{}", report.broken.1);
+
+    // Repair from the file watch, then a clean removal.
+    assert!(report.repaired_after < std::time::Duration::from_secs(2), "repair took {:?}", report.repaired_after);
+    assert_eq!(report.web_rules_after_del, "", "DEL removed the rules");
+    assert!(report.restored_exactly, "SIGTERM restored the primary conflist byte for byte");
+    assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
+    assert!(report.relayed_log_lines.iter().any(|l| l.contains("redirect programmed")), "{:?}", report.relayed_log_lines);
+}
