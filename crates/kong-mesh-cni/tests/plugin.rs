@@ -361,3 +361,92 @@ async fn installed_as_kuma_cni() {
     assert!(saved_rules(&netns).contains("KUMA_MESH_OUTBOUND"));
     rt.del(&a).unwrap();
 }
+
+/// The binary alone, as a runtime runs it: environment and stdin in, stdout and exit
+/// code out.
+fn invoke(command: &str, args: &str, stdin: &[u8]) -> (serde_json::Value, Option<i32>, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(BIN)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "direct-0123")
+        .env("CNI_NETNS", "/var/run/netns/kmc-does-not-matter")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", args)
+        .env("CNI_PATH", "/nonexistent")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin_pipe = child.stdin.take().unwrap();
+    let input = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin_pipe.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = if stdout.is_empty() { Value::Null } else { serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}")) };
+    (value, out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A pass-through returns the previous result unchanged, unknown fields and number
+/// precision included, in every spec version.
+#[tokio::test(flavor = "multi_thread")]
+async fn pass_through_returns_the_previous_result_unchanged() {
+    if skip("prevResult identity") {
+        return;
+    }
+    let f = fixture().await;
+    f.ns.create_pod(pod("plain").build()).await;
+    for version in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
+        let mut ip = json!({"address": "10.1.2.3/24", "gateway": "10.1.2.1", "interface": 1});
+        if version.starts_with('0') {
+            ip["version"] = json!("4");
+        }
+        let prev = json!({
+            "cniVersion": version,
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x", "mac": "0a:58:0a:01:02:03"}],
+            "ips": [ip],
+            "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.2.1"}],
+            "dns": {"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]},
+            "x-vendor": {"ratio": 0.30000000000000004, "big": 123456789012345678901234567890u128.to_string()},
+        });
+        let conf = json!({
+            "cniVersion": version, "name": "k8s-pod-network", "type": "kong-mesh-cni",
+            "log_file": f.scratch.path().join("direct.log"), "log_socket": f.scratch.path().join("none.sock"),
+            "kubernetes": {"kubeconfig": f.kubeconfig, "exclude_namespaces": ["kube-system"]},
+            "prevResult": prev,
+        });
+        for args in [format!("K8S_POD_NAMESPACE={};K8S_POD_NAME=plain", f.ns.name()), "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns".to_owned()] {
+            let (out, code, stderr) = invoke("ADD", &args, conf.to_string().as_bytes());
+            assert_eq!(code, Some(0), "{version} {args}: {out} {stderr}");
+            assert_eq!(out, prev, "{version} {args}: the previous result, unchanged");
+        }
+    }
+}
+
+/// Broken input gets the spec's error JSON and a non-zero exit, never a panic.
+#[test]
+fn malformed_stdin_is_a_decode_or_config_error() {
+    let big = vec![b'{'; 10 << 20];
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("not JSON", b"hello".to_vec(), 6),
+        ("truncated", br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","kubernetes":{"#.to_vec(), 6),
+        ("10 MB", big, 6),
+        ("wrong types", br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","kubernetes":{"exclude_namespaces":"kube-system"}}"#.to_vec(), 7),
+        ("prevResult not an object", br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","prevResult":[1]}"#.to_vec(), 7),
+        ("unknown on_api_error", br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","on_api_error":"maybe"}"#.to_vec(), 7),
+        ("bad version", br#"{"cniVersion":"9.9.9","type":"kong-mesh-cni"}"#.to_vec(), 1),
+    ];
+    for (what, stdin, want) in cases {
+        let (out, code, stderr) = invoke("ADD", "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b", &stdin);
+        assert_eq!(code, Some(1), "{what}: {out} {stderr}");
+        assert_eq!(out["code"], want, "{what}: {out}");
+        assert!(out["msg"].is_string() && out["details"].is_string(), "{what}: {out}");
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    }
+    let (out, code, _) = invoke("VERSION", "", b"");
+    assert_eq!(code, Some(0));
+    assert_eq!(out["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+}
