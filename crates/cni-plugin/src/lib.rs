@@ -79,7 +79,10 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
     let result = match env.command {
         Command::Add => add(&env, &conf, &plugin).map(Some),
         Command::Check => check(&env, &conf, &plugin).map(|()| None),
-        Command::Del => Ok(del(&env, &plugin)).map(|()| None),
+        Command::Del => {
+            del(&env, &plugin);
+            Ok(None)
+        }
         Command::Status => status(&plugin).map(|()| None),
         Command::Gc => Ok(None), // nothing node-global is kept, so nothing to collect
         Command::Version => unreachable!("answered above"),

@@ -1,6 +1,6 @@
-//! ADD of a mesh pod through the reference libcni runtime: the chain bridge + host-local
-//! + portmap + ours against the same chain without ours, interleaved, per iptables
-//! backend. Our overhead is the difference (API lookup through a service account,
+//! ADD of a mesh pod through the reference libcni runtime: the chain of bridge,
+//! host-local and portmap with ours against the same chain without ours, interleaved,
+//! per iptables backend. Our overhead is the difference (API lookup through a service account,
 //! decision, rules for both families included). Needs root and the test environment.
 //!
 //! `cargo bench -p kong-mesh-cni --bench plugin_add` (ROUNDS=N, default 200).
