@@ -1,0 +1,142 @@
+//! `kong-mesh-cni controller`: the control-plane side of the Kong Mesh CNI.
+//!
+//! - taint: a node carries `NodeReadiness:NoSchedule` until a CNI pod on it is Ready;
+//! - NAD: namespaces labelled `kuma.io/sidecar-injection` get our
+//!   NetworkAttachmentDefinition while its CRD exists (Multus, OpenShift);
+//! - repair: mesh pods whose validator found no redirect are deleted or labelled.
+//!
+//! Only the replica holding the Lease acts; every replica keeps its caches warm so that
+//! a new leader acts at once. Each part is a pure decision (`taint`, `nad`, `repair`)
+//! and an edge that watches and writes (`*_controller`). Every API call is bounded in
+//! time; every error is logged and counted in one place ([`Status::report`]).
+
+mod args;
+mod error;
+mod http;
+mod leader;
+mod nad;
+mod nad_controller;
+mod repair;
+mod repair_controller;
+mod status;
+mod taint;
+mod taint_controller;
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub use args::{ControllerArgs, RepairAction};
+pub use error::{Error, bounded};
+pub use nad::{MANAGED_BY, MANAGED_BY_LABEL, SIDECAR_INJECTION_LABEL};
+pub use repair::{EVENT_REASON, REDIRECT_MISSING_LABEL};
+pub use status::{Part, Status};
+pub use taint::{TAINT_EFFECT, TAINT_KEY};
+
+use kube::Client;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, error, info};
+
+/// The `controller` subcommand: runs until SIGTERM or SIGINT.
+pub fn run(args: ControllerArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        args.validate()?;
+        let client = Client::try_default().await.map_err(Error::ClientConfig)?;
+        let status = Arc::new(Status::new(&parts(&args)));
+        serve(client, args, status, terminated()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "controller stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The parts readiness waits for, given what is enabled.
+pub fn parts(args: &ControllerArgs) -> Vec<Part> {
+    let mut parts = vec![Part::Leadership, Part::Nad];
+    if args.taint_enabled {
+        parts.push(Part::Taint);
+    }
+    if args.repair_action != RepairAction::Off {
+        parts.push(Part::Repair);
+    }
+    parts
+}
+
+/// Runs the controllers with `client` until `shutdown`, then stops acting and gives the
+/// Lease up. `status` is created by the caller (see [`parts`]) so that tests in the same
+/// process can read each instance's metrics and readiness.
+pub async fn serve(client: Client, args: ControllerArgs, status: Arc<Status>, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    args.validate()?;
+    let listener = match args.metrics_port {
+        0 => None,
+        port => Some(http::bind(port).await?),
+    };
+    let identity = args.identity();
+    info!(
+        identity = %identity,
+        lease = %format!("{}/{}", args.lease_namespace, args.lease_name),
+        taint = args.taint_enabled,
+        cni = %format!("{}/app={}", args.cni_namespace, args.cni_app),
+        nad = %args.nad_name,
+        repair = args.repair_action.as_str(),
+        "controller starting"
+    );
+    let (elector, leadership) = leader::Elector::new(client.clone(), &args, identity.clone(), status.clone());
+    let controllers = async {
+        let taint = async {
+            if args.taint_enabled {
+                taint_controller::run(client.clone(), &args, leadership.clone(), status.clone()).await;
+            }
+        };
+        let nad = nad_controller::run(client.clone(), args.clone(), leadership.clone(), status.clone());
+        let repair = repair_controller::run(client.clone(), &args, identity, leadership.clone(), status.clone());
+        let http = async {
+            if let Some(listener) = listener {
+                http::serve(listener, status.clone()).await;
+            }
+        };
+        futures::join!(taint, nad, repair, http);
+    };
+    // The elector returns on shutdown, after it stopped acting and released the Lease;
+    // the controllers are dropped with this select.
+    tokio::select! {
+        () = elector.run(shutdown) => {}
+        () = controllers => {}
+    }
+    info!("controller stopped");
+    Ok(())
+}
+
+async fn terminated() {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("cannot listen for SIGTERM/SIGINT; stopping only when killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+}
+
+/// What a controller's run stream yields besides success: reconcile failures were
+/// reported by the error policy already; watch failures are reported here.
+fn report_run_error(status: &Status, controller: &'static str, error: kube::runtime::controller::Error<Error, kube::runtime::watcher::Error>) {
+    use kube::runtime::controller::Error as E;
+    match error {
+        E::QueueError(e) => status.report(controller, &Error::Watch(e)),
+        E::ReconcilerFailed(..) => {}
+        E::ObjectNotFound(obj) => debug!(controller, object = %obj, "gone before its turn"),
+        E::RunnerError(e) => error!(controller, error = %e, "scheduler failed"),
+    }
+}

@@ -1,0 +1,143 @@
+//! The taint controller at the edge: caches of nodes and CNI pods, reconcile per node
+//! (from a node event, from an event of a CNI pod on it, or on gaining leadership), and
+//! the patch with conflict retries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tracing::info;
+
+use crate::leader::Leadership;
+use crate::status::{Part, Status};
+use crate::taint::{self, Change};
+use crate::{ControllerArgs, Error, bounded, report_run_error};
+
+/// Patches in flight at once: enough to keep up with a burst of new nodes, few enough
+/// not to queue behind each other in the API server.
+const CONCURRENCY: u16 = 16;
+/// Fresh reads and retries after a conflict before giving the node back to the queue.
+const ATTEMPTS: u32 = 5;
+/// When a reconcile failed (timeouts, conflicts exhausted, a refusal), try again after this.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+struct Ctx {
+    nodes: Api<Node>,
+    cni_pods: Store<Pod>,
+    leader: Leadership,
+    status: Arc<Status>,
+    timeout: Duration,
+}
+
+/// Runs the taint controller until dropped.
+pub async fn run(client: Client, args: &ControllerArgs, leader: Leadership, status: Arc<Status>) {
+    let (node_reader, node_writer) = reflector::store();
+    let nodes = Api::<Node>::all(client.clone());
+    let node_events = watcher(nodes.clone(), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(trim_node)
+        .reflect(node_writer)
+        .applied_objects();
+
+    let (pod_reader, pod_writer) = reflector::store();
+    let pod_config = watcher::Config::default()
+        .any_semantic()
+        .labels(&format!("app={}", args.cni_app))
+        .fields(&format!("metadata.namespace={}", args.cni_namespace));
+    let pod_events = watcher(Api::<Pod>::all(client), pod_config)
+        .default_backoff()
+        .modify(trim_pod)
+        .reflect(pod_writer)
+        .touched_objects();
+
+    let ctx = Arc::new(Ctx { nodes, cni_pods: pod_reader.clone(), leader: leader.clone(), status: status.clone(), timeout: args.api_timeout });
+    let synced = async {
+        // Never fails: the writers live as long as the controller below.
+        let _ = futures::join!(node_reader.wait_until_ready(), pod_reader.wait_until_ready());
+        status.synced(Part::Taint);
+    };
+    let controller = Controller::for_stream(node_events, node_reader.clone())
+        .watches_stream(pod_events, |pod| taint::pod_node(&pod).map(ObjectRef::new))
+        .reconcile_all_on(leader.gained())
+        .with_config(Config::default().concurrency(CONCURRENCY))
+        .run(reconcile, error_policy, ctx);
+    let controller = async {
+        let mut results = std::pin::pin!(controller);
+        while let Some(result) = results.next().await {
+            if let Err(e) = result {
+                report_run_error(&status, "taint", e);
+            }
+        }
+    };
+    futures::join!(synced, controller);
+}
+
+async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if !ctx.leader.is_leader() {
+        return Ok(Action::await_change());
+    }
+    // Deciding before every CNI pod is known would taint nodes whose CNI is ready.
+    let _ = ctx.cni_pods.wait_until_ready().await;
+    let name = node.name_any();
+    let mut node = node;
+    for _ in 0..ATTEMPTS {
+        let cni_ready = ctx.cni_pods.find(|p| taint::pod_node(p) == Some(name.as_str()) && taint::cni_pod_ready(p)).is_some();
+        let Some(change) = taint::decide(&node, cni_ready) else {
+            return Ok(Action::await_change());
+        };
+        if !ctx.leader.is_leader() {
+            return Ok(Action::await_change());
+        }
+        let patch = Patch::Json::<()>(taint::patch(&node, change));
+        let what = || format!("{} taint {} on node {name}", change.as_str(), taint::TAINT_KEY);
+        match bounded(ctx.timeout, what, ctx.nodes.patch(&name, &PatchParams::default(), &patch)).await {
+            Ok(_) => {
+                ctx.status.taint_changed(change.as_str());
+                info!(node = %name, change = change.as_str(), cni_ready, "taint {}", if change == Change::Add { "added" } else { "removed" });
+                return Ok(Action::await_change());
+            }
+            Err(e) if e.is_status(409) => {
+                ctx.status.report("taint", &e);
+                let what = || format!("get node {name}");
+                match bounded(ctx.timeout, what, ctx.nodes.get_opt(&name)).await? {
+                    Some(mut fresh) => {
+                        trim_node(&mut fresh);
+                        node = Arc::new(fresh);
+                    }
+                    None => return Ok(Action::await_change()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Conflicts { what: format!("taint of node {name}"), attempts: ATTEMPTS })
+}
+
+fn error_policy(_node: Arc<Node>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.status.report("taint", error);
+    Action::requeue(RETRY_AFTER)
+}
+
+/// Keeps what the decision reads (metadata without annotations and managed fields, the
+/// taints): real nodes carry large annotations and image lists in their status.
+fn trim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    node.status = None;
+    node.spec = Some(NodeSpec { taints: node.spec.take().and_then(|s| s.taints), ..Default::default() });
+}
+
+/// Keeps the node name, the phase and the conditions.
+fn trim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.spec = Some(PodSpec { node_name: pod.spec.take().and_then(|s| s.node_name), ..Default::default() });
+    let status = pod.status.take().unwrap_or_default();
+    pod.status = Some(PodStatus { phase: status.phase, conditions: status.conditions, ..Default::default() });
+}
