@@ -377,7 +377,6 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 #[test]
 fn the_kubeconfig_authenticates_against_a_real_api_server() {
-    use base64::Engine;
     use k8s_openapi::api::authentication::v1::SelfSubjectReview;
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Api, PostParams};
@@ -393,12 +392,11 @@ fn the_kubeconfig_authenticates_against_a_real_api_server() {
         let ns = server.namespace("kmc-installer").await;
         let sa = "kong-mesh-cni";
         // A real bound token and the server's CA, as the kubelet would project them.
-        let minted: Value = serde_json::from_slice(&std::fs::read(server.service_account_kubeconfig(ns.name(), sa).await).unwrap()).unwrap();
+        let creds = tempfile::tempdir().unwrap();
+        let projected = server.project_service_account(ns.name(), sa, creds.path()).await;
         ns.grant(sa, "pod-reader", vec![testenv::policy_rule(&[""], &["pods"], &["get", "list"])]).await;
-        let cluster = &minted["clusters"][0]["cluster"];
-        let ca = base64::engine::general_purpose::STANDARD.decode(cluster["certificate-authority-data"].as_str().unwrap()).unwrap();
-        host.rotate_token(minted["users"][0]["user"]["token"].as_str().unwrap(), &ca);
-        let (address, port) = cluster["server"].as_str().unwrap().trim_start_matches("https://").rsplit_once(':').unwrap();
+        host.rotate_token(&std::fs::read_to_string(&projected.token_file).unwrap(), &std::fs::read(&projected.ca_file).unwrap());
+        let (address, port) = (projected.host.as_str(), projected.port.as_str());
 
         let installer = Installer::start(&host, &[("KUBERNETES_SERVICE_HOST", address), ("KUBERNETES_SERVICE_PORT", port)]);
         wait_ready(&host, &installer);
