@@ -1,0 +1,76 @@
+{{/*
+Template subset. These templates are also rendered by `kong-mesh-cni manifests`
+(crates/chart), which implements only this subset of Helm's templates:
+  actions: {{ }}, {{- -}}, comments, if/else if/else, with/else, range (lists, maps,
+    `$k, $v :=`), define/include, variables ($x := / $x =, $), parenthesized pipelines;
+  objects: .Values, .Chart.{Name,Version,AppVersion}, .Release.{Name,Namespace,Service},
+    .Files.Get;
+  functions: default, quote, toYaml, toJson, fromYaml, nindent, indent, required, fail,
+    eq, ne, and, or, not, list, printf (%s %d %v %q), trimSuffix, sha256sum, include.
+Use nothing else here: crates/chart's tests render every preset with both and compare.
+*/}}
+
+{{/* Labels on every object. */}}
+{{- define "kong-mesh-cni.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: kong-mesh
+{{- end }}
+
+{{/* The image of both the installer and the controller. */}}
+{{- define "kong-mesh-cni.image" -}}
+{{- $image := .Values.cni.image -}}
+{{- $repository := required "cni.image.repository is required" $image.repository -}}
+{{- if $image.registry -}}
+{{- printf "%s/%s:%s" (trimSuffix "/" $image.registry) $repository (default .Chart.AppVersion $image.tag) -}}
+{{- else -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+The plugin's network name. Kuma's injector annotates mesh pods with
+k8s.v1.cni.cncf.io/networks: kuma-cni, so under Multus the NetworkAttachmentDefinition
+and our configuration's "name" must both be kuma-cni.
+*/}}
+{{- define "kong-mesh-cni.networkName" -}}
+kuma-cni
+{{- end }}
+
+{{/*
+The plugin's configuration (CNI_NETWORK_CONFIG); the installer replaces
+__KUBECONFIG_FILEPATH__ with the host path of the kubeconfig it writes.
+*/}}
+{{- define "kong-mesh-cni.networkConfig" -}}
+{
+  "cniVersion": "0.3.1",
+  "name": {{ include "kong-mesh-cni.networkName" . | toJson }},
+  "type": "kong-mesh-cni",
+  "log_level": {{ toJson .Values.cni.logLevel }},
+  "log_socket": "/run/kong-mesh-cni/log.sock",
+  "on_api_error": {{ toJson .Values.cni.onApiError }},
+  "kubernetes": {
+    "kubeconfig": "__KUBECONFIG_FILEPATH__",
+    "cni_bin_dir": {{ toJson .Values.cni.binDir }},
+    "exclude_namespaces": {{ toJson (default (list) .Values.cni.excludeNamespaces) }}
+  }
+}
+{{- end }}
+
+{{/* Settings that cannot work, refused at render time with a message. */}}
+{{- define "kong-mesh-cni.validate" -}}
+{{- if .Values.experimental.ebpf.enabled -}}
+{{- fail "experimental.ebpf.enabled=true: the eBPF mode is not available in this CNI yet; install without it (the iptables mode of this chart) or keep the Go CNI for eBPF" -}}
+{{- end -}}
+{{- if .Values.cni.enabled -}}
+{{- $conf := .Values.cni.confName -}}
+{{- if and .Values.cni.chained $conf (eq (trimSuffix ".conf" $conf) $conf) (eq (trimSuffix ".conflist" $conf) $conf) -}}
+{{- fail (printf "cni.confName=%q: with cni.chained=true it must name the primary CNI's .conf or .conflist file (or be empty to pick the first one)" $conf) -}}
+{{- end -}}
+{{- $action := .Values.cni.controller.repairAction -}}
+{{- if not (or (eq $action "delete") (eq $action "label") (eq $action "off")) -}}
+{{- fail (printf "cni.controller.repairAction=%q: must be delete, label or off" $action) -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
