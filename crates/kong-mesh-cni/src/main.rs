@@ -28,6 +28,9 @@ enum Command {
     /// Install the plugin on this node and keep it chained until SIGTERM (the
     /// DaemonSet's container; also what the binary runs when invoked as `install-cni`).
     Install(Box<installer::InstallArgs>),
+    /// Print the Kubernetes manifests (the Helm chart, rendered) for an environment
+    /// preset: `kong-mesh-cni manifests --preset kind | kubectl apply -f -`.
+    Manifests(chart::ManifestsArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,5 +45,6 @@ fn main() -> ExitCode {
         Command::Rules(args) => rules_cmd::run(args),
         Command::Validate(args) => validator::run(args),
         Command::Install(args) => installer::run(*args),
+        Command::Manifests(args) => chart::run(args),
     }
 }

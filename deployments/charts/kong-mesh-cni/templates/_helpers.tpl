@@ -10,9 +10,9 @@ Template subset. These templates are also rendered by `kong-mesh-cni manifests`
 Use nothing else here: crates/chart's tests render every preset with both and compare.
 */}}
 
-{{/* Labels on every object. */}}
+{{/* Labels on every object (not .Chart.Name: an umbrella's alias renames the chart). */}}
 {{- define "kong-mesh-cni.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: kong-mesh-cni
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: kong-mesh
