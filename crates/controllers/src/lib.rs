@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 pub use args::{ControllerArgs, RepairAction};
 pub use error::{Error, bounded};
-pub use nad::{MANAGED_BY, MANAGED_BY_LABEL, SIDECAR_INJECTION_LABEL};
+pub use nad::{MANAGED_BY, MANAGED_BY_LABEL, SIDECAR_INJECTION_LABEL, resource as nad_resource};
 pub use repair::{EVENT_REASON, REDIRECT_MISSING_LABEL};
 pub use status::{Part, Status};
 pub use taint::{TAINT_EFFECT, TAINT_KEY};

@@ -13,6 +13,7 @@ use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
@@ -83,6 +84,8 @@ struct Ctx {
     resource: ApiResource,
     nad_name: String,
     ours: Store<DynamicObject>,
+    /// True once both caches are complete (see the taint controller's `Ctx`).
+    synced: watch::Receiver<bool>,
     leader: Leadership,
     status: Arc<Status>,
     timeout: Duration,
@@ -109,17 +112,22 @@ async fn namespaces(client: Client, args: ControllerArgs, leader: Leadership, st
         .reflect(nad_writer)
         .touched_objects();
 
+    let (synced_tx, synced) = watch::channel(false);
     let ctx = Arc::new(Ctx {
         client,
         resource: resource.clone(),
         nad_name: args.nad_name.clone(),
         ours: ours.clone(),
+        synced,
         leader: leader.clone(),
         status: status.clone(),
         timeout: args.api_timeout,
     });
     let synced = async {
+        // Never fails: the writers live as long as the controller below. Polled in the
+        // controller's task, so the single wake-up the stores give reaches it.
         let _ = futures::join!(ns_reader.wait_until_ready(), ours.wait_until_ready());
+        synced_tx.send_replace(true);
         status.synced(Part::Nad);
     };
     let controller = Controller::for_stream(ns_events, ns_reader.clone())
@@ -143,7 +151,7 @@ async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, E
         return Ok(Action::await_change());
     }
     // Decide only on a complete view of our NADs, or one would be created twice.
-    let _ = ctx.ours.wait_until_ready().await;
+    let _ = ctx.synced.clone().wait_for(|synced| *synced).await;
     let ns = namespace.name_any();
     let ours = ctx.ours.get(&ObjectRef::new_with(&ctx.nad_name, ctx.resource.clone()).within(&ns));
     let Some(change) = nad::decide(&namespace, ours.is_some()) else {

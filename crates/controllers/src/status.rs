@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::Error;
 
@@ -75,7 +75,12 @@ impl Status {
     }
 
     pub fn synced(&self, part: Part) {
-        self.lock_pending().retain(|p| *p != part);
+        let mut pending = self.lock_pending();
+        let was_pending = pending.contains(&part);
+        pending.retain(|p| *p != part);
+        if was_pending && pending.is_empty() {
+            info!("ready: caches synced, leadership known");
+        }
     }
 
     /// What readiness still waits for; empty when ready.

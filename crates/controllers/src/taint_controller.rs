@@ -12,6 +12,7 @@ use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
+use tokio::sync::watch;
 use tracing::info;
 
 use crate::leader::Leadership;
@@ -30,6 +31,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 struct Ctx {
     nodes: Api<Node>,
     cni_pods: Store<Pod>,
+    /// True once both caches are complete. Reconcile tasks wait on this, not on
+    /// `Store::wait_until_ready`, which wakes only one of several waiting tasks.
+    synced: watch::Receiver<bool>,
     leader: Leadership,
     status: Arc<Status>,
     timeout: Duration,
@@ -56,10 +60,13 @@ pub async fn run(client: Client, args: &ControllerArgs, leader: Leadership, stat
         .reflect(pod_writer)
         .touched_objects();
 
-    let ctx = Arc::new(Ctx { nodes, cni_pods: pod_reader.clone(), leader: leader.clone(), status: status.clone(), timeout: args.api_timeout });
+    let (synced_tx, synced) = watch::channel(false);
+    let ctx = Arc::new(Ctx { nodes, cni_pods: pod_reader.clone(), synced, leader: leader.clone(), status: status.clone(), timeout: args.api_timeout });
     let synced = async {
-        // Never fails: the writers live as long as the controller below.
+        // Never fails: the writers live as long as the controller below. Polled in the
+        // controller's task, so the single wake-up the stores give reaches it.
         let _ = futures::join!(node_reader.wait_until_ready(), pod_reader.wait_until_ready());
+        synced_tx.send_replace(true);
         status.synced(Part::Taint);
     };
     let controller = Controller::for_stream(node_events, node_reader.clone())
@@ -83,7 +90,7 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     // Deciding before every CNI pod is known would taint nodes whose CNI is ready.
-    let _ = ctx.cni_pods.wait_until_ready().await;
+    let _ = ctx.synced.clone().wait_for(|synced| *synced).await;
     let name = node.name_any();
     let mut node = node;
     for _ in 0..ATTEMPTS {

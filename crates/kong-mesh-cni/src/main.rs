@@ -31,6 +31,9 @@ enum Command {
     /// Print the Kubernetes manifests (the Helm chart, rendered) for an environment
     /// preset: `kong-mesh-cni manifests --preset kind | kubectl apply -f -`.
     Manifests(chart::ManifestsArgs),
+    /// Run the control-plane controllers until SIGTERM: node taint until the CNI is
+    /// ready, NetworkAttachmentDefinitions for Multus, repair of pods that raced the CNI.
+    Controller(controllers::ControllerArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,5 +49,6 @@ fn main() -> ExitCode {
         Command::Validate(args) => validator::run(args),
         Command::Install(args) => installer::run(*args),
         Command::Manifests(args) => chart::run(args),
+        Command::Controller(args) => controllers::run(args),
     }
 }

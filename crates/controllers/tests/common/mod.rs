@@ -1,6 +1,9 @@
 //! The controller in-process against the real API server, with the identity of a
 //! ServiceAccount bound to exactly the RBAC files of `crates/controllers/rbac/`.
 //!
+//! Also compiled into `crates/kong-mesh-cni/tests/controller.rs` (by path), which runs
+//! the real binary with the same grants.
+//!
 //! The controllers are cluster-wide (every node, every pod), so two tests of one binary
 //! running at once would act on each other's objects: [`Harness::new`] takes a lock
 //! that serialises them.
@@ -8,7 +11,6 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,9 @@ impl Harness {
     pub async fn new(server: &ApiServer) -> Harness {
         static SERIAL: Mutex<()> = Mutex::const_new(());
         let serial = SERIAL.lock().await;
+        // The controller's logs, shown for failing tests (RUST_LOG=debug for more).
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().with_ansi(false).try_init();
         let ns = server.namespace("kmc-ctl").await;
         Harness { admin: ns.client(), ns, _serial: serial }
     }
@@ -51,10 +56,10 @@ impl Harness {
         .into()
     }
 
-    /// A client for the controller's ServiceAccount, bound to the RBAC files the chart
-    /// ships for this repair action, and nothing else.
+    /// Binds ServiceAccount [`SA`] of this namespace to the RBAC files the chart ships
+    /// for this repair action, and nothing else; once the grants are in effect, returns
+    /// a client with that identity.
     pub async fn controller_client(&self, server: &ApiServer, repair: RepairAction) -> Client {
-        let client = server.service_account_client(self.ns.name(), SA).await;
         let mut files = vec!["clusterrole.yaml"];
         match repair {
             RepairAction::Delete => files.push("clusterrole-repair-delete.yaml"),
@@ -71,6 +76,7 @@ impl Harness {
         Api::<RoleBinding>::namespaced(self.admin.clone(), self.ns.name()).create(&PostParams::default(), &binding).await.expect("creating the RoleBinding");
         // Bindings take effect a moment later (the authorizer reads through a cache):
         // wait until a node list and a Lease read are no longer refused.
+        let client = server.service_account_client(self.ns.name(), SA).await;
         let (nodes, leases) = (Api::<Node>::all(client.clone()), Api::<Lease>::namespaced(client.clone(), self.ns.name()));
         eventually("the grants to take effect", Duration::from_secs(10), || {
             let (nodes, leases) = (nodes.clone(), leases.clone());
@@ -106,8 +112,8 @@ impl Harness {
     }
 }
 
-pub fn rbac_file<T: serde::de::DeserializeOwned>(file: &str) -> T {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("rbac").join(file);
+pub fn rbac_file<T: k8s_openapi::serde::de::DeserializeOwned>(file: &str) -> T {
+    let path = testenv::repo_root().join("crates/controllers/rbac").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
