@@ -89,16 +89,19 @@ impl Chart {
         &self.files
     }
 
-    /// Preset names (the files in presets/) with the first line of their comment.
+    /// Preset names (the files in presets/), sorted, with the first line of their comment.
     pub fn presets(&self) -> Vec<(String, String)> {
-        self.files
+        let mut presets: Vec<(String, String)> = self
+            .files
             .iter()
             .filter_map(|(path, text)| {
                 let name = path.strip_prefix("presets/")?.strip_suffix(".yaml")?;
                 let summary = text.lines().next().and_then(|l| l.strip_prefix("# ")).unwrap_or_default();
                 Some((name.to_owned(), summary.to_owned()))
             })
-            .collect()
+            .collect();
+        presets.sort();
+        presets
     }
 
     /// The values file of a preset.
