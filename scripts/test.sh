@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 eval "$(scripts/testenv-build.sh --env)"
+# The real helm, for the chart tests (built once from the Go module proxy, cached).
+eval "$(scripts/helm-build.sh --env)"
 cargo test --workspace "$@"

@@ -114,14 +114,21 @@ pub fn assert_same_objects(ours: &str, helm: &str, what: &str) {
     assert_eq!(kinds(ours), kinds(helm), "{what}: install order differs");
 }
 
-/// kubernetes-validate: `KMC_KUBERNETES_VALIDATE`, else on PATH. None (after saying
+/// kubernetes-validate: `KMC_KUBERNETES_VALIDATE`, else on PATH, else in .ci/run's
+/// venv (~/.cache/kong-mesh-cni/ci-venv). None (after saying
 /// so) outside CI when it is not installed; under CI its absence fails the test.
 pub fn kubernetes_validate() -> Option<PathBuf> {
-    let found = std::env::var_os("KMC_KUBERNETES_VALIDATE").map(PathBuf::from).or_else(|| {
-        std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("kubernetes-validate")).find(|p| p.is_file()))
-    });
+    // .ci/run installs it into this venv.
+    let venv = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("kong-mesh-cni/ci-venv/bin/kubernetes-validate"));
+    let found = std::env::var_os("KMC_KUBERNETES_VALIDATE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("kubernetes-validate")).find(|p| p.is_file())))
+        .or_else(|| venv.filter(|p| p.is_file()));
     if found.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "kubernetes-validate is not installed (pip install -r requirements-ci.txt; .ci/run does)");
+        assert!(std::env::var_os("CI").is_none(), "kubernetes-validate is not installed (.ci/run installs requirements-ci.txt into ~/.cache/kong-mesh-cni/ci-venv)");
         eprintln!("SKIPPED: kubernetes-validate not found (pip install -r requirements-ci.txt, or set KMC_KUBERNETES_VALIDATE)");
     }
     found
