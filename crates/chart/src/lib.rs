@@ -25,6 +25,7 @@
 mod cli;
 mod exec;
 mod funcs;
+mod lex;
 mod parse;
 mod render;
 pub mod strvals;

@@ -1,17 +1,13 @@
-//! Lexer and parser for the Go-template subset the chart uses (see `lib.rs`):
-//! text, `{{ }}` actions with `{{-`/`-}}` trimming, comments, if/else if/else,
-//! with/else, range/else, define, variables, pipelines, parenthesized pipelines,
-//! field chains on `.`, variables and parentheses, string/number/bool/nil literals.
-//! Anything else is refused with its position, never silently misread.
+//! Parser for the Go-template subset the chart uses (see `lib.rs`), over the items and
+//! tokens of `lex.rs`: if/else if/else, with/else, range/else, define, variables,
+//! pipelines, parenthesized pipelines, field chains on `.`, variables and parentheses,
+//! string/number/bool/nil literals. Anything else is refused with its position, never
+//! silently misread.
 
 use crate::Error;
+use crate::lex::{Item, Spanned, Tok, lex};
+pub use crate::lex::Pos;
 use crate::value::Value;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pos {
-    pub line: usize,
-    pub col: usize,
-}
 
 #[derive(Debug, Clone)]
 pub enum Node {
@@ -48,202 +44,18 @@ pub struct Parsed {
     pub defines: Vec<(String, Vec<Node>)>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    Field(String),
-    Dot,
-    Var(String),
-    Ident(String),
-    Lit(Value),
-    LParen,
-    RParen,
-    Pipe,
-    Declare,
-    Assign,
-    Comma,
-}
-
-/// A token and whether whitespace came before it (fields must be adjacent).
-type Spanned = (Tok, bool);
-
-enum Item {
-    Text(String),
-    Action(Pos, Vec<Spanned>),
-}
-
 pub fn parse(name: &str, src: &str) -> Result<Parsed, Error> {
     let items = lex(name, src)?;
     let mut p = Parser { name, items: items.into_iter().peekable(), defines: Vec::new() };
     let (body, end) = p.list()?;
     match end {
-        End::Eof => Ok(Parsed { body, defines: p.defines }),
-        End::End(pos) => Err(p.err(pos, "unexpected {{end}}")),
-        End::Else(pos, _) => Err(p.err(pos, "unexpected {{else}}")),
+        Stop::Eof => Ok(Parsed { body, defines: p.defines }),
+        Stop::End(pos) => Err(p.err(pos, "unexpected {{end}}")),
+        Stop::Else(pos, _) => Err(p.err(pos, "unexpected {{else}}")),
     }
 }
 
-fn position(src: &str, offset: usize) -> Pos {
-    let before = &src[..offset];
-    let line = before.matches('\n').count() + 1;
-    let col = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    Pos { line, col }
-}
-
-fn lex(name: &str, src: &str) -> Result<Vec<Item>, Error> {
-    let err = |offset: usize, msg: &str| {
-        let pos = position(src, offset);
-        Error::Parse(format!("{name}:{}:{}: {msg}", pos.line, pos.col))
-    };
-    let mut items = Vec::new();
-    let mut rest = 0;
-    let mut trim_next = false;
-    while rest < src.len() {
-        let Some(open) = src[rest..].find("{{").map(|i| i + rest) else {
-            push_text(&mut items, &src[rest..], trim_next);
-            break;
-        };
-        let mut i = open + 2;
-        let bytes = src.as_bytes();
-        let trim_left = bytes.get(i) == Some(&b'-') && bytes.get(i + 1).is_some_and(u8::is_ascii_whitespace);
-        let mut text = &src[rest..open];
-        if trim_left {
-            text = text.trim_end();
-            i += 2;
-        }
-        push_text(&mut items, text, trim_next);
-        let pos = position(src, open);
-        while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
-            i += 1;
-        }
-        if src[i..].starts_with("/*") {
-            let end = src[i..].find("*/").ok_or_else(|| err(open, "unclosed comment"))? + i + 2;
-            let close = src[end..].trim_start();
-            let (trim, after) = match close.strip_prefix("-}}") {
-                Some(after) => (true, after),
-                None => (false, close.strip_prefix("}}").ok_or_else(|| err(open, "comment must end with */}}"))?),
-            };
-            trim_next = trim;
-            rest = src.len() - after.len();
-            continue;
-        }
-        let (toks, end, trim) = lex_action(src, i).map_err(|(o, m)| err(o, &m))?;
-        items.push(Item::Action(pos, toks));
-        trim_next = trim;
-        rest = end;
-    }
-    Ok(items)
-}
-
-fn push_text(items: &mut Vec<Item>, text: &str, trim_start: bool) {
-    let text = if trim_start { text.trim_start() } else { text };
-    if !text.is_empty() {
-        items.push(Item::Text(text.to_owned()));
-    }
-}
-
-/// Tokens of one action from `start` to its `}}`: (tokens, offset after `}}`, `-}}`).
-fn lex_action(src: &str, start: usize) -> Result<(Vec<Spanned>, usize, bool), (usize, String)> {
-    let b = src.as_bytes();
-    let mut i = start;
-    let mut toks = Vec::new();
-    let mut spaced = true;
-    let ident_end = |mut j: usize| {
-        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
-            j += 1;
-        }
-        j
-    };
-    loop {
-        let Some(&c) = b.get(i) else { return Err((start, "unclosed action".into())) };
-        match c {
-            b' ' | b'\t' | b'\r' | b'\n' => {
-                i += 1;
-                spaced = true;
-                continue;
-            }
-            b'-' if spaced && src[i..].starts_with("-}}") => return Ok((toks, i + 3, true)),
-            b'}' if src[i..].starts_with("}}") => return Ok((toks, i + 2, false)),
-            b'.' => {
-                let end = ident_end(i + 1);
-                toks.push((if end == i + 1 { Tok::Dot } else { Tok::Field(src[i + 1..end].into()) }, spaced));
-                i = end;
-            }
-            b'$' => {
-                let end = ident_end(i + 1);
-                toks.push((Tok::Var(src[i..end].into()), spaced));
-                i = end;
-            }
-            b'(' | b')' | b'|' | b',' | b'=' => {
-                toks.push((match c { b'(' => Tok::LParen, b')' => Tok::RParen, b'|' => Tok::Pipe, b',' => Tok::Comma, _ => Tok::Assign }, spaced));
-                i += 1;
-            }
-            b':' if b.get(i + 1) == Some(&b'=') => {
-                toks.push((Tok::Declare, spaced));
-                i += 2;
-            }
-            b'"' | b'`' => {
-                let (s, end) = lex_string(src, i).ok_or((i, "unterminated string".to_string()))?;
-                toks.push((Tok::Lit(Value::Str(s)), spaced));
-                i = end;
-            }
-            b'0'..=b'9' | b'-' | b'+' => {
-                let mut end = i + 1;
-                while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'.' || ((b[end] == b'-' || b[end] == b'+') && matches!(b[end - 1], b'e' | b'E'))) {
-                    end += 1;
-                }
-                let text = &src[i..end];
-                let lit = match text.parse::<i64>() {
-                    Ok(n) => Value::Int(n),
-                    Err(_) => Value::Float(text.parse::<f64>().map_err(|_| (i, format!("bad number {text:?}")))?),
-                };
-                toks.push((Tok::Lit(lit), spaced));
-                i = end;
-            }
-            c if c.is_ascii_alphabetic() || c == b'_' => {
-                let end = ident_end(i);
-                toks.push((Tok::Ident(src[i..end].into()), spaced));
-                i = end;
-            }
-            _ => return Err((i, format!("unexpected {:?} in action", src[i..].chars().next().unwrap_or('?')))),
-        }
-        spaced = false;
-    }
-}
-
-/// A Go string literal at `start` (interpreted "..." or raw `...`): (value, end offset).
-fn lex_string(src: &str, start: usize) -> Option<(String, usize)> {
-    if src[start..].starts_with('`') {
-        let end = src[start + 1..].find('`')? + start + 1;
-        return Some((src[start + 1..end].to_owned(), end + 1));
-    }
-    let mut out = String::new();
-    let mut chars = src[start + 1..].char_indices();
-    while let Some((j, c)) = chars.next() {
-        match c {
-            '"' => return Some((out, start + 1 + j + 1)),
-            '\n' => return None,
-            '\\' => {
-                let (_, e) = chars.next()?;
-                match e {
-                    'n' => out.push('\n'),
-                    't' => out.push('\t'),
-                    'r' => out.push('\r'),
-                    '\\' | '"' | '\'' => out.push(e),
-                    'x' | 'u' | 'U' => {
-                        let len = match e { 'x' => 2, 'u' => 4, _ => 8 };
-                        let hex: String = (0..len).filter_map(|_| chars.next().map(|(_, h)| h)).collect();
-                        out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
-                    }
-                    _ => return None,
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    None
-}
-
-enum End {
+enum Stop {
     Eof,
     End(Pos),
     Else(Pos, Vec<Spanned>),
@@ -260,7 +72,7 @@ impl Parser<'_> {
         Error::Parse(format!("{}:{}:{}: {msg}", self.name, pos.line, pos.col))
     }
 
-    fn list(&mut self) -> Result<(Vec<Node>, End), Error> {
+    fn list(&mut self) -> Result<(Vec<Node>, Stop), Error> {
         let mut nodes = Vec::new();
         while let Some(item) = self.items.next() {
             let (pos, toks) = match item {
@@ -276,20 +88,20 @@ impl Parser<'_> {
             };
             let rest = toks.get(1..).unwrap_or_default().to_vec();
             match keyword {
-                "end" if rest.is_empty() => return Ok((nodes, End::End(pos))),
-                "else" => return Ok((nodes, End::Else(pos, rest))),
+                "end" if rest.is_empty() => return Ok((nodes, Stop::End(pos))),
+                "else" => return Ok((nodes, Stop::Else(pos, rest))),
                 "if" => {
                     let mut branches = vec![(self.pipeline(pos, &rest)?, Vec::new())];
                     let otherwise = loop {
                         let (body, end) = self.list()?;
                         branches.last_mut().expect("one branch").1 = body;
                         match end {
-                            End::End(_) => break Vec::new(),
-                            End::Else(p, more) if matches!(more.first(), Some((Tok::Ident(k), _)) if k == "if") => {
+                            Stop::End(_) => break Vec::new(),
+                            Stop::Else(p, more) if matches!(more.first(), Some((Tok::Ident(k), _)) if k == "if") => {
                                 branches.push((self.pipeline(p, &more[1..])?, Vec::new()));
                             }
-                            End::Else(p, more) => break self.else_body(p, &more)?,
-                            End::Eof => return Err(self.err(pos, "{{if}} without {{end}}")),
+                            Stop::Else(p, more) => break self.else_body(p, &more)?,
+                            Stop::Eof => return Err(self.err(pos, "{{if}} without {{end}}")),
                         }
                     };
                     nodes.push(Node::If(pos, branches, otherwise));
@@ -298,9 +110,9 @@ impl Parser<'_> {
                     let pipe = self.pipeline(pos, &rest)?;
                     let (body, end) = self.list()?;
                     let otherwise = match end {
-                        End::End(_) => Vec::new(),
-                        End::Else(p, more) => self.else_body(p, &more)?,
-                        End::Eof => return Err(self.err(pos, &format!("{{{{{keyword}}}}} without {{{{end}}}}"))),
+                        Stop::End(_) => Vec::new(),
+                        Stop::Else(p, more) => self.else_body(p, &more)?,
+                        Stop::Eof => return Err(self.err(pos, &format!("{{{{{keyword}}}}} without {{{{end}}}}"))),
                     };
                     nodes.push(if keyword == "with" { Node::With(pos, pipe, body, otherwise) } else { Node::Range(pos, pipe, body, otherwise) });
                 }
@@ -309,7 +121,7 @@ impl Parser<'_> {
                         return Err(self.err(pos, "{{define}} takes one string: the template name"));
                     };
                     let (body, end) = self.list()?;
-                    if !matches!(end, End::End(_)) {
+                    if !matches!(end, Stop::End(_)) {
                         return Err(self.err(pos, "{{define}} without {{end}}"));
                     }
                     self.defines.push((name.clone(), body));
@@ -320,7 +132,7 @@ impl Parser<'_> {
                 _ => nodes.push(Node::Action(pos, self.pipeline(pos, &toks)?)),
             }
         }
-        Ok((nodes, End::Eof))
+        Ok((nodes, Stop::Eof))
     }
 
     fn else_body(&mut self, pos: Pos, more: &[Spanned]) -> Result<Vec<Node>, Error> {
@@ -328,7 +140,7 @@ impl Parser<'_> {
             return Err(self.err(pos, "only {{else}} and {{else if}} are supported"));
         }
         match self.list()? {
-            (body, End::End(_)) => Ok(body),
+            (body, Stop::End(_)) => Ok(body),
             _ => Err(self.err(pos, "{{else}} without {{end}}")),
         }
     }
