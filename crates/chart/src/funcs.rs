@@ -61,7 +61,11 @@ pub fn call(name: &str, args: Vec<Value>) -> Result<Value> {
         }
         "fromYaml" => {
             arity(name, &args, 1)?;
-            Ok(from_yaml(string(&args[0])?))
+            let text = string(&args[0])?;
+            if let Some(word) = serde_yaml::from_str(text).ok().as_ref().and_then(crate::value::yaml11_ambiguity) {
+                return Err(bad(crate::value::yaml11_message(&word)));
+            }
+            Ok(from_yaml(text))
         }
         "indent" | "nindent" => {
             arity(name, &args, 2)?;

@@ -19,7 +19,9 @@
 //! Values follow Helm: chart defaults, then the preset and `-f` files (deep-merged),
 //! then `--set`/`--set-string` (Helm's syntax, [`strvals`]), a null removing a default.
 //! Numbers from files are float64 and from `--set` int64, as in Helm, so they print the
-//! same. Output documents are split and ordered as Helm orders them (by kind for
+//! same. YAML 1.1's boolean spellings (y/n/yes/no/on/off), which Helm reads as booleans
+//! unless quoted, are refused in values files and `fromYaml` (serde_yaml cannot tell
+//! whether they were quoted). Output documents are split and ordered as Helm orders them (by kind for
 //! install, then by template file).
 
 mod cli;

@@ -201,6 +201,9 @@ pub fn to_stream(manifests: &[Manifest]) -> String {
 fn yaml_map(text: &str) -> Result<Map, String> {
     match serde_yaml::from_str::<serde_yaml::Value>(text).map_err(|e| e.to_string())? {
         serde_yaml::Value::Null => Ok(Map::new()),
+        v @ serde_yaml::Value::Mapping(_) if crate::value::yaml11_ambiguity(&v).is_some() => {
+            Err(crate::value::yaml11_message(&crate::value::yaml11_ambiguity(&v).unwrap_or_default()))
+        }
         v @ serde_yaml::Value::Mapping(_) => match Value::from_yaml(v) {
             Value::Map(m) => Ok(m),
             _ => unreachable!("a mapping converts to a map"),

@@ -143,6 +143,29 @@ impl Value {
     }
 }
 
+/// Spellings that Helm's YAML reader (YAML 1.1) takes as booleans when unquoted, and
+/// as strings when quoted; serde_yaml (YAML 1.2) takes them as strings either way.
+const YAML11_BOOLS: &[&str] = &["y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF"];
+
+/// The first string (key or value) in `yaml` that Helm may read differently: one of
+/// YAML 1.1's boolean spellings. Refusing it beats rendering something else than Helm.
+pub fn yaml11_ambiguity(yaml: &serde_yaml::Value) -> Option<String> {
+    match yaml {
+        serde_yaml::Value::String(s) if YAML11_BOOLS.contains(&s.as_str()) => Some(s.clone()),
+        serde_yaml::Value::Sequence(items) => items.iter().find_map(yaml11_ambiguity),
+        serde_yaml::Value::Mapping(map) => map.iter().find_map(|(k, v)| yaml11_ambiguity(k).or_else(|| yaml11_ambiguity(v))),
+        serde_yaml::Value::Tagged(t) => yaml11_ambiguity(&t.value),
+        _ => None,
+    }
+}
+
+/// The message for [`yaml11_ambiguity`].
+pub fn yaml11_message(word: &str) -> String {
+    format!(
+        "{word:?} is a boolean in Helm's YAML 1.1 when unquoted and a string when quoted, and this renderer cannot tell which was meant: write true/false for a boolean, or set the string with --set-string"
+    )
+}
+
 /// Go's `%v` of a float64: shortest digits, exponent form from 1e+06 (and below 1e-4).
 pub fn go_float(f: f64) -> String {
     if f.is_nan() {
