@@ -98,6 +98,8 @@ fn refusals_are_the_same_in_both() {
         ("kind", &["cni.confName=10-kindnet.json"], "must name the primary CNI's .conf or .conflist"),
         ("kind", &["cni.controller.repairAction=restart"], "must be delete, label or off"),
         ("kind", &["cni.netDir="], "cni.netDir is required"),
+        ("kind", &["cni.onApiError=passthrough"], "must be pass-through or fail"),
+        ("kind", &["cni.logLevel=verbose"], "must be off, info or debug"),
         ("kind", &["cni.image.repository="], "cni.image.repository is required"),
     ];
     for (preset, set, want) in cases {
@@ -117,6 +119,8 @@ fn refusals_are_the_same_in_both() {
 fn helm_lint_passes_strictly_for_every_preset() {
     let Some(helm) = helm() else { return };
     let chart = chart_dir();
+    let out = helm_cmd(helm, &["lint", "--strict", chart.to_str().unwrap()]);
+    assert!(out.status.success(), "helm lint (defaults):\n{}", String::from_utf8_lossy(&out.stdout));
     for preset in presets() {
         let file = chart.join(format!("presets/{preset}.yaml"));
         let out = helm_cmd(helm, &["lint", "--strict", chart.to_str().unwrap(), "-f", file.to_str().unwrap()]);

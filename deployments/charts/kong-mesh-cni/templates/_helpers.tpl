@@ -68,6 +68,14 @@ __KUBECONFIG_FILEPATH__ with the host path of the kubeconfig it writes.
 {{- if and .Values.cni.chained $conf (eq (trimSuffix ".conf" $conf) $conf) (eq (trimSuffix ".conflist" $conf) $conf) -}}
 {{- fail (printf "cni.confName=%q: with cni.chained=true it must name the primary CNI's .conf or .conflist file (or be empty to pick the first one)" $conf) -}}
 {{- end -}}
+{{- $onApiError := .Values.cni.onApiError -}}
+{{- if not (or (eq $onApiError "pass-through") (eq $onApiError "fail")) -}}
+{{- fail (printf "cni.onApiError=%q: must be pass-through or fail (the plugin would refuse its configuration and fail every pod)" $onApiError) -}}
+{{- end -}}
+{{- $level := .Values.cni.logLevel -}}
+{{- if not (or (eq $level "off") (eq $level "info") (eq $level "debug") (eq $level "error") (eq $level "warn") (eq $level "trace")) -}}
+{{- fail (printf "cni.logLevel=%q: must be off, info or debug (or error, warn, trace)" $level) -}}
+{{- end -}}
 {{- $action := .Values.cni.controller.repairAction -}}
 {{- if not (or (eq $action "delete") (eq $action "label") (eq $action "off")) -}}
 {{- fail (printf "cni.controller.repairAction=%q: must be delete, label or off" $action) -}}
