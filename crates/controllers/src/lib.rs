@@ -107,6 +107,9 @@ pub async fn serve(client: Client, args: ControllerArgs, status: Arc<Status>, sh
             }
         };
         futures::join!(taint, nad, repair, http);
+        // Each of them runs until dropped or is disabled: only shutdown ends `serve`,
+        // through the elector, which releases the Lease first.
+        std::future::pending::<()>().await
     };
     // The elector returns on shutdown, after it stopped acting and released the Lease;
     // the controllers are dropped with this select.

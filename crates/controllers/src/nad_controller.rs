@@ -176,9 +176,9 @@ async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, E
             ctx.status.nad_changed(change.as_str());
             info!(namespace = %ns, name = %ctx.nad_name, change = change.as_str(), "NetworkAttachmentDefinition");
         }
-        // Created by someone else (not ours, so left alone), or already gone: either
-        // way the cache catches up and there is nothing left to do.
-        Err(e) if (change == Change::Create && e.is_status(409)) || (change == Change::Delete && e.is_status(404)) => {}
+        // Created by someone else (not ours, so left alone), already gone, or replaced
+        // by another since we saw it: the cache catches up and the watch brings us back.
+        Err(e) if e.is_status(409) || (change == Change::Delete && e.is_status(404)) => {}
         Err(e) => return Err(e),
     }
     Ok(Action::await_change())

@@ -191,7 +191,11 @@ impl Repairer {
                 info!(pod = %format!("{namespace}/{name}"), action = self.action.as_str(), "repaired a pod whose traffic is not redirected");
                 Ok(Outcome::Done)
             }
-            Err(e) if e.is_status(404) || e.is_status(409) => Ok(Outcome::Stale),
+            Err(e) if e.is_status(409) => {
+                self.status.conflict("repair");
+                Ok(Outcome::Stale)
+            }
+            Err(e) if e.is_status(404) => Ok(Outcome::Stale),
             Err(e) => Err(e),
         }
     }

@@ -37,6 +37,11 @@ struct ActionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabels {
+    controller: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     controller: &'static str,
     kind: String,
@@ -51,6 +56,7 @@ pub struct Status {
     nad_changes: Family<ChangeLabels, Counter>,
     repair_actions: Family<ActionLabels, Counter>,
     events: Family<ChangeLabels, Counter>,
+    conflicts: Family<ControllerLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     pending: Mutex<Vec<Part>>,
 }
@@ -59,19 +65,20 @@ impl Status {
     /// Readiness waits for each of `parts`.
     pub fn new(parts: &[Part]) -> Status {
         let (leader, taint_changes, nad_changes) = (Gauge::default(), Family::default(), Family::default());
-        let (repair_actions, events, errors) = (Family::default(), Family::default(), Family::default());
+        let (repair_actions, events, conflicts, errors) = (Family::default(), Family::default(), Family::default(), Family::default());
         let mut registry = Registry::with_prefix("kong_mesh_cni_controller");
         registry.register("leader", "1 while this replica holds the Lease and acts", leader.clone());
         registry.register("taint_changes", "NodeReadiness taints added (change=add) or removed (change=remove)", taint_changes.clone());
         registry.register("nad_changes", "NetworkAttachmentDefinitions created or deleted", nad_changes.clone());
         registry.register("repair_actions", "Pods without redirect deleted or labelled (action=delete|label)", repair_actions.clone());
         registry.register("events", "Kubernetes Events recorded (change=recorded) or lost (change=failed)", events.clone());
+        registry.register("conflicts", "Writes refused because the object changed meanwhile, retried from a fresh read", conflicts.clone());
         registry.register(
             "errors",
-            "Failed API calls and watches, by controller and kind (HTTP status, timeout, conflicts, other)",
+            "Failed API calls and watches, by controller and kind (HTTP status, timeout, conflicts: retries exhausted, other)",
             errors.clone(),
         );
-        Status { registry, leader, taint_changes, nad_changes, repair_actions, events, errors, pending: Mutex::new(parts.to_vec()) }
+        Status { registry, leader, taint_changes, nad_changes, repair_actions, events, conflicts, errors, pending: Mutex::new(parts.to_vec()) }
     }
 
     pub fn synced(&self, part: Part) {
@@ -117,15 +124,17 @@ impl Status {
         self.events.get_or_create(&ChangeLabels { change }).inc();
     }
 
+    /// Counts a write that met a newer version of its object (the optimistic-concurrency
+    /// protocol at work, not an error).
+    pub fn conflict(&self, controller: &'static str) {
+        self.conflicts.get_or_create(&ControllerLabels { controller }).inc();
+        debug!(controller, "conflict: deciding again on a fresh read");
+    }
+
     /// Logs and counts an error of `controller`. Every error of the crate ends here.
     pub fn report(&self, controller: &'static str, error: &Error) {
         self.errors.get_or_create(&ErrorLabels { controller, kind: error.kind() }).inc();
-        // Conflicts are the optimistic-concurrency protocol at work, retried at once.
-        if error.is_status(409) {
-            debug!(controller, %error, "conflict");
-        } else {
-            warn!(controller, %error, "failed");
-        }
+        warn!(controller, %error, "failed");
     }
 
     /// The metrics in the Prometheus text format.

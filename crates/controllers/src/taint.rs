@@ -58,13 +58,13 @@ pub fn decide(node: &Node, cni_ready: bool) -> Option<Change> {
     }
 }
 
-/// A JSON patch applying `change` to this version of `node`. Its first operation sets
-/// `metadata.resourceVersion`, which the API server takes as a precondition: if the node
-/// changed since (another taint, a label, a status update), the patch fails with 409
-/// and nothing is written, so the indices below can never hit someone else's taint.
+/// A JSON patch applying `change` to this version of `node`. Its first operation tests
+/// `metadata.resourceVersion`: if the node changed since (another taint, a label, our
+/// own earlier write not yet in the cache), the API server rejects the whole patch
+/// (422) and writes nothing, so the indices below never hit someone else's taint.
 pub fn patch(node: &Node, change: Change) -> json_patch::Patch {
     let version = node.metadata.resource_version.clone().unwrap_or_default();
-    let mut ops = vec![json!({"op": "replace", "path": "/metadata/resourceVersion", "value": version})];
+    let mut ops = vec![json!({"op": "test", "path": "/metadata/resourceVersion", "value": version})];
     let taints = node.spec.as_ref().and_then(|s| s.taints.as_deref());
     match (change, taints) {
         (Change::Add, None) => {
@@ -161,7 +161,7 @@ mod tests {
 
     #[test]
     fn adding_creates_the_list_or_appends_to_it() {
-        let rv = json!({"op": "replace", "path": "/metadata/resourceVersion", "value": "42"});
+        let rv = json!({"op": "test", "path": "/metadata/resourceVersion", "value": "42"});
         assert_eq!(
             patch_json(&node(None), Change::Add),
             json!([rv, {"op": "add", "path": "/spec/taints", "value": [{"key": "NodeReadiness", "effect": "NoSchedule"}]}])
@@ -185,13 +185,17 @@ mod tests {
         assert_eq!(
             ops,
             json!([
-                {"op": "replace", "path": "/metadata/resourceVersion", "value": "42"},
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "42"},
                 {"op": "remove", "path": "/spec/taints/2"},
                 {"op": "remove", "path": "/spec/taints/0"},
             ])
         );
-        // Applied to the node, the other taints stay in their order.
+        // Applied to that version, the other taints stay in their order; applied to
+        // another version, nothing is.
         let mut doc = serde_json::to_value(&n).unwrap();
+        let mut newer = doc.clone();
+        newer["metadata"]["resourceVersion"] = json!("43");
+        assert!(json_patch::patch(&mut newer, &patch(&n, Change::Remove)).is_err());
         json_patch::patch(&mut doc, &patch(&n, Change::Remove)).unwrap();
         let left: Vec<(String, String)> =
             doc["spec"]["taints"].as_array().unwrap().iter().map(|t| (t["key"].as_str().unwrap().into(), t["effect"].as_str().unwrap().into())).collect();

@@ -106,11 +106,14 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         match bounded(ctx.timeout, what, ctx.nodes.patch(&name, &PatchParams::default(), &patch)).await {
             Ok(_) => {
                 ctx.status.taint_changed(change.as_str());
-                info!(node = %name, change = change.as_str(), cni_ready, "taint {}", if change == Change::Add { "added" } else { "removed" });
+                let done = if change == Change::Add { "tainted: no Ready CNI pod on it" } else { "untainted: its CNI pod is Ready" };
+                info!(node = %name, taint = taint::TAINT_KEY, "{done}");
                 return Ok(Action::await_change());
             }
-            Err(e) if e.is_status(409) => {
-                ctx.status.report("taint", &e);
+            // The resourceVersion test failed (422), or the write lost a race (409):
+            // decide again on a fresh read.
+            Err(e) if e.is_status(422) || e.is_status(409) => {
+                ctx.status.conflict("taint");
                 let what = || format!("get node {name}");
                 match bounded(ctx.timeout, what, ctx.nodes.get_opt(&name)).await? {
                     Some(mut fresh) => {

@@ -127,7 +127,7 @@ async fn other_taints_and_concurrent_label_updates_survive() {
     assert!(now.iter().any(|t| t == "example.com/dedicated:NoSchedule"), "{now:?}");
     assert!(now.iter().any(|t| t == NOT_READY), "{now:?}");
     assert_eq!(now.iter().filter(|t| *t == OURS).count(), 1, "{now:?}");
-    let conflicts = metric(&ctl.status.render(), "kong_mesh_cni_controller_errors_total{controller=\"taint\",kind=\"409\"}");
+    let conflicts = metric(&ctl.status.render(), "kong_mesh_cni_controller_conflicts_total{controller=\"taint\"}");
     eprintln!("conflicts met and retried: {conflicts}");
     ctl.stop().await;
 }

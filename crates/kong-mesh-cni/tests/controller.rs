@@ -8,24 +8,11 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Harness, SA, eventually, metric, tainted};
+use common::{Harness, SA, eventually, http_get as get, metric, tainted};
 use controllers::RepairAction;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use testenv::{ApiServer, pod};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `GET path` on 127.0.0.1:port: the status code and the body, or None if nobody answers.
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    conn.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    conn.read_to_string(&mut response).await.ok()?;
-    let code = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Some((code, body))
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

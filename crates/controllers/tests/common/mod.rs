@@ -1,8 +1,8 @@
 //! The controller in-process against the real API server, with the identity of a
 //! ServiceAccount bound to exactly the RBAC files of `crates/controllers/rbac/`.
 //!
-//! Also compiled into `crates/kong-mesh-cni/tests/controller.rs` (by path), which runs
-//! the real binary with the same grants.
+//! Also compiled (by path) into `crates/kong-mesh-cni/tests/controller.rs`, which runs
+//! the real binary with the same grants, and into the scale benchmark.
 //!
 //! The controllers are cluster-wide (every node, every pod), so two tests of one binary
 //! running at once would act on each other's objects: [`Harness::new`] takes a lock
@@ -197,6 +197,20 @@ where
         assert!(check().await, "{what} stopped holding after {:?}", start.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status code and the body, or None if nobody
+/// answers. Enough HTTP for the controller's own endpoints.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.ok()?;
+    let code = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((code, body))
 }
 
 /// The node's taints as `key:effect`.
