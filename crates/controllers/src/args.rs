@@ -56,7 +56,8 @@ pub struct ControllerArgs {
     pub retry_period: Duration,
 
     /// Upper bound of every single API call (watches excepted: the server ends them).
-    #[arg(long, env = "KMC_API_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// At most the lease duration minus the renew deadline.
+    #[arg(long, env = "KMC_API_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub api_timeout: Duration,
 
     /// Port of /metrics, /healthz and /readyz on all addresses; 0 disables them.
@@ -111,8 +112,14 @@ impl ControllerArgs {
         if self.retry_period.is_zero() || self.retry_period >= self.renew_deadline {
             return invalid(format!("retry period {:?} must be above zero and shorter than the renew deadline {:?}", self.retry_period, self.renew_deadline));
         }
-        if self.api_timeout.is_zero() {
-            return invalid("the API timeout must be above zero".into());
+        // A write sent just before leadership lapses must be over before another replica
+        // may take the Lease (the lease duration after our last renewal).
+        let slack = self.lease_duration - self.renew_deadline;
+        if self.api_timeout.is_zero() || self.api_timeout > slack {
+            return invalid(format!(
+                "API timeout {:?} must be above zero and at most the lease duration minus the renew deadline ({slack:?}): a write in flight when leadership lapses must end before another replica may act",
+                self.api_timeout
+            ));
         }
         Ok(())
     }
@@ -165,6 +172,7 @@ mod tests {
             vec!["--lease-duration", "10s", "--renew-deadline", "10s"],
             vec!["--renew-deadline", "2s", "--retry-period", "2s"],
             vec!["--api-timeout", "0s"],
+            vec!["--lease-duration", "15s", "--renew-deadline", "10s", "--api-timeout", "6s"],
         ];
         for flags in bad {
             let args = ControllerArgs::from_flags(&flags).unwrap();

@@ -93,7 +93,8 @@ impl Elector {
             lease_seconds: i32::try_from(args.lease_duration.as_secs()).unwrap_or(i32::MAX),
             renew_deadline: args.renew_deadline,
             retry_period: args.retry_period,
-            timeout: args.api_timeout,
+            // An attempt is two calls; both fit in the renew deadline, as in client-go.
+            timeout: args.api_timeout.min(args.renew_deadline / 2),
             status,
             tx,
             observed: None,

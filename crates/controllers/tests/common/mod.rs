@@ -45,12 +45,13 @@ impl Harness {
     }
 
     /// Flags for a controller living in this namespace, with a short lease so that
-    /// leadership tests take seconds, and no HTTP listener (tests read [`Status`]).
+    /// leadership tests take seconds (a stopped leader releases it, a stolen one is seen
+    /// within the retry period), and no HTTP listener (tests read [`Status`]).
     pub fn flags(&self, identity: &str, repair: RepairAction) -> Vec<String> {
         let (ns, repair) = (self.ns.name(), repair.as_str());
         [
             "--cni-namespace", ns, "--lease-namespace", ns, "--leader-identity", identity, "--repair-action", repair,
-            "--lease-duration", "2s", "--renew-deadline", "1500ms", "--retry-period", "200ms", "--metrics-port", "0",
+            "--lease-duration", "6s", "--renew-deadline", "3s", "--retry-period", "200ms", "--api-timeout", "3s", "--metrics-port", "0",
         ]
         .map(String::from)
         .into()
