@@ -1,6 +1,6 @@
-//! The repair controller at the edge: one watch over every pod, without a cache (the
-//! pods needing repair are few, the pods many), and the action, taken at most once per
-//! pod UID, with an Event and a metric for each.
+//! The repair controller at the edge: one watch over the pods that are not running,
+//! without a cache (the pods needing repair are few, the pods many), and the action,
+//! taken at most once per pod UID, with an Event and a metric for each.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::pin;
@@ -32,7 +32,11 @@ pub async fn run(client: Client, args: &ControllerArgs, identity: String, leader
         RepairAction::Label => Verb::Label,
         RepairAction::Off => return,
     };
-    let events = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().any_semantic()).default_backoff();
+    // A pod whose validator failed has not finished its init containers, so it is not
+    // Running (nor Succeeded): the server filters out the bulk of a cluster's pods. A
+    // pod leaving this selection arrives as a Delete.
+    let config = watcher::Config::default().any_semantic().fields("status.phase!=Running,status.phase!=Succeeded");
+    let events = watcher(Api::<Pod>::all(client.clone()), config).default_backoff();
     let reporter = Reporter { controller: "kong-mesh-cni-controller".into(), instance: Some(identity) };
     let repairer = Repairer {
         recorder: Recorder::new(client.clone(), reporter),
