@@ -47,7 +47,6 @@ pub fn run(args: ControllerArgs) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        args.validate()?;
         let client = Client::try_default().await.map_err(Error::ClientConfig)?;
         let status = Arc::new(Status::new(&parts(&args)));
         serve(client, args, status, terminated()).await
