@@ -47,6 +47,8 @@ pub fn run(args: ControllerArgs) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Before the client: a bad flag is the first thing to report.
+        args.validate()?;
         let client = Client::try_default().await.map_err(Error::ClientConfig)?;
         let status = Arc::new(Status::new(&parts(&args)));
         serve(client, args, status, terminated()).await
