@@ -20,8 +20,14 @@ fn pod_namespace() -> NamedNetns {
     ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "veth1"]);
     ns.ip(&["addr", "add", "10.1.0.2/24", "dev", "eth0"]);
     ns.ip(&["link", "set", "eth0", "up"]);
-    // With the peer up the link has carrier, and the kernel adds eth0's IPv6 link-local.
+    // With the peer up the link has carrier, and the kernel adds eth0's IPv6 link-local
+    // (asynchronously: wait for it, outside the timed part).
     ns.ip(&["link", "set", "veth1", "up"]);
+    let start = Instant::now();
+    while !ns.ip(&["-6", "addr", "show", "dev", "eth0"]).contains("inet6") {
+        assert!(start.elapsed() < Duration::from_secs(5), "no IPv6 link-local on eth0");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     ns
 }
 

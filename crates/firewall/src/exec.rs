@@ -2,51 +2,127 @@
 //!
 //! The owner match makes iptables call getpwnam() on the UID text, which goes through
 //! the node's nsswitch.conf: with LDAP, SSSD or systemd-userdb configured, that can
-//! stall. The tool therefore runs in a private mount namespace whose
-//! /etc/nsswitch.conf says `files`, so a lookup only reads /etc/passwd. The host's
-//! mounts are never changed.
+//! stall. The tools therefore run in a private mount namespace whose
+//! /etc/nsswitch.conf says `files`, so a lookup only reads /etc/passwd. The namespace
+//! is made once per process (copying a busy node's mount table is the expensive part)
+//! and each tool joins it; the host's mounts are never changed.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
 
 use crate::FirewallError;
 
 const NSSWITCH: &[u8] = b"passwd: files\ngroup: files\nhosts: files\n";
 
-/// Makes the child see our nsswitch.conf. Runs between fork and exec, so it uses only
-/// syscalls on static data (no allocation). The file is written on a tmpfs briefly
-/// mounted over /tmp (files on internal mounts such as memfds cannot be bind-mounted),
-/// bind-mounted over /etc/nsswitch.conf, and the tmpfs is detached again. Any failure
-/// leaves the child with the node's nsswitch.conf, which still works.
-fn isolate_user_lookups(cmd: &mut Command) {
-    if !Path::new("/etc/nsswitch.conf").exists() {
-        return; // glibc's built-in default is already "files"
-    }
-    // SAFETY: only async-signal-safe syscalls on static data run in the child.
+/// The private mount namespace, or `None` when it cannot be made (then the tools use
+/// the node's nsswitch.conf, which still works, only without the guarantee).
+fn lookup_namespace() -> Option<&'static OwnedFd> {
+    static NS: OnceLock<Option<OwnedFd>> = OnceLock::new();
+    NS.get_or_init(|| {
+        if !Path::new("/etc/nsswitch.conf").exists() {
+            return None; // glibc's built-in default is already "files"
+        }
+        make_lookup_namespace()
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot isolate iptables' user lookups; they use the node's nsswitch.conf"))
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Sets the namespace up in the calling process's mount namespace (the forked helper
+/// of [`make_lookup_namespace`] is the caller): a private copy of the mounts, our
+/// nsswitch.conf written on a tmpfs briefly mounted over /tmp (files of internal
+/// mounts such as memfds cannot be bind-mounted), bound over /etc/nsswitch.conf, and
+/// the tmpfs detached again. Only syscalls on static data: it runs after a fork.
+unsafe fn set_up_lookup_namespace() -> bool {
+    let none = std::ptr::null();
+    // SAFETY: plain syscalls on static, NUL-terminated data.
     unsafe {
-        cmd.pre_exec(|| {
-            let none = std::ptr::null();
-            if libc::unshare(libc::CLONE_NEWNS) != 0
-                || libc::mount(c"none".as_ptr(), c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none.cast()) != 0
-                || libc::mount(c"tmpfs".as_ptr(), c"/tmp".as_ptr(), c"tmpfs".as_ptr(), 0, c"size=64k".as_ptr().cast()) != 0
-            {
-                return Ok(());
+        if libc::unshare(libc::CLONE_NEWNS) != 0
+            || libc::mount(c"none".as_ptr(), c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none.cast()) != 0
+            || libc::mount(c"tmpfs".as_ptr(), c"/tmp".as_ptr(), c"tmpfs".as_ptr(), 0, c"size=64k".as_ptr().cast()) != 0
+        {
+            return false;
+        }
+        let file = c"/tmp/nsswitch.conf";
+        let fd = libc::open(file.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+        let mut bound = false;
+        if fd >= 0 {
+            let written = libc::write(fd, NSSWITCH.as_ptr().cast(), NSSWITCH.len());
+            libc::close(fd);
+            bound = written == NSSWITCH.len() as isize
+                && libc::mount(file.as_ptr(), c"/etc/nsswitch.conf".as_ptr(), none, libc::MS_BIND, none.cast()) == 0;
+        }
+        libc::umount2(c"/tmp".as_ptr(), libc::MNT_DETACH);
+        bound
+    }
+}
+
+/// Forks a helper that sets the namespace up and waits; keeps a handle on its
+/// namespace (which outlives the helper), then lets it exit.
+fn make_lookup_namespace() -> io::Result<OwnedFd> {
+    let pipe = || -> io::Result<(OwnedFd, OwnedFd)> {
+        let mut fds = [0; 2];
+        // SAFETY: fds is valid for two descriptors.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both are fresh descriptors owned by nothing else.
+        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    };
+    let (ready_r, ready_w) = pipe()?;
+    let (hold_r, hold_w) = pipe()?;
+    // SAFETY: the child runs only syscalls and _exit (no allocation, no locks).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: in the single-threaded child; see set_up_lookup_namespace. The child
+        // closes its copies of the parent's ends, or it would wait on itself.
+        unsafe {
+            libc::close(ready_r.as_raw_fd());
+            libc::close(hold_w.as_raw_fd());
+            if set_up_lookup_namespace() {
+                libc::write(ready_w.as_raw_fd(), b"1".as_ptr().cast(), 1);
+                let mut byte = 0u8;
+                libc::read(hold_r.as_raw_fd(), (&mut byte as *mut u8).cast(), 1);
             }
-            let file = c"/tmp/nsswitch.conf";
-            let fd = libc::open(file.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
-            if fd >= 0 {
-                let written = libc::write(fd, NSSWITCH.as_ptr().cast(), NSSWITCH.len());
-                libc::close(fd);
-                if written == NSSWITCH.len() as isize {
-                    libc::mount(file.as_ptr(), c"/etc/nsswitch.conf".as_ptr(), none, libc::MS_BIND, none.cast());
-                }
-            }
-            libc::umount2(c"/tmp".as_ptr(), libc::MNT_DETACH);
+            libc::_exit(0);
+        }
+    }
+    drop(ready_w);
+    drop(hold_r);
+    let ns = wait_ready(ready_r).and_then(|()| std::fs::File::open(format!("/proc/{pid}/ns/mnt")).map(OwnedFd::from));
+    drop(hold_w); // the helper's read returns: it exits
+    // SAFETY: reaping our own child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    ns
+}
+
+/// One byte means the helper is ready; end of file means it failed.
+fn wait_ready(ready: OwnedFd) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    match io::Read::read(&mut std::fs::File::from(ready), &mut byte)? {
+        1 => Ok(()),
+        _ => Err(io::Error::other("the mount namespace could not be set up (is CAP_SYS_ADMIN missing?)")),
+    }
+}
+
+/// Makes the child join the lookup namespace before it executes the tool.
+fn isolate_user_lookups(cmd: &mut Command) {
+    let Some(ns) = lookup_namespace() else { return };
+    let fd = ns.as_raw_fd();
+    // SAFETY: setns is a plain syscall; a failure leaves the child in the node's
+    // namespace, which still works.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setns(fd, libc::CLONE_NEWNS);
             Ok(())
         });
     }
