@@ -21,9 +21,10 @@ pub struct ControllerArgs {
     #[arg(long, env = "KUMA_RUNTIME_KUBERNETES_NODE_TAINT_CONTROLLER_CNI_NAMESPACE", default_value = "kube-system")]
     pub cni_namespace: String,
 
-    /// Name of the NetworkAttachmentDefinition put in mesh namespaces (the plugin's
-    /// name in the Multus configuration).
-    #[arg(long, env = "KMC_NAD_NAME", default_value = "kong-mesh-cni")]
+    /// Name of the NetworkAttachmentDefinition put in mesh namespaces: the network
+    /// Kuma's injector names in mesh pods' `k8s.v1.cni.cncf.io/networks` annotation,
+    /// and the `name` of the plugin's standalone conf under Multus.
+    #[arg(long, env = "KMC_NAD_NAME", default_value = "kuma-cni")]
     pub nad_name: String,
 
     /// What to do with a mesh pod whose validator found no redirect (exit 97).

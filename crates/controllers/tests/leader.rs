@@ -61,7 +61,7 @@ async fn only_the_leader_acts_and_a_successor_takes_over() {
     let label = json!({"metadata": {"labels": {SIDECAR_INJECTION_LABEL: "enabled"}}});
     Api::<Namespace>::all(admin.clone()).patch(mesh.name(), &PatchParams::default(), &Patch::Merge(label)).await.unwrap();
     let nads = Api::<DynamicObject>::namespaced_with(admin.clone(), mesh.name(), &nad_resource());
-    eventually("the NAD", Duration::from_secs(5), || async { nads.get_opt("kong-mesh-cni").await.unwrap().is_some() }).await;
+    eventually("the NAD", Duration::from_secs(5), || async { nads.get_opt("kuma-cni").await.unwrap().is_some() }).await;
 
     assert!(actions(&a) >= 2, "replica-a:\n{}", a.status.render());
     assert_eq!(actions(&b), 0, "replica-b acted:\n{}", b.status.render());

@@ -14,7 +14,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use testenv::{ApiServer, repo_root, unique_suffix};
 
-const NAD: &str = "kong-mesh-cni";
+const NAD: &str = "kuma-cni";
 
 fn nads(admin: &Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(admin.clone(), ns, &nad_resource())

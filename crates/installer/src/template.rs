@@ -5,7 +5,10 @@ use serde_json::Value;
 use crate::InstallError;
 
 /// The template the chart sets by default.
-pub const DEFAULT_TEMPLATE: &str = r#"{"cniVersion":"0.3.1","name":"kong-mesh-cni","type":"kong-mesh-cni","log_level":"info","kubernetes":{"kubeconfig":"__KUBECONFIG_FILEPATH__","cni_bin_dir":"/opt/cni/bin","exclude_namespaces":["kube-system"]}}"#;
+///
+/// `name` is `kuma-cni`: under Multus it is the network that Kuma's injector names in
+/// mesh pods' `k8s.v1.cni.cncf.io/networks` annotation; `type` names our binary.
+pub const DEFAULT_TEMPLATE: &str = r#"{"cniVersion":"0.3.1","name":"kuma-cni","type":"kong-mesh-cni","log_level":"info","kubernetes":{"kubeconfig":"__KUBECONFIG_FILEPATH__","cni_bin_dir":"/opt/cni/bin","exclude_namespaces":["kube-system"]}}"#;
 
 /// Replaced by the host path of the kubeconfig the installer writes.
 pub const KUBECONFIG_PLACEHOLDER: &str = "__KUBECONFIG_FILEPATH__";
@@ -64,7 +67,7 @@ mod tests {
         assert_eq!(ours.binary, "kong-mesh-cni");
         assert_eq!(ours.conf["kubernetes"]["kubeconfig"], "/etc/cni/net.d/ZZZ-kuma-cni-kubeconfig");
         assert_eq!(ours.conf["kubernetes"]["exclude_namespaces"][0], "kube-system");
-        assert!(ours.text.starts_with(r#"{"cniVersion":"0.3.1","name":"kong-mesh-cni""#));
+        assert!(ours.text.starts_with(r#"{"cniVersion":"0.3.1","name":"kuma-cni""#));
     }
 
     #[test]
