@@ -7,4 +7,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 eval "$(scripts/testenv-build.sh --env)"
 # The real helm, for the chart tests (built once from the Go module proxy, cached).
 eval "$(scripts/helm-build.sh --env)"
+# kubernetes-validate, for the chart tests (a venv from requirements-ci.txt, cached).
+eval "$(scripts/pytools-build.sh --env)"
 cargo test --workspace "$@"
