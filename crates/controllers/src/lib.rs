@@ -133,14 +133,23 @@ async fn terminated() {
     }
 }
 
-/// What a controller's run stream yields besides success: reconcile failures were
-/// reported by the error policy already; watch failures are reported here.
-fn report_run_error(status: &Status, controller: &'static str, error: kube::runtime::controller::Error<Error, kube::runtime::watcher::Error>) {
+/// Drives a controller's run stream to its end. Besides successes it yields failures:
+/// reconcile failures were reported by the error policy already; watch failures are
+/// reported here.
+async fn drain_runs<T>(
+    runs: impl futures::Stream<Item = Result<T, kube::runtime::controller::Error<Error, kube::runtime::watcher::Error>>>,
+    status: &Status,
+    controller: &'static str,
+) {
+    use futures::StreamExt;
     use kube::runtime::controller::Error as E;
-    match error {
-        E::QueueError(e) => status.report(controller, &Error::Watch(e)),
-        E::ReconcilerFailed(..) => {}
-        E::ObjectNotFound(obj) => debug!(controller, object = %obj, "gone before its turn"),
-        E::RunnerError(e) => error!(controller, error = %e, "scheduler failed"),
+    let mut runs = std::pin::pin!(runs);
+    while let Some(result) = runs.next().await {
+        match result {
+            Ok(_) | Err(E::ReconcilerFailed(..)) => {}
+            Err(E::QueueError(e)) => status.report(controller, &Error::Watch(e)),
+            Err(E::ObjectNotFound(obj)) => debug!(controller, object = %obj, "gone before its turn"),
+            Err(E::RunnerError(e)) => error!(controller, error = %e, "scheduler failed"),
+        }
     }
 }

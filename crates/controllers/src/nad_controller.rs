@@ -20,7 +20,7 @@ use tracing::info;
 use crate::leader::Leadership;
 use crate::nad::{self, Change};
 use crate::status::{Part, Status};
-use crate::{ControllerArgs, Error, bounded, report_run_error};
+use crate::{ControllerArgs, Error, bounded, drain_runs};
 
 const CONCURRENCY: u16 = 8;
 const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -135,14 +135,7 @@ async fn namespaces(client: Client, args: ControllerArgs, leader: Leadership, st
         .reconcile_all_on(leader.gained())
         .with_config(Config::default().concurrency(CONCURRENCY))
         .run(reconcile, error_policy, ctx);
-    let controller = async {
-        let mut results = std::pin::pin!(controller);
-        while let Some(result) = results.next().await {
-            if let Err(e) = result {
-                report_run_error(&status, "nad", e);
-            }
-        }
-    };
+    let controller = drain_runs(controller, &status, "nad");
     futures::join!(synced, controller);
 }
 

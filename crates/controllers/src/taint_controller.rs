@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config, Controller};
@@ -18,7 +17,7 @@ use tracing::info;
 use crate::leader::Leadership;
 use crate::status::{Part, Status};
 use crate::taint::{self, Change};
-use crate::{ControllerArgs, Error, bounded, report_run_error};
+use crate::{ControllerArgs, Error, bounded, drain_runs};
 
 /// Patches in flight at once: enough to keep up with a burst of new nodes, few enough
 /// not to queue behind each other in the API server.
@@ -74,14 +73,7 @@ pub async fn run(client: Client, args: &ControllerArgs, leader: Leadership, stat
         .reconcile_all_on(leader.gained())
         .with_config(Config::default().concurrency(CONCURRENCY))
         .run(reconcile, error_policy, ctx);
-    let controller = async {
-        let mut results = std::pin::pin!(controller);
-        while let Some(result) = results.next().await {
-            if let Err(e) = result {
-                report_run_error(&status, "taint", e);
-            }
-        }
-    };
+    let controller = drain_runs(controller, &status, "taint");
     futures::join!(synced, controller);
 }
 
