@@ -95,21 +95,5 @@ fn fight_cpu() -> (Duration, Duration) {
     let installer = Installer::start(&host, &[("CFGCHECK_INTERVAL", "3600")]);
     wait_for(Duration::from_secs(60), || host.ready.exists()).expect("ready");
     let fight = Duration::from_secs(4);
-    let before = installer.cpu_time();
-    let started = std::time::Instant::now();
-    std::thread::scope(|s| {
-        for writer in 0..2 {
-            let conflist = &conflist;
-            s.spawn(move || {
-                while started.elapsed() < fight {
-                    match writer {
-                        0 => rename_over(conflist, CILIUM),
-                        _ => write_in_place(conflist, CILIUM),
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            });
-        }
-    });
-    (fight, installer.cpu_time() - before)
+    (fight, fight_over(&installer, &conflist, CILIUM, fight))
 }

@@ -4,7 +4,7 @@
 
 mod installer_host;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use installer_host::*;
 use serde_json::Value;
@@ -206,23 +206,7 @@ fn two_primaries_fighting_us_get_a_warning_and_bounded_cpu() {
     wait_ready(&host, &installer);
 
     let fight = Duration::from_secs(4);
-    let before = installer.cpu_time();
-    let started = Instant::now();
-    std::thread::scope(|s| {
-        for writer in 0..2 {
-            let conflist = &conflist;
-            s.spawn(move || {
-                while started.elapsed() < fight {
-                    match writer {
-                        0 => rename_over(conflist, CILIUM),
-                        _ => write_in_place(conflist, CILIUM),
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            });
-        }
-    });
-    let cpu = installer.cpu_time() - before;
+    let cpu = fight_over(&installer, &conflist, CILIUM, fight);
     let log = installer.log();
     eprintln!("installer CPU during a {fight:?} fight: {cpu:?}");
     let warning = log.lines().find(|l| l.contains("WARN") && l.contains("keeps losing our entry")).unwrap_or_else(|| panic!("no warning:\n{log}"));

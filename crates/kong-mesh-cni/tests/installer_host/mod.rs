@@ -227,3 +227,24 @@ pub fn rename_over(path: &Path, content: &str) {
 pub const CALICO: &str = include_str!("../../../installer/tests/golden/calico/input/10-calico.conflist");
 pub const FLANNEL_CONF: &str = include_str!("../../../installer/tests/golden/flannel-conf/input/10-flannel.conf");
 pub const CILIUM: &str = include_str!("../../../installer/tests/golden/cilium/input/05-cilium.conflist");
+
+/// Two agents fighting us for `fight`: one renames its own copy over the file, the
+/// other writes it in place, each every 2 ms. Returns the installer's CPU time meanwhile.
+pub fn fight_over(installer: &Installer, path: &Path, content: &str, fight: Duration) -> Duration {
+    let before = installer.cpu_time();
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for writer in 0..2 {
+            s.spawn(move || {
+                while started.elapsed() < fight {
+                    match writer {
+                        0 => rename_over(path, content),
+                        _ => write_in_place(path, content),
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+        }
+    });
+    installer.cpu_time() - before
+}
