@@ -200,7 +200,8 @@ fn auto_detection_follows_the_namespace_then_the_host() {
     for kind in BACKENDS {
         let topo = Topology::new("fwsel", false);
         topo.pod.exec(&format!("iptables-{}", kind.as_str()), &["-t", "filter", "-N", "SOMEONE"]);
-        let report = apply(&topo.pod.open(), &Config::default(), &Options::default()).unwrap();
+        let auto = Options { backend: BackendChoice::Auto, ..options(kind) };
+        let report = apply(&topo.pod.open(), &Config::default(), &auto).unwrap();
         assert_eq!(report.backend, kind, "the pod namespace's existing tables decide: {}", report.backend_reason);
         assert!(report.backend_reason.contains("pod namespace"), "{}", report.backend_reason);
     }
