@@ -35,8 +35,8 @@ pub fn helm() -> Option<&'static Path> {
 
 /// Runs helm with isolated config/cache dirs (nothing read from or written to $HOME).
 pub fn helm_cmd(helm: &Path, args: &[&str]) -> Output {
-    static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let home = HOME.get_or_init(|| tempfile::tempdir().unwrap()).path();
+    // In the target dir: a static TempDir is never dropped, so it would stay in /tmp.
+    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("helm-home");
     Command::new(helm)
         .args(args)
         .env("HELM_CACHE_HOME", home.join("cache"))
