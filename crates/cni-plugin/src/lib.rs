@@ -73,7 +73,7 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
     let level = var("CNI_LOG_LEVEL").unwrap_or_else(|| plugin.log_level.clone());
     logging::init(&level, &plugin.log_socket, &plugin.log_file);
     let pod = format!("{}/{}", env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME"));
-    let span = tracing::info_span!("cni", cmd = env.command.as_str(), pod = %pod, container = %env.container_id);
+    let span = tracing::info_span!("cni", cmd = %env.command.as_str(), pod = %pod, container = %env.container_id);
     let _entered = span.enter();
     let started = Instant::now();
     let result = match env.command {
