@@ -13,9 +13,13 @@
 //! Use this crate only as a dev-dependency.
 
 mod apiserver;
+mod builders;
 mod cni;
+mod objects;
 
-pub use apiserver::{ApiServer, PodBuilder, ProjectedServiceAccount, TestNamespace, TestNode, pod, policy_rule};
+pub use apiserver::{ApiServer, ProjectedServiceAccount};
+pub use builders::{PodBuilder, pod, policy_rule};
+pub use objects::{TestNamespace, TestNode};
 pub use cni::{Attachment, CniError, CniRuntime, Plugins};
 pub use nettest::{NamedNetns, require_root};
 
