@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
-    let chart = manifest_dir.join("../../deployments/charts/kong-mesh-cni").canonicalize().expect("the chart dir exists");
+    let chart =
+        manifest_dir.join("../../deployments/charts/kong-mesh-cni").canonicalize().expect("the chart dir exists");
     println!("cargo:rerun-if-changed={}", chart.display());
     let mut files = Vec::new();
     walk(&chart, &chart, &mut files);
     files.sort();
-    let mut out = String::from("/// The chart's files: (path relative to the chart dir, content).\npub static FILES: &[(&str, &str)] = &[\n");
+    let mut out = String::from(
+        "/// The chart's files: (path relative to the chart dir, content).\npub static FILES: &[(&str, &str)] = &[\n",
+    );
     for (rel, abs) in files {
         println!("cargo:rerun-if-changed={}", abs.display());
         writeln!(out, "    ({rel:?}, include_str!({:?})),", abs.display().to_string()).unwrap();

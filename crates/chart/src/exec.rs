@@ -90,7 +90,9 @@ impl Ctx<'_> {
                 Node::Range(pos, pipe, body, otherwise) => {
                     let v = self.pipe(*pos, pipe, dot, vars, false)?;
                     let items: Vec<(Value, Value)> = match v {
-                        Value::List(items) => items.into_iter().enumerate().map(|(i, v)| (Value::Int(i as i64), v)).collect(),
+                        Value::List(items) => {
+                            items.into_iter().enumerate().map(|(i, v)| (Value::Int(i as i64), v)).collect()
+                        }
                         Value::Map(map) => map.into_iter().map(|(k, v)| (Value::Str(k), v)).collect(),
                         Value::Nil => Vec::new(),
                         other => return Err(self.fail(*pos, format!("range can't iterate over {}", other.print()))),
@@ -127,7 +129,11 @@ impl Ctx<'_> {
         if bind {
             for name in &pipe.vars {
                 if pipe.assign {
-                    let slot = vars.iter_mut().rev().find(|(n, _)| n == name).ok_or_else(|| self.fail(pos, format!("undefined variable: {name}")))?;
+                    let slot = vars
+                        .iter_mut()
+                        .rev()
+                        .find(|(n, _)| n == name)
+                        .ok_or_else(|| self.fail(pos, format!("undefined variable: {name}")))?;
                     slot.1 = value.clone();
                 } else {
                     vars.push((name.clone(), value.clone()));
@@ -137,7 +143,14 @@ impl Ctx<'_> {
         Ok(value)
     }
 
-    fn cmd(&self, pos: Pos, cmd: &[Operand], piped: Option<Value>, dot: &Value, vars: &mut Vars) -> Result<Value, Error> {
+    fn cmd(
+        &self,
+        pos: Pos,
+        cmd: &[Operand],
+        piped: Option<Value>,
+        dot: &Value,
+        vars: &mut Vars,
+    ) -> Result<Value, Error> {
         let first = &cmd[0];
         let args = &cmd[1..];
         let Operand::Func(name) = first else {
@@ -187,7 +200,9 @@ impl Ctx<'_> {
                 let [Value::Str(template), data] = values.as_slice() else {
                     return Err(self.fail(pos, "include takes a template name and its data".into()));
                 };
-                let define = self.exec.defines.get(template).ok_or_else(|| self.fail(pos, format!("no template {template:?} associated with template \"gotpl\"")))?;
+                let define = self.exec.defines.get(template).ok_or_else(|| {
+                    self.fail(pos, format!("no template {template:?} associated with template \"gotpl\""))
+                })?;
                 if self.depth >= MAX_INCLUDE_DEPTH {
                     return Err(self.fail(pos, format!("rendering template has a nested reference name: {template}")));
                 }
@@ -223,7 +238,11 @@ impl Ctx<'_> {
     }
 
     fn var(&self, pos: Pos, name: &str, vars: &Vars) -> Result<Value, Error> {
-        vars.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone()).ok_or_else(|| self.fail(pos, format!("undefined variable: {name}")))
+        vars.iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| self.fail(pos, format!("undefined variable: {name}")))
     }
 
     fn fields(&self, pos: Pos, mut v: Value, fields: &[String]) -> Result<Value, Error> {
@@ -231,7 +250,9 @@ impl Ctx<'_> {
             v = match v {
                 Value::Map(mut map) => map.remove(field).unwrap_or(Value::Nil),
                 Value::Nil => return Err(self.fail(pos, format!("nil pointer evaluating interface {{}}.{field}"))),
-                other => return Err(self.fail(pos, format!("can't evaluate field {field} in type {}", other.type_name()))),
+                other => {
+                    return Err(self.fail(pos, format!("can't evaluate field {field} in type {}", other.type_name())));
+                }
             };
         }
         Ok(v)

@@ -49,7 +49,9 @@ pub fn call(name: &str, args: Vec<Value>) -> Result<Value> {
             [d, given, ..] => Ok(if given.truthy() { given.clone() } else { d.clone() }),
             [] => Err(bad("wrong number of args for default: want at least 1 got 0")),
         },
-        "quote" => s(args.iter().filter(|a| **a != Value::Nil).map(|a| go_quote(&a.print())).collect::<Vec<_>>().join(" ")),
+        "quote" => {
+            s(args.iter().filter(|a| **a != Value::Nil).map(|a| go_quote(&a.print())).collect::<Vec<_>>().join(" "))
+        }
         "toYaml" => {
             arity(name, &args, 1)?;
             let yaml = serde_yaml::to_string(&args[0].to_yaml()).unwrap_or_default();
@@ -145,7 +147,10 @@ fn from_yaml(text: &str) -> Value {
     match serde_yaml::from_str::<serde_yaml::Value>(text) {
         Ok(serde_yaml::Value::Null) => Value::Map(Default::default()),
         Ok(v @ serde_yaml::Value::Mapping(_)) => Value::from_yaml(v),
-        Ok(_) => Value::Map([("Error".to_string(), Value::Str("cannot unmarshal a non-map into map[string]interface {}".into()))].into()),
+        Ok(_) => Value::Map(
+            [("Error".to_string(), Value::Str("cannot unmarshal a non-map into map[string]interface {}".into()))]
+                .into(),
+        ),
         Err(e) => Value::Map([("Error".to_string(), Value::Str(e.to_string()))].into()),
     }
 }
@@ -153,7 +158,11 @@ fn from_yaml(text: &str) -> Value {
 /// encoding/json's output: compact, sorted keys, HTML characters escaped.
 pub fn go_json(v: &Value) -> String {
     let json = serde_json::to_string(&v.to_json()).unwrap_or_default();
-    json.replace('<', "\\u003c").replace('>', "\\u003e").replace('&', "\\u0026").replace('\u{2028}', "\\u2028").replace('\u{2029}', "\\u2029")
+    json.replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029")
 }
 
 /// Go's `%q` of a string (strconv.Quote).
@@ -246,10 +255,22 @@ mod tests {
         assert_eq!(call_ok("nindent", vec![Value::Int(2), st("a\nb")]), st("\n  a\n  b"));
         assert_eq!(call_ok("indent", vec![Value::Int(2), st("a")]), st("  a"));
         assert_eq!(call_ok("trimSuffix", vec![st(".conf"), st("x.conf")]), st("x"));
-        assert_eq!(call_ok("toJson", vec![Value::List(vec![st("<a>"), Value::Float(2.0)])]), st(r#"["\u003ca\u003e",2]"#));
-        assert_eq!(call_ok("toYaml", vec![Value::Map([("b".into(), Value::Int(1)), ("a".into(), st("x"))].into())]), st("a: x\nb: 1"));
-        assert_eq!(call_ok("printf", vec![st("%s/%s:%v %q %d"), st("a"), st("b"), Value::Float(1.0), st("q"), st("x")]), st(r#"a/b:1 "q" %!d(string=x)"#));
-        assert_eq!(call_ok("sha256sum", vec![st("")]), st("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"));
+        assert_eq!(
+            call_ok("toJson", vec![Value::List(vec![st("<a>"), Value::Float(2.0)])]),
+            st(r#"["\u003ca\u003e",2]"#)
+        );
+        assert_eq!(
+            call_ok("toYaml", vec![Value::Map([("b".into(), Value::Int(1)), ("a".into(), st("x"))].into())]),
+            st("a: x\nb: 1")
+        );
+        assert_eq!(
+            call_ok("printf", vec![st("%s/%s:%v %q %d"), st("a"), st("b"), Value::Float(1.0), st("q"), st("x")]),
+            st(r#"a/b:1 "q" %!d(string=x)"#)
+        );
+        assert_eq!(
+            call_ok("sha256sum", vec![st("")]),
+            st("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        );
     }
 
     #[test]

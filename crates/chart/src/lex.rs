@@ -125,7 +125,16 @@ fn lex_action(src: &str, start: usize) -> Result<(Vec<Spanned>, usize, bool), (u
                 i = end;
             }
             b'(' | b')' | b'|' | b',' | b'=' => {
-                toks.push((match c { b'(' => Tok::LParen, b')' => Tok::RParen, b'|' => Tok::Pipe, b',' => Tok::Comma, _ => Tok::Assign }, spaced));
+                toks.push((
+                    match c {
+                        b'(' => Tok::LParen,
+                        b')' => Tok::RParen,
+                        b'|' => Tok::Pipe,
+                        b',' => Tok::Comma,
+                        _ => Tok::Assign,
+                    },
+                    spaced,
+                ));
                 i += 1;
             }
             b':' if b.get(i + 1) == Some(&b'=') => {
@@ -139,7 +148,11 @@ fn lex_action(src: &str, start: usize) -> Result<(Vec<Spanned>, usize, bool), (u
             }
             b'0'..=b'9' | b'-' | b'+' => {
                 let mut end = i + 1;
-                while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'.' || ((b[end] == b'-' || b[end] == b'+') && matches!(b[end - 1], b'e' | b'E'))) {
+                while end < b.len()
+                    && (b[end].is_ascii_alphanumeric()
+                        || b[end] == b'.'
+                        || ((b[end] == b'-' || b[end] == b'+') && matches!(b[end - 1], b'e' | b'E')))
+                {
                     end += 1;
                 }
                 let text = &src[i..end];
@@ -181,7 +194,11 @@ fn lex_string(src: &str, start: usize) -> Option<(String, usize)> {
                     'r' => out.push('\r'),
                     '\\' | '"' | '\'' => out.push(e),
                     'x' | 'u' | 'U' => {
-                        let len = match e { 'x' => 2, 'u' => 4, _ => 8 };
+                        let len = match e {
+                            'x' => 2,
+                            'u' => 4,
+                            _ => 8,
+                        };
                         let hex: String = (0..len).filter_map(|_| chars.next().map(|(_, h)| h)).collect();
                         out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
                     }
@@ -193,4 +210,3 @@ fn lex_string(src: &str, start: usize) -> Option<(String, usize)> {
     }
     None
 }
-

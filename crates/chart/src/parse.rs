@@ -5,8 +5,8 @@
 //! silently misread.
 
 use crate::Error;
-use crate::lex::{Item, Spanned, Tok, lex};
 pub use crate::lex::Pos;
+use crate::lex::{Item, Spanned, Tok, lex};
 use crate::value::Value;
 
 #[derive(Debug, Clone)]
@@ -114,7 +114,11 @@ impl Parser<'_> {
                         Stop::Else(p, more) => self.else_body(p, &more)?,
                         Stop::Eof => return Err(self.err(pos, &format!("{{{{{keyword}}}}} without {{{{end}}}}"))),
                     };
-                    nodes.push(if keyword == "with" { Node::With(pos, pipe, body, otherwise) } else { Node::Range(pos, pipe, body, otherwise) });
+                    nodes.push(if keyword == "with" {
+                        Node::With(pos, pipe, body, otherwise)
+                    } else {
+                        Node::Range(pos, pipe, body, otherwise)
+                    });
                 }
                 "define" => {
                     let [(Tok::Lit(Value::Str(name)), _)] = rest.as_slice() else {
@@ -127,7 +131,10 @@ impl Parser<'_> {
                     self.defines.push((name.clone(), body));
                 }
                 "end" | "template" | "block" | "break" | "continue" => {
-                    return Err(self.err(pos, &format!("{{{{{keyword}}}}} is outside the supported template subset (use include)")));
+                    return Err(self.err(
+                        pos,
+                        &format!("{{{{{keyword}}}}} is outside the supported template subset (use include)"),
+                    ));
                 }
                 _ => nodes.push(Node::Action(pos, self.pipeline(pos, &toks)?)),
             }
@@ -264,7 +271,12 @@ mod tests {
 
     #[test]
     fn unsupported_and_broken_input_is_refused_with_a_position() {
-        for (src, want) in [("{{ template \"x\" }}", "t:1:1: {{template}}"), ("x\n {{ if .A }}", "t:2:2: {{if}} without"), ("{{ .A ", "unclosed action"), ("{{ end }}", "unexpected {{end}}")] {
+        for (src, want) in [
+            ("{{ template \"x\" }}", "t:1:1: {{template}}"),
+            ("x\n {{ if .A }}", "t:2:2: {{if}} without"),
+            ("{{ .A ", "unclosed action"),
+            ("{{ end }}", "unexpected {{end}}"),
+        ] {
             let e = parse("t", src).err().unwrap().to_string();
             assert!(e.contains(want), "{src:?}: {e}");
         }

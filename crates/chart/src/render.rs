@@ -4,11 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::Error;
 use crate::exec::{Define, Exec};
 use crate::parse;
 use crate::strvals;
 use crate::value::Value;
-use crate::Error;
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/chart_files.rs"));
@@ -38,7 +38,14 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { release_name: "kong-mesh-cni".into(), namespace: None, preset: None, values: Vec::new(), set: Vec::new(), set_string: Vec::new() }
+        Options {
+            release_name: "kong-mesh-cni".into(),
+            namespace: None,
+            preset: None,
+            values: Vec::new(),
+            set: Vec::new(),
+            set_string: Vec::new(),
+        }
     }
 }
 
@@ -54,12 +61,44 @@ pub struct Manifest {
 
 /// Helm's install order (releaseutil.InstallOrder): kinds not listed come after these.
 const INSTALL_ORDER: &[&str] = &[
-    "PriorityClass", "Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PodSecurityPolicy", "PodDisruptionBudget",
-    "ServiceAccount", "Secret", "SecretList", "ConfigMap", "StorageClass", "PersistentVolume", "PersistentVolumeClaim",
-    "CustomResourceDefinition", "ClusterRole", "ClusterRoleList", "ClusterRoleBinding", "ClusterRoleBindingList", "Role",
-    "RoleList", "RoleBinding", "RoleBindingList", "Service", "DaemonSet", "Pod", "ReplicationController", "ReplicaSet",
-    "Deployment", "HorizontalPodAutoscaler", "StatefulSet", "Job", "CronJob", "IngressClass", "Ingress", "APIService",
-    "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
+    "PriorityClass",
+    "Namespace",
+    "NetworkPolicy",
+    "ResourceQuota",
+    "LimitRange",
+    "PodSecurityPolicy",
+    "PodDisruptionBudget",
+    "ServiceAccount",
+    "Secret",
+    "SecretList",
+    "ConfigMap",
+    "StorageClass",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleList",
+    "ClusterRoleBinding",
+    "ClusterRoleBindingList",
+    "Role",
+    "RoleList",
+    "RoleBinding",
+    "RoleBindingList",
+    "Service",
+    "DaemonSet",
+    "Pod",
+    "ReplicationController",
+    "ReplicaSet",
+    "Deployment",
+    "HorizontalPodAutoscaler",
+    "StatefulSet",
+    "Job",
+    "CronJob",
+    "IngressClass",
+    "Ingress",
+    "APIService",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
 ];
 
 impl Chart {
@@ -71,7 +110,8 @@ impl Chart {
 
     /// A chart from its files (paths relative to the chart dir).
     pub fn from_files(files: BTreeMap<String, String>) -> Result<Chart, Error> {
-        let meta: serde_yaml::Value = serde_yaml::from_str(files.get("Chart.yaml").map_or("", String::as_str)).map_err(|e| Error::Values(format!("Chart.yaml: {e}")))?;
+        let meta: serde_yaml::Value = serde_yaml::from_str(files.get("Chart.yaml").map_or("", String::as_str))
+            .map_err(|e| Error::Values(format!("Chart.yaml: {e}")))?;
         let field = |k: &str| meta.get(k).and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
         let (name, version, app_version) = (field("name"), field("version"), field("appVersion"));
         if name.is_empty() || version.is_empty() {
@@ -115,13 +155,21 @@ impl Chart {
     /// The values the templates see: chart defaults coalesced with the user's.
     pub fn values(&self, opts: &Options) -> Result<Value, Error> {
         let mut user = Map::new();
-        let preset = opts.preset.as_deref().map(|p| self.preset(p).map(|t| (format!("preset {p}"), t.to_owned()))).transpose()?;
+        let preset = opts
+            .preset
+            .as_deref()
+            .map(|p| self.preset(p).map(|t| (format!("preset {p}"), t.to_owned())))
+            .transpose()?;
         let files = opts.values.iter().enumerate().map(|(i, t)| (format!("values file #{}", i + 1), t.clone()));
         for (what, text) in preset.into_iter().chain(files) {
             merge(&mut user, yaml_map(&text).map_err(|e| Error::Values(format!("{what}: {e}")))?);
         }
         if let Some(ns) = &opts.namespace {
-            strvals::parse_into(&format!("cni.namespace={}", ns.replace('\\', "\\\\").replace(',', "\\,")), &mut user, true)?;
+            strvals::parse_into(
+                &format!("cni.namespace={}", ns.replace('\\', "\\\\").replace(',', "\\,")),
+                &mut user,
+                true,
+            )?;
         }
         for arg in &opts.set {
             strvals::parse_into(arg, &mut user, false)?;
@@ -129,7 +177,8 @@ impl Chart {
         for arg in &opts.set_string {
             strvals::parse_into(arg, &mut user, true)?;
         }
-        let defaults = yaml_map(self.files.get("values.yaml").map_or("", String::as_str)).map_err(|e| Error::Values(format!("values.yaml: {e}")))?;
+        let defaults = yaml_map(self.files.get("values.yaml").map_or("", String::as_str))
+            .map_err(|e| Error::Values(format!("values.yaml: {e}")))?;
         Ok(Value::Map(coalesce(user, defaults)))
     }
 
@@ -155,8 +204,11 @@ impl Chart {
         for (file, body) in &bodies {
             let data = self.top_level(&values, opts, file);
             for content in split(&exec.run(file, body, &data)?) {
-                let head: serde_yaml::Value = serde_yaml::from_str(&content).map_err(|e| Error::Manifest(file.clone(), e.to_string()))?;
-                let get = |v: Option<&serde_yaml::Value>| v.and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+                let head: serde_yaml::Value =
+                    serde_yaml::from_str(&content).map_err(|e| Error::Manifest(file.clone(), e.to_string()))?;
+                let get = |v: Option<&serde_yaml::Value>| {
+                    v.and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned()
+                };
                 let kind = get(head.get("kind"));
                 let name = get(head.get("metadata").and_then(|m| m.get("name")));
                 manifests.push(Manifest { source: file.clone(), kind, name, content });
@@ -165,17 +217,22 @@ impl Chart {
         let rank = |kind: &str| INSTALL_ORDER.iter().position(|k| *k == kind).unwrap_or(INSTALL_ORDER.len());
         manifests.sort_by(|a, b| {
             let (ra, rb) = (rank(&a.kind), rank(&b.kind));
-            ra.cmp(&rb).then_with(|| if ra == INSTALL_ORDER.len() { a.kind.cmp(&b.kind) } else { std::cmp::Ordering::Equal })
+            ra.cmp(&rb)
+                .then_with(|| if ra == INSTALL_ORDER.len() { a.kind.cmp(&b.kind) } else { std::cmp::Ordering::Equal })
         });
         Ok(manifests)
     }
 
     fn top_level(&self, values: &Value, opts: &Options, file: &str) -> Value {
         let s = |v: &str| Value::Str(v.to_owned());
-        let map = |entries: Vec<(&str, Value)>| Value::Map(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect());
+        let map =
+            |entries: Vec<(&str, Value)>| Value::Map(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect());
         map(vec![
             ("Values", values.clone()),
-            ("Chart", map(vec![("Name", s(&self.name)), ("Version", s(&self.version)), ("AppVersion", s(&self.app_version))])),
+            (
+                "Chart",
+                map(vec![("Name", s(&self.name)), ("Version", s(&self.version)), ("AppVersion", s(&self.app_version))]),
+            ),
             (
                 "Release",
                 map(vec![

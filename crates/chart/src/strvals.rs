@@ -211,7 +211,10 @@ mod tests {
         assert_eq!(set(&["a.b=c,d=1", "a.e=TRUE"]), yaml("{a: {b: c, e: true}, d: 1}"));
         assert_eq!(set(&["l={x,2,false}", "e={}"]), yaml("{l: [x, 2, false], e: []}"));
         assert_eq!(set(&["t[1].k=v", "n[0][1]=z"]), yaml("{t: [null, {k: v}], n: [[null, z]]}"));
-        assert_eq!(set(&[r"a\.b=c\,d", "v=007", "f=1.5", "z=0", "n=null"]), yaml("{a.b: 'c,d', v: '007', f: '1.5', z: 0, n: null}"));
+        assert_eq!(
+            set(&[r"a\.b=c\,d", "v=007", "f=1.5", "z=0", "n=null"]),
+            yaml("{a.b: 'c,d', v: '007', f: '1.5', z: 0, n: null}")
+        );
         let mut m = Map::new();
         parse_into("a=1,b=true", &mut m, true).unwrap();
         assert_eq!(Value::Map(m), Value::from_yaml(serde_yaml::from_str("{a: '1', b: 'true'}").unwrap()));

@@ -145,7 +145,8 @@ impl Value {
 
 /// Spellings that Helm's YAML reader (YAML 1.1) takes as booleans when unquoted, and
 /// as strings when quoted; serde_yaml (YAML 1.2) takes them as strings either way.
-const YAML11_BOOLS: &[&str] = &["y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF"];
+const YAML11_BOOLS: &[&str] =
+    &["y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF"];
 
 /// The first string (key or value) in `yaml` that Helm may read differently: one of
 /// YAML 1.1's boolean spellings. Refusing it beats rendering something else than Helm.
@@ -153,7 +154,9 @@ pub fn yaml11_ambiguity(yaml: &serde_yaml::Value) -> Option<String> {
     match yaml {
         serde_yaml::Value::String(s) if YAML11_BOOLS.contains(&s.as_str()) => Some(s.clone()),
         serde_yaml::Value::Sequence(items) => items.iter().find_map(yaml11_ambiguity),
-        serde_yaml::Value::Mapping(map) => map.iter().find_map(|(k, v)| yaml11_ambiguity(k).or_else(|| yaml11_ambiguity(v))),
+        serde_yaml::Value::Mapping(map) => {
+            map.iter().find_map(|(k, v)| yaml11_ambiguity(k).or_else(|| yaml11_ambiguity(v)))
+        }
         serde_yaml::Value::Tagged(t) => yaml11_ambiguity(&t.value),
         _ => None,
     }
@@ -194,7 +197,16 @@ mod tests {
 
     #[test]
     fn floats_print_as_go_does() {
-        for (f, want) in [(10.0, "10"), (0.5, "0.5"), (123456.0, "123456"), (1e6, "1e+06"), (1234567.0, "1.234567e+06"), (0.0001, "0.0001"), (0.00001, "1e-05"), (-3.0, "-3")] {
+        for (f, want) in [
+            (10.0, "10"),
+            (0.5, "0.5"),
+            (123456.0, "123456"),
+            (1e6, "1e+06"),
+            (1234567.0, "1.234567e+06"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (-3.0, "-3"),
+        ] {
             assert_eq!(go_float(f), want, "{f}");
         }
     }

@@ -74,7 +74,12 @@ impl PrivilegedApiServer {
     }
 
     async fn client(&self) -> kube::Client {
-        let config = kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&self.kubeconfig).unwrap(), &KubeConfigOptions::default()).await.unwrap();
+        let config = kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&self.kubeconfig).unwrap(),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
         kube::Client::try_from(config).unwrap()
     }
 }
@@ -111,30 +116,43 @@ async fn the_kind_preset_is_accepted_by_a_real_api_server() {
 
     let mut created = Vec::new();
     for m in &manifests {
-        let obj: DynamicObject = serde_yaml::from_str(&m.content).unwrap_or_else(|e| panic!("{} {}: {e}", m.kind, m.name));
+        let obj: DynamicObject =
+            serde_yaml::from_str(&m.content).unwrap_or_else(|e| panic!("{} {}: {e}", m.kind, m.name));
         let types = obj.types.clone().expect("apiVersion and kind");
         let gvk = GroupVersionKind::try_from(&types).unwrap();
-        let (resource, caps) = pinned_kind(&client, &gvk).await.unwrap_or_else(|e| panic!("the API server does not serve {gvk:?}: {e}"));
+        let (resource, caps) =
+            pinned_kind(&client, &gvk).await.unwrap_or_else(|e| panic!("the API server does not serve {gvk:?}: {e}"));
         let api: Api<DynamicObject> = match caps.scope {
             Scope::Namespaced => Api::namespaced_with(client.clone(), ns, &resource),
             Scope::Cluster => Api::all_with(client.clone(), &resource),
         };
         let dry_run = PostParams { dry_run: true, ..PostParams::default() };
-        let answer = api.create(&dry_run, &obj).await.unwrap_or_else(|e| panic!("dry-run create of {} {} refused: {e}", m.kind, m.name));
+        let answer = api
+            .create(&dry_run, &obj)
+            .await
+            .unwrap_or_else(|e| panic!("dry-run create of {} {} refused: {e}", m.kind, m.name));
         assert_eq!(answer.metadata.name.as_deref(), Some(m.name.as_str()));
         created.push((api, obj, m));
     }
     // Then for real, in the order the stream has them (Helm's install order).
     for (api, obj, m) in &created {
-        api.create(&PostParams::default(), obj).await.unwrap_or_else(|e| panic!("create of {} {} refused: {e}", m.kind, m.name));
+        api.create(&PostParams::default(), obj)
+            .await
+            .unwrap_or_else(|e| panic!("create of {} {} refused: {e}", m.kind, m.name));
     }
     let ds = Api::<DaemonSet>::namespaced(client.clone(), ns).get("kong-mesh-cni").await.unwrap();
     let pod = ds.spec.template.spec.unwrap();
-    assert!(pod.tolerations.unwrap().iter().any(|t| t.key.as_deref() == Some("NodeReadiness") && t.effect.as_deref() == Some("NoSchedule")));
+    assert!(
+        pod.tolerations
+            .unwrap()
+            .iter()
+            .any(|t| t.key.as_deref() == Some("NodeReadiness") && t.effect.as_deref() == Some("NoSchedule"))
+    );
     let installer = &pod.containers[0];
     assert_eq!(installer.security_context.as_ref().unwrap().privileged, Some(true));
     let volumes = pod.volumes.unwrap();
-    let host = |name: &str| volumes.iter().find(|v| v.name == name).and_then(|v| v.host_path.as_ref()).map(|h| h.path.clone());
+    let host =
+        |name: &str| volumes.iter().find(|v| v.name == name).and_then(|v| v.host_path.as_ref()).map(|h| h.path.clone());
     assert_eq!(host("cni-net-dir").as_deref(), Some("/etc/cni/net.d"));
     assert_eq!(host("cni-bin-dir").as_deref(), Some("/opt/cni/bin"));
     let deploy = Api::<Deployment>::namespaced(client, ns).get("kong-mesh-cni-controller").await.unwrap();

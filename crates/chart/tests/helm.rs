@@ -12,7 +12,11 @@ use chart::{Chart, Options, to_stream};
 use common::*;
 
 fn ours(preset: Option<&str>, set: &[&str]) -> Result<String, String> {
-    let opts = Options { preset: preset.map(Into::into), set: set.iter().map(|s| s.to_string()).collect(), ..Options::default() };
+    let opts = Options {
+        preset: preset.map(Into::into),
+        set: set.iter().map(|s| s.to_string()).collect(),
+        ..Options::default()
+    };
     Chart::embedded().render(&opts).map(|m| to_stream(&m)).map_err(|e| e.to_string())
 }
 
@@ -27,8 +31,19 @@ fn presets() -> Vec<String> {
 #[test]
 fn the_thirteen_presets_are_there() {
     let want = [
-        "aks", "aks-overlay", "calico", "cilium", "cilium-pre-1.14", "eks", "gke-calico", "gke-cilium", "gke-dataplane-v2", "k3d-flannel", "kind",
-        "openshift-3.11", "openshift-4",
+        "aks",
+        "aks-overlay",
+        "calico",
+        "cilium",
+        "cilium-pre-1.14",
+        "eks",
+        "gke-calico",
+        "gke-cilium",
+        "gke-dataplane-v2",
+        "k3d-flannel",
+        "kind",
+        "openshift-3.11",
+        "openshift-4",
     ];
     let mut names = presets();
     names.sort();
@@ -47,7 +62,12 @@ fn every_preset_renders_as_helm_renders_it() {
         let theirs = helm_template(helm, preset, &[]).unwrap();
         let helm_time = started.elapsed();
         assert_same_objects(&mine, &theirs, preset.unwrap_or("chart defaults"));
-        report.push(format!("{:<18} ours {:>8.2?}  helm template {:>8.2?}", preset.unwrap_or("(defaults)"), ours_time, helm_time));
+        report.push(format!(
+            "{:<18} ours {:>8.2?}  helm template {:>8.2?}",
+            preset.unwrap_or("(defaults)"),
+            ours_time,
+            helm_time
+        ));
     }
     eprintln!("render time per preset:\n  {}", report.join("\n  "));
 }
@@ -55,7 +75,14 @@ fn every_preset_renders_as_helm_renders_it() {
 /// Overrides that exercise every branch of the templates.
 const OVERRIDES: &[(&str, &[&str])] = &[
     ("kind", &["cni.logLevel=debug", "cni.onApiError=fail"]),
-    ("kind", &["cni.tolerations[0].key=dedicated", "cni.tolerations[0].operator=Exists", "cni.tolerations[0].effect=NoSchedule"]),
+    (
+        "kind",
+        &[
+            "cni.tolerations[0].key=dedicated",
+            "cni.tolerations[0].operator=Exists",
+            "cni.tolerations[0].effect=NoSchedule",
+        ],
+    ),
     ("eks", &["cni.excludeNamespaces={kube-system,monitoring,istio-system}"]),
     ("eks", &["cni.excludeNamespaces=null"]),
     ("calico", &["cni.delayStartupSeconds=5", "cni.taintController.enabled=false"]),
@@ -69,7 +96,11 @@ const OVERRIDES: &[(&str, &[&str])] = &[
     ("kind", &["cni.enabled=false"]),
     (
         "k3d-flannel",
-        &["cni.controller.nodeSelector.pool=system", "cni.controller.resources.requests.cpu=10m", "cni.resources.requests.memory=64Mi"],
+        &[
+            "cni.controller.nodeSelector.pool=system",
+            "cni.controller.resources.requests.cpu=10m",
+            "cni.resources.requests.memory=64Mi",
+        ],
     ),
 ];
 
@@ -85,8 +116,18 @@ fn overrides_render_as_helm_renders_them() {
         assert_same_objects(&mine, &theirs, &what);
     }
     // --set-string and the namespace as Helm's release namespace too.
-    let theirs = helm_template(helm, Some("kind"), &["--namespace", "mesh-cni", "--set-string", "cni.namespace=mesh-cni,cni.logLevel=debug"]).unwrap();
-    let opts = Options { preset: Some("kind".into()), namespace: Some("mesh-cni".into()), set_string: vec!["cni.logLevel=debug".into()], ..Options::default() };
+    let theirs = helm_template(
+        helm,
+        Some("kind"),
+        &["--namespace", "mesh-cni", "--set-string", "cni.namespace=mesh-cni,cni.logLevel=debug"],
+    )
+    .unwrap();
+    let opts = Options {
+        preset: Some("kind".into()),
+        namespace: Some("mesh-cni".into()),
+        set_string: vec!["cni.logLevel=debug".into()],
+        ..Options::default()
+    };
     assert_same_objects(&to_stream(&Chart::embedded().render(&opts).unwrap()), &theirs, "--namespace");
 }
 
@@ -110,7 +151,9 @@ fn refusals_are_the_same_in_both() {
         assert!(theirs.contains(want), "helm {set:?}: {theirs}");
         assert!(mine.contains(want), "ours {set:?}: {mine}");
         // The same message after Helm's "execution error at (file:line:col): ".
-        let tail = |s: &str| s.lines().find(|l| l.contains(want)).and_then(|l| l.split_once("): ")).map(|(_, m)| m.trim().to_owned());
+        let tail = |s: &str| {
+            s.lines().find(|l| l.contains(want)).and_then(|l| l.split_once("): ")).map(|(_, m)| m.trim().to_owned())
+        };
         assert_eq!(tail(&mine), tail(&theirs), "{set:?}");
     }
 }
@@ -124,7 +167,12 @@ fn helm_lint_passes_strictly_for_every_preset() {
     for preset in presets() {
         let file = chart.join(format!("presets/{preset}.yaml"));
         let out = helm_cmd(helm, &["lint", "--strict", chart.to_str().unwrap(), "-f", file.to_str().unwrap()]);
-        assert!(out.status.success(), "helm lint {preset}:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "helm lint {preset}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -143,7 +191,11 @@ fn every_rendered_object_is_valid_against_the_kubernetes_schemas() {
         std::fs::write(&path, ours(Some(preset), set).unwrap()).unwrap();
         files.push(path);
     }
-    let out = std::process::Command::new(&validate).args(["--strict", "--quiet"]).args(&files).output().expect("running kubernetes-validate");
+    let out = std::process::Command::new(&validate)
+        .args(["--strict", "--quiet"])
+        .args(&files)
+        .output()
+        .expect("running kubernetes-validate");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "kubernetes-validate --strict failed:\n{text}");
     // It must really have looked at them: one verdict per object when not --quiet.
@@ -177,10 +229,24 @@ fn an_umbrella_chart_maps_kuma_cni_values_onto_ours() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
-    let via_umbrella = template(&["--set", "kuma.cni.chained=true,kuma.cni.netDir=/etc/cni/net.d,kuma.cni.binDir=/opt/cni/bin,kuma.cni.confName=10-calico.conflist"]);
-    let direct = ours(None, &["cni.chained=true,cni.netDir=/etc/cni/net.d,cni.binDir=/opt/cni/bin,cni.confName=10-calico.conflist"]).unwrap();
+    let via_umbrella = template(&[
+        "--set",
+        "kuma.cni.chained=true,kuma.cni.netDir=/etc/cni/net.d,kuma.cni.binDir=/opt/cni/bin,kuma.cni.confName=10-calico.conflist",
+    ]);
+    let direct = ours(
+        None,
+        &["cni.chained=true,cni.netDir=/etc/cni/net.d,cni.binDir=/opt/cni/bin,cni.confName=10-calico.conflist"],
+    )
+    .unwrap();
     assert_same_objects(&direct, &via_umbrella, "umbrella kuma.cni.*");
-    assert!(objects(&template(&["--set", "kuma.cni.enabled=false"])).is_empty(), "kuma.cni.enabled=false installs nothing");
-    let out = helm_cmd(helm, &["template", "x", umbrella.to_str().unwrap(), "--set", "kuma.experimental.ebpf.enabled=true"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("the eBPF mode is not available"), "kuma.experimental.ebpf.enabled reaches the chart");
+    assert!(
+        objects(&template(&["--set", "kuma.cni.enabled=false"])).is_empty(),
+        "kuma.cni.enabled=false installs nothing"
+    );
+    let out =
+        helm_cmd(helm, &["template", "x", umbrella.to_str().unwrap(), "--set", "kuma.experimental.ebpf.enabled=true"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the eBPF mode is not available"),
+        "kuma.experimental.ebpf.enabled reaches the chart"
+    );
 }

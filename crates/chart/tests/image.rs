@@ -35,7 +35,13 @@ fn instructions() -> Vec<String> {
 }
 
 fn kind_manifests() -> Vec<Value> {
-    let manifests = Chart::embedded().render(&Options { preset: Some("kind".into()), set: vec!["cni.delayStartupSeconds=3".into()], ..Options::default() }).unwrap();
+    let manifests = Chart::embedded()
+        .render(&Options {
+            preset: Some("kind".into()),
+            set: vec!["cni.delayStartupSeconds=3".into()],
+            ..Options::default()
+        })
+        .unwrap();
     manifests.iter().map(|m| serde_yaml::from_str(&m.content).unwrap()).collect()
 }
 
@@ -55,7 +61,10 @@ fn every_copied_path_exists_in_the_build_context() {
     for ins in instructions().iter().filter(|i| i.starts_with("COPY ") && !i.contains("--from=")) {
         let words: Vec<&str> = ins.split(' ').skip(1).collect();
         for src in &words[..words.len() - 1] {
-            assert!(root().join(src).exists(), "{ins}: {src} does not exist in the repository root (the build context)");
+            assert!(
+                root().join(src).exists(),
+                "{ins}: {src} does not exist in the repository root (the build context)"
+            );
             copies += 1;
         }
     }
@@ -73,7 +82,10 @@ fn binary_path_entrypoint_and_commands_match_the_chart() {
     assert_eq!(from.last().map(|s| s.as_str()), Some("FROM scratch"), "a minimal final image");
     // The build path is the target .cargo/config.toml pins (static linking).
     let cargo_config = std::fs::read_to_string(root().join(".cargo/config.toml")).unwrap();
-    assert!(cargo_config.contains("target = \"x86_64-unknown-linux-gnu\"") && joined.contains("target/x86_64-unknown-linux-gnu/release/kong-mesh-cni"));
+    assert!(
+        cargo_config.contains("target = \"x86_64-unknown-linux-gnu\"")
+            && joined.contains("target/x86_64-unknown-linux-gnu/release/kong-mesh-cni")
+    );
     assert!(joined.contains("/rootfs/opt/cni/bin/kong-mesh-cni"));
     assert!(joined.contains("ln -s /opt/cni/bin/kong-mesh-cni /rootfs/install-cni"));
     let entrypoint = ins.iter().find_map(|i| i.strip_prefix("ENTRYPOINT ")).expect("an ENTRYPOINT");
@@ -86,10 +98,12 @@ fn binary_path_entrypoint_and_commands_match_the_chart() {
     // Called by that name, the binary runs the installer.
     let argv = installer::entrypoint_args(installer.iter().map(Into::into));
     assert_eq!(argv[1], "install");
-    let controller: Vec<String> = serde_yaml::from_value(pod_spec(&objects, "Deployment")["containers"][0]["command"].clone()).unwrap();
+    let controller: Vec<String> =
+        serde_yaml::from_value(pod_spec(&objects, "Deployment")["containers"][0]["command"].clone()).unwrap();
     assert_eq!(controller[0], "/opt/cni/bin/kong-mesh-cni");
     // The other commands the chart runs in the image are there.
-    let probe: Vec<String> = serde_yaml::from_value(ds["containers"][0]["readinessProbe"]["exec"]["command"].clone()).unwrap();
+    let probe: Vec<String> =
+        serde_yaml::from_value(ds["containers"][0]["readinessProbe"]["exec"]["command"].clone()).unwrap();
     let sleep: Vec<String> = serde_yaml::from_value(ds["initContainers"][0]["command"].clone()).unwrap();
     for cmd in [&probe[0], &sleep[0]] {
         let name = cmd.strip_prefix("/bin/").unwrap_or_else(|| panic!("{cmd} is not in /bin"));
@@ -104,9 +118,16 @@ fn versions_agree() {
     let workspace: toml_like::Manifest = toml_like::read(&root().join("Cargo.toml"));
     let chart = Chart::embedded();
     let meta: Value = serde_yaml::from_str(&chart.files()["Chart.yaml"]).unwrap();
-    assert_eq!(meta["appVersion"], workspace.version.as_str(), "the image tag the chart defaults to is the binary's version");
+    assert_eq!(
+        meta["appVersion"],
+        workspace.version.as_str(),
+        "the image tag the chart defaults to is the binary's version"
+    );
     let dockerfile = std::fs::read_to_string(root().join("deployments/Dockerfile")).unwrap();
-    assert!(dockerfile.contains(&format!("ARG RUST_VERSION={}", workspace.rust_version)), "the build image's Rust is the workspace's rust-version");
+    assert!(
+        dockerfile.contains(&format!("ARG RUST_VERSION={}", workspace.rust_version)),
+        "the build image's Rust is the workspace's rust-version"
+    );
 }
 
 /// Just enough of Cargo.toml: [workspace.package] version and rust-version.
@@ -119,7 +140,14 @@ mod toml_like {
         let text = std::fs::read_to_string(path).unwrap();
         let section = text.split("[workspace.package]").nth(1).unwrap();
         let get = |key: &str| {
-            section.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.trim().strip_prefix('=')).map(|v| v.trim().trim_matches('"').to_owned())).unwrap()
+            section
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(key)
+                        .and_then(|r| r.trim().strip_prefix('='))
+                        .map(|v| v.trim().trim_matches('"').to_owned())
+                })
+                .unwrap()
         };
         Manifest { version: get("version"), rust_version: get("rust-version") }
     }

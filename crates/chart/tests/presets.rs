@@ -32,7 +32,11 @@ struct Rendered {
 
 impl Rendered {
     fn new(preset: Option<&str>, set: &[&str]) -> Rendered {
-        let opts = Options { preset: preset.map(Into::into), set: set.iter().map(|s| s.to_string()).collect(), ..Options::default() };
+        let opts = Options {
+            preset: preset.map(Into::into),
+            set: set.iter().map(|s| s.to_string()).collect(),
+            ..Options::default()
+        };
         let stream = to_stream(&Chart::embedded().render(&opts).unwrap());
         let mut objects = BTreeMap::new();
         for doc in serde_yaml::Deserializer::from_str(&stream) {
@@ -60,11 +64,19 @@ impl Rendered {
 }
 
 fn env(container: &Value) -> BTreeMap<String, Value> {
-    container["env"].as_sequence().unwrap().iter().map(|e| (e["name"].as_str().unwrap().to_owned(), e.clone())).collect()
+    container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e.clone()))
+        .collect()
 }
 
 fn env_value(container: &Value, name: &str) -> String {
-    env(container).get(name).unwrap_or_else(|| panic!("no env {name}"))["value"].as_str().unwrap_or_else(|| panic!("{name} has no value")).to_owned()
+    env(container).get(name).unwrap_or_else(|| panic!("no env {name}"))["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} has no value"))
+        .to_owned()
 }
 
 fn host_path(ds: &Value, volume: &str) -> String {
@@ -74,7 +86,12 @@ fn host_path(ds: &Value, volume: &str) -> String {
 }
 
 fn mount_path(container: &Value, volume: &str) -> String {
-    let m = container["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["name"] == volume).unwrap_or_else(|| panic!("no mount of {volume}"));
+    let m = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume)
+        .unwrap_or_else(|| panic!("no mount of {volume}"));
     m["mountPath"].as_str().unwrap().to_owned()
 }
 
@@ -96,7 +113,11 @@ fn every_preset_has_its_paths_conf_name_and_mode() {
         assert_eq!(env_value(installer, "CHAINED_CNI_PLUGIN"), chained.to_string(), "{preset}");
         assert_eq!(env_value(installer, "MOUNTED_CNI_NET_DIR"), mount_path(installer, "cni-net-dir"), "{preset}");
         assert_eq!(env_value(installer, "MOUNTED_CNI_BIN_DIR"), mount_path(installer, "cni-bin-dir"), "{preset}");
-        assert_eq!(installer["securityContext"]["privileged"], Value::Bool(true), "{preset}: the installer writes host dirs as root");
+        assert_eq!(
+            installer["securityContext"]["privileged"],
+            Value::Bool(true),
+            "{preset}: the installer writes host dirs as root"
+        );
         let conf: serde_json::Value = serde_json::from_str(&r.network_config()).unwrap();
         assert_eq!(conf["kubernetes"]["cni_bin_dir"], *bin_dir, "{preset}");
     }
@@ -110,11 +131,16 @@ fn the_daemonset_runs_everywhere_including_nodes_waiting_for_it() {
         let tolerations = spec["tolerations"].as_sequence().unwrap();
         let has = |key: Option<&str>, effect: Option<&str>| {
             tolerations.iter().any(|t| {
-                t["operator"] == "Exists" && t.get("key").and_then(Value::as_str) == key && t.get("effect").and_then(Value::as_str) == effect
+                t["operator"] == "Exists"
+                    && t.get("key").and_then(Value::as_str) == key
+                    && t.get("effect").and_then(Value::as_str) == effect
             })
         };
         assert!(has(Some("NodeReadiness"), Some("NoSchedule")), "{preset}: our taint");
-        assert!(has(None, Some("NoSchedule")) && has(None, Some("NoExecute")), "{preset}: every NoSchedule/NoExecute taint");
+        assert!(
+            has(None, Some("NoSchedule")) && has(None, Some("NoExecute")),
+            "{preset}: every NoSchedule/NoExecute taint"
+        );
         assert!(has(Some("dedicated"), None), "{preset}: user tolerations are added");
         assert_eq!(spec["priorityClassName"], "system-node-critical");
         assert_eq!(spec["hostNetwork"], Value::Bool(true));
@@ -127,7 +153,10 @@ fn the_daemonset_runs_everywhere_including_nodes_waiting_for_it() {
         assert_eq!(mount_path(installer, "tmp"), "/tmp");
         // The controller must run on tainted nodes to untaint them.
         let ctl = &r.get("Deployment", "kong-mesh-cni-controller")["spec"]["template"]["spec"]["tolerations"];
-        assert!(ctl.as_sequence().unwrap().iter().any(|t| t["key"] == "NodeReadiness" && t["effect"] == "NoSchedule"), "{preset}");
+        assert!(
+            ctl.as_sequence().unwrap().iter().any(|t| t["key"] == "NodeReadiness" && t["effect"] == "NoSchedule"),
+            "{preset}"
+        );
     }
 }
 
@@ -136,7 +165,11 @@ fn the_plugin_log_socket_is_shared_with_the_host() {
     let r = Rendered::new(Some("kind"), &[]);
     let conf: serde_json::Value = serde_json::from_str(&r.network_config()).unwrap();
     let socket = env_value(r.installer(), "KMC_LOG_SOCKET");
-    assert_eq!(conf["log_socket"], socket.as_str(), "the plugin (on the host) and the installer (in the pod) name one socket");
+    assert_eq!(
+        conf["log_socket"],
+        socket.as_str(),
+        "the plugin (on the host) and the installer (in the pod) name one socket"
+    );
     let run_dir = host_path(r.daemonset(), "cni-run-dir");
     assert_eq!(mount_path(r.installer(), "cni-run-dir"), run_dir, "same path inside and outside");
     assert!(socket.starts_with(&format!("{run_dir}/")), "{socket} in {run_dir}");
@@ -164,11 +197,19 @@ fn the_installer_accepts_what_the_chart_gives_it() {
             };
             argv.extend([format!("--{long}"), value]);
         }
-        let args = <installer::InstallArgs as clap::Parser>::try_parse_from(&argv).unwrap_or_else(|e| panic!("{preset}: {e}"));
-        let settings = installer::Settings::from_args(args).unwrap_or_else(|e| panic!("{preset}: the installer refuses the chart's settings: {e}"));
+        let args =
+            <installer::InstallArgs as clap::Parser>::try_parse_from(&argv).unwrap_or_else(|e| panic!("{preset}: {e}"));
+        let settings = installer::Settings::from_args(args)
+            .unwrap_or_else(|e| panic!("{preset}: the installer refuses the chart's settings: {e}"));
         assert_eq!(settings.ours.binary, "kong-mesh-cni", "{preset}: the binary's name on the host");
-        assert_eq!(settings.ours.conf["kubernetes"]["kubeconfig"], format!("{}/ZZZ-kuma-cni-kubeconfig", env_value(r.installer(), "CNI_NET_DIR")));
-        assert_eq!(settings.ours.conf["name"], "kuma-cni", "Kuma's injector annotates mesh pods with networks: kuma-cni");
+        assert_eq!(
+            settings.ours.conf["kubernetes"]["kubeconfig"],
+            format!("{}/ZZZ-kuma-cni-kubeconfig", env_value(r.installer(), "CNI_NET_DIR"))
+        );
+        assert_eq!(
+            settings.ours.conf["name"], "kuma-cni",
+            "Kuma's injector annotates mesh pods with networks: kuma-cni"
+        );
         assert_eq!(settings.ours.conf["kubernetes"]["exclude_namespaces"], serde_json::json!(["kube-system"]));
     }
 }
@@ -176,8 +217,14 @@ fn the_installer_accepts_what_the_chart_gives_it() {
 #[test]
 fn the_controller_accepts_what_the_chart_gives_it() {
     let command = controllers::ControllerArgs::augment_args(clap::Command::new("controller"));
-    let flags: BTreeMap<String, String> = command.get_arguments().filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned()))).collect();
-    for (set, taint, repair) in [(&[][..], true, "delete"), (&["cni.taintController.enabled=false", "cni.controller.repairAction=label"][..], false, "label")] {
+    let flags: BTreeMap<String, String> = command
+        .get_arguments()
+        .filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned())))
+        .collect();
+    for (set, taint, repair) in [
+        (&[][..], true, "delete"),
+        (&["cni.taintController.enabled=false", "cni.controller.repairAction=label"][..], false, "label"),
+    ] {
         let r = Rendered::new(Some("kind"), set);
         let ctl = r.controller();
         assert_eq!(ctl["command"], serde_yaml::from_str::<Value>("[/opt/cni/bin/kong-mesh-cni, controller]").unwrap());
@@ -201,7 +248,13 @@ fn the_controller_accepts_what_the_chart_gives_it() {
         assert_eq!(args.cni_namespace, r.daemonset()["metadata"]["namespace"].as_str().unwrap());
         // The Lease it uses is the one its Role names.
         let role = r.get("Role", "kong-mesh-cni-controller-leader-election");
-        assert!(role["rules"].as_sequence().unwrap().iter().any(|rule| rule["resourceNames"][0] == args.lease_name.as_str()));
+        assert!(
+            role["rules"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|rule| rule["resourceNames"][0] == args.lease_name.as_str())
+        );
     }
 }
 
@@ -209,36 +262,77 @@ fn the_controller_accepts_what_the_chart_gives_it() {
 fn rbac_is_least_privilege_and_the_controllers_own() {
     // The chart's copies are the controller crate's files, byte for byte.
     let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../controllers/rbac");
-    let mut names: Vec<String> = std::fs::read_dir(&crate_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&crate_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     let chart = Chart::embedded();
     let copies: Vec<&String> = chart.files().keys().filter(|p| p.starts_with("files/controller-rbac/")).collect();
     assert_eq!(copies.len(), names.len(), "{copies:?} vs {names:?}");
     for name in &names {
         let copy = &chart.files()[&format!("files/controller-rbac/{name}")];
-        assert_eq!(copy, &std::fs::read_to_string(crate_dir.join(name)).unwrap(), "files/controller-rbac/{name} differs from crates/controllers/rbac/{name}: copy it over");
+        assert_eq!(
+            copy,
+            &std::fs::read_to_string(crate_dir.join(name)).unwrap(),
+            "files/controller-rbac/{name} differs from crates/controllers/rbac/{name}: copy it over"
+        );
     }
     for (preset, ..) in TABLE {
         let r = Rendered::new(Some(preset), &[]);
         // The plugin gets one pod at a time; the installer itself calls no API.
         let installer = r.get("ClusterRole", "kong-mesh-cni");
-        assert_eq!(installer["rules"], serde_yaml::from_str::<Value>(r#"[{apiGroups: [""], resources: [pods], verbs: [get]}]"#).unwrap());
+        assert_eq!(
+            installer["rules"],
+            serde_yaml::from_str::<Value>(r#"[{apiGroups: [""], resources: [pods], verbs: [get]}]"#).unwrap()
+        );
         let binding = r.get("ClusterRoleBinding", "kong-mesh-cni");
         assert_eq!(binding["subjects"][0]["name"], "kong-mesh-cni");
         assert_eq!(r.get("ClusterRole", "kong-mesh-cni-controller")["rules"], rules_of("clusterrole.yaml"), "{preset}");
-        assert_eq!(r.get("ClusterRole", "kong-mesh-cni-controller-repair-delete")["rules"], rules_of("clusterrole-repair-delete.yaml"));
-        assert_eq!(r.get("Role", "kong-mesh-cni-controller-leader-election")["rules"], rules_of("role-leader-election.yaml"));
-        for (kind, name) in [("ClusterRoleBinding", "kong-mesh-cni-controller"), ("ClusterRoleBinding", "kong-mesh-cni-controller-repair-delete"), ("RoleBinding", "kong-mesh-cni-controller-leader-election")] {
+        assert_eq!(
+            r.get("ClusterRole", "kong-mesh-cni-controller-repair-delete")["rules"],
+            rules_of("clusterrole-repair-delete.yaml")
+        );
+        assert_eq!(
+            r.get("Role", "kong-mesh-cni-controller-leader-election")["rules"],
+            rules_of("role-leader-election.yaml")
+        );
+        for (kind, name) in [
+            ("ClusterRoleBinding", "kong-mesh-cni-controller"),
+            ("ClusterRoleBinding", "kong-mesh-cni-controller-repair-delete"),
+            ("RoleBinding", "kong-mesh-cni-controller-leader-election"),
+        ] {
             let b = r.get(kind, name);
             assert_eq!(b["roleRef"]["name"], name);
-            assert_eq!(b["subjects"], serde_yaml::from_str::<Value>("[{kind: ServiceAccount, name: kong-mesh-cni-controller, namespace: kube-system}]").unwrap());
+            assert_eq!(
+                b["subjects"],
+                serde_yaml::from_str::<Value>(
+                    "[{kind: ServiceAccount, name: kong-mesh-cni-controller, namespace: kube-system}]"
+                )
+                .unwrap()
+            );
         }
-        let roles: Vec<&str> = r.objects.keys().filter(|(k, _)| k.contains("Role") && !k.ends_with("Binding")).map(|(_, n)| n.as_str()).collect();
-        assert_eq!(roles, ["kong-mesh-cni", "kong-mesh-cni-controller", "kong-mesh-cni-controller-repair-delete", "kong-mesh-cni-controller-leader-election"], "{preset}: no other grant");
+        let roles: Vec<&str> = r
+            .objects
+            .keys()
+            .filter(|(k, _)| k.contains("Role") && !k.ends_with("Binding"))
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                "kong-mesh-cni",
+                "kong-mesh-cni-controller",
+                "kong-mesh-cni-controller-repair-delete",
+                "kong-mesh-cni-controller-leader-election"
+            ],
+            "{preset}: no other grant"
+        );
     }
     // The repair grant follows the repair action.
     let label = Rendered::new(Some("kind"), &["cni.controller.repairAction=label"]);
-    assert_eq!(label.get("ClusterRole", "kong-mesh-cni-controller-repair-label")["rules"], rules_of("clusterrole-repair-label.yaml"));
+    assert_eq!(
+        label.get("ClusterRole", "kong-mesh-cni-controller-repair-label")["rules"],
+        rules_of("clusterrole-repair-label.yaml")
+    );
     assert!(!label.objects.contains_key(&("ClusterRole".into(), "kong-mesh-cni-controller-repair-delete".into())));
     let off = Rendered::new(Some("kind"), &["cni.controller.repairAction=off"]);
     assert!(!off.objects.keys().any(|(_, n)| n.contains("repair")), "no repair, no pod delete/patch grant");
@@ -263,16 +357,26 @@ fn namespace_moves_every_namespaced_object() {
 
 #[test]
 fn switches_and_refusals() {
-    let disabled = Chart::embedded().render(&Options { set: vec!["cni.enabled=false".into()], ..Options::default() }).unwrap();
+    let disabled =
+        Chart::embedded().render(&Options { set: vec!["cni.enabled=false".into()], ..Options::default() }).unwrap();
     assert!(disabled.is_empty(), "cni.enabled=false renders nothing");
     let taint_off = Rendered::new(Some("eks"), &["cni.taintController.enabled=false"]);
     assert_eq!(env_value(taint_off.controller(), "KUMA_RUNTIME_KUBERNETES_NODE_TAINT_CONTROLLER_ENABLED"), "false");
-    assert_eq!(env_value(Rendered::new(Some("eks"), &[]).controller(), "KUMA_RUNTIME_KUBERNETES_NODE_TAINT_CONTROLLER_ENABLED"), "true");
+    assert_eq!(
+        env_value(
+            Rendered::new(Some("eks"), &[]).controller(),
+            "KUMA_RUNTIME_KUBERNETES_NODE_TAINT_CONTROLLER_ENABLED"
+        ),
+        "true"
+    );
     let delayed = Rendered::new(Some("kind"), &["cni.delayStartupSeconds=7"]);
     let init = &delayed.daemonset()["spec"]["template"]["spec"]["initContainers"][0];
     assert_eq!(init["command"], serde_yaml::from_str::<Value>("[/bin/sleep, '7']").unwrap());
     assert!(Rendered::new(Some("kind"), &[]).daemonset()["spec"]["template"]["spec"].get("initContainers").is_none());
-    let err = Chart::embedded().render(&Options { set: vec!["experimental.ebpf.enabled=true".into()], ..Options::default() }).unwrap_err().to_string();
+    let err = Chart::embedded()
+        .render(&Options { set: vec!["experimental.ebpf.enabled=true".into()], ..Options::default() })
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("experimental.ebpf.enabled=true: the eBPF mode is not available"), "{err}");
     let debug = Rendered::new(Some("kind"), &["cni.logLevel=debug"]);
     let conf: serde_json::Value = serde_json::from_str(&debug.network_config()).unwrap();

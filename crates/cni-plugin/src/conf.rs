@@ -48,7 +48,9 @@ fn string(raw: &Value, path: &[&str]) -> Result<Option<String>, CniError> {
             Some(next) => v = next,
         }
     }
-    v.as_str().map(|s| Some(s.to_owned())).ok_or_else(|| invalid(format!("field {} must be a string, not {v}", path.join("."))))
+    v.as_str()
+        .map(|s| Some(s.to_owned()))
+        .ok_or_else(|| invalid(format!("field {} must be a string, not {v}", path.join("."))))
 }
 
 impl PluginConf {
@@ -78,7 +80,9 @@ impl PluginConf {
         let on_api_error = match string(raw, &["on_api_error"])?.as_deref() {
             None | Some("pass-through") => OnApiError::PassThrough,
             Some("fail") => OnApiError::Fail,
-            Some(other) => return Err(invalid(format!("field on_api_error must be pass-through or fail, not {other:?}"))),
+            Some(other) => {
+                return Err(invalid(format!("field on_api_error must be pass-through or fail, not {other:?}")));
+            }
         };
         let iptables_backend = string(raw, &["iptables_backend"])?
             .unwrap_or_default()

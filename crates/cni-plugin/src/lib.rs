@@ -106,7 +106,9 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
     }
     let found = match &plugin.kubeconfig {
         Some(path) if path.exists() => runtime().block_on(lookup::pod(path, namespace, name, plugin.lookup_timeout)),
-        Some(path) => Lookup::Unavailable(format!("kubeconfig {} does not exist (is the installer running?)", path.display())),
+        Some(path) => {
+            Lookup::Unavailable(format!("kubeconfig {} does not exist (is the installer running?)", path.display()))
+        }
         None => Lookup::Unavailable("the configuration has no kubernetes.kubeconfig".to_owned()),
     };
     let pod = match found {
@@ -149,7 +151,8 @@ fn options(plugin: &PluginConf) -> Options {
 }
 
 fn open_netns(path: &str) -> Result<NetNs, CniError> {
-    NetNs::open(path).map_err(|e| CniError::new(code::RULES_FAILED, "cannot open the pod's network namespace", e.to_string()))
+    NetNs::open(path)
+        .map_err(|e| CniError::new(code::RULES_FAILED, "cannot open the pod's network namespace", e.to_string()))
 }
 
 fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError> {
@@ -158,8 +161,9 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
         Verdict::PassThrough(reason) => tracing::info!("pass through: {reason}"),
         Verdict::Intercept(cfg) => {
             let ns = open_netns(&env.netns)?;
-            let report = firewall::apply(&ns, &cfg, &options(plugin))
-                .map_err(|e| CniError::new(code::RULES_FAILED, "cannot program the transparent-proxy redirect", e.to_string()))?;
+            let report = firewall::apply(&ns, &cfg, &options(plugin)).map_err(|e| {
+                CniError::new(code::RULES_FAILED, "cannot program the transparent-proxy redirect", e.to_string())
+            })?;
             let families: Vec<&str> = report.families.iter().map(|f| f.as_str()).collect();
             tracing::info!(
                 rules = report.rules,
@@ -182,7 +186,11 @@ fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError>
     if report.missing.is_empty() {
         return Ok(());
     }
-    Err(CniError::new(code::RULES_MISSING, format!("{} redirect rules are missing", report.missing.len()), report.missing.join("; ")))
+    Err(CniError::new(
+        code::RULES_MISSING,
+        format!("{} redirect rules are missing", report.missing.len()),
+        report.missing.join("; "),
+    ))
 }
 
 /// DEL succeeds whatever happens: the namespace may already be gone, and a pod that
@@ -206,7 +214,10 @@ fn del(env: &Env, plugin: &PluginConf) {
 /// Ready when the installer's kubeconfig is there and the API server answers with it.
 fn status(plugin: &PluginConf) -> Result<(), CniError> {
     let unavailable = |details: String| CniError::new(code::NOT_AVAILABLE, "the plugin is not available", details);
-    let path = plugin.kubeconfig.as_ref().ok_or_else(|| unavailable("the configuration has no kubernetes.kubeconfig".into()))?;
+    let path = plugin
+        .kubeconfig
+        .as_ref()
+        .ok_or_else(|| unavailable("the configuration has no kubernetes.kubeconfig".into()))?;
     if !path.exists() {
         return Err(unavailable(format!("kubeconfig {} does not exist (is the installer running?)", path.display())));
     }

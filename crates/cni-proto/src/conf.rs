@@ -34,7 +34,8 @@ fn string_field<'a>(raw: &'a Value, key: &str) -> Result<Option<&'a str>, CniErr
 
 impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
-        let decode = |details: String| CniError::new(code::DECODE, "failed to decode the network configuration", details);
+        let decode =
+            |details: String| CniError::new(code::DECODE, "failed to decode the network configuration", details);
         if stdin.len() > MAX_STDIN {
             return Err(decode(format!("stdin is {} bytes; at most {MAX_STDIN} are accepted", stdin.len())));
         }
@@ -47,7 +48,9 @@ impl NetConf {
             Some(Value::Array(items)) => Some(
                 items
                     .iter()
-                    .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| invalid("cniVersions must be a list of strings")))
+                    .map(|v| {
+                        v.as_str().map(str::to_owned).ok_or_else(|| invalid("cniVersions must be a list of strings"))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
             Some(_) => return Err(invalid("cniVersions must be a list of strings")),

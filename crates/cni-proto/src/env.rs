@@ -57,9 +57,12 @@ impl Env {
 
     /// Reads and checks the variables the command needs.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
-        let invalid = |details: String| CniError::new(code::INVALID_ENVIRONMENT, "invalid environment variables", details);
+        let invalid =
+            |details: String| CniError::new(code::INVALID_ENVIRONMENT, "invalid environment variables", details);
         let text = var("CNI_COMMAND").unwrap_or_default();
-        let command = Command::parse(&text).ok_or_else(|| invalid(format!("CNI_COMMAND {text:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION")))?;
+        let command = Command::parse(&text).ok_or_else(|| {
+            invalid(format!("CNI_COMMAND {text:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"))
+        })?;
         let required: &[&str] = match command {
             Command::Add | Command::Check => &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"],
             Command::Del => &["CNI_CONTAINERID", "CNI_IFNAME"],
@@ -72,7 +75,8 @@ impl Env {
         let raw_args = var("CNI_ARGS").unwrap_or_default();
         let mut args = BTreeMap::new();
         for pair in raw_args.split(';').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or_else(|| invalid(format!("CNI_ARGS entry {pair:?} is not KEY=VALUE")))?;
+            let (k, v) =
+                pair.split_once('=').ok_or_else(|| invalid(format!("CNI_ARGS entry {pair:?} is not KEY=VALUE")))?;
             args.insert(k.to_owned(), v.to_owned());
         }
         Ok(Env {

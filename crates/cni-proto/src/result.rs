@@ -36,7 +36,8 @@ pub fn pass_on(prev: Option<&Value>, to: &str) -> Result<Value, CniError> {
 
 /// 0.3.x/0.4.0 results name each address's family.
 fn add_ip_version(ip: &mut Map<String, Value>) -> Result<(), CniError> {
-    let address = ip.get("address").and_then(Value::as_str).ok_or_else(|| invalid("prevResult ips[] entry without address"))?;
+    let address =
+        ip.get("address").and_then(Value::as_str).ok_or_else(|| invalid("prevResult ips[] entry without address"))?;
     let family = if address.contains(':') { "6" } else { "4" };
     ip.insert("version".to_owned(), Value::String(family.to_owned()));
     Ok(())

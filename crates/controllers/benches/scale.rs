@@ -58,7 +58,10 @@ async fn bench(count: usize) {
         .for_each_concurrent(IN_FLIGHT, |i| {
             let (nodes, ns) = (nodes.clone(), &ns);
             async move {
-                let node = Node { metadata: ObjectMeta { name: Some(node_name(i)), ..Default::default() }, ..Default::default() };
+                let node = Node {
+                    metadata: ObjectMeta { name: Some(node_name(i)), ..Default::default() },
+                    ..Default::default()
+                };
                 nodes.create(&PostParams::default(), &node).await.expect("creating a node");
                 let cni = pod(&format!("cni-{i}")).label("app", "kong-mesh-cni").node_name(&node_name(i)).build();
                 ns.create_pod(cni).await;
@@ -88,13 +91,26 @@ async fn bench(count: usize) {
     let (peak_after, rss_after) = memory(&controller);
     let (_, metrics) = http_get(port, "/metrics").await.expect("/metrics answers");
 
-    println!("controllers scale benchmark: {count} nodes and {count} CNI pods through a real kube-apiserver, {IN_FLIGHT} requests in flight");
+    println!(
+        "controllers scale benchmark: {count} nodes and {count} CNI pods through a real kube-apiserver, {IN_FLIGHT} requests in flight"
+    );
     println!("  created nodes and pods (half of the pods Ready) in {:.1}s", created.as_secs_f64());
     println!("  every taint right {:.1}s after the first node (target < 60 s)", settled.as_secs_f64());
-    println!("  the other {} pods Ready in {:.1}s; every taint gone {:.1}s after the first", count / 2, marked.as_secs_f64(), untainted.as_secs_f64());
-    println!("  controller process memory: peak {:.1} MiB, now {:.1} MiB (target < 100 MiB)", mib(peak.max(peak_after)), mib(rss_after));
+    println!(
+        "  the other {} pods Ready in {:.1}s; every taint gone {:.1}s after the first",
+        count / 2,
+        marked.as_secs_f64(),
+        untainted.as_secs_f64()
+    );
+    println!(
+        "  controller process memory: peak {:.1} MiB, now {:.1} MiB (target < 100 MiB)",
+        mib(peak.max(peak_after)),
+        mib(rss_after)
+    );
     println!("    (after the first phase: peak {:.1} MiB, resident {:.1} MiB)", mib(peak), mib(rss));
-    for line in metrics.lines().filter(|l| ["taint_changes", "conflicts", "errors"].iter().any(|m| l.starts_with(&format!("kong_mesh_cni_controller_{m}")))) {
+    for line in metrics.lines().filter(|l| {
+        ["taint_changes", "conflicts", "errors"].iter().any(|m| l.starts_with(&format!("kong_mesh_cni_controller_{m}")))
+    }) {
         println!("  {line}");
     }
     println!("  command: cargo bench -p controllers --bench scale   (NODES={count})");
@@ -154,7 +170,8 @@ async fn wait_ready(port: u16) {
 
 /// VmHWM and VmRSS of the process, in bytes.
 fn memory(child: &Child) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("reading the controller's /proc status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("reading the controller's /proc status");
     let field = |name: &str| {
         let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_default();
         line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).unwrap_or(0) * 1024

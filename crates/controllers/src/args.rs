@@ -88,7 +88,9 @@ impl RepairAction {
 
 impl ControllerArgs {
     /// Parses flags as the `controller` subcommand would (the environment counts too).
-    pub fn from_flags<I: IntoIterator<Item = S>, S: Into<std::ffi::OsString> + Clone>(flags: I) -> Result<ControllerArgs, clap::Error> {
+    pub fn from_flags<I: IntoIterator<Item = S>, S: Into<std::ffi::OsString> + Clone>(
+        flags: I,
+    ) -> Result<ControllerArgs, clap::Error> {
         #[derive(clap::Parser)]
         struct Flags {
             #[command(flatten)]
@@ -102,7 +104,10 @@ impl ControllerArgs {
     pub fn validate(&self) -> Result<(), Error> {
         let invalid = |why: String| Err(Error::Settings(why));
         if self.lease_duration < Duration::from_secs(1) || self.lease_duration.subsec_nanos() != 0 {
-            return invalid(format!("lease duration {:?} must be whole seconds, at least 1s (the Lease records seconds)", self.lease_duration));
+            return invalid(format!(
+                "lease duration {:?} must be whole seconds, at least 1s (the Lease records seconds)",
+                self.lease_duration
+            ));
         }
         if self.renew_deadline >= self.lease_duration {
             return invalid(format!(
@@ -111,7 +116,10 @@ impl ControllerArgs {
             ));
         }
         if self.retry_period.is_zero() || self.retry_period >= self.renew_deadline {
-            return invalid(format!("retry period {:?} must be above zero and shorter than the renew deadline {:?}", self.retry_period, self.renew_deadline));
+            return invalid(format!(
+                "retry period {:?} must be above zero and shorter than the renew deadline {:?}",
+                self.retry_period, self.renew_deadline
+            ));
         }
         // A write sent just before leadership lapses must be over before another replica
         // may take the Lease (the lease duration after our last renewal).

@@ -61,7 +61,11 @@ impl Error {
 }
 
 /// Runs one API call with an upper bound, naming it in the error.
-pub async fn bounded<T>(timeout: Duration, what: impl FnOnce() -> String, call: impl Future<Output = Result<T, kube::Error>>) -> Result<T, Error> {
+pub async fn bounded<T>(
+    timeout: Duration,
+    what: impl FnOnce() -> String,
+    call: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, Error> {
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(source)) => Err(Error::Api { what: what(), source }),

@@ -29,7 +29,10 @@ enum State {
     Follower,
     /// Acting is allowed until `until`. `term` counts the times leadership was gained, so
     /// that a regain after a lapse is seen even when nobody looked in between.
-    Leader { until: Instant, term: u64 },
+    Leader {
+        until: Instant,
+        term: u64,
+    },
 }
 
 /// A view of this replica's leadership, cheap to clone and to ask.
@@ -84,7 +87,12 @@ pub struct Elector {
 }
 
 impl Elector {
-    pub fn new(client: kube::Client, args: &ControllerArgs, identity: String, status: Arc<Status>) -> (Elector, Leadership) {
+    pub fn new(
+        client: kube::Client,
+        args: &ControllerArgs,
+        identity: String,
+        status: Arc<Status>,
+    ) -> (Elector, Leadership) {
         let (tx, rx) = watch::channel(State::Unknown);
         let elector = Elector {
             api: Api::namespaced(client, &args.lease_namespace),
@@ -227,7 +235,12 @@ impl Elector {
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return Ok(());
         }
-        let spec = LeaseSpec { holder_identity: None, lease_duration_seconds: Some(1), renew_time: Some(MicroTime(Timestamp::now())), ..spec };
+        let spec = LeaseSpec {
+            holder_identity: None,
+            lease_duration_seconds: Some(1),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            ..spec
+        };
         let lease = Lease { spec: Some(spec), ..lease };
         bounded(self.timeout, what, self.api.replace(&self.name, &PostParams::default(), &lease)).await?;
         info!(lease = %self.name, identity = %self.identity, "released the lease");

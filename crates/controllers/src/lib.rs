@@ -77,7 +77,12 @@ pub fn parts(args: &ControllerArgs) -> Vec<Part> {
 /// Runs the controllers with `client` until `shutdown`, then stops acting and gives the
 /// Lease up. `status` is created by the caller (see [`parts`]) so that tests in the same
 /// process can read each instance's metrics and readiness.
-pub async fn serve(client: Client, args: ControllerArgs, status: Arc<Status>, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+pub async fn serve(
+    client: Client,
+    args: ControllerArgs,
+    status: Arc<Status>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     args.validate()?;
     let listener = match args.metrics_port {
         0 => None,

@@ -59,10 +59,8 @@ pub fn decide(namespace: &Namespace, ours_exists: bool) -> Option<Change> {
 /// plugin's configuration file of the same name from its configuration directory.
 pub fn new_nad(name: &str, namespace: &str) -> DynamicObject {
     let mut nad = DynamicObject::new(name, &resource()).within(namespace);
-    nad.metadata = ObjectMeta {
-        labels: Some([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned())].into()),
-        ..nad.metadata
-    };
+    nad.metadata =
+        ObjectMeta { labels: Some([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned())].into()), ..nad.metadata };
     nad.data = json!({"spec": {"config": ""}});
     nad
 }
@@ -70,7 +68,11 @@ pub fn new_nad(name: &str, namespace: &str) -> DynamicObject {
 /// The CRD is served (its API answers) once it is Established.
 pub fn established(crd: &CustomResourceDefinition) -> bool {
     crd.metadata.deletion_timestamp.is_none()
-        && crd.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+        && crd
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True"))
 }
 
 #[cfg(test)]
@@ -105,7 +107,8 @@ mod tests {
         ns.status = Some(NamespaceStatus { phase: Some("Terminating".into()), ..Default::default() });
         assert_eq!(decide(&ns, false), None);
         let mut ns = namespace(None);
-        ns.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        ns.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
         assert_eq!(decide(&ns, true), None);
     }
 
@@ -123,10 +126,16 @@ mod tests {
     fn the_crd_is_usable_once_established() {
         let mut crd = CustomResourceDefinition::default();
         assert!(!established(&crd));
-        let condition = |status: &str| CustomResourceDefinitionCondition { type_: "Established".into(), status: status.into(), ..Default::default() };
-        crd.status = Some(CustomResourceDefinitionStatus { conditions: Some(vec![condition("False")]), ..Default::default() });
+        let condition = |status: &str| CustomResourceDefinitionCondition {
+            type_: "Established".into(),
+            status: status.into(),
+            ..Default::default()
+        };
+        crd.status =
+            Some(CustomResourceDefinitionStatus { conditions: Some(vec![condition("False")]), ..Default::default() });
         assert!(!established(&crd));
-        crd.status = Some(CustomResourceDefinitionStatus { conditions: Some(vec![condition("True")]), ..Default::default() });
+        crd.status =
+            Some(CustomResourceDefinitionStatus { conditions: Some(vec![condition("True")]), ..Default::default() });
         assert!(established(&crd));
     }
 }

@@ -156,7 +156,11 @@ async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, E
     let api = Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &ns, &ctx.resource);
     let what = || format!("{} NetworkAttachmentDefinition {ns}/{}", change.as_str(), ctx.nad_name);
     let done = match change {
-        Change::Create => bounded(ctx.timeout, what, api.create(&PostParams::default(), &nad::new_nad(&ctx.nad_name, &ns))).await.map(|_| true),
+        Change::Create => {
+            bounded(ctx.timeout, what, api.create(&PostParams::default(), &nad::new_nad(&ctx.nad_name, &ns)))
+                .await
+                .map(|_| true)
+        }
         Change::Delete => {
             // Precondition: exactly the NAD we saw, not one someone made in its place.
             let preconditions = Preconditions { uid: ours.and_then(|o| o.uid()), resource_version: None };

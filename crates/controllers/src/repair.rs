@@ -15,7 +15,9 @@ pub const EVENT_REASON: &str = "RedirectMissing";
 /// same decision the plugin makes): non-mesh pods are never touched, whatever their
 /// containers are named. A pod already being deleted or already labelled is done.
 pub fn needs_repair(pod: &Pod) -> bool {
-    if pod.metadata.deletion_timestamp.is_some() || pod.metadata.labels.as_ref().is_some_and(|l| l.contains_key(REDIRECT_MISSING_LABEL)) {
+    if pod.metadata.deletion_timestamp.is_some()
+        || pod.metadata.labels.as_ref().is_some_and(|l| l.contains_key(REDIRECT_MISSING_LABEL))
+    {
         return false;
     }
     if !validator_reported_no_redirect(pod) {
@@ -28,11 +30,18 @@ pub fn needs_repair(pod: &Pod) -> bool {
 /// kubelet restarts a failed init container, which moves that run to `lastState`).
 fn validator_reported_no_redirect(pod: &Pod) -> bool {
     let statuses = pod.status.as_ref().and_then(|s| s.init_container_statuses.as_deref()).unwrap_or_default();
-    statuses.iter().filter(|s| s.name == VALIDATION_CONTAINER).any(|s| exit_codes(s).any(|code| code == VALIDATOR_EXIT_NOT_REDIRECTED))
+    statuses
+        .iter()
+        .filter(|s| s.name == VALIDATION_CONTAINER)
+        .any(|s| exit_codes(s).any(|code| code == VALIDATOR_EXIT_NOT_REDIRECTED))
 }
 
 fn exit_codes(status: &ContainerStatus) -> impl Iterator<Item = i32> + '_ {
-    [status.state.as_ref(), status.last_state.as_ref()].into_iter().flatten().filter_map(|s| s.terminated.as_ref()).map(|t| t.exit_code)
+    [status.state.as_ref(), status.last_state.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.terminated.as_ref())
+        .map(|t| t.exit_code)
 }
 
 #[cfg(test)]
@@ -46,7 +55,10 @@ mod tests {
     }
 
     fn terminated(code: i32) -> Option<ContainerState> {
-        Some(ContainerState { terminated: Some(ContainerStateTerminated { exit_code: code, ..Default::default() }), ..Default::default() })
+        Some(ContainerState {
+            terminated: Some(ContainerStateTerminated { exit_code: code, ..Default::default() }),
+            ..Default::default()
+        })
     }
 
     /// A mesh pod (injected, with the sidecar) whose validator ended with `code`, in
@@ -96,7 +108,8 @@ mod tests {
         not_injected.metadata.annotations = None;
         assert!(!needs_repair(&not_injected));
         let mut injected_false = pod(97, false);
-        injected_false.metadata.annotations = Some([(mesh_pod::SIDECAR_INJECTED.to_owned(), "false".to_owned())].into());
+        injected_false.metadata.annotations =
+            Some([(mesh_pod::SIDECAR_INJECTED.to_owned(), "false".to_owned())].into());
         assert!(!needs_repair(&injected_false));
     }
 

@@ -187,7 +187,9 @@ impl Repairer {
             Verb::Label => {
                 // The resourceVersion in a patch is a precondition too (409 when stale).
                 let patch = json!({"metadata": {"resourceVersion": pod.resource_version(), "labels": {REDIRECT_MISSING_LABEL: "true"}}});
-                bounded(self.timeout, what, api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))).await.map(drop)
+                bounded(self.timeout, what, api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)))
+                    .await
+                    .map(drop)
             }
         };
         match result {
@@ -215,7 +217,13 @@ impl Repairer {
             mesh_pod::VALIDATION_CONTAINER,
             mesh_pod::VALIDATOR_EXIT_NOT_REDIRECTED
         );
-        let event = Event { type_: EventType::Warning, reason: EVENT_REASON.into(), note: Some(note), action: action.into(), secondary: None };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: EVENT_REASON.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
         let what = || format!("event for pod {}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
         match bounded(self.timeout, what, self.recorder.publish(&event, &pod.object_ref(&()))).await {
             Ok(()) => self.status.event(true),

@@ -65,20 +65,47 @@ impl Status {
     /// Readiness waits for each of `parts`.
     pub fn new(parts: &[Part]) -> Status {
         let (leader, taint_changes, nad_changes) = (Gauge::default(), Family::default(), Family::default());
-        let (repair_actions, events, conflicts, errors) = (Family::default(), Family::default(), Family::default(), Family::default());
+        let (repair_actions, events, conflicts, errors) =
+            (Family::default(), Family::default(), Family::default(), Family::default());
         let mut registry = Registry::with_prefix("kong_mesh_cni_controller");
         registry.register("leader", "1 while this replica holds the Lease and acts", leader.clone());
-        registry.register("taint_changes", "NodeReadiness taints added (change=add) or removed (change=remove)", taint_changes.clone());
+        registry.register(
+            "taint_changes",
+            "NodeReadiness taints added (change=add) or removed (change=remove)",
+            taint_changes.clone(),
+        );
         registry.register("nad_changes", "NetworkAttachmentDefinitions created or deleted", nad_changes.clone());
-        registry.register("repair_actions", "Pods without redirect deleted or labelled (action=delete|label)", repair_actions.clone());
-        registry.register("events", "Kubernetes Events recorded (change=recorded) or lost (change=failed)", events.clone());
-        registry.register("conflicts", "Writes refused because the object changed meanwhile, retried from a fresh read", conflicts.clone());
+        registry.register(
+            "repair_actions",
+            "Pods without redirect deleted or labelled (action=delete|label)",
+            repair_actions.clone(),
+        );
+        registry.register(
+            "events",
+            "Kubernetes Events recorded (change=recorded) or lost (change=failed)",
+            events.clone(),
+        );
+        registry.register(
+            "conflicts",
+            "Writes refused because the object changed meanwhile, retried from a fresh read",
+            conflicts.clone(),
+        );
         registry.register(
             "errors",
             "Failed API calls and watches, by controller and kind (HTTP status, timeout, conflicts: retries exhausted, other)",
             errors.clone(),
         );
-        Status { registry, leader, taint_changes, nad_changes, repair_actions, events, conflicts, errors, pending: Mutex::new(parts.to_vec()) }
+        Status {
+            registry,
+            leader,
+            taint_changes,
+            nad_changes,
+            repair_actions,
+            events,
+            conflicts,
+            errors,
+            pending: Mutex::new(parts.to_vec()),
+        }
     }
 
     pub fn synced(&self, part: Part) {

@@ -111,7 +111,11 @@ mod tests {
             spec: Some(PodSpec { node_name: Some("n1".into()), ..Default::default() }),
             status: Some(PodStatus {
                 phase: Some(phase.into()),
-                conditions: Some(vec![PodCondition { type_: "Ready".into(), status: ready.into(), ..Default::default() }]),
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    ..Default::default()
+                }]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -197,8 +201,12 @@ mod tests {
         newer["metadata"]["resourceVersion"] = json!("43");
         assert!(json_patch::patch(&mut newer, &patch(&n, Change::Remove)).is_err());
         json_patch::patch(&mut doc, &patch(&n, Change::Remove)).unwrap();
-        let left: Vec<(String, String)> =
-            doc["spec"]["taints"].as_array().unwrap().iter().map(|t| (t["key"].as_str().unwrap().into(), t["effect"].as_str().unwrap().into())).collect();
+        let left: Vec<(String, String)> = doc["spec"]["taints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["key"].as_str().unwrap().into(), t["effect"].as_str().unwrap().into()))
+            .collect();
         assert_eq!(left, [("dedicated".into(), "NoSchedule".into()), (TAINT_KEY.into(), "NoExecute".into())]);
     }
 }

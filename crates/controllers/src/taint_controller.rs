@@ -60,7 +60,14 @@ pub async fn run(client: Client, args: &ControllerArgs, leader: Leadership, stat
         .touched_objects();
 
     let (synced_tx, synced) = watch::channel(false);
-    let ctx = Arc::new(Ctx { nodes, cni_pods: pod_reader.clone(), synced, leader: leader.clone(), status: status.clone(), timeout: args.api_timeout });
+    let ctx = Arc::new(Ctx {
+        nodes,
+        cni_pods: pod_reader.clone(),
+        synced,
+        leader: leader.clone(),
+        status: status.clone(),
+        timeout: args.api_timeout,
+    });
     let synced = async {
         // Never fails: the writers live as long as the controller below. Polled in the
         // controller's task, so the single wake-up the stores give reaches it.
@@ -86,7 +93,8 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let name = node.name_any();
     let mut node = node;
     for _ in 0..ATTEMPTS {
-        let cni_ready = ctx.cni_pods.find(|p| taint::pod_node(p) == Some(name.as_str()) && taint::cni_pod_ready(p)).is_some();
+        let cni_ready =
+            ctx.cni_pods.find(|p| taint::pod_node(p) == Some(name.as_str()) && taint::cni_pod_ready(p)).is_some();
         let Some(change) = taint::decide(&node, cni_ready) else {
             return Ok(Action::await_change());
         };
@@ -98,7 +106,11 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         match bounded(ctx.timeout, what, ctx.nodes.patch(&name, &PatchParams::default(), &patch)).await {
             Ok(_) => {
                 ctx.status.taint_changed(change.as_str());
-                let done = if change == Change::Add { "tainted: no Ready CNI pod on it" } else { "untainted: its CNI pod is Ready" };
+                let done = if change == Change::Add {
+                    "tainted: no Ready CNI pod on it"
+                } else {
+                    "untainted: its CNI pod is Ready"
+                };
                 info!(node = %name, taint = taint::TAINT_KEY, "{done}");
                 return Ok(Action::await_change());
             }

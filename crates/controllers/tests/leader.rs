@@ -19,10 +19,15 @@ const LEASE: &str = "kong-mesh-cni-controller";
 /// Every action counter of one replica, summed.
 fn actions(ctl: &Running) -> u64 {
     let text = ctl.status.render();
-    ["taint_changes_total{change=\"add\"}", "taint_changes_total{change=\"remove\"}", "nad_changes_total{change=\"create\"}", "repair_actions_total{action=\"delete\"}"]
-        .iter()
-        .map(|s| metric(&text, &format!("kong_mesh_cni_controller_{s}")))
-        .sum()
+    [
+        "taint_changes_total{change=\"add\"}",
+        "taint_changes_total{change=\"remove\"}",
+        "nad_changes_total{change=\"create\"}",
+        "repair_actions_total{action=\"delete\"}",
+    ]
+    .iter()
+    .map(|s| metric(&text, &format!("kong_mesh_cni_controller_{s}")))
+    .sum()
 }
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {
@@ -59,7 +64,10 @@ async fn only_the_leader_acts_and_a_successor_takes_over() {
     eventually("the node to be tainted", Duration::from_secs(5), || tainted(admin, node.name())).await;
     let mesh = server.namespace("kmc-mesh").await;
     let label = json!({"metadata": {"labels": {SIDECAR_INJECTION_LABEL: "enabled"}}});
-    Api::<Namespace>::all(admin.clone()).patch(mesh.name(), &PatchParams::default(), &Patch::Merge(label)).await.unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .patch(mesh.name(), &PatchParams::default(), &Patch::Merge(label))
+        .await
+        .unwrap();
     let nads = Api::<DynamicObject>::namespaced_with(admin.clone(), mesh.name(), &nad_resource());
     eventually("the NAD", Duration::from_secs(5), || async { nads.get_opt("kuma-cni").await.unwrap().is_some() }).await;
 

@@ -30,16 +30,25 @@ async fn has_nad(admin: &Client, ns: &str) -> bool {
 
 async fn label(admin: &Client, ns: &str, value: Option<&str>) {
     let patch = json!({"metadata": {"labels": {SIDECAR_INJECTION_LABEL: value}}});
-    Api::<Namespace>::all(admin.clone()).patch(ns, &PatchParams::default(), &Patch::Merge(patch)).await.expect("labelling the namespace");
+    Api::<Namespace>::all(admin.clone())
+        .patch(ns, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .expect("labelling the namespace");
 }
 
 async fn install_crd(admin: &Client) {
     let path = repo_root().join("testenv/crds/network-attachment-definition.yaml");
     let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    Api::<CustomResourceDefinition>::all(admin.clone()).create(&PostParams::default(), &crd).await.expect("creating the CRD");
+    Api::<CustomResourceDefinition>::all(admin.clone())
+        .create(&PostParams::default(), &crd)
+        .await
+        .expect("creating the CRD");
     // Served a moment after it is created; until then the test's own reads would fail.
     let nads = nads(admin, "default");
-    eventually("the NAD API to be served", Duration::from_secs(10), || async { nads.list(&Default::default()).await.is_ok() }).await;
+    eventually("the NAD API to be served", Duration::from_secs(10), || async {
+        nads.list(&Default::default()).await.is_ok()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +83,10 @@ async fn a_namespace_label_adds_and_removes_the_nad() {
     label(admin, own.name(), Some("enabled")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     label(admin, own.name(), None).await;
-    throughout("their NAD", Duration::from_millis(500), || async { nad(admin, own.name()).await.is_some_and(|n| n.labels().is_empty()) }).await;
+    throughout("their NAD", Duration::from_millis(500), || async {
+        nad(admin, own.name()).await.is_some_and(|n| n.labels().is_empty())
+    })
+    .await;
 
     let text = ctl.status.render();
     assert_eq!(metric(&text, "kong_mesh_cni_controller_nad_changes_total{change=\"create\"}"), 1);
@@ -97,12 +109,16 @@ async fn terminating_namespaces_are_skipped() {
     // finalizer is cleared by hand below.
     let name = format!("kmc-term-{}", unique_suffix());
     let namespaces = Api::<Namespace>::all(admin.clone());
-    let ns = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
+    let ns =
+        Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
     namespaces.create(&PostParams::default(), &ns).await.expect("creating the namespace");
     namespaces.delete(&name, &DeleteParams::default()).await.expect("deleting the namespace");
     label(admin, &name, Some("enabled")).await;
     // Creating in it would be refused (403): the controller must not even try.
-    throughout("no NAD in the terminating namespace", Duration::from_secs(1), || async { !has_nad(admin, &name).await }).await;
+    throughout("no NAD in the terminating namespace", Duration::from_secs(1), || async {
+        !has_nad(admin, &name).await
+    })
+    .await;
     let errors = metric(&ctl.status.render(), "kong_mesh_cni_controller_errors_total{controller=\"nad\",kind=\"403\"}");
     assert_eq!(errors, 0);
 
@@ -130,7 +146,9 @@ async fn the_crd_installed_after_start_is_picked_up_without_restart() {
 
     // The CRD going away (its NADs with it) and coming back is followed too.
     let crds = Api::<CustomResourceDefinition>::all(admin.clone());
-    crds.delete("network-attachment-definitions.k8s.cni.cncf.io", &DeleteParams::default()).await.expect("deleting the CRD");
+    crds.delete("network-attachment-definitions.k8s.cni.cncf.io", &DeleteParams::default())
+        .await
+        .expect("deleting the CRD");
     eventually("the CRD to be gone", Duration::from_secs(20), || async {
         crds.get_opt("network-attachment-definitions.k8s.cni.cncf.io").await.unwrap().is_none()
     })

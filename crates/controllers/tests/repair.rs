@@ -34,13 +34,20 @@ async fn validator_exited(ns: &TestNamespace, name: &str, code: i32, report: Rep
         "name": VALIDATION_CONTAINER, "image": "kmc-test/none:0", "imageID": "", "ready": false,
         "restartCount": restarts, "state": state, "lastState": last_state,
     }]}});
-    ns.api::<Pod>().patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.expect("writing the pod status");
+    ns.api::<Pod>()
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .expect("writing the pod status");
 }
 
 /// A mesh pod as the injector makes it, scheduled on a node (no kubelet runs, so a
 /// deleted pod stays, marked for deletion, and keeps receiving status updates).
 async fn mesh_pod(ns: &TestNamespace, name: &str) {
-    let p = pod(name).annotation(SIDECAR_INJECTED, "true").init_container(VALIDATION_CONTAINER).container("app").container(SIDECAR_CONTAINER);
+    let p = pod(name)
+        .annotation(SIDECAR_INJECTED, "true")
+        .init_container(VALIDATION_CONTAINER)
+        .container("app")
+        .container(SIDECAR_CONTAINER);
     ns.create_pod(p.node_name("kmc-node-gone").build()).await;
 }
 
@@ -50,7 +57,8 @@ async fn marked_for_deletion(ns: &TestNamespace, name: &str) -> bool {
 
 async fn untouched(ns: &TestNamespace, name: &str) -> bool {
     let pod = ns.api::<Pod>().get(name).await.unwrap();
-    pod.metadata.deletion_timestamp.is_none() && !pod.metadata.labels.unwrap_or_default().contains_key(REDIRECT_MISSING_LABEL)
+    pod.metadata.deletion_timestamp.is_none()
+        && !pod.metadata.labels.unwrap_or_default().contains_key(REDIRECT_MISSING_LABEL)
 }
 
 /// Our Events about `pod`.
@@ -58,7 +66,10 @@ async fn events(ns: &TestNamespace, pod: &str) -> Vec<Event> {
     let all = Api::<Event>::namespaced(ns.client(), ns.name()).list(&ListParams::default()).await.unwrap();
     all.items
         .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(EVENT_REASON) && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod))
+        .filter(|e| {
+            e.reason.as_deref() == Some(EVENT_REASON)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+        })
         .collect()
 }
 

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, Running, eventually, metric, taints, tainted, throughout};
+use common::{Harness, Running, eventually, metric, tainted, taints, throughout};
 use controllers::{RepairAction, TAINT_KEY};
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, Taint};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -32,7 +32,10 @@ async fn register_tainted_node(admin: &kube::Client) -> String {
     let name = format!("kmc-registered-{}", unique_suffix());
     let node = Node {
         metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
-        spec: Some(NodeSpec { taints: Some(vec![Taint { key: TAINT_KEY.into(), effect: "NoSchedule".into(), ..Default::default() }]), ..Default::default() }),
+        spec: Some(NodeSpec {
+            taints: Some(vec![Taint { key: TAINT_KEY.into(), effect: "NoSchedule".into(), ..Default::default() }]),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     Api::<Node>::all(admin.clone()).create(&PostParams::default(), &node).await.expect("registering the node");
@@ -62,10 +65,12 @@ async fn a_new_node_is_tainted_until_its_cni_pod_is_ready() {
     eventually("the new node to be tainted", Duration::from_secs(5), || tainted(admin, node.name())).await;
 
     cni_pod(&h.ns, "cni", node.name(), false).await;
-    throughout("the taint while the CNI pod is not ready", Duration::from_millis(500), || tainted(admin, node.name())).await;
+    throughout("the taint while the CNI pod is not ready", Duration::from_millis(500), || tainted(admin, node.name()))
+        .await;
 
     h.ns.set_pod_running("cni", None).await;
-    let took = eventually("the taint to go", Duration::from_secs(5), || async { !tainted(admin, node.name()).await }).await;
+    let took =
+        eventually("the taint to go", Duration::from_secs(5), || async { !tainted(admin, node.name()).await }).await;
     eprintln!("taint removed {took:?} after the CNI pod became Ready");
     assert!(took <= Duration::from_secs(1), "taint removed only after {took:?}");
 
@@ -148,14 +153,20 @@ async fn nodes_registered_with_the_taint_are_untainted_when_their_cni_pod_is_rea
 
     let client = h.controller_client(server, RepairAction::Off).await;
     let ctl = Running::start(client, &h.flags("only", RepairAction::Off)).await;
-    eventually("the early node to be untainted", Duration::from_secs(5), || async { !tainted(admin, &early).await }).await;
+    eventually("the early node to be untainted", Duration::from_secs(5), || async { !tainted(admin, &early).await })
+        .await;
     eventually("the bare node to be tainted", Duration::from_secs(5), || tainted(admin, bare.name())).await;
 
     // Registered with the taint while the controller runs: left as it is, one copy.
     let late = register_tainted_node(admin).await;
-    throughout("one copy of the taint", Duration::from_millis(500), || async { copies_of_ours(admin, &late).await == 1 }).await;
+    throughout("one copy of the taint", Duration::from_millis(500), || async {
+        copies_of_ours(admin, &late).await == 1
+    })
+    .await;
     cni_pod(&h.ns, "cni-late", &late, true).await;
-    let took = eventually("the late node to be untainted", Duration::from_secs(5), || async { !tainted(admin, &late).await }).await;
+    let took =
+        eventually("the late node to be untainted", Duration::from_secs(5), || async { !tainted(admin, &late).await })
+            .await;
     assert!(took <= Duration::from_secs(1), "taint removed only after {took:?}");
 
     ctl.stop().await;

@@ -43,7 +43,12 @@ pub fn run(binary: &Path) -> Result<Report> {
     let bridge = format!("kmcd-{}", testenv::unique_suffix());
     let mut node = Node::new(&bridge, SUBNET)?;
     let original_primary = std::fs::read(node.primary())?;
-    let access = ApiAccess { host: sa.host.clone(), port: sa.port.clone(), ca_file: sa.ca_file.clone(), token_file: sa.token_file.clone() };
+    let access = ApiAccess {
+        host: sa.host.clone(),
+        port: sa.port.clone(),
+        ca_file: sa.ca_file.clone(),
+        token_file: sa.token_file.clone(),
+    };
     let installer_ready = node.start_installer(binary, &access)?;
     let chained = node.primary_conf()?["plugins"]
         .as_array()
@@ -51,7 +56,9 @@ pub fn run(binary: &Path) -> Result<Report> {
         .unwrap_or_default();
 
     rt.block_on(async {
-        let annotated = |name: &str| pod(name).container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true");
+        let annotated = |name: &str| {
+            pod(name).container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true")
+        };
         ns.create_pod(annotated("web").annotation("kuma.io/builtin-dns", "enabled").build()).await;
         ns.create_pod(pod("plain").build()).await;
         ns.create_pod(annotated("broken").annotation("traffic.kuma.io/exclude-inbound-ports", "80,http").build()).await;
@@ -77,7 +84,8 @@ pub fn run(binary: &Path) -> Result<Report> {
     let inbound_listener = listen_tcp(&web_net, false, 15006);
     let service: SocketAddr = SERVICE.parse()?;
     let outbound = (service, land(&web_net, service, &outbound_listener)?);
-    let web_addr: SocketAddr = format!("{}:8080", web_attached.address.split('/').next().unwrap_or_default()).parse()?;
+    let web_addr: SocketAddr =
+        format!("{}:8080", web_attached.address.split('/').next().unwrap_or_default()).parse()?;
     let inbound = (web_addr, land(&plain_net, web_addr, &inbound_listener)?);
 
     // The primary CNI rewrites its file the way most do: a new file renamed over it.
@@ -85,7 +93,8 @@ pub fn run(binary: &Path) -> Result<Report> {
     std::fs::write(&temp, &original_primary)?;
     std::fs::rename(&temp, node.primary())?;
     let rewritten = Instant::now();
-    wait_for(Duration::from_secs(10), || node.primary_conf().is_ok_and(|c| is_chained(&c))).context("our entry did not come back")?;
+    wait_for(Duration::from_secs(10), || node.primary_conf().is_ok_and(|c| is_chained(&c)))
+        .context("our entry did not come back")?;
     let repaired_after = rewritten.elapsed();
 
     for a in [&web, &plain, &broken] {
@@ -144,7 +153,17 @@ fn saved_rules(netns: &NamedNetns) -> String {
 /// The validator as the injector runs it: in the pod, as the sidecar's UID.
 fn validate(binary: &Path, netns: &NamedNetns) -> Result<String> {
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &netns.name, "setpriv", "--reuid", SIDECAR_UID, "--regid", SIDECAR_UID, "--clear-groups"])
+        .args([
+            "netns",
+            "exec",
+            &netns.name,
+            "setpriv",
+            "--reuid",
+            SIDECAR_UID,
+            "--regid",
+            SIDECAR_UID,
+            "--clear-groups",
+        ])
         .arg(binary)
         .args(["validate", "--timeout", "5s"])
         .env_remove("CNI_COMMAND")
@@ -158,7 +177,8 @@ fn validate(binary: &Path, netns: &NamedNetns) -> Result<String> {
 fn land(from: &netns::NetNs, dest: SocketAddr, listener: &std::net::TcpListener) -> Result<SocketAddr> {
     let payload = format!("GET / HTTP/1.1\r\nHost: {dest}\r\n\r\n");
     let _client = connect_tcp(from, None, dest, payload.as_bytes())?;
-    let mut conn = accept_within(listener, Duration::from_secs(3)).with_context(|| format!("the connection to {dest} did not arrive"))?;
+    let mut conn = accept_within(listener, Duration::from_secs(3))
+        .with_context(|| format!("the connection to {dest} did not arrive"))?;
     ensure!(read_exact(&mut conn, payload.len()) == payload.as_bytes(), "the request arrived changed");
     Ok(origdst::original_destination(&conn)?)
 }

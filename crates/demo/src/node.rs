@@ -40,7 +40,11 @@ impl Node {
 
     /// Lays the node out: net dir with the primary conflist, empty bin dir.
     pub fn new(bridge: &str, subnet: &str) -> Result<Node> {
-        let node = Node { dir: tempfile::Builder::new().prefix("kmc-demo-").tempdir()?, bridge: bridge.to_owned(), installer: None };
+        let node = Node {
+            dir: tempfile::Builder::new().prefix("kmc-demo-").tempdir()?,
+            bridge: bridge.to_owned(),
+            installer: None,
+        };
         for d in [node.net_dir(), node.bin_dir(), node.run_dir()] {
             std::fs::create_dir_all(d)?;
         }
@@ -84,7 +88,8 @@ impl Node {
             .spawn()
             .context("starting the installer")?;
         self.installer = Some(child);
-        wait_for(Duration::from_secs(20), || self.ready_file().exists()).context("the installer did not become ready")?;
+        wait_for(Duration::from_secs(20), || self.ready_file().exists())
+            .context("the installer did not become ready")?;
         Ok(started.elapsed())
     }
 

@@ -44,7 +44,11 @@ fn ms(d: Duration) -> String {
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "kong-mesh-cni node demo")?;
-        writeln!(f, "  API server (kube-apiserver + etcd, loopback)   up in {:.1} s", self.api_server_up.as_secs_f64())?;
+        writeln!(
+            f,
+            "  API server (kube-apiserver + etcd, loopback)   up in {:.1} s",
+            self.api_server_up.as_secs_f64()
+        )?;
         writeln!(f, "  node                                           {}", self.node_dir.display())?;
         writeln!(f, "  installer ready (binary, kubeconfig, chain)    in {}", ms(self.installer_ready))?;
         writeln!(f, "  primary conflist now chains                    {}", self.chained.join(" -> "))?;
@@ -53,14 +57,28 @@ impl fmt::Display for Report {
         for line in self.validator.lines() {
             writeln!(f, "          validator as UID 5678: {line}")?;
         }
-        writeln!(f, "          app -> {} landed on the stand-in sidecar :15001, original destination {}", self.outbound.0, self.outbound.1)?;
+        writeln!(
+            f,
+            "          app -> {} landed on the stand-in sidecar :15001, original destination {}",
+            self.outbound.0, self.outbound.1
+        )?;
         writeln!(f, "          plain -> {} landed on :15006, original destination {}", self.inbound.0, self.inbound.1)?;
-        writeln!(f, "  plain   non-mesh  ADD {:>9}  {}  {} rules (untouched)", ms(self.plain.add), self.plain.address, self.plain.rules)?;
+        writeln!(
+            f,
+            "  plain   non-mesh  ADD {:>9}  {}  {} rules (untouched)",
+            ms(self.plain.add),
+            self.plain.address,
+            self.plain.rules
+        )?;
         let code = self.broken.0.map_or("none".to_owned(), |c| c.to_string());
         writeln!(f, "  broken  mesh      ADD failed in {} with CNI error {code}:", ms(self.broken.2))?;
         writeln!(f, "          {}", self.broken.1)?;
         writeln!(f, "repair")?;
-        writeln!(f, "  the primary CNI renamed a new copy of its file over ours: our entry was back after {}", ms(self.repaired_after))?;
+        writeln!(
+            f,
+            "  the primary CNI renamed a new copy of its file over ours: our entry was back after {}",
+            ms(self.repaired_after)
+        )?;
         writeln!(f, "removal")?;
         writeln!(f, "  DEL left {} rules in the mesh pod's namespace", self.web_rules_after_del.lines().count())?;
         writeln!(
@@ -69,7 +87,11 @@ impl fmt::Display for Report {
             if self.restored_exactly { "restored byte for byte" } else { "NOT restored" },
             if self.leftovers.is_empty() { "nothing".to_owned() } else { self.leftovers.join(", ") }
         )?;
-        writeln!(f, "  plugin log lines relayed to the installer's stderr (kubectl logs): {}", self.relayed_log_lines.len())?;
+        writeln!(
+            f,
+            "  plugin log lines relayed to the installer's stderr (kubectl logs): {}",
+            self.relayed_log_lines.len()
+        )?;
         if let Some(line) = self.relayed_log_lines.iter().find(|l| l.contains("redirect programmed")) {
             writeln!(f, "    e.g. {}", line.trim())?;
         }

@@ -96,7 +96,14 @@ fn main() {
         }
         let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
         for (name, v) in [("kong-mesh-cni", &ours), ("save+test+restore (Go)", &go)] {
-            println!("{:<8} {:<22} {:>10} {:>10} {:>10}", kind.as_str(), name, ms(percentile(v, 0.5)), ms(percentile(v, 0.99)), ms(mean(v)));
+            println!(
+                "{:<8} {:<22} {:>10} {:>10} {:>10}",
+                kind.as_str(),
+                name,
+                ms(percentile(v, 0.5)),
+                ms(percentile(v, 0.99)),
+                ms(mean(v))
+            );
         }
         let ratio = percentile(&ours, 0.5).as_secs_f64() / percentile(&go, 0.5).as_secs_f64();
         println!("{:<8} p50 ratio ours/Go-way: {ratio:.2} (target <= 0.33)", kind.as_str());

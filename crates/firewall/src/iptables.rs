@@ -27,7 +27,8 @@ pub struct Iptables {
 }
 
 fn search_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     for d in SEARCH_DIRS {
         if !dirs.iter().any(|x| x == Path::new(d)) {
             dirs.push(d.into());
@@ -68,7 +69,10 @@ impl Iptables {
                     return Err(FirewallError::NoTools {
                         backend: kind.as_str(),
                         family,
-                        wanted: format!("{base}-{0}-restore/-save or {base}-restore/-save linked to xtables-{0}-multi", kind.as_str()),
+                        wanted: format!(
+                            "{base}-{0}-restore/-save or {base}-restore/-save linked to xtables-{0}-multi",
+                            kind.as_str()
+                        ),
                         searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":"),
                     });
                 }

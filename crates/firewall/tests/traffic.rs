@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use firewall::{BackendChoice, BackendKind, Options, apply, remove, verify};
-use nettest::{Topology, accept_within, bind_udp, connect_tcp, listen_tcp, read_exact, recv_udp, require_root, send_udp};
+use nettest::{
+    Topology, accept_within, bind_udp, connect_tcp, listen_tcp, read_exact, recv_udp, require_root, send_udp,
+};
 use origdst::original_destination;
 use tproxy_config::Config;
 
@@ -20,7 +22,11 @@ fn config(pairs: &[(&str, &str)]) -> Config {
 }
 
 fn options(kind: BackendKind) -> Options {
-    Options { backend: BackendChoice::Forced(kind), lock_dir: std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xtables-locks"), ..Options::default() }
+    Options {
+        backend: BackendChoice::Forced(kind),
+        lock_dir: std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xtables-locks"),
+        ..Options::default()
+    }
 }
 
 fn sock(ip: IpAddr, port: u16) -> SocketAddr {
@@ -42,7 +48,8 @@ fn assert_lands(
 ) {
     let payload = format!("hello {dest}");
     let _client = connect_tcp(from, uid, dest, payload.as_bytes()).unwrap_or_else(|e| panic!("{what}: connect: {e}"));
-    let mut conn = accept_within(expected, WAIT).unwrap_or_else(|| panic!("{what}: nothing arrived on the expected listener"));
+    let mut conn =
+        accept_within(expected, WAIT).unwrap_or_else(|| panic!("{what}: nothing arrived on the expected listener"));
     assert_eq!(read_exact(&mut conn, payload.len()), payload.as_bytes(), "{what}: payload");
     // Where conntrack does not track (the peer namespace has no rules), a connection
     // that was not redirected has no original destination but its local address.
@@ -77,19 +84,55 @@ fn outbound_inbound_and_dns_are_redirected_ipv4_and_ipv6() {
             let far: IpAddr = if v6 { "2001:db8::1".parse().unwrap() } else { "192.0.2.1".parse().unwrap() };
 
             assert_lands(&pod, None, sock(far, 80), &outbound, None, &format!("{tag}: outbound to anywhere"));
-            assert_lands(&pod, None, sock(topo.peer_addr(v6), 8080), &outbound, Some(&peer_app), &format!("{tag}: outbound to the peer"));
+            assert_lands(
+                &pod,
+                None,
+                sock(topo.peer_addr(v6), 8080),
+                &outbound,
+                Some(&peer_app),
+                &format!("{tag}: outbound to the peer"),
+            );
             assert_lands(&peer, None, sock(topo.pod_addr(v6), 8080), &inbound, None, &format!("{tag}: inbound"));
-            assert_lands(&peer, None, sock(topo.pod_addr(v6), 9901), &admin, Some(&inbound), &format!("{tag}: excluded inbound port"));
-            assert_lands(&pod, None, sock(topo.peer_addr(v6), 9901), &peer_admin, Some(&outbound), &format!("{tag}: excluded outbound port"));
-            assert_lands(&pod, Some(SIDECAR), sock(topo.peer_addr(v6), 8080), &peer_app, Some(&outbound), &format!("{tag}: sidecar TCP"));
+            assert_lands(
+                &peer,
+                None,
+                sock(topo.pod_addr(v6), 9901),
+                &admin,
+                Some(&inbound),
+                &format!("{tag}: excluded inbound port"),
+            );
+            assert_lands(
+                &pod,
+                None,
+                sock(topo.peer_addr(v6), 9901),
+                &peer_admin,
+                Some(&outbound),
+                &format!("{tag}: excluded outbound port"),
+            );
+            assert_lands(
+                &pod,
+                Some(SIDECAR),
+                sock(topo.peer_addr(v6), 8080),
+                &peer_app,
+                Some(&outbound),
+                &format!("{tag}: sidecar TCP"),
+            );
 
             let dns_proxy = bind_udp(&pod, v6, 15053);
             let peer_dns = bind_udp(&peer, v6, 53);
             send_udp(&pod, None, sock(topo.peer_addr(v6), 53), b"query-app").unwrap();
-            assert_eq!(recv_udp(&dns_proxy).map(|m| m.0), Some(b"query-app".to_vec()), "{tag}: app DNS goes to the DNS proxy");
+            assert_eq!(
+                recv_udp(&dns_proxy).map(|m| m.0),
+                Some(b"query-app".to_vec()),
+                "{tag}: app DNS goes to the DNS proxy"
+            );
             assert!(recv_udp(&peer_dns).is_none(), "{tag}: app DNS must not reach the server directly");
             send_udp(&pod, Some(SIDECAR), sock(topo.peer_addr(v6), 53), b"query-sidecar").unwrap();
-            assert_eq!(recv_udp(&peer_dns).map(|m| m.0), Some(b"query-sidecar".to_vec()), "{tag}: sidecar DNS goes out");
+            assert_eq!(
+                recv_udp(&peer_dns).map(|m| m.0),
+                Some(b"query-sidecar".to_vec()),
+                "{tag}: sidecar DNS goes out"
+            );
             assert!(recv_udp(&dns_proxy).is_none(), "{tag}: sidecar DNS must not loop to the proxy");
         }
     }
@@ -120,17 +163,57 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
         let peer_7000 = listen_tcp(&peer, false, 7000);
         let peer = &peer;
 
-        assert_lands(&pod, None, "10.77.0.3:8080".parse().unwrap(), &peer_app, Some(&outbound), &format!("{tag}: excluded outbound IP"));
-        assert_lands(&pod, Some(1000), "10.77.0.1:8080".parse().unwrap(), &peer_app, Some(&outbound), &format!("{tag}: excluded UID"));
-        assert_lands(&pod, Some(1001), "10.77.0.1:8080".parse().unwrap(), &outbound, Some(&peer_app), &format!("{tag}: other UID"));
-        assert_lands(&pod, None, "10.77.0.1:7000".parse().unwrap(), &peer_7000, Some(&outbound), &format!("{tag}: excluded outbound port"));
-        assert_lands(peer, None, "10.77.0.2:8080".parse().unwrap(), &pod_app, Some(&inbound), &format!("{tag}: excluded inbound source"));
+        assert_lands(
+            &pod,
+            None,
+            "10.77.0.3:8080".parse().unwrap(),
+            &peer_app,
+            Some(&outbound),
+            &format!("{tag}: excluded outbound IP"),
+        );
+        assert_lands(
+            &pod,
+            Some(1000),
+            "10.77.0.1:8080".parse().unwrap(),
+            &peer_app,
+            Some(&outbound),
+            &format!("{tag}: excluded UID"),
+        );
+        assert_lands(
+            &pod,
+            Some(1001),
+            "10.77.0.1:8080".parse().unwrap(),
+            &outbound,
+            Some(&peer_app),
+            &format!("{tag}: other UID"),
+        );
+        assert_lands(
+            &pod,
+            None,
+            "10.77.0.1:7000".parse().unwrap(),
+            &peer_7000,
+            Some(&outbound),
+            &format!("{tag}: excluded outbound port"),
+        );
+        assert_lands(
+            peer,
+            None,
+            "10.77.0.2:8080".parse().unwrap(),
+            &pod_app,
+            Some(&inbound),
+            &format!("{tag}: excluded inbound source"),
+        );
     }
 }
 
 fn rules_of(topo: &Topology, kind: BackendKind, v6: bool) -> Vec<String> {
     let tool = format!("{}-{}-save", if v6 { "ip6tables" } else { "iptables" }, kind.as_str());
-    topo.pod.exec(&tool, &[]).lines().filter(|l| l.starts_with("-A ") || (l.starts_with(':') && l.contains(" - "))).map(str::to_owned).collect()
+    topo.pod
+        .exec(&tool, &[])
+        .lines()
+        .filter(|l| l.starts_with("-A ") || (l.starts_with(':') && l.contains(" - ")))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]

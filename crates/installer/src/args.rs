@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
 use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser};
 
 use crate::InstallError;
 use crate::kubeconfig::server_url;
@@ -49,7 +49,11 @@ pub struct InstallArgs {
     pub kubecfg_file_name: String,
     #[arg(long, env = "KUBE_CA_FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")]
     pub kube_ca_file: PathBuf,
-    #[arg(long, env = "KUBE_SERVICE_ACCOUNT_TOKEN_PATH", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
+    #[arg(
+        long,
+        env = "KUBE_SERVICE_ACCOUNT_TOKEN_PATH",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
     pub kube_service_account_token_path: PathBuf,
     #[arg(long, env = "KUBERNETES_SERVICE_HOST", default_value = "")]
     pub kubernetes_service_host: String,
@@ -131,7 +135,10 @@ impl Settings {
         if args.kubecfg_file_name.is_empty() {
             return Err(bad("KUBECFG_FILE_NAME is empty"));
         }
-        for (var, d) in [("CFGCHECK_INTERVAL", args.cfgcheck_interval), ("REFRESH_SA_TOKEN_INTERVAL", args.refresh_sa_token_interval)] {
+        for (var, d) in [
+            ("CFGCHECK_INTERVAL", args.cfgcheck_interval),
+            ("REFRESH_SA_TOKEN_INTERVAL", args.refresh_sa_token_interval),
+        ] {
             if d.is_zero() {
                 return Err(bad(&format!("{var} must be greater than 0")));
             }
@@ -157,7 +164,11 @@ impl Settings {
             bin_dirs,
             binary_source: PathBuf::from("/proc/self/exe"),
             kubeconfig_name: args.kubecfg_file_name,
-            server: server_url(&args.kubernetes_service_protocol, &args.kubernetes_service_host, &args.kubernetes_service_port),
+            server: server_url(
+                &args.kubernetes_service_protocol,
+                &args.kubernetes_service_host,
+                &args.kubernetes_service_port,
+            ),
             ca_file: args.kube_ca_file,
             token_file: args.kube_service_account_token_path,
             cfgcheck_interval: args.cfgcheck_interval,
@@ -177,7 +188,8 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a number of seconds (or a number with ms, s or m)"))?;
+    let n: u64 =
+        number.parse().map_err(|_| format!("{text:?} is not a number of seconds (or a number with ms, s or m)"))?;
     match unit {
         "" | "s" => Ok(Duration::from_secs(n)),
         "ms" => Ok(Duration::from_millis(n)),
@@ -229,7 +241,9 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        let e = Settings::from_args(InstallArgs::try_parse_from(["install", "--kubernetes-service-host", ""]).unwrap()).unwrap_err().to_string();
+        let e = Settings::from_args(InstallArgs::try_parse_from(["install", "--kubernetes-service-host", ""]).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("KUBERNETES_SERVICE_HOST"), "{e}");
         let e = parse(&["--cni-conf-name", "../x.conf"]).unwrap_err().to_string();
         assert!(e.contains("CNI_CONF_NAME"), "{e}");

@@ -125,7 +125,8 @@ pub fn without_ours(text: &str, ours: &Ours) -> Option<String> {
     let mut text = text.to_string();
     loop {
         let els = plugin_spans(&text)?;
-        let Some(i) = els.iter().position(|s| serde_json::from_str(s.of(&text)).is_ok_and(|p: Value| ours.is_ours(&p))) else {
+        let Some(i) = els.iter().position(|s| serde_json::from_str(s.of(&text)).is_ok_and(|p: Value| ours.is_ours(&p)))
+        else {
             return Some(text);
         };
         let cut = match i {
@@ -169,7 +170,9 @@ pub fn wrap(conf_text: &str, ours: &Ours, desired: &Value) -> String {
         .unwrap_or_else(|| ours.conf.get("cniVersion").map_or("\"0.3.1\"".into(), Value::to_string));
     let orig = jsontext::indent(conf_text.trim(), WRAP_INDENT);
     let entry = jsontext::indent(&pretty(desired, "  "), WRAP_INDENT);
-    format!("{{\n  \"name\": \"{WRAPPER_NAME}\",\n  \"cniVersion\": {version},\n  \"plugins\": [\n{WRAP_INDENT}{orig},\n{WRAP_INDENT}{entry}\n  ]\n}}\n")
+    format!(
+        "{{\n  \"name\": \"{WRAPPER_NAME}\",\n  \"cniVersion\": {version},\n  \"plugins\": [\n{WRAP_INDENT}{orig},\n{WRAP_INDENT}{entry}\n  ]\n}}\n"
+    )
 }
 
 /// The original `.conf` inside a wrapper made by [`wrap`].
@@ -188,7 +191,10 @@ fn plugin_spans(text: &str) -> Option<Vec<Span>> {
 
 fn pretty(value: &Value, unit: &str) -> String {
     let mut out = Vec::new();
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(unit.as_bytes()));
+    let mut ser = serde_json::Serializer::with_formatter(
+        &mut out,
+        serde_json::ser::PrettyFormatter::with_indent(unit.as_bytes()),
+    );
     value.serialize(&mut ser).expect("a Value serializes");
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
@@ -237,7 +243,8 @@ mod tests {
         let text = "{\"plugins\": [\n  {\"type\": \"kuma-cni\"},\n  {\"type\": \"calico\"},\n  {\"type\": \"kong-mesh-cni\", \"log_level\": \"debug\"},\n  {\"type\": \"portmap\"}\n]}";
         let merged = merge(text, &o, &o.conf).unwrap();
         let value: Value = serde_json::from_str(&merged).unwrap();
-        let types: Vec<&str> = value["plugins"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
+        let types: Vec<&str> =
+            value["plugins"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
         assert_eq!(types, ["calico", "portmap", "kong-mesh-cni"]);
         assert_eq!(value["plugins"][2], o.conf);
     }
@@ -245,10 +252,15 @@ mod tests {
     #[test]
     fn chained_means_once_equal_and_not_first() {
         let o = ours();
-        let list = |plugins: Vec<Value>| classify("a.conflist", serde_json::json!({"plugins": plugins}).to_string().as_bytes(), &o).unwrap();
+        let list = |plugins: Vec<Value>| {
+            classify("a.conflist", serde_json::json!({"plugins": plugins}).to_string().as_bytes(), &o).unwrap()
+        };
         let calico = serde_json::json!({"type": "calico"});
         assert!(is_chained(&list(vec![calico.clone(), o.conf.clone()]), &o.conf));
-        assert!(is_chained(&list(vec![calico.clone(), o.conf.clone(), serde_json::json!({"type": "istio-cni"})]), &o.conf));
+        assert!(is_chained(
+            &list(vec![calico.clone(), o.conf.clone(), serde_json::json!({"type": "istio-cni"})]),
+            &o.conf
+        ));
         assert!(!is_chained(&list(vec![o.conf.clone(), calico.clone()]), &o.conf));
         assert!(!is_chained(&list(vec![calico.clone(), o.conf.clone(), o.conf.clone()]), &o.conf));
         assert!(!is_chained(&list(vec![calico, serde_json::json!({"type": "kuma-cni"})]), &o.conf));
@@ -260,16 +272,21 @@ mod tests {
         let conf = "{\n  \"cniVersion\": \"0.3.1\",\n  \"name\": \"cbr0\",\n  \"type\": \"flannel\"\n}\n";
         let wrapped = wrap(conf, &o, &entry(&o, Some("10-flannel.conf")));
         match classify("10-flannel.conflist", wrapped.as_bytes(), &o).unwrap() {
-            Parsed::List { wrapped: w, ours, .. } => assert_eq!((w.as_deref(), ours), (Some("10-flannel.conf"), vec![1])),
+            Parsed::List { wrapped: w, ours, .. } => {
+                assert_eq!((w.as_deref(), ours), (Some("10-flannel.conf"), vec![1]))
+            }
             other => panic!("{other:?}"),
         }
         // The marker names the .conf this list was made from, not any other.
-        let Parsed::List { wrapped: w, .. } = classify("20-other.conflist", wrapped.as_bytes(), &o).unwrap() else { panic!() };
+        let Parsed::List { wrapped: w, .. } = classify("20-other.conflist", wrapped.as_bytes(), &o).unwrap() else {
+            panic!()
+        };
         assert_eq!(w, None);
         assert_eq!(unwrap(&wrapped).unwrap(), conf);
         // No trailing newline or a reformatted wrapper: still the same JSON.
         let bare = conf.trim_end();
-        let reformatted = serde_json::to_string(&serde_json::from_str::<Value>(&wrap(bare, &o, &o.conf)).unwrap()).unwrap();
+        let reformatted =
+            serde_json::to_string(&serde_json::from_str::<Value>(&wrap(bare, &o, &o.conf)).unwrap()).unwrap();
         let back: Value = serde_json::from_str(&unwrap(&reformatted).unwrap()).unwrap();
         assert_eq!(back, serde_json::from_str::<Value>(conf).unwrap());
     }

@@ -135,7 +135,9 @@ impl Installer {
         let mut result = Ok(());
         for dir in &self.s.bin_dirs {
             match fsio::ensure_binary(&self.s.binary_source, dir, &self.s.ours.binary, !self.binary_verified) {
-                Ok(true) => tracing::info!(path = %dir.join(&self.s.ours.binary).display(), "installed the plugin binary"),
+                Ok(true) => {
+                    tracing::info!(path = %dir.join(&self.s.ours.binary).display(), "installed the plugin binary")
+                }
                 Ok(false) => {}
                 Err(e) => result = Err(format!("cannot install the plugin binary in {}: {e}", dir.display())),
             }
@@ -155,12 +157,17 @@ impl Installer {
         // Errors name the files, never their content.
         let token = fs::read_to_string(&self.s.token_file)
             .map_err(|e| format!("cannot read the service-account token {}: {e}", self.s.token_file.display()))?;
-        let ca = fs::read(&self.s.ca_file).map_err(|e| format!("cannot read the API server CA {}: {e}", self.s.ca_file.display()))?;
+        let ca = fs::read(&self.s.ca_file)
+            .map_err(|e| format!("cannot read the API server CA {}: {e}", self.s.ca_file.display()))?;
         let config = kubeconfig::render(&self.s.server, &ca, &Secret::new(token));
         let path = self.s.net_dir.join(&self.s.kubeconfig_name);
         match fsio::ensure_file(&self.s.net_dir, &self.s.kubeconfig_name, config.expose().as_bytes(), 0o600) {
-            Ok(true) if self.kubeconfig.is_ok() => tracing::info!(path = %path.display(), "rewrote the plugin's kubeconfig (token rotated, or the file changed)"),
-            Ok(true) => tracing::info!(path = %path.display(), server = %self.s.server, "wrote the plugin's kubeconfig"),
+            Ok(true) if self.kubeconfig.is_ok() => {
+                tracing::info!(path = %path.display(), "rewrote the plugin's kubeconfig (token rotated, or the file changed)")
+            }
+            Ok(true) => {
+                tracing::info!(path = %path.display(), server = %self.s.server, "wrote the plugin's kubeconfig")
+            }
             Ok(false) => {}
             Err(e) => return Err(format!("cannot write the plugin's kubeconfig {}: {e}", path.display())),
         }
@@ -174,7 +181,12 @@ impl Installer {
         };
         let snap = match fsio::snapshot(&self.s.net_dir, wanted) {
             Ok(snap) => snap,
-            Err(e) => return self.set_chain(Err((State::Waiting, format!("cannot read the CNI net dir {}: {e}", self.s.net_dir.display())))),
+            Err(e) => {
+                return self.set_chain(Err((
+                    State::Waiting,
+                    format!("cannot read the CNI net dir {}: {e}", self.s.net_dir.display()),
+                )));
+            }
         };
         let plan = match &self.s.mode {
             Mode::Chained { .. } => plan::chain(conf_name, &snap, &self.s.ours),
@@ -192,29 +204,40 @@ impl Installer {
                 }
                 Ok(file)
             }
-            (Plan::Waiting { reason }, _) => Err((State::Waiting, format!("waiting for the primary CNI's configuration in {}: {reason}", self.s.net_dir.display()))),
-            (Plan::Refused { file, reason }, _) => Err((State::Refused, format!("not touching {}: {reason}; will chain once it is fixed", path(&file)))),
+            (Plan::Waiting { reason }, _) => Err((
+                State::Waiting,
+                format!("waiting for the primary CNI's configuration in {}: {reason}", self.s.net_dir.display()),
+            )),
+            (Plan::Refused { file, reason }, _) => {
+                Err((State::Refused, format!("not touching {}: {reason}; will chain once it is fixed", path(&file))))
+            }
             (Plan::Apply { file, .. }, Gate::Defer(at)) => Err((
                 State::Degraded,
-                format!("our entry is out of {}; the next repair is held back {:.1?}", path(&file), at.saturating_duration_since(now)),
+                format!(
+                    "our entry is out of {}; the next repair is held back {:.1?}",
+                    path(&file),
+                    at.saturating_duration_since(now)
+                ),
             )),
-            (Plan::Apply { file, primary, ops }, Gate::Write { repair, fight }) => match fsio::apply(&self.s.net_dir, &ops) {
-                Ok(()) => {
-                    let primary = primary.join(", ");
-                    if repair {
-                        self.status.repaired();
-                        tracing::info!(path = %path(&file), primary = %primary, "put our entry back: something had rewritten the file without it");
-                    } else {
-                        tracing::info!(path = %path(&file), primary = %primary, "chained our plugin into the CNI configuration");
+            (Plan::Apply { file, primary, ops }, Gate::Write { repair, fight }) => {
+                match fsio::apply(&self.s.net_dir, &ops) {
+                    Ok(()) => {
+                        let primary = primary.join(", ");
+                        if repair {
+                            self.status.repaired();
+                            tracing::info!(path = %path(&file), primary = %primary, "put our entry back: something had rewritten the file without it");
+                        } else {
+                            tracing::info!(path = %path(&file), primary = %primary, "chained our plugin into the CNI configuration");
+                        }
+                        if let Some(fight) = fight {
+                            tracing::warn!("{}", fight_warning(&path(&file), &primary, fight));
+                        }
+                        self.chained_file = Some(file.clone());
+                        Ok(file)
                     }
-                    if let Some(fight) = fight {
-                        tracing::warn!("{}", fight_warning(&path(&file), &primary, fight));
-                    }
-                    self.chained_file = Some(file.clone());
-                    Ok(file)
+                    Err(e) => Err((State::Degraded, format!("cannot write {}: {e}", path(&file)))),
                 }
-                Err(e) => Err((State::Degraded, format!("cannot write {}: {e}", path(&file)))),
-            },
+            }
             (Plan::Apply { .. }, Gate::Idle) => unreachable!("an Apply plan is always written or deferred"),
         };
         self.set_chain(result);
@@ -228,8 +251,12 @@ impl Installer {
         let left = fsio::snapshot(&self.s.net_dir, plan::wanted(Some(&previous)))
             .and_then(|snap| fsio::apply(&self.s.net_dir, &plan::unchain(Some(&previous), &snap, &self.s.ours)));
         match left {
-            Ok(()) => tracing::info!(from = %previous, to = %file, "the CNI configuration in use changed; took our entry out of the previous one"),
-            Err(e) => tracing::warn!(from = %previous, error = %e, "the CNI configuration in use changed, but our entry could not be taken out of the previous one"),
+            Ok(()) => {
+                tracing::info!(from = %previous, to = %file, "the CNI configuration in use changed; took our entry out of the previous one")
+            }
+            Err(e) => {
+                tracing::warn!(from = %previous, error = %e, "the CNI configuration in use changed, but our entry could not be taken out of the previous one")
+            }
         }
     }
 
@@ -261,10 +288,13 @@ impl Installer {
         let path = &self.s.ready_file;
         let written = match ready {
             true => fs::write(path, "ready\n"),
-            false => fs::remove_file(path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
+            false => fs::remove_file(path)
+                .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
         };
         match (ready, written) {
-            (true, Ok(())) => tracing::info!(ready_file = %path.display(), "ready: binary, kubeconfig and CNI configuration in place"),
+            (true, Ok(())) => {
+                tracing::info!(ready_file = %path.display(), "ready: binary, kubeconfig and CNI configuration in place")
+            }
             (false, Ok(())) => tracing::info!(reason = %detail, "not ready"),
             (_, Err(e)) => tracing::error!(ready_file = %path.display(), error = %e, "cannot update the ready file"),
         }
@@ -282,11 +312,21 @@ impl Installer {
                 first_error.get_or_insert(e);
             }
         };
-        note(fs::remove_file(&self.s.ready_file).or_else(not_found_ok).map_err(InstallError::io("removing", &self.s.ready_file)));
+        note(
+            fs::remove_file(&self.s.ready_file)
+                .or_else(not_found_ok)
+                .map_err(InstallError::io("removing", &self.s.ready_file)),
+        );
         note(self.remove_chain());
-        note(fsio::remove(&self.s.net_dir, &self.s.kubeconfig_name).map_err(InstallError::io("removing", self.s.net_dir.join(&self.s.kubeconfig_name))));
+        note(
+            fsio::remove(&self.s.net_dir, &self.s.kubeconfig_name)
+                .map_err(InstallError::io("removing", self.s.net_dir.join(&self.s.kubeconfig_name))),
+        );
         for dir in &self.s.bin_dirs {
-            note(fsio::remove(dir, &self.s.ours.binary).map_err(InstallError::io("removing", dir.join(&self.s.ours.binary))));
+            note(
+                fsio::remove(dir, &self.s.ours.binary)
+                    .map_err(InstallError::io("removing", dir.join(&self.s.ours.binary))),
+            );
         }
         match first_error {
             None => {
@@ -306,7 +346,8 @@ impl Installer {
                 (name.map(str::to_string), plan::unchain(name, &snap, &self.s.ours))
             }
             Mode::Standalone { conf_name } => {
-                let snap = fsio::snapshot(dir, plan::wanted(Some(conf_name))).map_err(InstallError::io("reading", dir))?;
+                let snap =
+                    fsio::snapshot(dir, plan::wanted(Some(conf_name))).map_err(InstallError::io("reading", dir))?;
                 (Some(conf_name.clone()), plan::standalone_removal(conf_name, &snap, &self.s.ours))
             }
         };
@@ -347,8 +388,12 @@ fn report_change(old: &Result<(), String>, new: &Result<(), String>) {
 pub fn fight_warning(path: &str, primary: &str, fight: Fight) -> String {
     let name = Path::new(path).file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
     let hint = match name.contains("cilium") || primary.contains("cilium") {
-        true => "Cilium removes other plugins from its configuration unless it is told not to: set the Helm value cni.exclusive=false (cni-exclusive: \"false\" in the cilium-config ConfigMap).",
-        false => "Find the agent that rewrites this file (usually the primary CNI's node agent) and configure it to keep chained plugins.",
+        true => {
+            "Cilium removes other plugins from its configuration unless it is told not to: set the Helm value cni.exclusive=false (cni-exclusive: \"false\" in the cilium-config ConfigMap)."
+        }
+        false => {
+            "Find the agent that rewrites this file (usually the primary CNI's node agent) and configure it to keep chained plugins."
+        }
     };
     format!(
         "{path} keeps losing our entry: {} repairs in the last {:?}. Another agent is rewriting it (plugins in the file: {}). Repairs are now spaced {:?} apart. {hint}",
@@ -369,7 +414,10 @@ mod tests {
     fn fight_warning_names_the_file_and_the_cilium_fix() {
         let fight = Fight { repairs: 11, window: Duration::from_secs(30), spacing: Duration::from_secs(3) };
         let w = fight_warning("/host/etc/cni/net.d/05-cilium.conflist", "cilium-cni", fight);
-        assert!(w.contains("05-cilium.conflist") && w.contains("cilium-cni") && w.contains("cni.exclusive=false"), "{w}");
+        assert!(
+            w.contains("05-cilium.conflist") && w.contains("cilium-cni") && w.contains("cni.exclusive=false"),
+            "{w}"
+        );
         let w = fight_warning("/host/etc/cni/net.d/10-azure.conflist", "azure-vnet, portmap", fight);
         assert!(w.contains("azure-vnet, portmap") && !w.contains("exclusive"), "{w}");
     }

@@ -21,9 +21,15 @@ pub const TEMP_PREFIX: &str = ".kong-mesh-cni.tmp.";
 const CONF_MODE: u32 = 0o644;
 
 /// Writes `dir/name` atomically with `mode`; `fill` writes the content.
-pub fn write_atomic(dir: &Path, name: &str, mode: u32, fill: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {
+pub fn write_atomic(
+    dir: &Path,
+    name: &str,
+    mode: u32,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let temp = dir.join(format!("{TEMP_PREFIX}{name}.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let temp =
+        dir.join(format!("{TEMP_PREFIX}{name}.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp)?;
         fill(&mut file)?;

@@ -88,26 +88,40 @@ impl Status {
         let (state, _) = self.state();
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP kong_mesh_cni_installer_{name} {help}\n# TYPE kong_mesh_cni_installer_{name} {kind}");
+            let _ = writeln!(
+                out,
+                "# HELP kong_mesh_cni_installer_{name} {help}\n# TYPE kong_mesh_cni_installer_{name} {kind}"
+            );
             for (labels, value) in samples {
                 let _ = writeln!(out, "kong_mesh_cni_installer_{name}{labels} {value}");
             }
         };
-        metric("repairs_total", "counter", "Times our entry was put back after something else took it out.", &[("", self.repairs.load(Ordering::Relaxed))]);
+        metric(
+            "repairs_total",
+            "counter",
+            "Times our entry was put back after something else took it out.",
+            &[("", self.repairs.load(Ordering::Relaxed))],
+        );
         metric(
             "last_repair_timestamp_seconds",
             "gauge",
             "Unix time of the last repair (0: none yet).",
             &[("", self.last_repair.load(Ordering::Relaxed))],
         );
-        metric("ready", "gauge", "1 while the binary, the kubeconfig and our CNI configuration are in place.", &[("", (state == State::Ready) as u64)]);
+        metric(
+            "ready",
+            "gauge",
+            "1 while the binary, the kubeconfig and our CNI configuration are in place.",
+            &[("", (state == State::Ready) as u64)],
+        );
         metric(
             "fighting",
             "gauge",
             "1 while repairs are spaced out because another agent keeps reverting our entry.",
             &[("", self.fighting.load(Ordering::Relaxed) as u64)],
         );
-        let labels: Vec<(String, u64)> = STATES.iter().map(|(s, name)| (format!("{{state=\"{name}\"}}"), (*s == state) as u64)).collect();
+        let labels: Vec<(String, u64)> =
+            STATES.iter().map(|(s, name)| (format!("{{state=\"{name}\"}}"), (*s == state) as u64)).collect();
         let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric("state", "gauge", "Install state: 1 for the current one.", &samples);
         out
@@ -117,10 +131,12 @@ impl Status {
     pub fn respond(&self, path: &str, stale_after: Duration) -> (u16, String) {
         let (state, detail) = self.state();
         match path {
-            "/healthz" => match unix_now().saturating_sub(self.heartbeat.load(Ordering::Relaxed)) > stale_after.as_secs() {
-                true => (500, "event loop stalled\n".into()),
-                false => (200, "ok\n".into()),
-            },
+            "/healthz" => {
+                match unix_now().saturating_sub(self.heartbeat.load(Ordering::Relaxed)) > stale_after.as_secs() {
+                    true => (500, "event loop stalled\n".into()),
+                    false => (200, "ok\n".into()),
+                }
+            }
             "/readyz" if state == State::Ready => (200, "ready\n".into()),
             "/readyz" => (503, format!("not ready: {detail}\n")),
             "/metrics" => (200, self.metrics()),
@@ -197,7 +213,10 @@ mod tests {
     fn readyz_follows_state_and_healthz_the_heartbeat() {
         let s = Status::default();
         s.set(State::Waiting, "10-calico.conflist does not exist yet");
-        assert_eq!(s.respond("/readyz", Duration::from_secs(10)), (503, "not ready: 10-calico.conflist does not exist yet\n".into()));
+        assert_eq!(
+            s.respond("/readyz", Duration::from_secs(10)),
+            (503, "not ready: 10-calico.conflist does not exist yet\n".into())
+        );
         assert_eq!(s.respond("/healthz", Duration::from_secs(10)).0, 200);
         s.heartbeat.store(0, Ordering::Relaxed);
         assert_eq!(s.respond("/healthz", Duration::from_secs(10)).0, 500);

@@ -80,7 +80,9 @@ fn run_with(settings: Settings) -> Result<(), InstallError> {
         // Plugin logs matter only while we run; without the relay the plugin writes
         // them to a file on the host, so a failure here does not stop the install.
         let log_socket = match &settings.log_socket {
-            Some(path) if settings.sleep => LogSocket::start(path).inspect_err(|e| tracing::warn!("{e}; plugin logs go to its file on the host")).ok(),
+            Some(path) if settings.sleep => LogSocket::start(path)
+                .inspect_err(|e| tracing::warn!("{e}; plugin logs go to its file on the host"))
+                .ok(),
             _ => None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);

@@ -71,7 +71,10 @@ fn discover<'a>(conf_name: Option<&'a str>, snap: &'a Snapshot, ours: &Ours) -> 
     };
     if let Some(name) = conf_name {
         let fallback = format!("{name}list");
-        let name = match snap.get_key_value(name).or_else(|| snap.get_key_value(fallback.as_str()).filter(|_| name.ends_with(".conf"))) {
+        let name = match snap
+            .get_key_value(name)
+            .or_else(|| snap.get_key_value(fallback.as_str()).filter(|_| name.ends_with(".conf")))
+        {
             Some((name, _)) => name.as_str(),
             None => return Err(Plan::Waiting { reason: format!("{name} does not exist yet") }),
         };
@@ -123,7 +126,9 @@ pub fn chain(conf_name: Option<&str>, snap: &Snapshot, ours: &Ours) -> Plan {
                 return Plan::InPlace { file, primary };
             }
             match conflist::merge(target.text, ours, &desired) {
-                Some(content) => Plan::Apply { ops: vec![FileOp::Write { name: file.clone(), content }], file, primary },
+                Some(content) => {
+                    Plan::Apply { ops: vec![FileOp::Write { name: file.clone(), content }], file, primary }
+                }
                 None => Plan::Refused { file, reason: "its layout could not be edited".into() },
             }
         }
@@ -146,7 +151,9 @@ pub fn unchain(conf_name: Option<&str>, snap: &Snapshot, ours: &Ours) -> Vec<Fil
             }
         }
         Parsed::List { ours: idx, .. } if idx.is_empty() => Vec::new(),
-        Parsed::List { value, wrapped: Some(conf), ours: idx } if value["plugins"].as_array().map(Vec::len) == Some(2) && idx == &[1] => {
+        Parsed::List { value, wrapped: Some(conf), ours: idx }
+            if value["plugins"].as_array().map(Vec::len) == Some(2) && idx == &[1] =>
+        {
             let remove = FileOp::Remove { name: target.name.to_string() };
             match (snap.contains_key(conf), conflist::unwrap(target.text)) {
                 (false, Some(content)) => vec![FileOp::Write { name: conf.clone(), content }, remove],
@@ -173,7 +180,11 @@ pub fn standalone(name: &str, snap: &Snapshot, ours: &Ours) -> Plan {
     let file = name.to_string();
     match snap.get(name) {
         Some(Ok(bytes)) if bytes == ours.text.as_bytes() => Plan::InPlace { file, primary: Vec::new() },
-        _ => Plan::Apply { ops: vec![FileOp::Write { name: file.clone(), content: ours.text.clone() }], file, primary: Vec::new() },
+        _ => Plan::Apply {
+            ops: vec![FileOp::Write { name: file.clone(), content: ours.text.clone() }],
+            file,
+            primary: Vec::new(),
+        },
     }
 }
 
@@ -212,7 +223,8 @@ mod tests {
         s
     }
 
-    const CALICO: &str = "{\"cniVersion\": \"0.3.1\", \"plugins\": [{\"type\": \"calico\"}, {\"type\": \"portmap\"}]}\n";
+    const CALICO: &str =
+        "{\"cniVersion\": \"0.3.1\", \"plugins\": [{\"type\": \"calico\"}, {\"type\": \"portmap\"}]}\n";
     const FLANNEL: &str = "{\"cniVersion\": \"0.3.1\", \"name\": \"cbr0\", \"type\": \"flannel\"}\n";
 
     #[test]
@@ -227,7 +239,10 @@ mod tests {
             ("20-other.conf", FLANNEL),
         ]);
         match chain(None, &s, &o) {
-            Plan::Apply { file, primary, .. } => assert_eq!((file.as_str(), primary), ("10-calico.conflist", vec!["calico".to_string(), "portmap".to_string()])),
+            Plan::Apply { file, primary, .. } => assert_eq!(
+                (file.as_str(), primary),
+                ("10-calico.conflist", vec!["calico".to_string(), "portmap".to_string()])
+            ),
             other => panic!("{other:?}"),
         }
     }

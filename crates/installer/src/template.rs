@@ -38,7 +38,9 @@ impl Ours {
         let conf: Value = serde_json::from_str(&text).map_err(|e| InstallError::Template(format!("not JSON: {e}")))?;
         let binary = match conf.get("type") {
             Some(Value::String(t)) => t.clone(),
-            _ => return Err(InstallError::Template("no \"type\" string: it must be one plugin's configuration".into())),
+            _ => {
+                return Err(InstallError::Template("no \"type\" string: it must be one plugin's configuration".into()));
+            }
         };
         // The type names a file in the host's bin dir; it must not point anywhere else.
         if binary.is_empty() || binary == "." || binary == ".." || binary.contains('/') || binary.contains('\0') {
@@ -72,7 +74,8 @@ mod tests {
 
     #[test]
     fn kuma_cni_type_names_the_binary_and_both_types_are_ours() {
-        let ours = Ours::render(&DEFAULT_TEMPLATE.replace(r#""type":"kong-mesh-cni""#, r#""type":"kuma-cni""#), "/k").unwrap();
+        let ours =
+            Ours::render(&DEFAULT_TEMPLATE.replace(r#""type":"kong-mesh-cni""#, r#""type":"kuma-cni""#), "/k").unwrap();
         assert_eq!(ours.binary, "kuma-cni");
         assert!(ours.is_ours(&serde_json::json!({"type": "kong-mesh-cni"})));
         assert!(ours.is_ours(&serde_json::json!({"type": "kuma-cni"})));
@@ -81,7 +84,11 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_numbers_survive() {
-        let ours = Ours::render(r#"{"type":"kuma-cni","x":{"big":12345678901234567890123,"f":1.50},"k":"__KUBECONFIG_FILEPATH__"}"#, "/a \"b\"").unwrap();
+        let ours = Ours::render(
+            r#"{"type":"kuma-cni","x":{"big":12345678901234567890123,"f":1.50},"k":"__KUBECONFIG_FILEPATH__"}"#,
+            "/a \"b\"",
+        )
+        .unwrap();
         assert_eq!(serde_json::to_string(&ours.conf["x"]).unwrap(), r#"{"big":12345678901234567890123,"f":1.50}"#);
         assert_eq!(ours.conf["k"], "/a \"b\"");
     }

@@ -78,7 +78,11 @@ impl std::io::Write for Captured {
 fn run_captured(test: impl AsyncFnOnce() -> ()) -> String {
     let logs = Captured::default();
     let sink = logs.clone();
-    let subscriber = tracing_subscriber::fmt().with_max_level(tracing::Level::DEBUG).with_ansi(false).with_writer(move || sink.clone()).finish();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     tracing::subscriber::with_default(subscriber, || runtime.block_on(test()));
     String::from_utf8(logs.0.lock().unwrap().clone()).unwrap()
@@ -111,7 +115,11 @@ fn injected_events_drive_install_repair_and_removal() {
         tx.send(Event::Shutdown).await.unwrap();
         installer.await.unwrap().unwrap();
         assert_eq!(std::fs::read_to_string(&conflist).unwrap(), CALICO);
-        assert!(!n.ready.exists() && !n.bin.join("kong-mesh-cni").exists() && !n.net.join("ZZZ-kuma-cni-kubeconfig").exists());
+        assert!(
+            !n.ready.exists()
+                && !n.bin.join("kong-mesh-cni").exists()
+                && !n.net.join("ZZZ-kuma-cni-kubeconfig").exists()
+        );
     });
     assert!(logs.contains("DEBUG") || logs.contains("INFO"), "{logs}");
     assert!(logs.contains("put our entry back"), "{logs}");
@@ -147,7 +155,10 @@ fn a_fight_is_throttled_warned_about_and_repaired_when_due() {
         installer.await.unwrap().unwrap();
     });
     assert_eq!(logs.matches("keeps losing our entry").count(), 1, "{logs}");
-    assert!(logs.contains("10-calico.conflist keeps losing our entry") && logs.contains("calico, portmap, bandwidth"), "{logs}");
+    assert!(
+        logs.contains("10-calico.conflist keeps losing our entry") && logs.contains("calico, portmap, bandwidth"),
+        "{logs}"
+    );
 }
 
 #[test]

@@ -18,7 +18,8 @@ const KUBECONFIG: &str = "/etc/cni/net.d/ZZZ-kuma-cni-kubeconfig";
 
 fn cases() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
-    let mut cases: Vec<PathBuf> = fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    let mut cases: Vec<PathBuf> =
+        fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
     cases.sort();
     cases
 }
@@ -53,7 +54,9 @@ fn check(dir: &Path, actual: &Snapshot) {
         return;
     }
     let expected = read_dir(dir);
-    let text = |s: &Snapshot| -> BTreeMap<String, String> { s.iter().map(|(n, c)| (n.clone(), String::from_utf8_lossy(c.as_ref().unwrap()).into_owned())).collect() };
+    let text = |s: &Snapshot| -> BTreeMap<String, String> {
+        s.iter().map(|(n, c)| (n.clone(), String::from_utf8_lossy(c.as_ref().unwrap()).into_owned())).collect()
+    };
     assert_eq!(text(actual), text(&expected), "{} differs (UPDATE_GOLDEN=1 rewrites it)", dir.display());
 }
 
@@ -113,7 +116,8 @@ fn merged_keeps_every_other_field_and_plugin_as_json() {
                     assert_eq!(list["cniVersion"], original["cniVersion"], "{name}");
                 }
                 false => {
-                    let kept: Vec<&Value> = original["plugins"].as_array().unwrap().iter().filter(|p| !ours.is_ours(p)).collect();
+                    let kept: Vec<&Value> =
+                        original["plugins"].as_array().unwrap().iter().filter(|p| !ours.is_ours(p)).collect();
                     assert_eq!(others, kept, "{name}: plugins and their order");
                     let strip = |v: &Value| {
                         let mut v = v.clone();

@@ -24,7 +24,8 @@ fn main() {
     let conflist = host.net_file("10-calico.conflist");
     std::fs::write(&conflist, CALICO).unwrap();
     let mut installer = Installer::start(&host, &[("CFGCHECK_INTERVAL", "3600"), ("KMC_REPAIR_LIMIT", "1000000")]);
-    wait_for(Duration::from_secs(60), || host.ready.exists()).unwrap_or_else(|| panic!("not ready; log:\n{}", installer.log()));
+    wait_for(Duration::from_secs(60), || host.ready.exists())
+        .unwrap_or_else(|| panic!("not ready; log:\n{}", installer.log()));
 
     std::thread::sleep(Duration::from_secs(2));
     let memory = Memory::of(&installer);
@@ -49,11 +50,19 @@ fn main() {
     let (fight, cpu) = fight_cpu();
 
     println!("installer repair after the primary's rewrite ({rounds} rewrites, half in place, half renamed over):");
-    println!("  p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (target p50 < 50 ms)", ms(at(0.50)), ms(at(0.99)), ms(at(1.0)));
+    println!(
+        "  p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (target p50 < 50 ms)",
+        ms(at(0.50)),
+        ms(at(0.99)),
+        ms(at(1.0))
+    );
     println!("installer resident memory (target < 10 MiB):");
     println!("  idle after start:  {memory}");
     println!("  after the repairs: {after}");
-    println!("installer CPU while two writers revert it every 2 ms each for {fight:?} (default throttle): {cpu:?} ({:.1}% of one core)", cpu.as_secs_f64() * 100.0 / fight.as_secs_f64());
+    println!(
+        "installer CPU while two writers revert it every 2 ms each for {fight:?} (default throttle): {cpu:?} ({:.1}% of one core)",
+        cpu.as_secs_f64() * 100.0 / fight.as_secs_f64()
+    );
 }
 
 /// Resident memory, split into the binary's mapped pages and the heap/stacks.

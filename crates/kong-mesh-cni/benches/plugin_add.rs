@@ -31,8 +31,10 @@ async fn main() {
     let ns = api.namespace("kmc-bench").await;
     let kubeconfig = api.service_account_kubeconfig(ns.name(), "kong-mesh-cni").await;
     ns.grant("kong-mesh-cni", "plugin", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
-    ns.create_pod(pod("web").container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true").build())
-        .await;
+    ns.create_pod(
+        pod("web").container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true").build(),
+    )
+    .await;
     let scratch = tempfile::tempdir().unwrap();
 
     println!("ADD of a mesh pod through libcni, {rounds} rounds per backend (bridge + host-local + portmap [+ ours])");

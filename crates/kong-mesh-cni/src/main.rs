@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kong-mesh-cni", version, about = "The Kong Mesh CNI: transparent-proxy redirect for mesh pods, programmed from the node")]
+#[command(
+    name = "kong-mesh-cni",
+    version,
+    about = "The Kong Mesh CNI: transparent-proxy redirect for mesh pods, programmed from the node"
+)]
 struct Cli {
     /// Log level: off, error, warn, info, debug or trace.
     #[arg(long, global = true, env = "CNI_LOG_LEVEL", default_value = "info")]

@@ -65,13 +65,15 @@ fn failed(message: impl ToString) -> Failure {
 }
 
 fn read_pod(path: &Path) -> Result<Pod, Failure> {
-    let text = std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read pod file {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read pod file {}: {e}", path.display())))?;
     // JSON is YAML too, so one parser reads both.
     serde_yaml::from_str(&text).map_err(|e| invalid(format!("pod file {} is not a Pod object: {e}", path.display())))
 }
 
 fn execute(args: &RulesArgs) -> Result<(), Failure> {
-    let backend: BackendChoice = args.iptables_backend.parse().map_err(|e: firewall::FirewallError| invalid(e.to_string()))?;
+    let backend: BackendChoice =
+        args.iptables_backend.parse().map_err(|e: firewall::FirewallError| invalid(e.to_string()))?;
     let pod = read_pod(&args.pod)?;
     let meta = &pod.metadata;
     let name = format!("{}/{}", meta.namespace.as_deref().unwrap_or("-"), meta.name.as_deref().unwrap_or("-"));

@@ -27,12 +27,20 @@ fn the_node_demo_shows_every_behaviour() {
 
     // The pod with a bad annotation: a clear CNI error.
     assert_eq!(report.broken.0, Some(7));
-    assert!(report.broken.1.contains("traffic.kuma.io/exclude-inbound-ports") && report.broken.1.contains("80,http"), "{}", report.broken.1);
+    assert!(
+        report.broken.1.contains("traffic.kuma.io/exclude-inbound-ports") && report.broken.1.contains("80,http"),
+        "{}",
+        report.broken.1
+    );
 
     // Repair from the file watch, then a clean removal.
     assert!(report.repaired_after < std::time::Duration::from_secs(2), "repair took {:?}", report.repaired_after);
     assert_eq!(report.web_rules_after_del, "", "DEL removed the rules");
     assert!(report.restored_exactly, "SIGTERM restored the primary conflist byte for byte");
     assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
-    assert!(report.relayed_log_lines.iter().any(|l| l.contains("redirect programmed")), "{:?}", report.relayed_log_lines);
+    assert!(
+        report.relayed_log_lines.iter().any(|l| l.contains("redirect programmed")),
+        "{:?}",
+        report.relayed_log_lines
+    );
 }

@@ -118,13 +118,18 @@ fn bad_input_is_never_overwritten_and_readiness_stays_off() {
     let cases = [
         ("not JSON", "this is not json\n", "not valid JSON"),
         ("truncated", &CALICO[..CALICO.len() / 2], "not valid JSON"),
-        ("no plugins", "{\"cniVersion\": \"0.3.1\", \"name\": \"k8s-pod-network\", \"plugins\": []}\n", "\"plugins\" list is empty"),
+        (
+            "no plugins",
+            "{\"cniVersion\": \"0.3.1\", \"name\": \"k8s-pod-network\", \"plugins\": []}\n",
+            "\"plugins\" list is empty",
+        ),
     ];
     for (what, content, reason) in cases {
         let host = Host::new();
         let conflist = host.net_file("10-calico.conflist");
         std::fs::write(&conflist, content).unwrap();
-        let installer = Installer::start(&host, &[("CNI_CONF_NAME", "10-calico.conflist"), ("CFGCHECK_INTERVAL", "100ms")]);
+        let installer =
+            Installer::start(&host, &[("CNI_CONF_NAME", "10-calico.conflist"), ("CFGCHECK_INTERVAL", "100ms")]);
         let refused = || installer.log().contains("not touching");
         assert!(wait_for(STARTUP, refused).is_some(), "{what}: {}", installer.log());
         // Several backstop passes, and a few more rewrites of the same bad content
@@ -138,12 +143,19 @@ fn bad_input_is_never_overwritten_and_readiness_stays_off() {
         assert_eq!(std::fs::read_to_string(&conflist).unwrap(), content, "{what}: overwritten");
         assert!(!host.ready.exists(), "{what}: ready");
         let log = installer.log();
-        assert!(log.contains(&format!("not touching {}", conflist.display())) && log.contains(reason), "{what}: reason not logged:\n{log}");
+        assert!(
+            log.contains(&format!("not touching {}", conflist.display())) && log.contains(reason),
+            "{what}: reason not logged:\n{log}"
+        );
         assert_eq!(log.matches("not touching").count(), 1, "{what}: logged once, not on every pass:\n{log}");
 
         // Fixed: it chains, without a restart.
         rename_over(&conflist, CALICO);
-        assert!(wait_for(REPAIR_DEADLINE, || chained(&conflist, PLUGIN) && host.ready.exists()).is_some(), "{what}: {}", installer.log());
+        assert!(
+            wait_for(REPAIR_DEADLINE, || chained(&conflist, PLUGIN) && host.ready.exists()).is_some(),
+            "{what}: {}",
+            installer.log()
+        );
     }
 }
 
@@ -180,7 +192,11 @@ fn kill_9_during_a_storm_of_rewrites_leaves_valid_json() {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
             if name.ends_with(".conflist") || name.ends_with(".conf") {
-                assert!(json(&path).is_some(), "round {round}: {name} is not valid JSON: {:?}", std::fs::read_to_string(&path));
+                assert!(
+                    json(&path).is_some(),
+                    "round {round}: {name} is not valid JSON: {:?}",
+                    std::fs::read_to_string(&path)
+                );
             }
         }
     }
@@ -209,8 +225,16 @@ fn two_primaries_fighting_us_get_a_warning_and_bounded_cpu() {
     let cpu = fight_over(&installer, &conflist, CILIUM, fight);
     let log = installer.log();
     eprintln!("installer CPU during a {fight:?} fight: {cpu:?}");
-    let warning = log.lines().find(|l| l.contains("WARN") && l.contains("keeps losing our entry")).unwrap_or_else(|| panic!("no warning:\n{log}"));
-    assert!(warning.contains("05-cilium.conflist") && warning.contains("cilium-cni") && warning.contains("cni.exclusive=false"), "{warning}");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("keeps losing our entry"))
+        .unwrap_or_else(|| panic!("no warning:\n{log}"));
+    assert!(
+        warning.contains("05-cilium.conflist")
+            && warning.contains("cilium-cni")
+            && warning.contains("cni.exclusive=false"),
+        "{warning}"
+    );
     // Throttled, the installer reads the file at most a few times per second whatever
     // the fighters do; unthrottled it would burn a core. 10% of one is a generous bound.
     assert!(cpu < fight / 10, "installer used {cpu:?} of CPU in {fight:?}");
@@ -228,7 +252,8 @@ fn kubeconfig_is_private_follows_token_rotation_and_never_logs_the_token() {
     let secret_two = "eyJhbGciOiJSUzI1NiJ9.second-token-do-not-log";
     host.rotate_token(secret_one, b"CA-ONE\n");
     // The periodic re-read is an hour away: only the watch can pick up the rotation.
-    let installer = Installer::start(&host, &[NO_POLLING, ("REFRESH_SA_TOKEN_INTERVAL", "3600"), ("CNI_LOG_LEVEL", "debug")]);
+    let installer =
+        Installer::start(&host, &[NO_POLLING, ("REFRESH_SA_TOKEN_INTERVAL", "3600"), ("CNI_LOG_LEVEL", "debug")]);
     wait_ready(&host, &installer);
     let kubeconfig = host.net_file(KUBECONFIG);
     let text = std::fs::read_to_string(&kubeconfig).unwrap();
@@ -264,7 +289,11 @@ fn standalone_mode_keeps_our_own_conf() {
     let ours = host.net_file("kuma-cni.conf");
     let written = std::fs::read_to_string(&ours).unwrap();
     assert_eq!(json(&ours).unwrap()["type"], PLUGIN);
-    assert_eq!(std::fs::read_to_string(host.net_file("00-multus.conf")).unwrap(), multus, "the primary's file is not ours to touch");
+    assert_eq!(
+        std::fs::read_to_string(host.net_file("00-multus.conf")).unwrap(),
+        multus,
+        "the primary's file is not ours to touch"
+    );
 
     std::fs::remove_file(&ours).unwrap();
     assert!(wait_for(REPAIR_DEADLINE, || std::fs::read_to_string(&ours).is_ok_and(|t| t == written)).is_some());
@@ -283,7 +312,12 @@ fn invoked_as_install_cni_it_installs_and_with_sleep_false_exits() {
     std::os::unix::fs::symlink(BINARY, &entrypoint).unwrap();
     std::fs::create_dir(host.root.path().join("secondary")).unwrap();
     let template = r#"{"cniVersion":"0.3.1","name":"kuma-cni","type":"kuma-cni","kubernetes":{"kubeconfig":"__KUBECONFIG_FILEPATH__"}}"#;
-    let mut installer = Installer::start_program(&entrypoint, &[], &host, &[("SLEEP", "false"), ("CNI_NETWORK_CONFIG", template), ("CNI_NET_DIR", "/var/lib/cni/net.d")]);
+    let mut installer = Installer::start_program(
+        &entrypoint,
+        &[],
+        &host,
+        &[("SLEEP", "false"), ("CNI_NETWORK_CONFIG", template), ("CNI_NET_DIR", "/var/lib/cni/net.d")],
+    );
     let status = installer.wait(STARTUP).expect("SLEEP=false exits once installed");
     assert!(status.success(), "{status}: {}", installer.log());
     // The template's type names the binary, in both bin dirs.
@@ -299,7 +333,10 @@ fn health_endpoints_report_readiness_and_repairs() {
     let host = Host::new();
     let conflist = host.net_file("10-calico.conflist");
     let port = free_port();
-    let installer = Installer::start(&host, &[NO_POLLING, ("CNI_CONF_NAME", "10-calico.conflist"), ("KMC_HEALTH_PORT", &port.to_string())]);
+    let installer = Installer::start(
+        &host,
+        &[NO_POLLING, ("CNI_CONF_NAME", "10-calico.conflist"), ("KMC_HEALTH_PORT", &port.to_string())],
+    );
     let get = |path: &str| http_get(port, path);
     assert!(wait_for(STARTUP, || get("/healthz").is_some_and(|(c, _)| c == 200)).is_some(), "{}", installer.log());
     assert_eq!(get("/readyz").unwrap().0, 503);
@@ -308,10 +345,18 @@ fn health_endpoints_report_readiness_and_repairs() {
     rename_over(&conflist, CALICO);
     wait_ready(&host, &installer);
     rename_over(&conflist, CALICO);
-    assert!(wait_for(REPAIR_DEADLINE, || get("/metrics").is_some_and(|(_, m)| m.contains("kong_mesh_cni_installer_repairs_total 1\n"))).is_some());
+    assert!(
+        wait_for(REPAIR_DEADLINE, || get("/metrics")
+            .is_some_and(|(_, m)| m.contains("kong_mesh_cni_installer_repairs_total 1\n")))
+        .is_some()
+    );
     let (code, metrics) = get("/metrics").unwrap();
     assert_eq!(code, 200);
-    assert!(metrics.contains("kong_mesh_cni_installer_ready 1") && metrics.contains("kong_mesh_cni_installer_state{state=\"ready\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("kong_mesh_cni_installer_ready 1")
+            && metrics.contains("kong_mesh_cni_installer_state{state=\"ready\"} 1"),
+        "{metrics}"
+    );
     assert!(!metrics.contains("kong_mesh_cni_installer_last_repair_timestamp_seconds 0\n"), "{metrics}");
     assert_eq!(get("/readyz").unwrap().0, 200);
 }
@@ -332,7 +377,13 @@ fn plugin_log_lines_reach_the_installers_stderr() {
     drop((first, second));
     let all_there = || {
         let log = installer.log();
-        ["shop/web-1 container=abc: intercept\n", "shop/db-0 container=def: pass through", "container=abc: rules applied\n"].iter().all(|l| log.contains(l))
+        [
+            "shop/web-1 container=abc: intercept\n",
+            "shop/db-0 container=def: pass through",
+            "container=abc: rules applied\n",
+        ]
+        .iter()
+        .all(|l| log.contains(l))
     };
     assert!(wait_for(REPAIR_DEADLINE, all_there).is_some(), "{}", installer.log());
     assert!(installer.terminate().success());
@@ -379,17 +430,24 @@ fn the_kubeconfig_authenticates_against_a_real_api_server() {
         let creds = tempfile::tempdir().unwrap();
         let projected = server.project_service_account(ns.name(), sa, creds.path()).await;
         ns.grant(sa, "pod-reader", vec![testenv::policy_rule(&[""], &["pods"], &["get", "list"])]).await;
-        host.rotate_token(&std::fs::read_to_string(&projected.token_file).unwrap(), &std::fs::read(&projected.ca_file).unwrap());
+        host.rotate_token(
+            &std::fs::read_to_string(&projected.token_file).unwrap(),
+            &std::fs::read(&projected.ca_file).unwrap(),
+        );
         let (address, port) = (projected.host.as_str(), projected.port.as_str());
 
-        let installer = Installer::start(&host, &[("KUBERNETES_SERVICE_HOST", address), ("KUBERNETES_SERVICE_PORT", port)]);
+        let installer =
+            Installer::start(&host, &[("KUBERNETES_SERVICE_HOST", address), ("KUBERNETES_SERVICE_PORT", port)]);
         wait_ready(&host, &installer);
         let written = kube::config::Kubeconfig::read_from(host.net_file(KUBECONFIG)).unwrap();
         let config = kube::Config::from_custom_kubeconfig(written, &Default::default()).await.unwrap();
         let client = kube::Client::try_from(config).unwrap();
 
         // Authenticated as the service account, not anonymous...
-        let review = Api::<SelfSubjectReview>::all(client.clone()).create(&PostParams::default(), &SelfSubjectReview::default()).await.unwrap();
+        let review = Api::<SelfSubjectReview>::all(client.clone())
+            .create(&PostParams::default(), &SelfSubjectReview::default())
+            .await
+            .unwrap();
         let user = review.status.and_then(|s| s.user_info).and_then(|u| u.username);
         assert_eq!(user.as_deref(), Some(format!("system:serviceaccount:{}:{sa}", ns.name()).as_str()));
         // ...and able to do what the plugin does: read pods.

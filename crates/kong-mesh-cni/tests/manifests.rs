@@ -30,7 +30,12 @@ fn helm() -> Option<&'static Path> {
         if let Some(p) = std::env::var_os("KMC_HELM") {
             return p.into();
         }
-        let out = Command::new("bash").arg(repo().join("scripts/helm-build.sh")).stdin(Stdio::null()).stderr(Stdio::inherit()).output().unwrap();
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/helm-build.sh"))
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "scripts/helm-build.sh failed");
         PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap().trim())
     }))
@@ -72,13 +77,20 @@ fn key(v: &serde_yaml::Value) -> String {
 /// in any order: Helm's order among them carries no meaning.
 fn assert_same(cli_out: &str, helm_out: &str, what: &str) {
     let (a, b) = (docs(cli_out), docs(helm_out));
-    let kinds = |d: &[serde_yaml::Value]| d.iter().map(|v| v["kind"].as_str().unwrap_or_default().to_owned()).collect::<Vec<_>>();
+    let kinds = |d: &[serde_yaml::Value]| {
+        d.iter().map(|v| v["kind"].as_str().unwrap_or_default().to_owned()).collect::<Vec<_>>()
+    };
     assert_eq!(kinds(&a), kinds(&b), "{what}: kinds or their order differ");
     let by_key = |d: Vec<serde_yaml::Value>| d.into_iter().map(|v| (key(&v), v)).collect::<BTreeMap<_, _>>();
     let (a, b) = (by_key(a), by_key(b));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: objects differ");
     for (k, v) in &a {
-        assert!(v == &b[k], "{what}: {k} differs\nkong-mesh-cni manifests:\n{}\nhelm template:\n{}", serde_yaml::to_string(v).unwrap(), serde_yaml::to_string(&b[k]).unwrap());
+        assert!(
+            v == &b[k],
+            "{what}: {k} differs\nkong-mesh-cni manifests:\n{}\nhelm template:\n{}",
+            serde_yaml::to_string(v).unwrap(),
+            serde_yaml::to_string(&b[k]).unwrap()
+        );
     }
 }
 
@@ -111,23 +123,72 @@ fn set_values_files_and_namespace_match_helm() {
     let Some(helm) = helm() else { return };
     let dir = tempfile::tempdir().unwrap();
     let values = dir.path().join("mine.yaml");
-    std::fs::write(&values, "cni:\n  logLevel: debug\n  tolerations:\n    - key: gpu\n      operator: Exists\n      effect: NoSchedule\n").unwrap();
+    std::fs::write(
+        &values,
+        "cni:\n  logLevel: debug\n  tolerations:\n    - key: gpu\n      operator: Exists\n      effect: NoSchedule\n",
+    )
+    .unwrap();
     let preset = |p: &str| chart_dir().join(format!("presets/{p}.yaml")).display().to_string();
     let cases: Vec<(Vec<String>, Vec<String>)> = vec![
         (
-            vec!["--preset".into(), "cilium".into(), "--set".into(), "cni.taintController.enabled=false,cni.excludeNamespaces={kube-system,monitoring}".into()],
-            vec!["-f".into(), preset("cilium"), "--set".into(), "cni.taintController.enabled=false,cni.excludeNamespaces={kube-system,monitoring}".into()],
+            vec![
+                "--preset".into(),
+                "cilium".into(),
+                "--set".into(),
+                "cni.taintController.enabled=false,cni.excludeNamespaces={kube-system,monitoring}".into(),
+            ],
+            vec![
+                "-f".into(),
+                preset("cilium"),
+                "--set".into(),
+                "cni.taintController.enabled=false,cni.excludeNamespaces={kube-system,monitoring}".into(),
+            ],
         ),
         (
-            vec!["--preset".into(), "eks".into(), "-f".into(), values.display().to_string(), "--set".into(), "cni.delayStartupSeconds=10".into()],
-            vec!["-f".into(), preset("eks"), "-f".into(), values.display().to_string(), "--set".into(), "cni.delayStartupSeconds=10".into()],
+            vec![
+                "--preset".into(),
+                "eks".into(),
+                "-f".into(),
+                values.display().to_string(),
+                "--set".into(),
+                "cni.delayStartupSeconds=10".into(),
+            ],
+            vec![
+                "-f".into(),
+                preset("eks"),
+                "-f".into(),
+                values.display().to_string(),
+                "--set".into(),
+                "cni.delayStartupSeconds=10".into(),
+            ],
         ),
         (
-            vec!["--preset".into(), "openshift-4".into(), "--namespace".into(), "kong-mesh-cni".into(), "--set-string".into(), "cni.image.tag=2.9.1".into()],
-            vec!["-f".into(), preset("openshift-4"), "--namespace".into(), "kong-mesh-cni".into(), "--set-string".into(), "cni.namespace=kong-mesh-cni,cni.image.tag=2.9.1".into()],
+            vec![
+                "--preset".into(),
+                "openshift-4".into(),
+                "--namespace".into(),
+                "kong-mesh-cni".into(),
+                "--set-string".into(),
+                "cni.image.tag=2.9.1".into(),
+            ],
+            vec![
+                "-f".into(),
+                preset("openshift-4"),
+                "--namespace".into(),
+                "kong-mesh-cni".into(),
+                "--set-string".into(),
+                "cni.namespace=kong-mesh-cni,cni.image.tag=2.9.1".into(),
+            ],
         ),
         (
-            vec!["--preset".into(), "kind".into(), "--release-name".into(), "cni".into(), "--set".into(), "cni.controller.repairAction=off".into()],
+            vec![
+                "--preset".into(),
+                "kind".into(),
+                "--release-name".into(),
+                "cni".into(),
+                "--set".into(),
+                "cni.controller.repairAction=off".into(),
+            ],
             vec!["-f".into(), preset("kind"), "--set".into(), "cni.controller.repairAction=off".into()],
         ),
     ];

@@ -134,7 +134,10 @@ async fn a_mesh_pod_gets_its_address_from_bridge_and_its_redirect_from_us() {
 
     let log = std::fs::read_to_string(f.scratch.path().join("cni.log")).unwrap();
     let add_line = log.lines().find(|l| l.contains("redirect programmed")).expect("ADD logged");
-    assert!(add_line.contains(&format!("pod={}/web", f.ns.name())) && add_line.contains(&web.container_id), "{add_line}");
+    assert!(
+        add_line.contains(&format!("pod={}/web", f.ns.name())) && add_line.contains(&web.container_id),
+        "{add_line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -162,7 +165,9 @@ async fn pods_that_are_not_ours_pass_through_untouched() {
         json!({"on_api_error": "fail", "kubernetes": {"kubeconfig": f.kubeconfig, "exclude_namespaces": ["kmc-excluded"]}}),
     );
     let rt = chain(Plugins::Upstream, entry);
-    for (namespace, name) in [(f.ns.name(), "plain"), (f.ns.name(), "with-init"), (f.ns.name(), "not-injected"), ("kmc-excluded", "x")] {
+    for (namespace, name) in
+        [(f.ns.name(), "plain"), (f.ns.name(), "with-init"), (f.ns.name(), "not-injected"), ("kmc-excluded", "x")]
+    {
         let netns = NamedNetns::new("plp");
         let a = Attachment::new(&netns, namespace, name);
         let result = rt.add(&a).unwrap_or_else(|e| panic!("ADD {namespace}/{name}: {e}"));
@@ -172,7 +177,9 @@ async fn pods_that_are_not_ours_pass_through_untouched() {
         rt.del(&a).unwrap();
     }
     let log = std::fs::read_to_string(f.scratch.path().join("cni.log")).unwrap();
-    for reason in ["no kuma-sidecar container", "kuma-init init container", "is absent", "namespace kmc-excluded is excluded"] {
+    for reason in
+        ["no kuma-sidecar container", "kuma-init init container", "is absent", "namespace kmc-excluded is excluded"]
+    {
         assert!(log.contains(reason), "the log says why ({reason}):\n{log}");
     }
 }
@@ -189,7 +196,10 @@ async fn an_invalid_annotation_fails_add_with_code_7() {
     let a = Attachment::new(&netns, f.ns.name(), "bad");
     let err = rt.add(&a).unwrap_err();
     assert_eq!(err.code, Some(7), "{err}");
-    assert!(err.details.contains("traffic.kuma.io/exclude-outbound-ports") && err.details.contains("80,eighty"), "{err}");
+    assert!(
+        err.details.contains("traffic.kuma.io/exclude-outbound-ports") && err.details.contains("80,eighty"),
+        "{err}"
+    );
     assert_eq!(saved_rules(&netns), "");
     rt.del(&a).unwrap();
 }
@@ -218,7 +228,11 @@ async fn every_spec_version_round_trips() {
         assert_eq!(result["cniVersion"], version);
         let ip = &result["ips"][0];
         assert!(ip["address"].is_string(), "{version}: {result}");
-        assert_eq!(ip.get("version").is_some(), version.starts_with('0'), "{version}: ips[].version per format: {result}");
+        assert_eq!(
+            ip.get("version").is_some(),
+            version.starts_with('0'),
+            "{version}: ips[].version per format: {result}"
+        );
         assert!(saved_rules(&netns).contains("KUMA_MESH_OUTBOUND"), "{version}: rules applied");
         if version != "0.3.0" && version != "0.3.1" {
             rt.check(&a).unwrap_or_else(|e| panic!("{version} CHECK: {e}")); // CHECK exists since 0.4.0
@@ -236,7 +250,8 @@ async fn standalone_like_multus_without_prev_result() {
     mesh_pod(&f.ns, "solo", &[]).await;
     let mut entry = our_entry(&f.kubeconfig, f.scratch.path(), json!({}));
     entry["cniVersion"] = json!("1.0.0");
-    let mut rt = CniRuntime::custom(vec![], |_| json!({"cniVersion": "1.0.0", "name": "kong-mesh-cni", "plugins": [entry]}));
+    let mut rt =
+        CniRuntime::custom(vec![], |_| json!({"cniVersion": "1.0.0", "name": "kong-mesh-cni", "plugins": [entry]}));
     rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
     let netns = NamedNetns::new("plsolo");
     let a = Attachment::new(&netns, f.ns.name(), "solo");
@@ -386,7 +401,11 @@ fn invoke(command: &str, args: &str, stdin: &[u8]) -> (serde_json::Value, Option
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let value = if stdout.is_empty() { Value::Null } else { serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}")) };
+    let value = if stdout.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"))
+    };
     (value, out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -418,7 +437,10 @@ async fn pass_through_returns_the_previous_result_unchanged() {
             "kubernetes": {"kubeconfig": f.kubeconfig, "exclude_namespaces": ["kube-system"]},
             "prevResult": prev,
         });
-        for args in [format!("K8S_POD_NAMESPACE={};K8S_POD_NAME=plain", f.ns.name()), "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns".to_owned()] {
+        for args in [
+            format!("K8S_POD_NAMESPACE={};K8S_POD_NAME=plain", f.ns.name()),
+            "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns".to_owned(),
+        ] {
             let (out, code, stderr) = invoke("ADD", &args, conf.to_string().as_bytes());
             assert_eq!(code, Some(0), "{version} {args}: {out} {stderr}");
             assert_eq!(out, prev, "{version} {args}: the previous result, unchanged");
@@ -434,9 +456,18 @@ fn malformed_stdin_is_a_decode_or_config_error() {
         ("not JSON", b"hello".to_vec(), 6),
         ("truncated", br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","kubernetes":{"#.to_vec(), 6),
         ("10 MB", big, 6),
-        ("wrong types", br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","kubernetes":{"exclude_namespaces":"kube-system"}}"#.to_vec(), 7),
+        (
+            "wrong types",
+            br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","kubernetes":{"exclude_namespaces":"kube-system"}}"#
+                .to_vec(),
+            7,
+        ),
         ("prevResult not an object", br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","prevResult":[1]}"#.to_vec(), 7),
-        ("unknown on_api_error", br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","on_api_error":"maybe"}"#.to_vec(), 7),
+        (
+            "unknown on_api_error",
+            br#"{"cniVersion":"1.0.0","type":"kong-mesh-cni","on_api_error":"maybe"}"#.to_vec(),
+            7,
+        ),
         ("bad version", br#"{"cniVersion":"9.9.9","type":"kong-mesh-cni"}"#.to_vec(), 1),
     ];
     for (what, stdin, want) in cases {

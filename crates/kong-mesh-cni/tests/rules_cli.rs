@@ -68,7 +68,8 @@ fn prints_the_decision_and_payloads_deterministically() {
 #[test]
 fn a_pod_that_is_not_ours_passes_through() {
     let tmp = tempfile::tempdir().unwrap();
-    let text_in = std::fs::read_to_string(fixture("mesh-pod.yaml")).unwrap().replace("name: kuma-sidecar", "name: other");
+    let text_in =
+        std::fs::read_to_string(fixture("mesh-pod.yaml")).unwrap().replace("name: kuma-sidecar", "name: other");
     let path = tmp.path().join("plain.yaml");
     std::fs::write(&path, text_in).unwrap();
     let out = run(&["rules", "--pod", path.to_str().unwrap()], tmp.path());
@@ -141,7 +142,9 @@ fn apply_verify_remove_round_trip() {
     let ns = NamedNetns::new("cliarv");
     let pod = fixture("mesh-pod.yaml");
     let pod = pod.to_str().unwrap();
-    let act = |action: &str| run(&["rules", "--pod", pod, "--netns", &ns.path(), action, "--iptables-backend", "legacy"], tmp.path());
+    let act = |action: &str| {
+        run(&["rules", "--pod", pod, "--netns", &ns.path(), action, "--iptables-backend", "legacy"], tmp.path())
+    };
 
     let out = act("--apply");
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -151,12 +154,18 @@ fn apply_verify_remove_round_trip() {
     ns.exec("iptables-legacy", &["-t", "nat", "-F", "KUMA_MESH_INBOUND_REDIRECT"]);
     let out = act("--verify");
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stdout).contains("missing ipv4: -t nat -A KUMA_MESH_INBOUND_REDIRECT -p tcp"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("missing ipv4: -t nat -A KUMA_MESH_INBOUND_REDIRECT -p tcp"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let out = act("--remove");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!saved_rules(&ns).contains("KUMA") && !saved_rules(&ns).contains("kuma/"), "{}", saved_rules(&ns));
-    assert!(std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".lock")));
+    assert!(
+        std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".lock"))
+    );
 }
 
 #[test]

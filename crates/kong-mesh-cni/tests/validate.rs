@@ -27,7 +27,8 @@ fn validate(topo: &Topology, as_uid: Option<u32>, extra: &[&str]) -> (Output, Du
 }
 
 fn apply(topo: &Topology) {
-    let opts = Options { lock_dir: std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("locks"), ..Options::default() };
+    let opts =
+        Options { lock_dir: std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("locks"), ..Options::default() };
     firewall::apply(&topo.pod.open(), &tproxy_config::Config::default(), &opts).unwrap();
 }
 
@@ -56,7 +57,11 @@ fn passes_with_the_rules_for_both_probes_and_families() {
                 Some(_) => ":15006 (original destination",
             };
             assert!(text.contains("ipv4: redirected to") && text.contains(expect_listener), "{text}");
-            assert_eq!(text.contains("ipv6: redirected to"), ipv6, "IPv6 is probed exactly when the pod has it: {text}");
+            assert_eq!(
+                text.contains("ipv6: redirected to"),
+                ipv6,
+                "IPv6 is probed exactly when the pod has it: {text}"
+            );
             if uid.is_some() {
                 assert!(text.contains("original destination 127.0.0.6:"), "{text}");
             } else {

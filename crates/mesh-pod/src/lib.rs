@@ -50,10 +50,7 @@ pub fn pre_lookup(namespace: &str, name: &str, excluded_namespaces: &[String]) -
     if namespace.is_empty() || name.is_empty() {
         return Some(PassReason::NoPodIdentity);
     }
-    excluded_namespaces
-        .iter()
-        .any(|ns| ns == namespace)
-        .then(|| PassReason::ExcludedNamespace(namespace.to_owned()))
+    excluded_namespaces.iter().any(|ns| ns == namespace).then(|| PassReason::ExcludedNamespace(namespace.to_owned()))
 }
 
 /// The decision for a pod object. An injected mesh pod with an invalid annotation is an

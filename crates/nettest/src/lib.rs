@@ -106,7 +106,10 @@ impl Topology {
         if !ipv6 {
             pod.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]);
         }
-        sh("ip", &["-n", &pod.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name]);
+        sh(
+            "ip",
+            &["-n", &pod.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name],
+        );
         for (ns, v4, v6) in [(&pod, Self::POD_V4, Self::POD_V6), (&peer, Self::PEER_V4, Self::PEER_V6)] {
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
             if ipv6 {

@@ -20,7 +20,15 @@ pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
             let mut addr: libc::sockaddr_in = unsafe { zeroed() };
             let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
             // SAFETY: addr and len are valid for writes and describe each other.
-            let rc = unsafe { libc::getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len) };
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IP,
+                    SO_ORIGINAL_DST,
+                    (&mut addr as *mut libc::sockaddr_in).cast(),
+                    &mut len,
+                )
+            };
             if rc != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -32,7 +40,15 @@ pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
             let mut addr: libc::sockaddr_in6 = unsafe { zeroed() };
             let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             // SAFETY: addr and len are valid for writes and describe each other.
-            let rc = unsafe { libc::getsockopt(fd, libc::SOL_IPV6, SO_ORIGINAL_DST, (&mut addr as *mut libc::sockaddr_in6).cast(), &mut len) };
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IPV6,
+                    SO_ORIGINAL_DST,
+                    (&mut addr as *mut libc::sockaddr_in6).cast(),
+                    &mut len,
+                )
+            };
             if rc != 0 {
                 return Err(io::Error::last_os_error());
             }

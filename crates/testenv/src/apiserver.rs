@@ -68,10 +68,7 @@ impl ApiServer {
         let log = std::fs::File::create(&log_path).expect("creating k8s-testenv log");
 
         let mut cmd = Command::new(bin_dir().join("k8s-testenv"));
-        cmd.arg("--data-dir")
-            .arg(&dir)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig);
+        cmd.arg("--data-dir").arg(&dir).arg("--kubeconfig").arg(&kubeconfig);
         for crd in crds {
             cmd.arg("--crd").arg(crd);
         }
@@ -83,9 +80,7 @@ impl ApiServer {
             cmd.stderr(log);
         }
         let started = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()));
 
         // Wait for "READY <path>" on stdout, then keep draining stdout on that thread so
         // that a late write can never block or SIGPIPE the server.
@@ -109,24 +104,12 @@ impl ApiServer {
             let _ = std::fs::remove_dir_all(&dir);
             if e == mpsc::RecvTimeoutError::Timeout {
                 // Not a lost port race: trying again would only wait as long again.
-                panic!(
-                    "k8s-testenv did not become ready within {READY_TIMEOUT:?}; end of its log:\n{tail}"
-                );
+                panic!("k8s-testenv did not become ready within {READY_TIMEOUT:?}; end of its log:\n{tail}");
             }
-            return Err(format!(
-                "k8s-testenv exited before it was ready; end of its log:\n{tail}"
-            ));
+            return Err(format!("k8s-testenv exited before it was ready; end of its log:\n{tail}"));
         }
-        eprintln!(
-            "testenv: API server ready in {:.1?} ({})",
-            started.elapsed(),
-            dir.display()
-        );
-        Ok(ApiServer {
-            dir,
-            kubeconfig,
-            child: Mutex::new(child),
-        })
+        eprintln!("testenv: API server ready in {:.1?} ({})", started.elapsed(), dir.display());
+        Ok(ApiServer { dir, kubeconfig, child: Mutex::new(child) })
     }
 
     /// The admin (system:masters) kubeconfig. Server address is `https://127.0.0.1:PORT`.
@@ -153,10 +136,7 @@ impl ApiServer {
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some(BTreeMap::from([(
-                    "kmc-test".to_string(),
-                    "true".to_string(),
-                )])),
+                labels: Some(BTreeMap::from([("kmc-test".to_string(), "true".to_string())])),
                 ..Default::default()
             },
             ..Default::default()
@@ -165,11 +145,7 @@ impl ApiServer {
             .create(&PostParams::default(), &ns)
             .await
             .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
-        TestNamespace {
-            name,
-            client,
-            kubeconfig: self.kubeconfig.clone(),
-        }
+        TestNamespace { name, client, kubeconfig: self.kubeconfig.clone() }
     }
 
     /// Creates node `PREFIX-xxxxxxxx` with these labels (not Ready until
@@ -181,12 +157,7 @@ impl ApiServer {
         let node = Node {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some(
-                    labels
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                ),
+                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
                 ..Default::default()
             },
             ..Default::default()
@@ -195,11 +166,7 @@ impl ApiServer {
             .create(&PostParams::default(), &node)
             .await
             .unwrap_or_else(|e| panic!("creating node {name}: {e}"));
-        TestNode {
-            name,
-            client,
-            kubeconfig: self.kubeconfig.clone(),
-        }
+        TestNode { name, client, kubeconfig: self.kubeconfig.clone() }
     }
 
     /// A kubeconfig for ServiceAccount `namespace/name` (created if missing), with a bound
@@ -209,10 +176,7 @@ impl ApiServer {
         let client = self.client().await;
         let sas = Api::<ServiceAccount>::namespaced(client, namespace);
         let sa = ServiceAccount {
-            metadata: ObjectMeta {
-                name: Some(name.to_string()),
-                ..Default::default()
-            },
+            metadata: ObjectMeta { name: Some(name.to_string()), ..Default::default() },
             ..Default::default()
         };
         match sas.create(&PostParams::default(), &sa).await {
@@ -221,10 +185,7 @@ impl ApiServer {
             Err(e) => panic!("creating ServiceAccount {namespace}/{name}: {e}"),
         }
         let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            }),
+            spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
             ..Default::default()
         };
         let token = sas
@@ -236,10 +197,7 @@ impl ApiServer {
             .token;
 
         let admin = Kubeconfig::read_from(&self.kubeconfig).expect("reading admin kubeconfig");
-        let cluster = admin.clusters[0]
-            .cluster
-            .clone()
-            .expect("admin kubeconfig has a cluster");
+        let cluster = admin.clusters[0].cluster.clone().expect("admin kubeconfig has a cluster");
         // JSON is YAML: kube and kubectl both read it.
         let kubeconfig = json!({
             "apiVersion": "v1",
@@ -252,10 +210,7 @@ impl ApiServer {
             "contexts": [{"name": "sa", "context": {"cluster": "k8s-testenv", "user": name, "namespace": namespace}}],
             "current-context": "sa",
         });
-        let path = self.dir.join(format!(
-            "sa-{namespace}-{name}-{}.kubeconfig",
-            unique_suffix()
-        ));
+        let path = self.dir.join(format!("sa-{namespace}-{name}-{}.kubeconfig", unique_suffix()));
         std::fs::write(&path, serde_json::to_vec_pretty(&kubeconfig).unwrap())
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         path
@@ -266,8 +221,9 @@ impl ApiServer {
     /// address as `KUBERNETES_SERVICE_HOST`/`_PORT` would give it. For the installer.
     pub async fn project_service_account(&self, namespace: &str, name: &str, dir: &Path) -> ProjectedServiceAccount {
         use base64::Engine;
-        let minted: Value = serde_json::from_slice(&std::fs::read(self.service_account_kubeconfig(namespace, name).await).unwrap())
-            .expect("the kubeconfig is JSON");
+        let minted: Value =
+            serde_json::from_slice(&std::fs::read(self.service_account_kubeconfig(namespace, name).await).unwrap())
+                .expect("the kubeconfig is JSON");
         let cluster = &minted["clusters"][0]["cluster"];
         let ca = base64::engine::general_purpose::STANDARD
             .decode(cluster["certificate-authority-data"].as_str().expect("CA data"))
@@ -334,8 +290,7 @@ fn default_crds() -> Vec<PathBuf> {
 }
 
 pub(crate) async fn client_from(kubeconfig: &Path) -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", kubeconfig.display()));
+    let kc = Kubeconfig::read_from(kubeconfig).unwrap_or_else(|e| panic!("reading {}: {e}", kubeconfig.display()));
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .unwrap_or_else(|e| panic!("loading {}: {e}", kubeconfig.display()));

@@ -7,13 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 /// Starts a pod description: `pod("app").annotation(k, v).container("kuma-sidecar").build()`.
 pub fn pod(name: &str) -> PodBuilder {
     PodBuilder {
-        pod: Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        pod: Pod { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() },
     }
 }
 
@@ -24,20 +18,12 @@ pub struct PodBuilder {
 
 impl PodBuilder {
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
-        self.pod
-            .metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(key.into(), value.into());
+        self.pod.metadata.annotations.get_or_insert_default().insert(key.into(), value.into());
         self
     }
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
-        self.pod
-            .metadata
-            .labels
-            .get_or_insert_default()
-            .insert(key.into(), value.into());
+        self.pod.metadata.labels.get_or_insert_default().insert(key.into(), value.into());
         self
     }
 
@@ -47,19 +33,13 @@ impl PodBuilder {
     }
 
     pub fn init_container(mut self, name: &str) -> Self {
-        self.spec()
-            .init_containers
-            .get_or_insert_default()
-            .push(test_container(name));
+        self.spec().init_containers.get_or_insert_default().push(test_container(name));
         self
     }
 
     /// A native sidecar: an init container with `restartPolicy: Always`.
     pub fn sidecar_init_container(mut self, name: &str) -> Self {
-        let c = Container {
-            restart_policy: Some("Always".into()),
-            ..test_container(name)
-        };
+        let c = Container { restart_policy: Some("Always".into()), ..test_container(name) };
         self.spec().init_containers.get_or_insert_default().push(c);
         self
     }
@@ -84,11 +64,7 @@ impl PodBuilder {
 
 fn test_container(name: &str) -> Container {
     // Never pulled: no kubelet runs.
-    Container {
-        name: name.into(),
-        image: Some("kmc-test/none:0".into()),
-        ..Default::default()
-    }
+    Container { name: name.into(), image: Some("kmc-test/none:0".into()), ..Default::default() }
 }
 
 /// A [`PolicyRule`]: `policy_rule(&[""], &["pods"], &["get"])`.

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use nettest::NamedNetns;
 use crate::{bin_dir, unique_suffix};
+use nettest::NamedNetns;
 
 /// Which build of the reference plugins a chain uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,10 +160,7 @@ impl CniRuntime {
 
     /// Any conflist: `conflist` gets the private state dir (for `dataDir`s and the like).
     pub fn custom(plugin_dirs: Vec<PathBuf>, conflist: impl FnOnce(&Path) -> Value) -> CniRuntime {
-        let dir = tempfile::Builder::new()
-            .prefix("kmc-cni-")
-            .tempdir()
-            .expect("creating temp dir");
+        let dir = tempfile::Builder::new().prefix("kmc-cni-").tempdir().expect("creating temp dir");
         let rt = CniRuntime {
             conflist: dir.path().join("net.conflist"),
             net_dir: false,
@@ -207,8 +204,7 @@ impl CniRuntime {
 
     /// Replaces the conflist, e.g. to chain another plugin after the reference ones.
     pub fn set_conflist(&self, conflist: &Value) {
-        std::fs::write(&self.conflist, serde_json::to_vec_pretty(conflist).unwrap())
-            .expect("writing conflist");
+        std::fs::write(&self.conflist, serde_json::to_vec_pretty(conflist).unwrap()).expect("writing conflist");
     }
 
     /// The private state dir (removed on drop); host-local keeps its leases in `ipam/`.
@@ -236,10 +232,7 @@ impl CniRuntime {
     pub fn del(&self, a: &Attachment) -> Result<(), CniError> {
         let result = self.run("del", Some(a), &[]).map(drop);
         if result.is_ok() {
-            self.added
-                .lock()
-                .unwrap()
-                .retain(|x| x.container_id != a.container_id || x.ifname != a.ifname);
+            self.added.lock().unwrap().retain(|x| x.container_id != a.container_id || x.ifname != a.ifname);
         }
         result
     }
@@ -254,24 +247,14 @@ impl CniRuntime {
     pub fn gc(&self, valid: &[&Attachment]) -> Result<(), CniError> {
         let args: Vec<String> = valid
             .iter()
-            .flat_map(|a| {
-                [
-                    "--valid-attachment".to_string(),
-                    format!("{}:{}", a.container_id, a.ifname),
-                ]
-            })
+            .flat_map(|a| ["--valid-attachment".to_string(), format!("{}:{}", a.container_id, a.ifname)])
             .collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run("gc", None, &args).map(drop)
     }
 
     /// Runs `cni-runtime COMMAND` and returns its output when it exits 0.
-    pub fn run(
-        &self,
-        command: &str,
-        a: Option<&Attachment>,
-        extra: &[&str],
-    ) -> Result<Output, CniError> {
+    pub fn run(&self, command: &str, a: Option<&Attachment>, extra: &[&str]) -> Result<Output, CniError> {
         let mut cmd = Command::new(bin_dir().join("cni-runtime"));
         cmd.arg(if self.net_dir { "--net-dir" } else { "--conflist" })
             .arg(&self.conflist)
@@ -283,39 +266,22 @@ impl CniRuntime {
         if let Some(a) = a {
             cmd.arg("--netns").arg(&a.netns);
             cmd.args(["--container-id", &a.container_id, "--ifname", &a.ifname]);
-            cmd.args([
-                "--pod-namespace",
-                &a.pod_namespace,
-                "--pod-name",
-                &a.pod_name,
-                "--pod-uid",
-                &a.pod_uid,
-            ]);
+            cmd.args(["--pod-namespace", &a.pod_namespace, "--pod-name", &a.pod_name, "--pod-uid", &a.pod_uid]);
         }
         cmd.arg(command).args(extra);
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+        let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         match out.status.code() {
             Some(0) => Ok(out),
             // A plugin's error result: its JSON is on stdout.
             Some(2) => {
                 let mut err: CniError = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-                    panic!(
-                        "cni-runtime error JSON ({e}): {}",
-                        String::from_utf8_lossy(&out.stdout)
-                    )
+                    panic!("cni-runtime error JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
                 });
                 err.stderr = stderr;
                 Err(err)
             }
-            _ => Err(CniError {
-                code: None,
-                msg: String::new(),
-                details: String::new(),
-                stderr,
-            }),
+            _ => Err(CniError { code: None, msg: String::new(), details: String::new(), stderr }),
         }
     }
 }

@@ -19,9 +19,9 @@ mod objects;
 
 pub use apiserver::{ApiServer, ProjectedServiceAccount};
 pub use builders::{PodBuilder, pod, policy_rule};
-pub use objects::{TestNamespace, TestNode};
 pub use cni::{Attachment, CniError, CniRuntime, Plugins};
 pub use nettest::{NamedNetns, require_root};
+pub use objects::{TestNamespace, TestNode};
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};

@@ -56,10 +56,7 @@ impl TestNamespace {
     /// containers running and ready, conditions True, and `pod_ip` if given.
     pub async fn set_pod_running(&self, name: &str, pod_ip: Option<&str>) -> Pod {
         let pods = self.api::<Pod>();
-        let pod = pods
-            .get(name)
-            .await
-            .unwrap_or_else(|e| panic!("getting pod {name}: {e}"));
+        let pod = pods.get(name).await.unwrap_or_else(|e| panic!("getting pod {name}: {e}"));
         let spec = pod.spec.unwrap_or_default();
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let running = |c: &Container| {
@@ -81,13 +78,9 @@ impl TestNamespace {
             status["podIP"] = json!(ip);
             status["podIPs"] = json!([{ "ip": ip }]);
         }
-        pods.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("updating status of pod {}/{name}: {e}", self.name))
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status })))
+            .await
+            .unwrap_or_else(|e| panic!("updating status of pod {}/{name}: {e}", self.name))
     }
 
     /// Creates Role `role` with these rules and binds it to ServiceAccount `sa` of this
@@ -95,18 +88,9 @@ impl TestNamespace {
     /// and returns once the grant is in effect.
     pub async fn grant(&self, sa: &str, role: &str, rules: Vec<PolicyRule>) {
         let rules_copy = rules.clone();
-        let meta = ObjectMeta {
-            name: Some(role.to_string()),
-            ..Default::default()
-        };
+        let meta = ObjectMeta { name: Some(role.to_string()), ..Default::default() };
         self.api::<Role>()
-            .create(
-                &PostParams::default(),
-                &Role {
-                    metadata: meta.clone(),
-                    rules: Some(rules),
-                },
-            )
+            .create(&PostParams::default(), &Role { metadata: meta.clone(), rules: Some(rules) })
             .await
             .unwrap_or_else(|e| panic!("creating Role {role}: {e}"));
         let binding = RoleBinding {
@@ -158,10 +142,7 @@ impl TestNamespace {
                 if allowed {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "grant {role} to {user}: not effective after 10s"
-                );
+                assert!(Instant::now() < deadline, "grant {role} to {user}: not effective after 10s");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -173,10 +154,7 @@ impl Drop for TestNamespace {
         let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
         block_on_thread(move || async move {
             let client = client_from(&kubeconfig).await;
-            let now = DeleteParams {
-                grace_period_seconds: Some(0),
-                ..Default::default()
-            };
+            let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
             let pods = Api::<Pod>::namespaced(client.clone(), &name);
             if let Err(e) = pods.delete_collection(&now, &ListParams::default()).await {
                 eprintln!("testenv: deleting pods of {name}: {e}");
@@ -188,9 +166,7 @@ impl Drop for TestNamespace {
             }
             // Empty spec.finalizers through the finalize subresource: the namespace goes.
             let finalize = json!({"metadata": {"name": name}, "spec": {"finalizers": []}});
-            if let Err(e) = namespaces
-                .replace_subresource("finalize", &name, &PostParams::default(), &finalize)
-                .await
+            if let Err(e) = namespaces.replace_subresource("finalize", &name, &PostParams::default(), &finalize).await
                 && !matches!(&e, kube::Error::Api(s) if s.code == 404)
             {
                 eprintln!("testenv: finalizing namespace {name}: {e}");
@@ -220,11 +196,7 @@ impl TestNode {
             "lastHeartbeatTime": now, "lastTransitionTime": now,
         }]}});
         Api::<Node>::all(self.client.clone())
-            .patch_status(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Strategic(patch),
-            )
+            .patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(patch))
             .await
             .unwrap_or_else(|e| panic!("updating status of node {}: {e}", self.name))
     }

@@ -3,9 +3,7 @@
 
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use testenv::{ApiServer, pod, policy_rule, skip_heavy, unique_suffix};
 
@@ -34,31 +32,13 @@ async fn service_account_reads_pod_created_by_admin() {
         .build();
     ns.create_pod(spec).await;
 
-    ns.grant(
-        "kong-mesh-cni",
-        "pod-reader",
-        vec![policy_rule(&[""], &["pods"], &["get"])],
-    )
-    .await;
+    ns.grant("kong-mesh-cni", "pod-reader", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
     let sa = api.service_account_client(ns.name(), "kong-mesh-cni").await;
-    let got = Api::<Pod>::namespaced(sa, ns.name())
-        .get("mesh-app")
-        .await
-        .expect("SA may get pods");
+    let got = Api::<Pod>::namespaced(sa, ns.name()).get("mesh-app").await.expect("SA may get pods");
 
     let annotations = got.metadata.annotations.unwrap_or_default();
-    assert_eq!(
-        annotations
-            .get("kuma.io/sidecar-injected")
-            .map(String::as_str),
-        Some("true")
-    );
-    assert_eq!(
-        annotations
-            .get("traffic.kuma.io/exclude-inbound-ports")
-            .map(String::as_str),
-        Some("8080,9090")
-    );
+    assert_eq!(annotations.get("kuma.io/sidecar-injected").map(String::as_str), Some("true"));
+    assert_eq!(annotations.get("traffic.kuma.io/exclude-inbound-ports").map(String::as_str), Some("8080,9090"));
     let spec = got.spec.unwrap();
     let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["app", "kuma-sidecar"]);
@@ -69,13 +49,7 @@ async fn service_account_reads_pod_created_by_admin() {
     let status = running.status.unwrap();
     assert_eq!(status.phase.as_deref(), Some("Running"));
     assert_eq!(status.pod_ip.as_deref(), Some("198.18.0.10"));
-    assert!(
-        status
-            .conditions
-            .unwrap()
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-    );
+    assert!(status.conditions.unwrap().iter().any(|c| c.type_ == "Ready" && c.status == "True"));
 }
 
 #[tokio::test]
@@ -90,50 +64,21 @@ async fn service_account_is_refused_what_rbac_does_not_grant() {
     other.create_pod(pod("p").build()).await;
     let node = api.node("kmc-node", &[]).await;
 
-    ns.grant(
-        "kong-mesh-cni",
-        "pod-reader",
-        vec![policy_rule(&[""], &["pods"], &["get"])],
-    )
-    .await;
+    ns.grant("kong-mesh-cni", "pod-reader", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
     let sa = api.service_account_client(ns.name(), "kong-mesh-cni").await;
 
     let pods = Api::<Pod>::namespaced(sa.clone(), ns.name());
     pods.get("p").await.expect("get is granted");
+    assert!(is_forbidden(pods.list(&ListParams::default()).await), "list pods");
+    assert!(is_forbidden(pods.create(&PostParams::default(), &pod("new").build()).await), "create pods");
+    assert!(is_forbidden(Api::<Pod>::namespaced(sa.clone(), other.name()).get("p").await), "get pods elsewhere");
     assert!(
-        is_forbidden(pods.list(&ListParams::default()).await),
-        "list pods"
-    );
-    assert!(
-        is_forbidden(
-            pods.create(&PostParams::default(), &pod("new").build())
-                .await
-        ),
-        "create pods"
-    );
-    assert!(
-        is_forbidden(
-            Api::<Pod>::namespaced(sa.clone(), other.name())
-                .get("p")
-                .await
-        ),
-        "get pods elsewhere"
-    );
-    assert!(
-        is_forbidden(
-            Api::<Secret>::namespaced(sa.clone(), ns.name())
-                .list(&ListParams::default())
-                .await
-        ),
+        is_forbidden(Api::<Secret>::namespaced(sa.clone(), ns.name()).list(&ListParams::default()).await),
         "list secrets"
     );
     let taint = Patch::Merge(json!({"spec": {"taints": [{"key": "x", "effect": "NoSchedule"}]}}));
     assert!(
-        is_forbidden(
-            Api::<Node>::all(sa)
-                .patch(node.name(), &PatchParams::default(), &taint)
-                .await
-        ),
+        is_forbidden(Api::<Node>::all(sa).patch(node.name(), &PatchParams::default(), &taint).await),
         "patch nodes"
     );
 }
@@ -147,16 +92,9 @@ async fn nodes_take_status_from_the_admin() {
     let node = api.node("kmc-node", &[("kubernetes.io/os", "linux")]).await;
     let ready = node.set_ready(true).await;
     let conditions = ready.status.unwrap().conditions.unwrap();
-    assert!(
-        conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-    );
+    assert!(conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     // No controller-manager runs: nothing else touches the node.
-    let got = Api::<Node>::all(api.client().await)
-        .get(node.name())
-        .await
-        .unwrap();
+    let got = Api::<Node>::all(api.client().await).get(node.name()).await.unwrap();
     assert_eq!(got.metadata.labels.unwrap()["kubernetes.io/os"], "linux");
 }
 
@@ -170,11 +108,8 @@ async fn network_attachment_definition_crd_is_installed() {
     let gvk = GroupVersionKind::gvk("k8s.cni.cncf.io", "v1", "NetworkAttachmentDefinition");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "network-attachment-definitions");
     let nads = Api::<DynamicObject>::namespaced_with(ns.client(), ns.name(), &resource);
-    let nad = DynamicObject::new("kuma-cni", &resource)
-        .data(json!({"spec": {"config": "{\"type\":\"kuma-cni\"}"}}));
-    nads.create(&PostParams::default(), &nad)
-        .await
-        .expect("creating a NetworkAttachmentDefinition");
+    let nad = DynamicObject::new("kuma-cni", &resource).data(json!({"spec": {"config": "{\"type\":\"kuma-cni\"}"}}));
+    nads.create(&PostParams::default(), &nad).await.expect("creating a NetworkAttachmentDefinition");
     let got = nads.get("kuma-cni").await.unwrap();
     assert_eq!(got.data["spec"]["config"], "{\"type\":\"kuma-cni\"}");
 }
@@ -201,9 +136,7 @@ async fn tests_can_install_crds_at_runtime() {
     }))
     .unwrap();
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    crds.create(&PostParams::default(), &crd)
-        .await
-        .expect("creating a CRD");
+    crds.create(&PostParams::default(), &crd).await.expect("creating a CRD");
 
     let ns = api.namespace("kmc-crd").await;
     let gvk = GroupVersionKind::gvk(&group, "v1", "Widget");
@@ -223,9 +156,7 @@ async fn tests_can_install_crds_at_runtime() {
         }
     }
     assert_eq!(widgets.get("w").await.unwrap().data["size"], 3);
-    crds.delete(&crd.metadata.name.unwrap(), &Default::default())
-        .await
-        .expect("deleting the CRD");
+    crds.delete(&crd.metadata.name.unwrap(), &Default::default()).await.expect("deleting the CRD");
 }
 
 #[tokio::test]
@@ -240,15 +171,9 @@ async fn namespace_guard_removes_namespace_and_pods() {
     let name = ns.name().to_string();
     ns.create_pod(pod("p").node_name("nowhere").build()).await;
     drop(ns);
-    let got = Api::<Namespace>::all(client.clone())
-        .get_opt(&name)
-        .await
-        .unwrap();
+    let got = Api::<Namespace>::all(client.clone()).get_opt(&name).await.unwrap();
     assert!(got.is_none(), "namespace {name} still there: {got:?}");
-    let pods = Api::<Pod>::namespaced(client, &name)
-        .list(&ListParams::default())
-        .await
-        .unwrap();
+    let pods = Api::<Pod>::namespaced(client, &name).list(&ListParams::default()).await.unwrap();
     assert!(pods.items.is_empty(), "pods left in {name}");
 }
 

@@ -8,10 +8,7 @@ use testenv::{Attachment, CniRuntime, NamedNetns, Plugins, require_root, skip_he
 
 /// The IPv4 address (CIDR) of the result's first IP.
 fn first_ip(result: &Value) -> String {
-    result["ips"][0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no IP in result {result}"))
-        .to_string()
+    result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no IP in result {result}")).to_string()
 }
 
 /// host-local's lease files (one per IP) for this runtime's network.
@@ -19,10 +16,7 @@ fn leases(rt: &CniRuntime) -> Vec<String> {
     let name = rt.conflist()["name"].as_str().unwrap().to_string();
     let dir = rt.state_dir().join("ipam").join(name);
     let mut ips: Vec<String> = std::fs::read_dir(&dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
         .unwrap_or_default();
     ips.retain(|f| f.parse::<std::net::IpAddr>().is_ok());
     ips.sort();
@@ -38,16 +32,9 @@ fn bridge_add_check_del(plugins: Plugins) {
     assert_eq!(result["cniVersion"], plugins.cni_version());
     let ip = first_ip(&result);
     let addr = ns.ip(&["-4", "addr", "show", "dev", "eth0"]);
-    assert!(
-        addr.contains(&format!("inet {ip}")),
-        "{ip} not on eth0 in {}: {addr}",
-        ns.name
-    );
+    assert!(addr.contains(&format!("inet {ip}")), "{ip} not on eth0 in {}: {addr}", ns.name);
     let host = testenv_ip_link(rt.bridge_name().unwrap());
-    assert!(
-        host.contains("state UP") || host.contains("UP"),
-        "bridge not up: {host}"
-    );
+    assert!(host.contains("state UP") || host.contains("UP"), "bridge not up: {host}");
     let bare_ip = ip.split('/').next().unwrap().to_string();
     assert_eq!(leases(&rt), [bare_ip], "host-local lease");
 
@@ -55,30 +42,15 @@ fn bridge_add_check_del(plugins: Plugins) {
     rt.del(&a).expect("DEL");
 
     let links = ns.ip(&["link", "show"]);
-    assert!(
-        !links.contains("eth0"),
-        "eth0 still in {} after DEL: {links}",
-        ns.name
-    );
-    assert!(
-        !ns.ip(&["-4", "addr"]).contains(&ip),
-        "{ip} still in {} after DEL",
-        ns.name
-    );
-    assert!(
-        leases(&rt).is_empty(),
-        "lease not released by DEL: {:?}",
-        leases(&rt)
-    );
+    assert!(!links.contains("eth0"), "eth0 still in {} after DEL: {links}", ns.name);
+    assert!(!ns.ip(&["-4", "addr"]).contains(&ip), "{ip} still in {} after DEL", ns.name);
+    assert!(leases(&rt).is_empty(), "lease not released by DEL: {:?}", leases(&rt));
     // DEL is idempotent, as the spec demands.
     rt.del(&a).expect("second DEL");
 }
 
 fn testenv_ip_link(dev: &str) -> String {
-    let out = std::process::Command::new("ip")
-        .args(["link", "show", "dev", dev])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new("ip").args(["link", "show", "dev", dev]).output().unwrap();
     assert!(out.status.success(), "host link {dev} missing");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -89,9 +61,7 @@ fn host_link_exists(dev: &str) -> bool {
 
 #[test]
 fn bridge_host_local_with_debian_plugins() {
-    if skip_heavy("bridge_host_local_with_debian_plugins")
-        || !require_root()
-    {
+    if skip_heavy("bridge_host_local_with_debian_plugins") || !require_root() {
         return;
     }
     bridge_add_check_del(Plugins::Debian);
@@ -99,9 +69,7 @@ fn bridge_host_local_with_debian_plugins() {
 
 #[test]
 fn bridge_host_local_with_upstream_plugins() {
-    if skip_heavy("bridge_host_local_with_upstream_plugins")
-        || !require_root()
-    {
+    if skip_heavy("bridge_host_local_with_upstream_plugins") || !require_root() {
         return;
     }
     bridge_add_check_del(Plugins::Upstream);
@@ -109,9 +77,7 @@ fn bridge_host_local_with_upstream_plugins() {
 
 #[test]
 fn ptp_host_local_with_upstream_plugins() {
-    if skip_heavy("ptp_host_local_with_upstream_plugins")
-        || !require_root()
-    {
+    if skip_heavy("ptp_host_local_with_upstream_plugins") || !require_root() {
         return;
     }
     let rt = CniRuntime::ptp(Plugins::Upstream);
@@ -125,20 +91,15 @@ fn ptp_host_local_with_upstream_plugins() {
 
 #[test]
 fn guards_remove_netns_bridge_and_state() {
-    if skip_heavy("guards_remove_netns_bridge_and_state")
-        || !require_root()
-    {
+    if skip_heavy("guards_remove_netns_bridge_and_state") || !require_root() {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
     let ns = NamedNetns::new("cni");
     let a = Attachment::new(&ns, "default", "pod-leak");
     rt.add(&a).expect("ADD");
-    let (bridge, state, netns) = (
-        rt.bridge_name().unwrap().to_string(),
-        rt.state_dir().to_path_buf(),
-        std::path::PathBuf::from(ns.path()),
-    );
+    let (bridge, state, netns) =
+        (rt.bridge_name().unwrap().to_string(), rt.state_dir().to_path_buf(), std::path::PathBuf::from(ns.path()));
     assert!(host_link_exists(&bridge) && state.exists() && netns.exists());
     // No DEL: the guards must clean up as after a failed test.
     drop(rt);
@@ -205,23 +166,15 @@ fn gc_reaches_host_local() {
         pod_uid: String::new(),
     };
     rt.gc(&[&live]).expect("GC");
-    assert!(
-        leases.join("198.18.255.10").exists(),
-        "valid reservation released"
-    );
-    assert!(
-        !leases.join("198.18.255.11").exists(),
-        "stale reservation kept: GC did not reach host-local"
-    );
+    assert!(leases.join("198.18.255.10").exists(), "valid reservation released");
+    assert!(!leases.join("198.18.255.11").exists(), "stale reservation kept: GC did not reach host-local");
 }
 
 /// GC also makes libcni DEL every attachment it cached that the runtime no longer
 /// lists, through the whole chain.
 #[test]
 fn gc_deletes_stale_attachments_through_the_chain() {
-    if skip_heavy("gc_deletes_stale_attachments_through_the_chain")
-        || !require_root()
-    {
+    if skip_heavy("gc_deletes_stale_attachments_through_the_chain") || !require_root() {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
@@ -232,15 +185,8 @@ fn gc_deletes_stale_attachments_through_the_chain() {
     rt.add(&stale).expect("ADD stale");
 
     rt.gc(&[&live]).expect("GC");
-    assert!(
-        !ns_stale.ip(&["link", "show"]).contains("eth0"),
-        "stale attachment not deleted"
-    );
-    assert!(
-        ns_live
-            .ip(&["-4", "addr", "show", "dev", "eth0"])
-            .contains(&live_ip)
-    );
+    assert!(!ns_stale.ip(&["link", "show"]).contains("eth0"), "stale attachment not deleted");
+    assert!(ns_live.ip(&["-4", "addr", "show", "dev", "eth0"]).contains(&live_ip));
     assert_eq!(leases(&rt), [live_ip.split('/').next().unwrap()]);
     rt.del(&live).expect("DEL live");
 }
@@ -248,8 +194,7 @@ fn gc_deletes_stale_attachments_through_the_chain() {
 /// A plugin's CNI error reaches the test with its code.
 #[test]
 fn plugin_errors_carry_their_code() {
-    if skip_heavy("plugin_errors_carry_their_code") || !require_root()
-    {
+    if skip_heavy("plugin_errors_carry_their_code") || !require_root() {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
@@ -258,10 +203,7 @@ fn plugin_errors_carry_their_code() {
     a.netns = "/var/run/netns/kmc-test-does-not-exist".into();
     let err = rt.add(&a).expect_err("ADD into a missing netns");
     assert!(err.code.is_some(), "not a plugin error: {err}");
-    assert!(
-        err.msg.contains("netns") || err.msg.contains("kmc-test-does-not-exist"),
-        "{err}"
-    );
+    assert!(err.msg.contains("netns") || err.msg.contains("kmc-test-does-not-exist"), "{err}");
 }
 
 /// `--net-dir` loads the config the way kubelet/containerd do: files in sorted order,
@@ -274,19 +216,13 @@ fn net_dir_loads_the_first_valid_config() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let conf =
-        |ipam: &str| json!({"type": "bridge", "bridge": "kmc-unused", "ipam": {"type": ipam}});
+    let conf = |ipam: &str| json!({"type": "bridge", "bridge": "kmc-unused", "ipam": {"type": ipam}});
     let list = |ipam: &str| json!({"cniVersion": "1.1.0", "name": "n", "plugins": [conf(ipam)]});
-    let write =
-        |name: &str, v: &Value| std::fs::write(dir.path().join(name), v.to_string()).unwrap();
+    let write = |name: &str, v: &Value| std::fs::write(dir.path().join(name), v.to_string()).unwrap();
     std::fs::write(dir.path().join("00-broken.conflist"), "{not json").unwrap();
     write("10-a.conflist", &list("kmc-missing-a"));
     write("20-b.conflist", &list("kmc-missing-b"));
-    std::fs::write(
-        dir.path().join("05-notes.txt"),
-        "ignored: not a config extension",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("05-notes.txt"), "ignored: not a config extension").unwrap();
 
     let status = || {
         let out = std::process::Command::new(testenv::bin_dir().join("cni-runtime"))

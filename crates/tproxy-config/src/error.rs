@@ -25,12 +25,7 @@ impl ConfigError {
         } else {
             value.to_owned()
         };
-        ConfigError {
-            annotation: annotation.to_owned(),
-            field: field.to_owned(),
-            value,
-            reason: reason.into(),
-        }
+        ConfigError { annotation: annotation.to_owned(), field: field.to_owned(), value, reason: reason.into() }
     }
 }
 

@@ -85,13 +85,11 @@ pub fn from_legacy_annotations(annotations: &BTreeMap<String, String>) -> Result
         cfg.dns.port = port;
     }
 
-    let admin_port =
-        r.get(ENVOY_ADMIN_PORT, "envoyAdminPort", values::port)?.unwrap_or(DEFAULT_ENVOY_ADMIN_PORT);
+    let admin_port = r.get(ENVOY_ADMIN_PORT, "envoyAdminPort", values::port)?.unwrap_or(DEFAULT_ENVOY_ADMIN_PORT);
     cfg.inbound.exclude_ports =
         r.get(EXCLUDE_INBOUND_PORTS, "redirect.inbound.excludePorts", values::port_list)?.unwrap_or(vec![admin_port]);
-    cfg.outbound.exclude_ports = r
-        .get(EXCLUDE_OUTBOUND_PORTS, "redirect.outbound.excludePorts", values::port_list)?
-        .unwrap_or(vec![admin_port]);
+    cfg.outbound.exclude_ports =
+        r.get(EXCLUDE_OUTBOUND_PORTS, "redirect.outbound.excludePorts", values::port_list)?.unwrap_or(vec![admin_port]);
     // The application probe proxy listens beside the app: probes to it must not loop
     // through the inbound listener. 0 switches the proxy (and the exclusion) off.
     let probe_port = r
@@ -104,11 +102,9 @@ pub fn from_legacy_annotations(annotations: &BTreeMap<String, String>) -> Result
         cfg.inbound.exclude_ports.push(probe_port);
     }
 
-    if let Some(list) = r.get(
-        EXCLUDE_OUTBOUND_PORTS_FOR_UIDS,
-        "redirect.outbound.excludePortsForUIDs",
-        |t| values::uid_port_exclusions(t.split(';')),
-    )? {
+    if let Some(list) = r.get(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, "redirect.outbound.excludePortsForUIDs", |t| {
+        values::uid_port_exclusions(t.split(';'))
+    })? {
         cfg.outbound.exclude_ports_for_uids = list;
     }
     if let Some(ips) = r.get(EXCLUDE_INBOUND_IPS, "redirect.inbound.excludePortsForIPs", values::ip_list)? {

@@ -14,9 +14,9 @@ mod yaml;
 use std::collections::BTreeMap;
 
 pub use error::ConfigError;
+pub use legacy::from_legacy_annotations;
 pub use model::*;
 pub use yaml::from_yaml;
-pub use legacy::from_legacy_annotations;
 
 /// The annotation holding the whole configuration as YAML.
 pub const TRANSPARENT_PROXY_CONFIG: &str = "traffic.kuma.io/transparent-proxy-config";

@@ -66,10 +66,12 @@ pub fn boolean(text: &str) -> Result<bool, String> {
 /// database, which is not the pod's and can stall.
 pub fn uid(text: &str) -> Result<u32, String> {
     let text = text.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())
-        && let Ok(uid) = text.parse::<u32>() {
-            return Ok(uid);
-        }
+    if !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(uid) = text.parse::<u32>()
+    {
+        return Ok(uid);
+    }
     Err("expected a numeric UID (user names are not resolved by the CNI)".into())
 }
 
@@ -142,8 +144,8 @@ pub fn uid_port_exclusion(text: &str) -> Result<UidPortExclusion, String> {
         [proto, ports, uids] => (*proto, *ports, *uids),
         _ => return Err("expected [protocol:][ports:]uids".into()),
     };
-    let protocols = protocols(proto)
-        .ok_or_else(|| format!("protocol {:?} is not one of tcp, udp, tcp,udp, *", proto.trim()))?;
+    let protocols =
+        protocols(proto).ok_or_else(|| format!("protocol {:?} is not one of tcp, udp, tcp,udp, *", proto.trim()))?;
     let uids = uids.trim();
     if uids == "*" || uids.contains(',') {
         return Err("uids must be one UID or an a-b range".into());
@@ -152,9 +154,7 @@ pub fn uid_port_exclusion(text: &str) -> Result<UidPortExclusion, String> {
 }
 
 /// `;`-separated exclusion entries (blank entries, such as after a trailing `;`, are skipped).
-pub fn uid_port_exclusions<'a>(
-    entries: impl IntoIterator<Item = &'a str>,
-) -> Result<Vec<UidPortExclusion>, String> {
+pub fn uid_port_exclusions<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Vec<UidPortExclusion>, String> {
     let entries: Vec<&str> = entries.into_iter().filter(|e| !e.trim().is_empty()).collect();
     check_list_len(entries.len())?;
     entries
@@ -261,16 +261,9 @@ mod tests {
         let e = uid_port_exclusion("*:*:0").unwrap();
         assert_eq!(e.uids, Range16::single(0));
 
-        for bad in [
-            "tcp:80:*",
-            "tcp:80:1,2",
-            "sctp:80:1",
-            "tcp:0:1",
-            "tcp:90-80:1",
-            "tcp:80:70000",
-            "a:b:c:d",
-            "tcp:80:",
-        ] {
+        for bad in
+            ["tcp:80:*", "tcp:80:1,2", "sctp:80:1", "tcp:0:1", "tcp:90-80:1", "tcp:80:70000", "a:b:c:d", "tcp:80:"]
+        {
             assert!(uid_port_exclusion(bad).is_err(), "{bad} should be refused");
         }
         assert_eq!(uid_port_exclusions("1000;;udp:53:1001;".split(';')).unwrap().len(), 2);

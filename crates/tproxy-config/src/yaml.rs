@@ -13,9 +13,8 @@ use crate::{TRANSPARENT_PROXY_CONFIG, values};
 
 /// Parses the annotation's YAML over `Config::default()`.
 pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-    let doc: Value = serde_yaml::from_str(text).map_err(|e| {
-        ConfigError::new(TRANSPARENT_PROXY_CONFIG, "(document)", text, format!("malformed YAML: {e}"))
-    })?;
+    let doc: Value = serde_yaml::from_str(text)
+        .map_err(|e| ConfigError::new(TRANSPARENT_PROXY_CONFIG, "(document)", text, format!("malformed YAML: {e}")))?;
     let mut cfg = Config::default();
     let root = Node { value: &doc, path: String::new() };
     for (key, node) in root.fields()? {
@@ -39,9 +38,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
                 for (key, node) in node.fields()? {
                     match key {
                         "maxRetries" => cfg.retry.max_retries = node.bounded_int(0, 100)? as u32,
-                        "sleepBetweenRetries" => {
-                            cfg.retry.sleep_between_retries = node.parse_with(values::duration)?
-                        }
+                        "sleepBetweenRetries" => cfg.retry.sleep_between_retries = node.parse_with(values::duration)?,
                         _ => node.unknown(),
                     }
                 }
@@ -134,9 +131,7 @@ pub(crate) fn vnet_network(text: &str) -> Result<VnetNetwork, String> {
     if !valid_name {
         return Err(format!("{interface:?} is not a valid interface name"));
     }
-    let cidr = cidr
-        .parse::<ipnet::IpNet>()
-        .map_err(|_| format!("{cidr:?} is not a CIDR such as 172.17.0.0/16"))?;
+    let cidr = cidr.parse::<ipnet::IpNet>().map_err(|_| format!("{cidr:?} is not a CIDR such as 172.17.0.0/16"))?;
     Ok(VnetNetwork { interface: interface.to_owned(), cidr: cidr.trunc() })
 }
 

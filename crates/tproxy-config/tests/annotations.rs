@@ -176,8 +176,16 @@ fn invalid_yaml_values_are_named() {
         ("redirect: {outbound: {port: 70000}}", "redirect.outbound.port", "70000"),
         ("redirect: {outbound: {excludePorts: [80, eighty]}}", "redirect.outbound.excludePorts[1]", "eighty"),
         ("redirect: {dns: {enabled: perhaps}}", "redirect.dns.enabled", "perhaps"),
-        ("redirect: {inbound: {excludePortsForIPs: [300.1.1.1]}}", "redirect.inbound.excludePortsForIPs[0]", "300.1.1.1"),
-        ("redirect: {outbound: {excludePortsForUIDs: ['tcp:80:*']}}", "redirect.outbound.excludePortsForUIDs[0]", "tcp:80:*"),
+        (
+            "redirect: {inbound: {excludePortsForIPs: [300.1.1.1]}}",
+            "redirect.inbound.excludePortsForIPs[0]",
+            "300.1.1.1",
+        ),
+        (
+            "redirect: {outbound: {excludePortsForUIDs: ['tcp:80:*']}}",
+            "redirect.outbound.excludePortsForUIDs[0]",
+            "tcp:80:*",
+        ),
         ("redirect: {vnet: {networks: ['docker0']}}", "redirect.vnet.networks[0]", "docker0"),
         ("redirect: {vnet: {networks: ['docker0:300.0.0.0/8']}}", "redirect.vnet.networks[0]", "docker0:300.0.0.0/8"),
         ("kumaDPUser: kuma-dp", "kumaDPUser", "kuma-dp"),

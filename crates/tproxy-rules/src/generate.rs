@@ -158,20 +158,27 @@ impl<'a> Generator<'a> {
             }
         }
         for (iface, cidr) in vnets {
-            rules.push(self.rule(
-                "PREROUTING",
-                Spec::new().in_interface(iface).dport(Protocol::Udp, DNS_PORT).jump(Target::Redirect(self.cfg.dns.port)),
-                format!("vnet {iface}: DNS to the DNS proxy"),
-            ));
-            rules.push(self.rule(
-                "PREROUTING",
-                Spec::new()
-                    .not_destination(cidr)
-                    .in_interface(iface)
-                    .protocol(Protocol::Tcp)
-                    .jump(Target::Redirect(self.cfg.outbound.port)),
-                format!("vnet {iface}: TCP leaving {cidr} to the outbound listener"),
-            ));
+            rules.push(
+                self.rule(
+                    "PREROUTING",
+                    Spec::new()
+                        .in_interface(iface)
+                        .dport(Protocol::Udp, DNS_PORT)
+                        .jump(Target::Redirect(self.cfg.dns.port)),
+                    format!("vnet {iface}: DNS to the DNS proxy"),
+                ),
+            );
+            rules.push(
+                self.rule(
+                    "PREROUTING",
+                    Spec::new()
+                        .not_destination(cidr)
+                        .in_interface(iface)
+                        .protocol(Protocol::Tcp)
+                        .jump(Target::Redirect(self.cfg.outbound.port)),
+                    format!("vnet {iface}: TCP leaving {cidr} to the outbound listener"),
+                ),
+            );
         }
         rules.push(self.rule(
             "PREROUTING",
@@ -187,13 +194,17 @@ impl<'a> Generator<'a> {
         for excl in &out.exclude_ports_for_uids {
             for protocol in &excl.protocols {
                 let port_groups = multiport_groups(&excl.ports);
-                let groups = if port_groups.is_empty() { vec![None] } else { port_groups.into_iter().map(Some).collect() };
+                let groups =
+                    if port_groups.is_empty() { vec![None] } else { port_groups.into_iter().map(Some).collect() };
                 for group in groups {
                     let mut spec = Spec::new().protocol(*protocol);
                     let ports_text = match &group {
                         Some(ports) => {
                             spec = spec.matching(Match::Multiport(ports.clone()));
-                            format!("ports {}", ports.iter().map(|r| format_range(*r, '-')).collect::<Vec<_>>().join(","))
+                            format!(
+                                "ports {}",
+                                ports.iter().map(|r| format_range(*r, '-')).collect::<Vec<_>>().join(",")
+                            )
                         }
                         None => "all ports".to_owned(),
                     };
@@ -278,7 +289,11 @@ impl<'a> Generator<'a> {
                     format!("inbound port {port} not redirected"),
                 ));
             }
-            rules.push(self.rule(INBOUND, Spec::new().protocol(Protocol::Tcp).jump(to_redirect()), "inbound TCP redirected"));
+            rules.push(self.rule(
+                INBOUND,
+                Spec::new().protocol(Protocol::Tcp).jump(to_redirect()),
+                "inbound TCP redirected",
+            ));
         }
         rules
     }
@@ -308,22 +323,28 @@ impl<'a> Generator<'a> {
             Spec::new().source(passthrough).out_interface(LOOPBACK).jump(Target::Return),
             format!("inbound passthrough from {} not redirected", passthrough.addr()),
         ));
-        rules.push(self.rule(
-            OUTBOUND,
-            Spec::new()
-                .not_destination(localhost)
-                .out_interface(LOOPBACK)
-                .protocol(Protocol::Tcp)
-                .uid(self.uid)
-                .jump(Target::Chain(INBOUND_REDIRECT.into())),
-            "sidecar to a local non-loopback address: to the inbound listener",
-        ));
+        rules.push(
+            self.rule(
+                OUTBOUND,
+                Spec::new()
+                    .not_destination(localhost)
+                    .out_interface(LOOPBACK)
+                    .protocol(Protocol::Tcp)
+                    .uid(self.uid)
+                    .jump(Target::Chain(INBOUND_REDIRECT.into())),
+                "sidecar to a local non-loopback address: to the inbound listener",
+            ),
+        );
         rules.push(self.rule(
             OUTBOUND,
             Spec::new().out_interface(LOOPBACK).protocol(Protocol::Tcp).not_uid(self.uid).jump(Target::Return),
             "applications over loopback not redirected",
         ));
-        rules.push(self.rule(OUTBOUND, Spec::new().uid(self.uid).jump(Target::Return), "sidecar traffic not redirected"));
+        rules.push(self.rule(
+            OUTBOUND,
+            Spec::new().uid(self.uid).jump(Target::Return),
+            "sidecar traffic not redirected",
+        ));
         rules.push(self.rule(
             OUTBOUND,
             Spec::new().destination(localhost).jump(Target::Return),

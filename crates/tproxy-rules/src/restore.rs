@@ -61,9 +61,10 @@ pub fn parse_save(text: &str) -> Saved {
                     table.chains.push(chain.to_owned());
                 }
             } else if let Some(rest) = line.strip_prefix("-A ")
-                && let Some(chain) = rest.split_whitespace().next() {
-                    table.rules.push((chain.to_owned(), normalize(line)));
-                }
+                && let Some(chain) = rest.split_whitespace().next()
+            {
+                table.rules.push((chain.to_owned(), normalize(line)));
+            }
         }
     }
     saved

@@ -56,7 +56,9 @@ pub struct ValidateArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValidateError {
-    #[error("{family} traffic is not redirected: {reason} (is the kong-mesh-cni plugin chained on this node? see its logs)")]
+    #[error(
+        "{family} traffic is not redirected: {reason} (is the kong-mesh-cni plugin chained on this node? see its logs)"
+    )]
     NotRedirected { family: &'static str, reason: String },
     #[error("cannot listen on {addr} for the probe: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
@@ -121,7 +123,8 @@ pub fn validate(args: &ValidateArgs) -> Result<Vec<Validated>, ValidateError> {
 }
 
 fn run_probe(probe: &Probe, deadline: Instant) -> Result<Validated, ValidateError> {
-    let listener = TcpListener::bind(probe.listen).map_err(|source| ValidateError::Listen { addr: probe.listen, source })?;
+    let listener =
+        TcpListener::bind(probe.listen).map_err(|source| ValidateError::Listen { addr: probe.listen, source })?;
     listener.set_nonblocking(true).map_err(|source| ValidateError::Listen { addr: probe.listen, source })?;
     let mut attempt = 0u16;
     loop {
@@ -145,7 +148,12 @@ fn run_probe(probe: &Probe, deadline: Instant) -> Result<Validated, ValidateErro
 
 /// One probe connection: connect, see it arrive on the listener from the expected
 /// original destination, echo a payload back. Returns the original destination.
-fn round_trip(listener: &TcpListener, probe: &Probe, target: SocketAddr, deadline: Instant) -> Result<SocketAddr, String> {
+fn round_trip(
+    listener: &TcpListener,
+    probe: &Probe,
+    target: SocketAddr,
+    deadline: Instant,
+) -> Result<SocketAddr, String> {
     let left = |d: Instant| d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let connect_timeout = left(deadline).min(Duration::from_secs(2));
     let client = match probe.bind {
@@ -196,7 +204,10 @@ pub fn run(args: ValidateArgs) -> ExitCode {
     match validate(&args) {
         Ok(done) => {
             for v in done {
-                println!("{}: redirected to {} (original destination {})", v.family, v.listener, v.original_destination);
+                println!(
+                    "{}: redirected to {} (original destination {})",
+                    v.family, v.listener, v.original_destination
+                );
             }
             ExitCode::SUCCESS
         }

@@ -27,7 +27,12 @@ pub fn helm() -> Option<&'static Path> {
             return PathBuf::from(path);
         }
         let script = repo_root().join("scripts/helm-build.sh");
-        let out = Command::new("bash").arg(&script).stdin(Stdio::null()).stderr(Stdio::inherit()).output().expect("running scripts/helm-build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/helm-build.sh");
         assert!(out.status.success(), "{} failed", script.display());
         PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().expect("a path").trim())
     }))
@@ -125,11 +130,20 @@ pub fn kubernetes_validate() -> Option<PathBuf> {
         .map(|c| c.join("kong-mesh-cni/ci-venv/bin/kubernetes-validate"));
     let found = std::env::var_os("KMC_KUBERNETES_VALIDATE")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("kubernetes-validate")).find(|p| p.is_file())))
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths).map(|d| d.join("kubernetes-validate")).find(|p| p.is_file())
+            })
+        })
         .or_else(|| venv.filter(|p| p.is_file()));
     if found.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "kubernetes-validate is not installed (.ci/run installs requirements-ci.txt into ~/.cache/kong-mesh-cni/ci-venv)");
-        eprintln!("SKIPPED: kubernetes-validate not found (pip install -r requirements-ci.txt, or set KMC_KUBERNETES_VALIDATE)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kubernetes-validate is not installed (.ci/run installs requirements-ci.txt into ~/.cache/kong-mesh-cni/ci-venv)"
+        );
+        eprintln!(
+            "SKIPPED: kubernetes-validate not found (pip install -r requirements-ci.txt, or set KMC_KUBERNETES_VALIDATE)"
+        );
     }
     found
 }

@@ -50,8 +50,24 @@ impl Harness {
     pub fn flags(&self, identity: &str, repair: RepairAction) -> Vec<String> {
         let (ns, repair) = (self.ns.name(), repair.as_str());
         [
-            "--cni-namespace", ns, "--lease-namespace", ns, "--leader-identity", identity, "--repair-action", repair,
-            "--lease-duration", "6s", "--renew-deadline", "3s", "--retry-period", "200ms", "--api-timeout", "3s", "--metrics-port", "0",
+            "--cni-namespace",
+            ns,
+            "--lease-namespace",
+            ns,
+            "--leader-identity",
+            identity,
+            "--repair-action",
+            repair,
+            "--lease-duration",
+            "6s",
+            "--renew-deadline",
+            "3s",
+            "--retry-period",
+            "200ms",
+            "--api-timeout",
+            "3s",
+            "--metrics-port",
+            "0",
         ]
         .map(String::from)
         .into()
@@ -72,13 +88,24 @@ impl Harness {
         }
         let mut role: Role = rbac_file("role-leader-election.yaml");
         role.metadata.namespace = Some(self.ns.name().into());
-        Api::<Role>::namespaced(self.admin.clone(), self.ns.name()).create(&PostParams::default(), &role).await.expect("creating the Role");
-        let binding = RoleBinding { metadata: role.metadata.clone(), role_ref: self.role_ref("Role", role.name_any()), subjects: Some(vec![self.subject()]) };
-        Api::<RoleBinding>::namespaced(self.admin.clone(), self.ns.name()).create(&PostParams::default(), &binding).await.expect("creating the RoleBinding");
+        Api::<Role>::namespaced(self.admin.clone(), self.ns.name())
+            .create(&PostParams::default(), &role)
+            .await
+            .expect("creating the Role");
+        let binding = RoleBinding {
+            metadata: role.metadata.clone(),
+            role_ref: self.role_ref("Role", role.name_any()),
+            subjects: Some(vec![self.subject()]),
+        };
+        Api::<RoleBinding>::namespaced(self.admin.clone(), self.ns.name())
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("creating the RoleBinding");
         // Bindings take effect a moment later (the authorizer reads through a cache):
         // wait until a node list and a Lease read are no longer refused.
         let client = server.service_account_client(self.ns.name(), SA).await;
-        let (nodes, leases) = (Api::<Node>::all(client.clone()), Api::<Lease>::namespaced(client.clone(), self.ns.name()));
+        let (nodes, leases) =
+            (Api::<Node>::all(client.clone()), Api::<Lease>::namespaced(client.clone(), self.ns.name()));
         eventually("the grants to take effect", Duration::from_secs(10), || {
             let (nodes, leases) = (nodes.clone(), leases.clone());
             async move {
@@ -95,13 +122,19 @@ impl Harness {
     async fn bind_cluster_role(&self, mut role: ClusterRole) {
         let name = format!("{}-{}", role.name_any(), self.ns.name());
         role.metadata.name = Some(name.clone());
-        Api::<ClusterRole>::all(self.admin.clone()).create(&PostParams::default(), &role).await.expect("creating the ClusterRole");
+        Api::<ClusterRole>::all(self.admin.clone())
+            .create(&PostParams::default(), &role)
+            .await
+            .expect("creating the ClusterRole");
         let binding = ClusterRoleBinding {
             metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
             role_ref: self.role_ref("ClusterRole", name),
             subjects: Some(vec![self.subject()]),
         };
-        Api::<ClusterRoleBinding>::all(self.admin.clone()).create(&PostParams::default(), &binding).await.expect("creating the ClusterRoleBinding");
+        Api::<ClusterRoleBinding>::all(self.admin.clone())
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("creating the ClusterRoleBinding");
     }
 
     fn role_ref(&self, kind: &str, name: String) -> RoleRef {
@@ -109,7 +142,12 @@ impl Harness {
     }
 
     fn subject(&self) -> Subject {
-        Subject { kind: "ServiceAccount".into(), name: SA.into(), namespace: Some(self.ns.name().into()), ..Default::default() }
+        Subject {
+            kind: "ServiceAccount".into(),
+            name: SA.into(),
+            namespace: Some(self.ns.name().into()),
+            ..Default::default()
+        }
     }
 }
 
@@ -159,7 +197,8 @@ impl Running {
 
 pub fn assert_no_forbidden(status: &Status) {
     let text = status.render();
-    let refused: Vec<&str> = text.lines().filter(|l| l.contains("kind=\"403\"") || l.contains("kind=\"401\"")).collect();
+    let refused: Vec<&str> =
+        text.lines().filter(|l| l.contains("kind=\"403\"") || l.contains("kind=\"401\"")).collect();
     assert!(refused.is_empty(), "the controller was refused: {refused:?}");
 }
 
@@ -217,7 +256,12 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 /// The node's taints as `key:effect`.
 pub async fn taints(admin: &Client, node: &str) -> Vec<String> {
     let node = Api::<Node>::all(admin.clone()).get(node).await.expect("getting the node");
-    node.spec.and_then(|s| s.taints).unwrap_or_default().into_iter().map(|t| format!("{}:{}", t.key, t.effect)).collect()
+    node.spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| format!("{}:{}", t.key, t.effect))
+        .collect()
 }
 
 pub async fn tainted(admin: &Client, node: &str) -> bool {

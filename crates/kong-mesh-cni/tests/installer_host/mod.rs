@@ -207,7 +207,8 @@ pub fn json(path: &Path) -> Option<Value> {
 /// Whether the conflist at `path` ends with our plugin, once.
 pub fn chained(path: &Path, plugin: &str) -> bool {
     json(path).and_then(|v| v["plugins"].as_array().cloned()).is_some_and(|plugins| {
-        plugins.last().is_some_and(|p| p["type"] == plugin) && plugins.iter().filter(|p| p["type"] == plugin).count() == 1
+        plugins.last().is_some_and(|p| p["type"] == plugin)
+            && plugins.iter().filter(|p| p["type"] == plugin).count() == 1
     })
 }
 
