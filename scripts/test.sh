@@ -9,4 +9,5 @@ eval "$(scripts/testenv-build.sh --env)"
 eval "$(scripts/helm-build.sh --env)"
 # kubernetes-validate, for the chart tests (a venv from requirements-ci.txt, cached).
 eval "$(scripts/pytools-build.sh --env)"
+cargo fmt --all -- --check
 cargo test --workspace "$@"
