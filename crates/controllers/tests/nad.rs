@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, Running, eventually, metric, throughout};
+use common::{Harness, eventually, metric, throughout};
 use controllers::{MANAGED_BY, MANAGED_BY_LABEL, RepairAction, SIDECAR_INJECTION_LABEL, nad_resource};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -57,9 +57,7 @@ async fn a_namespace_label_adds_and_removes_the_nad() {
         return;
     }
     let server = ApiServer::shared();
-    let h = Harness::new(server).await;
-    let client = h.controller_client(server, RepairAction::Off).await;
-    let ctl = Running::start(client, &h.flags("only", RepairAction::Off)).await;
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Off).await;
     let admin = &h.admin;
 
     let mesh = server.namespace("kmc-mesh").await;
@@ -100,9 +98,7 @@ async fn terminating_namespaces_are_skipped() {
         return;
     }
     let server = ApiServer::shared();
-    let h = Harness::new(server).await;
-    let client = h.controller_client(server, RepairAction::Off).await;
-    let ctl = Running::start(client, &h.flags("only", RepairAction::Off)).await;
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Off).await;
     let admin = &h.admin;
 
     // No namespace controller runs: a deleted namespace stays Terminating until its
@@ -134,9 +130,7 @@ async fn the_crd_installed_after_start_is_picked_up_without_restart() {
     }
     // A private API server without the NAD CRD.
     let server = ApiServer::start(&[]);
-    let h = Harness::new(&server).await;
-    let client = h.controller_client(&server, RepairAction::Off).await;
-    let ctl = Running::start(client, &h.flags("only", RepairAction::Off)).await;
+    let (h, ctl) = Harness::with_controller(&server, RepairAction::Off).await;
     let admin = &h.admin;
     let mesh = server.namespace("kmc-mesh").await;
     label(admin, mesh.name(), Some("enabled")).await;

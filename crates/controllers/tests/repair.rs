@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, Running, eventually, metric, throughout};
+use common::{Harness, eventually, metric, throughout};
 use controllers::{EVENT_REASON, REDIRECT_MISSING_LABEL, RepairAction};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
@@ -91,9 +91,7 @@ async fn a_mesh_pod_without_redirect_is_deleted_once_with_an_event() {
         return;
     }
     let server = ApiServer::shared();
-    let h = Harness::new(server).await;
-    let client = h.controller_client(server, RepairAction::Delete).await;
-    let ctl = Running::start(client, &h.flags("only", RepairAction::Delete)).await;
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Delete).await;
     let ns = &h.ns;
 
     let left_alone = bystanders(ns).await;
@@ -130,9 +128,7 @@ async fn the_label_action_labels_once_and_deletes_nothing() {
         return;
     }
     let server = ApiServer::shared();
-    let h = Harness::new(server).await;
-    let client = h.controller_client(server, RepairAction::Label).await;
-    let ctl = Running::start(client, &h.flags("only", RepairAction::Label)).await;
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Label).await;
     let ns = &h.ns;
 
     let left_alone = bystanders(ns).await;

@@ -56,9 +56,7 @@ async fn a_new_node_is_tainted_until_its_cni_pod_is_ready() {
         return;
     }
     let server = ApiServer::shared();
-    let h = Harness::new(server).await;
-    let client = h.controller_client(server, RepairAction::Off).await;
-    let ctl = Running::start(client, &h.flags("only", RepairAction::Off)).await;
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Off).await;
     let admin = &h.admin;
 
     let node = server.node("kmc-taint", &[]).await;
@@ -91,9 +89,7 @@ async fn other_taints_and_concurrent_label_updates_survive() {
         return;
     }
     let server = ApiServer::shared();
-    let h = Harness::new(server).await;
-    let client = h.controller_client(server, RepairAction::Off).await;
-    let ctl = Running::start(client, &h.flags("only", RepairAction::Off)).await;
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Off).await;
     let admin = &h.admin;
     let node = server.node("kmc-taint", &[]).await;
     eventually("the new node to be tainted", Duration::from_secs(5), || tainted(admin, node.name())).await;

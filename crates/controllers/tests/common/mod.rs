@@ -47,6 +47,14 @@ impl Harness {
     /// Flags for a controller living in this namespace, with a short lease so that
     /// leadership tests take seconds (a stopped leader releases it, a stolen one is seen
     /// within the retry period), and no HTTP listener (tests read [`Status`]).
+    /// A harness and one controller in it, running as the RBAC-bound identity.
+    pub async fn with_controller(server: &ApiServer, repair: RepairAction) -> (Harness, Running) {
+        let h = Harness::new(server).await;
+        let client = h.controller_client(server, repair).await;
+        let ctl = Running::start(client, &h.flags("only", repair)).await;
+        (h, ctl)
+    }
+
     pub fn flags(&self, identity: &str, repair: RepairAction) -> Vec<String> {
         let (ns, repair) = (self.ns.name(), repair.as_str());
         [
