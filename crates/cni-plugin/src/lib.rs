@@ -47,8 +47,9 @@ pub fn main() -> ExitCode {
 }
 
 pub fn run(var: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
-    let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&var, stdin)))
-        .unwrap_or_else(|_| Err((CniError::new(100, "internal error", "the plugin panicked; see its log"), None)));
+    let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&var, stdin))).unwrap_or_else(|_| {
+        Err((CniError::new(code::INTERNAL, "internal error", "the plugin panicked; see its log"), None))
+    });
     match answer {
         Ok(Some(value)) => Outcome { stdout: value.to_string(), exit_code: 0 },
         Ok(None) => Outcome { stdout: String::new(), exit_code: 0 },

@@ -1,11 +1,9 @@
 use serde_json::json;
 
-/// Error codes of the CNI spec, and ours (100 and up).
+/// The error codes of the CNI spec that we answer with, and ours (100 and up).
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
-    pub const UNSUPPORTED_FIELD: u32 = 2;
     pub const INVALID_ENVIRONMENT: u32 = 4;
-    pub const IO_FAILURE: u32 = 5;
     pub const DECODE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
@@ -14,8 +12,8 @@ pub mod code {
     pub const RULES_FAILED: u32 = 100;
     /// Ours: CHECK found rules missing.
     pub const RULES_MISSING: u32 = 101;
-    /// Ours: the pod could not be looked up and the configuration says to fail.
-    pub const POD_LOOKUP_FAILED: u32 = 102;
+    /// Ours: the plugin failed in a way it did not foresee (a bug; see its log).
+    pub const INTERNAL: u32 = 102;
 }
 
 /// An error in the caller's protocol: printed as the spec's JSON on stdout.
