@@ -12,9 +12,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use nettest::{NamedNetns, accept_within, connect_tcp, listen_tcp, read_exact};
 use serde_json::Value;
-use testenv::{ApiServer, Attachment, CniRuntime, Plugins, pod, policy_rule};
+use testkit::net::{NamedNetns, accept_within, connect_tcp, listen_tcp, read_exact};
+use testkit::{ApiServer, Attachment, CniRuntime, Plugins, pod, policy_rule};
 
 use node::{ApiAccess, Node, PRIMARY, wait_for};
 pub use report::{Attached, Report};
@@ -40,7 +40,7 @@ pub fn run(binary: &Path) -> Result<Report> {
         sa
     });
 
-    let bridge = format!("kmcd-{}", testenv::unique_suffix());
+    let bridge = format!("kmcd-{}", testkit::unique_suffix());
     let mut node = Node::new(&bridge, SUBNET)?;
     let original_primary = std::fs::read(node.primary())?;
     let access = ApiAccess {
@@ -180,5 +180,5 @@ fn land(from: &netns::NetNs, dest: SocketAddr, listener: &std::net::TcpListener)
     let mut conn = accept_within(listener, Duration::from_secs(3))
         .with_context(|| format!("the connection to {dest} did not arrive"))?;
     ensure!(read_exact(&mut conn, payload.len()) == payload.as_bytes(), "the request arrived changed");
-    Ok(origdst::original_destination(&conn)?)
+    Ok(validator::original_destination(&conn)?)
 }

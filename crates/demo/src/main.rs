@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    if !nettest::require_root() {
+    if !testkit::net::require_root() {
         eprintln!("the demo creates network namespaces and bridges: run it as root");
         return ExitCode::FAILURE;
     }

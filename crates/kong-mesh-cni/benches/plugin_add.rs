@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use testenv::{ApiServer, Attachment, CniRuntime, NamedNetns, Plugins, pod, policy_rule};
+use testkit::{ApiServer, Attachment, CniRuntime, NamedNetns, Plugins, pod, policy_rule};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 
@@ -23,7 +23,7 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    if !nettest::require_root() {
+    if !testkit::net::require_root() {
         return;
     }
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);

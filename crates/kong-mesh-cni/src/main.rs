@@ -34,17 +34,17 @@ enum Command {
     Install(Box<installer::InstallArgs>),
     /// Print the Kubernetes manifests (the Helm chart, rendered) for an environment
     /// preset: `kong-mesh-cni manifests --preset kind | kubectl apply -f -`.
-    Manifests(chart::ManifestsArgs),
+    Manifests(manifests::ManifestsArgs),
     /// Run the control-plane controllers until SIGTERM: node taint until the CNI is
     /// ready, NetworkAttachmentDefinitions for Multus, repair of pods that raced the CNI.
-    Controller(controllers::ControllerArgs),
+    Controller(controller::ControllerArgs),
 }
 
 fn main() -> ExitCode {
     // The container runtime calls us with CNI_COMMAND set (under whatever name the
     // binary was installed as, kong-mesh-cni or kuma-cni): we are the plugin.
     if std::env::var_os("CNI_COMMAND").is_some() {
-        return cni_plugin::main();
+        return cni::plugin::main();
     }
     let cli = Cli::parse_from(installer::entrypoint_args(std::env::args_os()));
     logging::init(&cli.log_level);
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         Command::Rules(args) => rules_cmd::run(args),
         Command::Validate(args) => validator::run(args),
         Command::Install(args) => installer::run(*args),
-        Command::Manifests(args) => chart::run(args),
-        Command::Controller(args) => controllers::run(args),
+        Command::Manifests(args) => manifests::run(args),
+        Command::Controller(args) => controller::run(args),
     }
 }

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{ArgAction, Args};
-use firewall::{BackendChoice, NsFacts, Options};
 use k8s_openapi::api::core::v1::Pod;
-use mesh_pod::Decision;
+use kuma::Config;
+use kuma::pod::Decision;
+use netfilter::{BackendChoice, NsFacts, Options};
 use netns::NetNs;
-use tproxy_config::Config;
 
 /// Exit codes: the contract for scripts.
 const EXIT_FAILED: u8 = 1;
@@ -73,11 +73,11 @@ fn read_pod(path: &Path) -> Result<Pod, Failure> {
 
 fn execute(args: &RulesArgs) -> Result<(), Failure> {
     let backend: BackendChoice =
-        args.iptables_backend.parse().map_err(|e: firewall::FirewallError| invalid(e.to_string()))?;
+        args.iptables_backend.parse().map_err(|e: netfilter::FirewallError| invalid(e.to_string()))?;
     let pod = read_pod(&args.pod)?;
     let meta = &pod.metadata;
     let name = format!("{}/{}", meta.namespace.as_deref().unwrap_or("-"), meta.name.as_deref().unwrap_or("-"));
-    let decision = mesh_pod::decide(&pod).map_err(|e| invalid(format!("pod {name}: {e}")))?;
+    let decision = kuma::pod::decide(&pod).map_err(|e| invalid(format!("pod {name}: {e}")))?;
     let cfg = match decision {
         Decision::PassThrough(reason) => {
             println!("pod {name}: pass through ({reason})");
@@ -92,7 +92,7 @@ fn execute(args: &RulesArgs) -> Result<(), Failure> {
     };
     let opts = Options { backend, lock_dir: args.run_dir.clone(), ..Options::default() };
     if args.apply {
-        let r = firewall::apply(&ns, &cfg, &opts).map_err(failed)?;
+        let r = netfilter::apply(&ns, &cfg, &opts).map_err(failed)?;
         let families: Vec<&str> = r.families.iter().map(|f| f.as_str()).collect();
         println!(
             "applied {} rules ({}) with iptables-{} ({})",
@@ -102,7 +102,7 @@ fn execute(args: &RulesArgs) -> Result<(), Failure> {
             r.backend_reason
         );
     } else if args.verify {
-        let r = firewall::verify(&ns, &cfg, &opts).map_err(failed)?;
+        let r = netfilter::verify(&ns, &cfg, &opts).map_err(failed)?;
         if !r.missing.is_empty() {
             for line in &r.missing {
                 println!("missing {line}");
@@ -111,7 +111,7 @@ fn execute(args: &RulesArgs) -> Result<(), Failure> {
         }
         println!("all rules present (iptables-{})", r.backend.as_str());
     } else if args.remove {
-        let r = firewall::remove(&ns, Some(&cfg), &opts).map_err(failed)?;
+        let r = netfilter::remove(&ns, Some(&cfg), &opts).map_err(failed)?;
         let what: Vec<String> = r.removed.iter().map(|(b, f)| format!("{f} (iptables-{})", b.as_str())).collect();
         match what.is_empty() {
             true => println!("nothing of ours was there"),
@@ -125,9 +125,9 @@ fn execute(args: &RulesArgs) -> Result<(), Failure> {
 }
 
 fn print_plan(cfg: &Config, facts: &NsFacts) -> Result<(), Failure> {
-    for set in firewall::plan(cfg, facts).map_err(failed)? {
+    for set in netfilter::plan(cfg, facts).map_err(failed)? {
         println!("# {}: {} rules", set.family, set.rule_count());
-        print!("{}", tproxy_rules::restore::install_payload(&set));
+        print!("{}", rules::restore::install_payload(&set));
     }
     Ok(())
 }

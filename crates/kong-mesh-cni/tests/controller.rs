@@ -2,17 +2,17 @@
 //! environment (the Go implementation's variables for the taint controller), with the
 //! identity of a ServiceAccount bound to exactly the chart's RBAC files.
 
-#[path = "../../controllers/tests/common/mod.rs"]
+#[path = "../../controller/tests/common/mod.rs"]
 mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::{Harness, SA, eventually, http_get as get, metric, tainted};
-use controllers::RepairAction;
+use controller::RepairAction;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
-use testenv::{ApiServer, pod};
+use testkit::{ApiServer, pod};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -20,7 +20,7 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_subcommand_acts_reports_and_stops_cleanly() {
-    if testenv::skip_heavy("kong-mesh-cni controller") {
+    if testkit::skip_heavy("kong-mesh-cni controller") {
         return;
     }
     let server = ApiServer::shared();

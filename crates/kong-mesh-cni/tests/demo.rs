@@ -3,7 +3,7 @@
 
 #[test]
 fn the_node_demo_shows_every_behaviour() {
-    if testenv::skip_heavy("the node demo") || !testenv::require_root() {
+    if testkit::skip_heavy("the node demo") || !testkit::require_root() {
         return;
     }
     let report = demo::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni"))).expect("the demo runs");

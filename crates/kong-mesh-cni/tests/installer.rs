@@ -416,10 +416,10 @@ fn the_kubeconfig_authenticates_against_a_real_api_server() {
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Api, PostParams};
 
-    if testenv::skip_heavy("the installer's kubeconfig against a real API server") {
+    if testkit::skip_heavy("the installer's kubeconfig against a real API server") {
         return;
     }
-    let server = testenv::ApiServer::shared();
+    let server = testkit::ApiServer::shared();
     let host = Host::new();
     std::fs::write(host.net_file("10-calico.conflist"), CALICO).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -429,7 +429,7 @@ fn the_kubeconfig_authenticates_against_a_real_api_server() {
         // A real bound token and the server's CA, as the kubelet would project them.
         let creds = tempfile::tempdir().unwrap();
         let projected = server.project_service_account(ns.name(), sa, creds.path()).await;
-        ns.grant(sa, "pod-reader", vec![testenv::policy_rule(&[""], &["pods"], &["get", "list"])]).await;
+        ns.grant(sa, "pod-reader", vec![testkit::policy_rule(&[""], &["pods"], &["get", "list"])]).await;
         host.rotate_token(
             &std::fs::read_to_string(&projected.token_file).unwrap(),
             &std::fs::read(&projected.ca_file).unwrap(),

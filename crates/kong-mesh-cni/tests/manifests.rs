@@ -22,7 +22,7 @@ fn cli(args: &[&str]) -> Output {
 }
 
 fn helm() -> Option<&'static Path> {
-    if testenv::skip_heavy("the real Helm CLI") {
+    if testkit::skip_heavy("the real Helm CLI") {
         return None;
     }
     static HELM: OnceLock<PathBuf> = OnceLock::new();
@@ -208,8 +208,8 @@ fn set_values_files_and_namespace_match_helm() {
 #[test]
 fn the_cli_prints_the_library_rendering_in_helms_format() {
     let out = stdout_ok(cli(&["--preset", "kind"]), "kind");
-    let opts = chart::Options { preset: Some("kind".into()), ..chart::Options::default() };
-    assert_eq!(out, chart::to_stream(&chart::Chart::embedded().render(&opts).unwrap()));
+    let opts = manifests::Options { preset: Some("kind".into()), ..manifests::Options::default() };
+    assert_eq!(out, manifests::to_stream(&manifests::Chart::embedded().render(&opts).unwrap()));
     assert!(out.starts_with("---\n# Source: kong-mesh-cni/templates/"));
 }
 

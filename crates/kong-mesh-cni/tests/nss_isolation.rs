@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nettest::{NamedNetns, require_root, sh};
+use testkit::net::{NamedNetns, require_root, sh};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nettest::{NamedNetns, accept_within, connect_tcp, listen_tcp, read_exact};
-use origdst::original_destination;
 use serde_json::{Value, json};
-use testenv::{ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod, policy_rule, require_root, skip_heavy};
+use testkit::net::{NamedNetns, accept_within, connect_tcp, listen_tcp, read_exact};
+use testkit::{ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod, policy_rule, require_root, skip_heavy};
+use validator::original_destination;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 

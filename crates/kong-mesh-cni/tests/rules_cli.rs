@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use nettest::{NamedNetns, require_root};
+use testkit::net::{NamedNetns, require_root};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 

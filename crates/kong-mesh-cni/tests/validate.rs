@@ -6,8 +6,8 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use firewall::Options;
-use nettest::{Topology, require_root};
+use netfilter::Options;
+use testkit::net::{Topology, require_root};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 const NOT_REDIRECTED: i32 = 97;
@@ -29,7 +29,7 @@ fn validate(topo: &Topology, as_uid: Option<u32>, extra: &[&str]) -> (Output, Du
 fn apply(topo: &Topology) {
     let opts =
         Options { lock_dir: std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("locks"), ..Options::default() };
-    firewall::apply(&topo.pod.open(), &tproxy_config::Config::default(), &opts).unwrap();
+    netfilter::apply(&topo.pod.open(), &kuma::Config::default(), &opts).unwrap();
 }
 
 fn stdout(out: &Output) -> String {
@@ -98,7 +98,7 @@ fn a_busy_probe_port_is_another_failure() {
     }
     let topo = Topology::new("valbusy", false);
     apply(&topo);
-    let _occupied = nettest::listen_tcp(&topo.pod.open(), false, 15001);
+    let _occupied = testkit::net::listen_tcp(&topo.pod.open(), false, 15001);
     let (out, _) = validate(&topo, None, &["--timeout", "1s"]);
     assert_eq!(out.status.code(), Some(1), "not 97: the redirect is not known to be missing");
     assert!(stderr(&out).contains("cannot listen on 0.0.0.0:15001"), "{}", stderr(&out));

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use netns::{NetNs, NetNsError};
-use nettest::{NamedNetns, require_root};
+use testkit::net::{NamedNetns, require_root};
 
 fn link_names() -> String {
     String::from_utf8(Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).unwrap()

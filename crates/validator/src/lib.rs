@@ -12,7 +12,7 @@
 //!   port, as an application's would.
 //!
 //! The exit code is the contract with the repair controller:
-//! [`mesh_pod::VALIDATOR_EXIT_NOT_REDIRECTED`] when the redirect is missing, 1 for any
+//! [`kuma::pod::VALIDATOR_EXIT_NOT_REDIRECTED`] when the redirect is missing, 1 for any
 //! other trouble.
 
 use std::io::{self, Read, Write};
@@ -21,6 +21,20 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+
+/// Where a redirected TCP connection was originally headed: after a nat `REDIRECT` the
+/// accepted socket's local address is the listener's, while conntrack keeps the address
+/// the client asked for (`SO_ORIGINAL_DST`). For a connection that was not redirected
+/// this is its local address.
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not an IP address"))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FamilyChoice {
@@ -48,7 +62,7 @@ pub struct ValidateArgs {
     #[arg(long, env = "KMC_VALIDATE_PROBE_IPV6", default_value = "fd00:6b6d:6300::fe")]
     pub probe_ipv6: Ipv6Addr,
     /// Give up (exit 97) when no probe succeeded within this time (e.g. 10s, 500ms).
-    #[arg(long, env = "KMC_VALIDATE_TIMEOUT", default_value = "10s", value_parser = tproxy_config::values::duration)]
+    #[arg(long, env = "KMC_VALIDATE_TIMEOUT", default_value = "10s", value_parser = kuma::values::duration)]
     pub timeout: Duration,
     #[arg(long, env = "KMC_VALIDATE_FAMILY", value_enum, default_value = "auto")]
     pub family: FamilyChoice,
@@ -115,7 +129,7 @@ pub fn validate(args: &ValidateArgs) -> Result<Vec<Validated>, ValidateError> {
     let families: Vec<bool> = match args.family {
         FamilyChoice::Ipv4 => vec![false],
         FamilyChoice::Ipv6 => vec![true],
-        FamilyChoice::Auto if firewall::has_ipv6() => vec![false, true],
+        FamilyChoice::Auto if netfilter::has_ipv6() => vec![false, true],
         FamilyChoice::Auto => vec![false],
     };
     let deadline = Instant::now() + args.timeout;
@@ -170,7 +184,7 @@ fn round_trip(
             Err(e) => return Err(format!("the connection to {target} did not arrive on {}: {e}", probe.listen)),
         }
     };
-    let original = origdst::original_destination(&server).map_err(|e| format!("no original destination: {e}"))?;
+    let original = original_destination(&server).map_err(|e| format!("no original destination: {e}"))?;
     if original != target {
         return Err(format!("a connection to {original} arrived instead of ours to {target}"));
     }
@@ -213,7 +227,7 @@ pub fn run(args: ValidateArgs) -> ExitCode {
         }
         Err(e @ ValidateError::NotRedirected { .. }) => {
             eprintln!("error: {e}");
-            ExitCode::from(mesh_pod::VALIDATOR_EXIT_NOT_REDIRECTED as u8)
+            ExitCode::from(kuma::pod::VALIDATOR_EXIT_NOT_REDIRECTED as u8)
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -1,13 +1,13 @@
 {{/*
 Template subset. These templates are also rendered by `kong-mesh-cni manifests`
-(crates/chart), which implements only this subset of Helm's templates:
+(crates/manifests), which implements only this subset of Helm's templates:
   actions: {{ }}, {{- -}}, comments, if/else if/else, with/else, range (lists, maps,
     `$k, $v :=`), define/include, variables ($x := / $x =, $), parenthesized pipelines;
   objects: .Values, .Chart.{Name,Version,AppVersion}, .Release.{Name,Namespace,Service},
     .Files.Get;
   functions: default, quote, toYaml, toJson, fromYaml, nindent, indent, required, fail,
     eq, ne, and, or, not, list, printf (%s %d %v %q), trimSuffix, sha256sum, include.
-Use nothing else here: crates/chart's tests render every preset with both and compare.
+Use nothing else here: crates/manifests's tests render every preset with both and compare.
 */}}
 
 {{/* Labels on every object (not .Chart.Name: an umbrella's alias renames the chart). */}}

@@ -1,0 +1,5 @@
+//! The CNI side of kong-mesh-cni: the protocol as a plugin sees it ([`proto`], pure) and
+//! the plugin itself ([`plugin`]), which the container runtime runs for every pod.
+
+pub mod plugin;
+pub mod proto;

@@ -1,0 +1,236 @@
+//! The CNI plugin. [`run`] takes the environment and stdin and returns what to print
+//! and the exit code, so tests drive it directly; `main` only does the process I/O.
+//!
+//! What is not ours is never blocked by our trouble: pods in excluded namespaces pass
+//! without an API call, DEL never fails, a logging failure is ignored, and when the API
+//! server cannot say what a pod is, `on_api_error` decides (default: let it start).
+
+mod conf;
+mod logging;
+mod lookup;
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crate::proto::result::{pass_on, version_info};
+use crate::proto::{CniError, Command, Env, NetConf, code};
+use kuma::Config;
+use kuma::pod::Decision;
+use netfilter::Options;
+use netns::{NetNs, NetNsError};
+use serde_json::Value;
+
+pub use conf::{OnApiError, PluginConf};
+use lookup::Lookup;
+
+/// Retries of a failed rule transaction stop starting after this long.
+const APPLY_BUDGET: Duration = Duration::from_secs(15);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the process prints on stdout, and its exit code.
+pub struct Outcome {
+    pub stdout: String,
+    pub exit_code: u8,
+}
+
+/// The process: stdin in, the outcome out.
+pub fn main() -> ExitCode {
+    let mut stdin = Vec::new();
+    // One byte past the limit is enough to refuse an oversized configuration.
+    let _ = std::io::stdin().take(crate::proto::conf::MAX_STDIN as u64 + 1).read_to_end(&mut stdin);
+    let outcome = run(|k| std::env::var(k).ok(), &stdin);
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(outcome.stdout.as_bytes());
+    let _ = out.flush();
+    ExitCode::from(outcome.exit_code)
+}
+
+pub fn run(var: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
+    let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&var, stdin))).unwrap_or_else(|_| {
+        Err((CniError::new(code::INTERNAL, "internal error", "the plugin panicked; see its log"), None))
+    });
+    match answer {
+        Ok(Some(value)) => Outcome { stdout: value.to_string(), exit_code: 0 },
+        Ok(None) => Outcome { stdout: String::new(), exit_code: 0 },
+        Err((error, version)) => {
+            tracing::error!(code = error.code, "{error}");
+            let version = version.unwrap_or_else(|| crate::proto::version::LATEST.to_owned());
+            Outcome { stdout: error.to_json(&version), exit_code: 1 }
+        }
+    }
+}
+
+type Answer = Result<Option<Value>, (CniError, Option<String>)>;
+
+fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
+    let env = Env::from_vars(var).map_err(|e| (e, None))?;
+    if env.command == Command::Version {
+        return Ok(Some(version_info()));
+    }
+    let conf = NetConf::parse(stdin).map_err(|e| (e, None))?;
+    let version = Some(conf.cni_version.clone());
+    let plugin = PluginConf::from_netconf(&conf).map_err(|e| (e, version.clone()))?;
+    let level = var("CNI_LOG_LEVEL").unwrap_or_else(|| plugin.log_level.clone());
+    logging::init(&level, &plugin.log_socket, &plugin.log_file);
+    let pod = format!("{}/{}", env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME"));
+    let span = tracing::info_span!("cni", cmd = %env.command.as_str(), pod = %pod, container = %env.container_id);
+    let _entered = span.enter();
+    let started = Instant::now();
+    let result = match env.command {
+        Command::Add => add(&env, &conf, &plugin).map(Some),
+        Command::Check => check(&env, &conf, &plugin).map(|()| None),
+        Command::Del => {
+            del(&env, &plugin);
+            Ok(None)
+        }
+        Command::Status => status(&plugin).map(|()| None),
+        Command::Gc => Ok(None), // nothing node-global is kept, so nothing to collect
+        Command::Version => unreachable!("answered above"),
+    };
+    tracing::debug!(took = ?started.elapsed(), "done");
+    result.map_err(|e| (e, version))
+}
+
+/// What the pod object says, or why there is none to ask.
+enum Verdict {
+    Intercept(Box<Config>),
+    PassThrough(String),
+}
+
+/// The decision for the pod of this call: the checks that need no API call first,
+/// then the lookup and the pod decision.
+fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
+    let (namespace, name) = (env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME"));
+    if let Some(reason) = kuma::pod::pre_lookup(namespace, name, &plugin.exclude_namespaces) {
+        return Ok(Verdict::PassThrough(reason.to_string()));
+    }
+    let found = match &plugin.kubeconfig {
+        Some(path) if path.exists() => runtime().block_on(lookup::pod(path, namespace, name, plugin.lookup_timeout)),
+        Some(path) => {
+            Lookup::Unavailable(format!("kubeconfig {} does not exist (is the installer running?)", path.display()))
+        }
+        None => Lookup::Unavailable("the configuration has no kubernetes.kubeconfig".to_owned()),
+    };
+    let pod = match found {
+        Lookup::Found(pod) => pod,
+        Lookup::NotFound => return Ok(Verdict::PassThrough("the pod no longer exists".to_owned())),
+        Lookup::Unavailable(why) => {
+            return match plugin.on_api_error {
+                OnApiError::PassThrough => {
+                    tracing::warn!(error = %why, "cannot look the pod up; letting it start without a redirect (on_api_error: pass-through)");
+                    Ok(Verdict::PassThrough(format!("the pod could not be looked up: {why}")))
+                }
+                OnApiError::Fail => {
+                    Err(CniError::new(code::TRY_AGAIN_LATER, "cannot look the pod up (on_api_error: fail)", why))
+                }
+            };
+        }
+    };
+    match kuma::pod::decide(&pod) {
+        Ok(Decision::Intercept(cfg)) => Ok(Verdict::Intercept(cfg)),
+        Ok(Decision::PassThrough(reason)) => Ok(Verdict::PassThrough(reason.to_string())),
+        Err(e) => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("invalid transparent-proxy configuration of pod {namespace}/{name}"),
+            e.to_string(),
+        )),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime always builds")
+}
+
+fn options(plugin: &PluginConf) -> Options {
+    Options {
+        backend: plugin.iptables_backend,
+        lock_dir: plugin.run_dir.clone(),
+        deadline: Some(Instant::now() + APPLY_BUDGET),
+        ..Options::default()
+    }
+}
+
+fn open_netns(path: &str) -> Result<NetNs, CniError> {
+    NetNs::open(path)
+        .map_err(|e| CniError::new(code::RULES_FAILED, "cannot open the pod's network namespace", e.to_string()))
+}
+
+fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError> {
+    let result = pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
+    match verdict(env, plugin)? {
+        Verdict::PassThrough(reason) => tracing::info!("pass through: {reason}"),
+        Verdict::Intercept(cfg) => {
+            let ns = open_netns(&env.netns)?;
+            let report = netfilter::apply(&ns, &cfg, &options(plugin)).map_err(|e| {
+                CniError::new(code::RULES_FAILED, "cannot program the transparent-proxy redirect", e.to_string())
+            })?;
+            let families: Vec<&str> = report.families.iter().map(|f| f.as_str()).collect();
+            tracing::info!(
+                rules = report.rules,
+                families = %families.join(","),
+                backend = report.backend.as_str(),
+                backend_reason = %report.backend_reason,
+                "redirect programmed"
+            );
+        }
+    }
+    Ok(result)
+}
+
+fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError> {
+    pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
+    let Verdict::Intercept(cfg) = verdict(env, plugin)? else { return Ok(()) };
+    let ns = open_netns(&env.netns)?;
+    let report = netfilter::verify(&ns, &cfg, &options(plugin))
+        .map_err(|e| CniError::new(code::RULES_FAILED, "cannot read the redirect rules", e.to_string()))?;
+    if report.missing.is_empty() {
+        return Ok(());
+    }
+    Err(CniError::new(
+        code::RULES_MISSING,
+        format!("{} redirect rules are missing", report.missing.len()),
+        report.missing.join("; "),
+    ))
+}
+
+/// DEL succeeds whatever happens: the namespace may already be gone, and a pod that
+/// cannot be deleted because of us is worse than rules left in a dying namespace.
+fn del(env: &Env, plugin: &PluginConf) {
+    if env.netns.is_empty() {
+        return;
+    }
+    let ns = match NetNs::open(&env.netns) {
+        Ok(ns) => ns,
+        Err(NetNsError::Open { .. } | NetNsError::NotNetwork { .. }) => return,
+        Err(e) => return tracing::warn!("{e}"),
+    };
+    match netfilter::remove(&ns, None, &options(plugin)) {
+        Ok(report) if !report.removed.is_empty() => tracing::info!(removed = ?report.removed, "redirect removed"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not remove the redirect rules; the namespace is going away anyway"),
+    }
+}
+
+/// Ready when the installer's kubeconfig is there and the API server answers with it.
+fn status(plugin: &PluginConf) -> Result<(), CniError> {
+    let unavailable = |details: String| CniError::new(code::NOT_AVAILABLE, "the plugin is not available", details);
+    let path = plugin
+        .kubeconfig
+        .as_ref()
+        .ok_or_else(|| unavailable("the configuration has no kubernetes.kubeconfig".into()))?;
+    if !path.exists() {
+        return Err(unavailable(format!("kubeconfig {} does not exist (is the installer running?)", path.display())));
+    }
+    runtime().block_on(async {
+        let check = async {
+            let client = lookup::client_for(path, STATUS_TIMEOUT).await?;
+            client.apiserver_version().await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(STATUS_TIMEOUT, check).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(format!("the API server cannot be reached: {e}"))),
+            Err(_) => Err(unavailable(format!("the API server did not answer within {STATUS_TIMEOUT:?}"))),
+        }
+    })
+}

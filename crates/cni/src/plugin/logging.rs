@@ -1,0 +1,99 @@
+//! Where the plugin's log lines go. The plugin runs on the host, started by the
+//! runtime, where nobody reads its stderr. Lines are sent as datagrams to the socket
+//! the installer listens on, which prints them to its own stderr, so they show in
+//! `kubectl logs` of the DaemonSet pod; no process is searched for by name, so two
+//! installers (a rollout) cannot confuse it. When no installer listens, lines go to a
+//! small rotating file on the host. Nothing here can fail or block the command.
+//!
+//! A stream socket rather than datagrams: the kernel queues only a few datagrams per
+//! socket (net.unix.max_dgram_qlen, 10 by default), while a stream buffers hundreds of
+//! KiB, so a burst of lines still reaches the installer in order.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+/// The file is rotated (to `<file>.1`) past this size: at most twice this on disk.
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+struct Sink {
+    socket: Option<UnixStream>,
+    file: PathBuf,
+}
+
+impl Sink {
+    fn new(socket_path: &Path, file: &Path) -> Self {
+        // Never wait for a slow or stuck installer: a full buffer means the file.
+        let socket = UnixStream::connect(socket_path).ok().filter(|s| s.set_nonblocking(true).is_ok());
+        Sink { socket, file: file.to_owned() }
+    }
+
+    fn write_line(&self, line: &[u8]) {
+        if let Some(mut socket) = self.socket.as_ref() {
+            // A partial write would garble the stream; a line goes whole or to the file.
+            if matches!(socket.write(line), Ok(n) if n == line.len()) {
+                return;
+            }
+        }
+        let _ = self.append_to_file(line);
+    }
+
+    fn append_to_file(&self, line: &[u8]) -> io::Result<()> {
+        if let Some(dir) = self.file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if std::fs::metadata(&self.file).is_ok_and(|m| m.len() > MAX_FILE_BYTES) {
+            let mut rotated = self.file.clone().into_os_string();
+            rotated.push(".1");
+            std::fs::rename(&self.file, rotated)?;
+        }
+        OpenOptions::new().create(true).append(true).open(&self.file)?.write_all(line)
+    }
+}
+
+/// One event's formatted line, written through to the sink.
+struct LineWriter(Arc<Sink>);
+
+impl Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_line(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct MakeLineWriter(Arc<Sink>);
+
+impl<'a> MakeWriter<'a> for MakeLineWriter {
+    type Writer = LineWriter;
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter(self.0.clone())
+    }
+}
+
+/// Our crates log at `level` (off, error, warn, info, debug or trace; unknown: info);
+/// the libraries under them (HTTP, TLS) only their warnings.
+pub fn init(level: &str, socket: &Path, file: &Path) {
+    let filter = match level {
+        "off" => "off".to_owned(),
+        "error" | "warn" | "info" | "debug" | "trace" => {
+            format!("warn,cni::plugin={level},firewall={level},mesh_pod={level},kuma={level}")
+        }
+        _ => "warn,cni::plugin=info,firewall=info,mesh_pod=info,kuma=info".to_owned(),
+    };
+    let writer = MakeLineWriter(Arc::new(Sink::new(socket, file)));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+}

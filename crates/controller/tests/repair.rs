@@ -1,0 +1,152 @@
+//! The repair controller against the real API server, with the chart's RBAC.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, eventually, metric, throughout};
+use controller::{EVENT_REASON, REDIRECT_MISSING_LABEL, RepairAction};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kuma::pod::{SIDECAR_CONTAINER, SIDECAR_INJECTED, VALIDATION_CONTAINER, VALIDATOR_EXIT_NOT_REDIRECTED};
+use serde_json::json;
+use testkit::{ApiServer, TestNamespace, pod};
+
+/// How the kubelet reports the validator's end: in `state` when it just ended, in
+/// `lastState` once it was restarted (init containers of a restartPolicy Always pod).
+#[derive(Clone, Copy)]
+enum Report {
+    State,
+    LastState,
+}
+
+/// Writes through the status subresource what the kubelet would after the validator
+/// (init container `kuma-validation`) exited with `code`.
+async fn validator_exited(ns: &TestNamespace, name: &str, code: i32, report: Report) {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let terminated = json!({"terminated": {"exitCode": code, "reason": "Error", "startedAt": now, "finishedAt": now}});
+    let (state, last_state, restarts) = match report {
+        Report::State => (terminated, json!({}), 0),
+        Report::LastState => (json!({"waiting": {"reason": "CrashLoopBackOff"}}), terminated, 1),
+    };
+    let status = json!({"status": {"phase": "Pending", "initContainerStatuses": [{
+        "name": VALIDATION_CONTAINER, "image": "kmc-test/none:0", "imageID": "", "ready": false,
+        "restartCount": restarts, "state": state, "lastState": last_state,
+    }]}});
+    ns.api::<Pod>()
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .expect("writing the pod status");
+}
+
+/// A mesh pod as the injector makes it, scheduled on a node (no kubelet runs, so a
+/// deleted pod stays, marked for deletion, and keeps receiving status updates).
+async fn mesh_pod(ns: &TestNamespace, name: &str) {
+    let p = pod(name)
+        .annotation(SIDECAR_INJECTED, "true")
+        .init_container(VALIDATION_CONTAINER)
+        .container("app")
+        .container(SIDECAR_CONTAINER);
+    ns.create_pod(p.node_name("kmc-node-gone").build()).await;
+}
+
+async fn marked_for_deletion(ns: &TestNamespace, name: &str) -> bool {
+    ns.api::<Pod>().get_opt(name).await.unwrap().is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+}
+
+async fn untouched(ns: &TestNamespace, name: &str) -> bool {
+    let pod = ns.api::<Pod>().get(name).await.unwrap();
+    pod.metadata.deletion_timestamp.is_none()
+        && !pod.metadata.labels.unwrap_or_default().contains_key(REDIRECT_MISSING_LABEL)
+}
+
+/// Our Events about `pod`.
+async fn events(ns: &TestNamespace, pod: &str) -> Vec<Event> {
+    let all = Api::<Event>::namespaced(ns.client(), ns.name()).list(&ListParams::default()).await.unwrap();
+    all.items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(EVENT_REASON)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+        })
+        .collect()
+}
+
+/// Pods that must be left alone whatever happens: no sidecar, not injected, another
+/// exit code.
+async fn bystanders(ns: &TestNamespace) -> [&'static str; 3] {
+    ns.create_pod(pod("plain").init_container(VALIDATION_CONTAINER).container("app").build()).await;
+    validator_exited(ns, "plain", VALIDATOR_EXIT_NOT_REDIRECTED, Report::State).await;
+    ns.create_pod(pod("not-injected").init_container(VALIDATION_CONTAINER).container(SIDECAR_CONTAINER).build()).await;
+    validator_exited(ns, "not-injected", VALIDATOR_EXIT_NOT_REDIRECTED, Report::State).await;
+    mesh_pod(ns, "other-code").await;
+    validator_exited(ns, "other-code", 1, Report::LastState).await;
+    ["plain", "not-injected", "other-code"]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_pod_without_redirect_is_deleted_once_with_an_event() {
+    if testkit::skip_heavy("repair controller") {
+        return;
+    }
+    let server = ApiServer::shared();
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Delete).await;
+    let ns = &h.ns;
+
+    let left_alone = bystanders(ns).await;
+    mesh_pod(ns, "raced").await;
+    validator_exited(ns, "raced", VALIDATOR_EXIT_NOT_REDIRECTED, Report::State).await;
+    mesh_pod(ns, "crashlooping").await;
+    validator_exited(ns, "crashlooping", VALIDATOR_EXIT_NOT_REDIRECTED, Report::LastState).await;
+    for name in ["raced", "crashlooping"] {
+        eventually("the pod to be deleted", Duration::from_secs(5), || marked_for_deletion(ns, name)).await;
+    }
+    // The kubelet keeps reporting on the terminating pod: nothing more happens.
+    validator_exited(ns, "raced", VALIDATOR_EXIT_NOT_REDIRECTED, Report::LastState).await;
+    throughout("one delete per pod", Duration::from_millis(500), || async {
+        metric(&ctl.status.render(), "kong_mesh_cni_controller_repair_actions_total{action=\"delete\"}") == 2
+    })
+    .await;
+    for name in ["raced", "crashlooping"] {
+        let events = events(ns, name).await;
+        assert_eq!(events.len(), 1, "{name}: {events:?}");
+        assert_eq!(events[0].type_.as_deref(), Some("Warning"));
+        assert!(events[0].note.as_deref().unwrap_or_default().contains("exited 97"), "{events:?}");
+    }
+    for name in left_alone {
+        assert!(untouched(ns, name).await, "{name} was touched");
+        assert!(events(ns, name).await.is_empty(), "{name} has our Event");
+    }
+    assert_eq!(metric(&ctl.status.render(), "kong_mesh_cni_controller_events_total{change=\"recorded\"}"), 2);
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_label_action_labels_once_and_deletes_nothing() {
+    if testkit::skip_heavy("repair controller") {
+        return;
+    }
+    let server = ApiServer::shared();
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Label).await;
+    let ns = &h.ns;
+
+    let left_alone = bystanders(ns).await;
+    mesh_pod(ns, "raced").await;
+    validator_exited(ns, "raced", VALIDATOR_EXIT_NOT_REDIRECTED, Report::State).await;
+    eventually("the label", Duration::from_secs(5), || async { !untouched(ns, "raced").await }).await;
+    let raced = ns.api::<Pod>().get("raced").await.unwrap();
+    assert!(raced.metadata.deletion_timestamp.is_none());
+    assert_eq!(raced.metadata.labels.unwrap_or_default().get(REDIRECT_MISSING_LABEL).map(String::as_str), Some("true"));
+
+    validator_exited(ns, "raced", VALIDATOR_EXIT_NOT_REDIRECTED, Report::LastState).await;
+    throughout("one label", Duration::from_millis(500), || async {
+        metric(&ctl.status.render(), "kong_mesh_cni_controller_repair_actions_total{action=\"label\"}") == 1
+    })
+    .await;
+    assert_eq!(events(ns, "raced").await.len(), 1);
+    for name in left_alone {
+        assert!(untouched(ns, name).await, "{name} was touched");
+    }
+    ctl.stop().await;
+}

@@ -1,0 +1,388 @@
+//! What matters in the rendered manifests, per preset: the host paths, the conf name
+//! and chained flag of DESIGN.md's table, a privileged installer, our taint tolerated,
+//! least-privilege RBAC (the installer's, and exactly the controller crate's files),
+//! and that the installer and the controller accept the settings the chart gives them
+//! (every env var parsed by their real argument parsers).
+
+use std::collections::BTreeMap;
+
+use clap::{Args as _, CommandFactory as _};
+use manifests::{Chart, Options, to_stream};
+use serde_yaml::Value;
+
+const TABLE: &[(&str, &str, &str, &str, bool)] = &[
+    ("eks", "/etc/cni/net.d", "/opt/cni/bin", "10-aws.conflist", true),
+    ("aks", "/etc/cni/net.d", "/opt/cni/bin", "10-azure.conflist", true),
+    ("aks-overlay", "/etc/cni/net.d", "/opt/cni/bin", "15-azure-swift-overlay.conflist", true),
+    ("calico", "/etc/cni/net.d", "/opt/cni/bin", "10-calico.conflist", true),
+    ("cilium", "/etc/cni/net.d", "/opt/cni/bin", "05-cilium.conflist", true),
+    ("cilium-pre-1.14", "/etc/cni/net.d", "/opt/cni/bin", "05-cilium.conf", true),
+    ("gke-cilium", "/etc/cni/net.d", "/home/kubernetes/bin", "05-cilium.conflist", true),
+    ("gke-calico", "/etc/cni/net.d", "/home/kubernetes/bin", "10-calico.conflist", true),
+    ("gke-dataplane-v2", "/etc/cni/net.d", "/home/kubernetes/bin", "10-gke-ptp.conflist", true),
+    ("k3d-flannel", "/var/lib/rancher/k3s/agent/etc/cni/net.d", "/bin", "10-flannel.conflist", true),
+    ("kind", "/etc/cni/net.d", "/opt/cni/bin", "10-kindnet.conflist", true),
+    ("openshift-3.11", "/etc/cni/multus/net.d", "/var/lib/cni/bin", "kuma-cni.conf", false),
+    ("openshift-4", "/etc/cni/multus/net.d", "/var/lib/cni/bin", "kuma-cni.conf", false),
+];
+
+struct Rendered {
+    objects: BTreeMap<(String, String), Value>,
+}
+
+impl Rendered {
+    fn new(preset: Option<&str>, set: &[&str]) -> Rendered {
+        let opts = Options {
+            preset: preset.map(Into::into),
+            set: set.iter().map(|s| s.to_string()).collect(),
+            ..Options::default()
+        };
+        let stream = to_stream(&Chart::embedded().render(&opts).unwrap());
+        let mut objects = BTreeMap::new();
+        for doc in serde_yaml::Deserializer::from_str(&stream) {
+            let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            let key = (v["kind"].as_str().unwrap().to_owned(), v["metadata"]["name"].as_str().unwrap().to_owned());
+            objects.insert(key, v);
+        }
+        Rendered { objects }
+    }
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        self.objects.get(&(kind.into(), name.into())).unwrap_or_else(|| panic!("no {kind} {name}"))
+    }
+    fn daemonset(&self) -> &Value {
+        self.get("DaemonSet", "kong-mesh-cni")
+    }
+    fn installer(&self) -> &Value {
+        &self.daemonset()["spec"]["template"]["spec"]["containers"][0]
+    }
+    fn controller(&self) -> &Value {
+        &self.get("Deployment", "kong-mesh-cni-controller")["spec"]["template"]["spec"]["containers"][0]
+    }
+    fn network_config(&self) -> String {
+        self.get("ConfigMap", "kong-mesh-cni-config")["data"]["cni_network_config"].as_str().unwrap().to_owned()
+    }
+}
+
+fn env(container: &Value) -> BTreeMap<String, Value> {
+    container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e.clone()))
+        .collect()
+}
+
+fn env_value(container: &Value, name: &str) -> String {
+    env(container).get(name).unwrap_or_else(|| panic!("no env {name}"))["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} has no value"))
+        .to_owned()
+}
+
+fn host_path(ds: &Value, volume: &str) -> String {
+    let volumes = ds["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap();
+    let v = volumes.iter().find(|v| v["name"] == volume).unwrap_or_else(|| panic!("no volume {volume}"));
+    v["hostPath"]["path"].as_str().unwrap().to_owned()
+}
+
+fn mount_path(container: &Value, volume: &str) -> String {
+    let m = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume)
+        .unwrap_or_else(|| panic!("no mount of {volume}"));
+    m["mountPath"].as_str().unwrap().to_owned()
+}
+
+fn rules_of(file: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/rbac").join(file);
+    let v: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["rules"].clone()
+}
+
+#[test]
+fn every_preset_has_its_paths_conf_name_and_mode() {
+    for (preset, net_dir, bin_dir, conf, chained) in TABLE {
+        let r = Rendered::new(Some(preset), &[]);
+        let (ds, installer) = (r.daemonset(), r.installer());
+        assert_eq!(host_path(ds, "cni-net-dir"), *net_dir, "{preset}");
+        assert_eq!(host_path(ds, "cni-bin-dir"), *bin_dir, "{preset}");
+        assert_eq!(env_value(installer, "CNI_NET_DIR"), *net_dir, "{preset}: the host path written into our conf");
+        assert_eq!(env_value(installer, "CNI_CONF_NAME"), *conf, "{preset}");
+        assert_eq!(env_value(installer, "CHAINED_CNI_PLUGIN"), chained.to_string(), "{preset}");
+        assert_eq!(env_value(installer, "MOUNTED_CNI_NET_DIR"), mount_path(installer, "cni-net-dir"), "{preset}");
+        assert_eq!(env_value(installer, "MOUNTED_CNI_BIN_DIR"), mount_path(installer, "cni-bin-dir"), "{preset}");
+        assert_eq!(
+            installer["securityContext"]["privileged"],
+            Value::Bool(true),
+            "{preset}: the installer writes host dirs as root"
+        );
+        let conf: serde_json::Value = serde_json::from_str(&r.network_config()).unwrap();
+        assert_eq!(conf["kubernetes"]["cni_bin_dir"], *bin_dir, "{preset}");
+    }
+}
+
+#[test]
+fn the_daemonset_runs_everywhere_including_nodes_waiting_for_it() {
+    for (preset, ..) in TABLE {
+        let r = Rendered::new(Some(preset), &["cni.tolerations[0].key=dedicated,cni.tolerations[0].operator=Exists"]);
+        let spec = &r.daemonset()["spec"]["template"]["spec"];
+        let tolerations = spec["tolerations"].as_sequence().unwrap();
+        let has = |key: Option<&str>, effect: Option<&str>| {
+            tolerations.iter().any(|t| {
+                t["operator"] == "Exists"
+                    && t.get("key").and_then(Value::as_str) == key
+                    && t.get("effect").and_then(Value::as_str) == effect
+            })
+        };
+        assert!(has(Some("NodeReadiness"), Some("NoSchedule")), "{preset}: our taint");
+        assert!(
+            has(None, Some("NoSchedule")) && has(None, Some("NoExecute")),
+            "{preset}: every NoSchedule/NoExecute taint"
+        );
+        assert!(has(Some("dedicated"), None), "{preset}: user tolerations are added");
+        assert_eq!(spec["priorityClassName"], "system-node-critical");
+        assert_eq!(spec["hostNetwork"], Value::Bool(true));
+        assert_eq!(spec["serviceAccountName"], "kong-mesh-cni");
+        let installer = r.installer();
+        assert_eq!(installer["command"], serde_yaml::from_str::<Value>("[/install-cni]").unwrap());
+        // Readiness is the installer's ready file, on a mount that a read-only root allows.
+        let probe = &installer["readinessProbe"]["exec"]["command"];
+        assert_eq!(probe[1], "/tmp/ready");
+        assert_eq!(mount_path(installer, "tmp"), "/tmp");
+        // The controller must run on tainted nodes to untaint them.
+        let ctl = &r.get("Deployment", "kong-mesh-cni-controller")["spec"]["template"]["spec"]["tolerations"];
+        assert!(
+            ctl.as_sequence().unwrap().iter().any(|t| t["key"] == "NodeReadiness" && t["effect"] == "NoSchedule"),
+            "{preset}"
+        );
+    }
+}
+
+#[test]
+fn the_plugin_log_socket_is_shared_with_the_host() {
+    let r = Rendered::new(Some("kind"), &[]);
+    let conf: serde_json::Value = serde_json::from_str(&r.network_config()).unwrap();
+    let socket = env_value(r.installer(), "KMC_LOG_SOCKET");
+    assert_eq!(
+        conf["log_socket"],
+        socket.as_str(),
+        "the plugin (on the host) and the installer (in the pod) name one socket"
+    );
+    let run_dir = host_path(r.daemonset(), "cni-run-dir");
+    assert_eq!(mount_path(r.installer(), "cni-run-dir"), run_dir, "same path inside and outside");
+    assert!(socket.starts_with(&format!("{run_dir}/")), "{socket} in {run_dir}");
+}
+
+#[test]
+fn the_installer_accepts_what_the_chart_gives_it() {
+    let flags: BTreeMap<String, String> = installer::InstallArgs::command()
+        .get_arguments()
+        .filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned())))
+        .collect();
+    for (preset, ..) in TABLE.iter().chain(&[("", "", "", "", false)]) {
+        let r = Rendered::new(Some(*preset).filter(|p| !p.is_empty()), &[]);
+        let mut argv = vec!["install".to_string(), "--kubernetes-service-host".into(), "10.96.0.1".into()];
+        for (name, entry) in env(r.installer()) {
+            // The binary's global --log-level reads CNI_LOG_LEVEL; every other variable
+            // must be one of the installer's.
+            if name == "CNI_LOG_LEVEL" {
+                continue;
+            }
+            let long = flags.get(&name).unwrap_or_else(|| panic!("{preset}: the installer has no variable {name}"));
+            let value = match entry["value"].as_str() {
+                Some(v) => v.to_owned(),
+                None => r.network_config(),
+            };
+            argv.extend([format!("--{long}"), value]);
+        }
+        let args =
+            <installer::InstallArgs as clap::Parser>::try_parse_from(&argv).unwrap_or_else(|e| panic!("{preset}: {e}"));
+        let settings = installer::Settings::from_args(args)
+            .unwrap_or_else(|e| panic!("{preset}: the installer refuses the chart's settings: {e}"));
+        assert_eq!(settings.ours.binary, "kong-mesh-cni", "{preset}: the binary's name on the host");
+        assert_eq!(
+            settings.ours.conf["kubernetes"]["kubeconfig"],
+            format!("{}/ZZZ-kuma-cni-kubeconfig", env_value(r.installer(), "CNI_NET_DIR"))
+        );
+        assert_eq!(
+            settings.ours.conf["name"], "kuma-cni",
+            "Kuma's injector annotates mesh pods with networks: kuma-cni"
+        );
+        assert_eq!(settings.ours.conf["kubernetes"]["exclude_namespaces"], serde_json::json!(["kube-system"]));
+    }
+}
+
+#[test]
+fn the_controller_accepts_what_the_chart_gives_it() {
+    let command = controller::ControllerArgs::augment_args(clap::Command::new("controller"));
+    let flags: BTreeMap<String, String> = command
+        .get_arguments()
+        .filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned())))
+        .collect();
+    for (set, taint, repair) in [
+        (&[][..], true, "delete"),
+        (&["cni.taintController.enabled=false", "cni.controller.repairAction=label"][..], false, "label"),
+    ] {
+        let r = Rendered::new(Some("kind"), set);
+        let ctl = r.controller();
+        assert_eq!(ctl["command"], serde_yaml::from_str::<Value>("[/opt/cni/bin/kong-mesh-cni, controller]").unwrap());
+        let mut argv = Vec::new();
+        for (name, entry) in env(ctl) {
+            if name == "CNI_LOG_LEVEL" {
+                continue;
+            }
+            let long = flags.get(&name).unwrap_or_else(|| panic!("the controller has no variable {name}"));
+            let value = entry["value"].as_str().unwrap_or("from-the-downward-api").to_owned();
+            argv.extend([format!("--{long}"), value]);
+        }
+        let args = controller::ControllerArgs::from_flags(&argv).unwrap_or_else(|e| panic!("{set:?}: {e}"));
+        args.validate().unwrap();
+        assert_eq!(args.taint_enabled, taint, "{set:?}");
+        assert_eq!(args.repair_action.as_str(), repair);
+        assert_eq!(args.cni_app, "kong-mesh-cni");
+        assert_eq!(args.nad_name, "kuma-cni", "the NAD must carry the name mesh pods ask Multus for");
+        // The DaemonSet's pods carry the label the taint logic looks for.
+        assert_eq!(r.daemonset()["spec"]["template"]["metadata"]["labels"]["app"], args.cni_app.as_str());
+        assert_eq!(args.cni_namespace, r.daemonset()["metadata"]["namespace"].as_str().unwrap());
+        // The Lease it uses is the one its Role names.
+        let role = r.get("Role", "kong-mesh-cni-controller-leader-election");
+        assert!(
+            role["rules"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|rule| rule["resourceNames"][0] == args.lease_name.as_str())
+        );
+    }
+}
+
+#[test]
+fn rbac_is_least_privilege_and_the_controllers_own() {
+    // The chart's copies are the controller crate's files, byte for byte.
+    let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/rbac");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&crate_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let chart = Chart::embedded();
+    let copies: Vec<&String> = chart.files().keys().filter(|p| p.starts_with("files/controller-rbac/")).collect();
+    assert_eq!(copies.len(), names.len(), "{copies:?} vs {names:?}");
+    for name in &names {
+        let copy = &chart.files()[&format!("files/controller-rbac/{name}")];
+        assert_eq!(
+            copy,
+            &std::fs::read_to_string(crate_dir.join(name)).unwrap(),
+            "files/controller-rbac/{name} differs from crates/controller/rbac/{name}: copy it over"
+        );
+    }
+    for (preset, ..) in TABLE {
+        let r = Rendered::new(Some(preset), &[]);
+        // The plugin gets one pod at a time; the installer itself calls no API.
+        let installer = r.get("ClusterRole", "kong-mesh-cni");
+        assert_eq!(
+            installer["rules"],
+            serde_yaml::from_str::<Value>(r#"[{apiGroups: [""], resources: [pods], verbs: [get]}]"#).unwrap()
+        );
+        let binding = r.get("ClusterRoleBinding", "kong-mesh-cni");
+        assert_eq!(binding["subjects"][0]["name"], "kong-mesh-cni");
+        assert_eq!(r.get("ClusterRole", "kong-mesh-cni-controller")["rules"], rules_of("clusterrole.yaml"), "{preset}");
+        assert_eq!(
+            r.get("ClusterRole", "kong-mesh-cni-controller-repair-delete")["rules"],
+            rules_of("clusterrole-repair-delete.yaml")
+        );
+        assert_eq!(
+            r.get("Role", "kong-mesh-cni-controller-leader-election")["rules"],
+            rules_of("role-leader-election.yaml")
+        );
+        for (kind, name) in [
+            ("ClusterRoleBinding", "kong-mesh-cni-controller"),
+            ("ClusterRoleBinding", "kong-mesh-cni-controller-repair-delete"),
+            ("RoleBinding", "kong-mesh-cni-controller-leader-election"),
+        ] {
+            let b = r.get(kind, name);
+            assert_eq!(b["roleRef"]["name"], name);
+            assert_eq!(
+                b["subjects"],
+                serde_yaml::from_str::<Value>(
+                    "[{kind: ServiceAccount, name: kong-mesh-cni-controller, namespace: kube-system}]"
+                )
+                .unwrap()
+            );
+        }
+        let roles: Vec<&str> = r
+            .objects
+            .keys()
+            .filter(|(k, _)| k.contains("Role") && !k.ends_with("Binding"))
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                "kong-mesh-cni",
+                "kong-mesh-cni-controller",
+                "kong-mesh-cni-controller-repair-delete",
+                "kong-mesh-cni-controller-leader-election"
+            ],
+            "{preset}: no other grant"
+        );
+    }
+    // The repair grant follows the repair action.
+    let label = Rendered::new(Some("kind"), &["cni.controller.repairAction=label"]);
+    assert_eq!(
+        label.get("ClusterRole", "kong-mesh-cni-controller-repair-label")["rules"],
+        rules_of("clusterrole-repair-label.yaml")
+    );
+    assert!(!label.objects.contains_key(&("ClusterRole".into(), "kong-mesh-cni-controller-repair-delete".into())));
+    let off = Rendered::new(Some("kind"), &["cni.controller.repairAction=off"]);
+    assert!(!off.objects.keys().any(|(_, n)| n.contains("repair")), "no repair, no pod delete/patch grant");
+}
+
+#[test]
+fn namespace_moves_every_namespaced_object() {
+    let opts = Options { preset: Some("kind".into()), namespace: Some("mesh-cni".into()), ..Options::default() };
+    let manifests = Chart::embedded().render(&opts).unwrap();
+    for m in &manifests {
+        let v: Value = serde_yaml::from_str(&m.content).unwrap();
+        let cluster_scoped = m.kind.starts_with("Cluster");
+        assert_eq!(v["metadata"].get("namespace").is_none(), cluster_scoped, "{} {}", m.kind, m.name);
+        if !cluster_scoped {
+            assert_eq!(v["metadata"]["namespace"], "mesh-cni", "{} {}", m.kind, m.name);
+        }
+        for subject in v.get("subjects").and_then(Value::as_sequence).into_iter().flatten() {
+            assert_eq!(subject["namespace"], "mesh-cni");
+        }
+    }
+}
+
+#[test]
+fn switches_and_refusals() {
+    let disabled =
+        Chart::embedded().render(&Options { set: vec!["cni.enabled=false".into()], ..Options::default() }).unwrap();
+    assert!(disabled.is_empty(), "cni.enabled=false renders nothing");
+    let taint_off = Rendered::new(Some("eks"), &["cni.taintController.enabled=false"]);
+    assert_eq!(env_value(taint_off.controller(), "KUMA_RUNTIME_KUBERNETES_NODE_TAINT_CONTROLLER_ENABLED"), "false");
+    assert_eq!(
+        env_value(
+            Rendered::new(Some("eks"), &[]).controller(),
+            "KUMA_RUNTIME_KUBERNETES_NODE_TAINT_CONTROLLER_ENABLED"
+        ),
+        "true"
+    );
+    let delayed = Rendered::new(Some("kind"), &["cni.delayStartupSeconds=7"]);
+    let init = &delayed.daemonset()["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(init["command"], serde_yaml::from_str::<Value>("[/bin/sleep, '7']").unwrap());
+    assert!(Rendered::new(Some("kind"), &[]).daemonset()["spec"]["template"]["spec"].get("initContainers").is_none());
+    let err = Chart::embedded()
+        .render(&Options { set: vec!["experimental.ebpf.enabled=true".into()], ..Options::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("experimental.ebpf.enabled=true: the eBPF mode is not available"), "{err}");
+    let debug = Rendered::new(Some("kind"), &["cni.logLevel=debug"]);
+    let conf: serde_json::Value = serde_json::from_str(&debug.network_config()).unwrap();
+    assert_eq!(conf["log_level"], "debug");
+    assert_eq!(env_value(debug.installer(), "CNI_LOG_LEVEL"), "debug");
+    // A changed conf rolls the DaemonSet's pods (CNI_NETWORK_CONFIG is read at start).
+    let sum = |r: &Rendered| r.daemonset()["spec"]["template"]["metadata"]["annotations"]["checksum/config"].clone();
+    assert_ne!(sum(&debug), sum(&Rendered::new(Some("kind"), &[])));
+}

@@ -1,0 +1,80 @@
+//! Cheap facts about the network namespace of the calling thread: no process is run.
+
+use std::collections::BTreeSet;
+
+use rules::Family;
+
+use crate::netlink;
+
+/// NFPROTO_IPV4 / NFPROTO_IPV6: the nf_tables families iptables-nft uses.
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+
+/// The tables iptables creates; other nf_tables tables (firewalld, native nft) are not
+/// iptables state.
+const IPTABLES_TABLES: [&str; 5] = ["filter", "nat", "mangle", "raw", "security"];
+/// The tables our rules live in.
+pub const OUR_TABLES: [&str; 3] = ["raw", "nat", "mangle"];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NsFacts {
+    /// An IPv6 address on an interface other than `lo` (link-local counts).
+    pub has_ipv6: bool,
+    /// Legacy (x_tables) tables instantiated, per family.
+    pub legacy: [BTreeSet<String>; 2],
+    /// iptables-nft tables, per family.
+    pub nft: [BTreeSet<String>; 2],
+}
+
+pub fn index(family: Family) -> usize {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+impl NsFacts {
+    /// Reads the facts of the calling thread's namespace.
+    pub fn read() -> Self {
+        let mut facts = NsFacts { has_ipv6: has_ipv6(), ..Default::default() };
+        for (i, file) in ["ip_tables_names", "ip6_tables_names"].iter().enumerate() {
+            // Absent when the x_tables module is not loaded: then there are no tables.
+            let names = std::fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default();
+            facts.legacy[i] = names.lines().map(str::to_owned).collect();
+        }
+        match netlink::nft_tables() {
+            Ok(tables) => {
+                for (family, name) in tables {
+                    let i = match family {
+                        NFPROTO_IPV4 => 0,
+                        NFPROTO_IPV6 => 1,
+                        _ => continue,
+                    };
+                    if IPTABLES_TABLES.contains(&name.as_str()) {
+                        facts.nft[i].insert(name);
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot list nf_tables tables; assuming none"),
+        }
+        facts
+    }
+
+    pub fn any_legacy(&self) -> bool {
+        self.legacy.iter().any(|t| !t.is_empty())
+    }
+
+    pub fn any_nft(&self) -> bool {
+        self.nft.iter().any(|t| !t.is_empty())
+    }
+}
+
+/// Whether the calling thread's namespace has an IPv6 address on an interface other
+/// than `lo` (link-local counts): the pod then gets IPv6 rules in dual-stack mode.
+pub fn has_ipv6() -> bool {
+    // Columns: address, ifindex, prefix length, scope, flags, device name.
+    std::fs::read_to_string("/proc/thread-self/net/if_inet6")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| line.split_whitespace().nth(5).is_some_and(|dev| dev != "lo"))
+}

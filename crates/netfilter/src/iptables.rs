@@ -1,0 +1,138 @@
+//! The iptables backends (nft and legacy): one `*-restore` transaction per family.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use rules::Family;
+
+use crate::facts::{NsFacts, OUR_TABLES, index};
+use crate::{Backend, BackendKind, FirewallError, exec};
+
+/// Where iptables lives on the distributions we meet, after `$PATH`.
+const SEARCH_DIRS: [&str; 6] = ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin", "/bin", "/usr/local/bin"];
+
+#[derive(Debug, Clone)]
+struct Tools {
+    restore: PathBuf,
+    save: PathBuf,
+}
+
+/// iptables through `iptables-{nft,legacy}-{restore,save}` (or a plain `iptables-restore`
+/// that is a link to the matching multi-call binary).
+#[derive(Debug, Clone)]
+pub struct Iptables {
+    kind: BackendKind,
+    tools: [Tools; 2],
+}
+
+fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    for d in SEARCH_DIRS {
+        if !dirs.iter().any(|x| x == Path::new(d)) {
+            dirs.push(d.into());
+        }
+    }
+    dirs
+}
+
+fn find(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Whether a generic `iptables-restore` is the given flavour: Debian's alternatives and
+/// most distributions link it to `xtables-{nft,legacy}-multi`.
+fn links_to(path: &Path, kind: BackendKind) -> bool {
+    let multi = match kind {
+        BackendKind::Nft => "xtables-nft-multi",
+        BackendKind::Legacy => "xtables-legacy-multi",
+    };
+    std::fs::canonicalize(path).is_ok_and(|p| p.file_name().is_some_and(|n| n == multi))
+}
+
+impl Iptables {
+    /// Finds the tools of `kind` for both families.
+    pub fn discover(kind: BackendKind) -> Result<Self, FirewallError> {
+        let dirs = search_dirs();
+        let mut tools = Vec::with_capacity(2);
+        for family in [Family::V4, Family::V6] {
+            let base = match family {
+                Family::V4 => "iptables",
+                Family::V6 => "ip6tables",
+            };
+            let specific = |op: &str| find(&dirs, &format!("{base}-{}-{op}", kind.as_str()));
+            let generic = |op: &str| find(&dirs, &format!("{base}-{op}")).filter(|p| links_to(p, kind));
+            match (specific("restore").or_else(|| generic("restore")), specific("save").or_else(|| generic("save"))) {
+                (Some(restore), Some(save)) => tools.push(Tools { restore, save }),
+                _ => {
+                    return Err(FirewallError::NoTools {
+                        backend: kind.as_str(),
+                        family,
+                        wanted: format!(
+                            "{base}-{0}-restore/-save or {base}-restore/-save linked to xtables-{0}-multi",
+                            kind.as_str()
+                        ),
+                        searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":"),
+                    });
+                }
+            }
+        }
+        let [v4, v6]: [Tools; 2] = tools.try_into().expect("two families");
+        Ok(Iptables { kind, tools: [v4, v6] })
+    }
+}
+
+/// How a tool is run: time bound, xtables lock wait, and the lock file (legacy only).
+#[derive(Debug, Clone)]
+pub struct ExecContext {
+    pub timeout: Duration,
+    pub wait_seconds: u32,
+    pub wait_interval_us: u32,
+    pub lock_file: Option<PathBuf>,
+}
+
+impl Iptables {
+    fn command(&self, path: &Path, ctx: &ExecContext) -> Command {
+        let mut cmd = Command::new(path);
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        if self.kind == BackendKind::Legacy {
+            // The legacy tools serialise on a lock file; a lock per pod namespace means
+            // pods never wait for each other (nft needs no lock: the kernel serialises).
+            if let Some(lock) = &ctx.lock_file {
+                cmd.env("XTABLES_LOCKFILE", lock);
+            }
+        }
+        cmd
+    }
+}
+
+impl Backend for Iptables {
+    fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    fn has_tables(&self, facts: &NsFacts, family: Family) -> bool {
+        let tables = match self.kind {
+            BackendKind::Nft => &facts.nft[index(family)],
+            BackendKind::Legacy => &facts.legacy[index(family)],
+        };
+        OUR_TABLES.iter().any(|t| tables.contains(*t))
+    }
+
+    fn restore(&self, family: Family, payload: &str, ctx: &ExecContext) -> Result<(), FirewallError> {
+        let tools = &self.tools[index(family)];
+        let mut cmd = self.command(&tools.restore, ctx);
+        cmd.arg("--noflush").arg(format!("--wait={}", ctx.wait_seconds));
+        if ctx.wait_interval_us > 0 {
+            cmd.arg(format!("--wait-interval={}", ctx.wait_interval_us));
+        }
+        exec::run(cmd, payload, ctx.timeout).map(drop)
+    }
+
+    fn save(&self, family: Family, ctx: &ExecContext) -> Result<String, FirewallError> {
+        let tools = &self.tools[index(family)];
+        let output = exec::run(self.command(&tools.save, ctx), "", ctx.timeout)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}

@@ -1,0 +1,263 @@
+//! apply / verify / remove: the operations on a pod namespace, built on the backend's
+//! primitives (restore, save) and the pure rule functions.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kuma::Config;
+use netns::NetNs;
+use rules::restore::{install_payload, missing, parse_save, replace_payload};
+use rules::{Family, RuleSet, dns, families, generate};
+
+use crate::facts::NsFacts;
+use crate::iptables::ExecContext;
+use crate::select::{BackendChoice, Selection, select};
+use crate::{Backend, BackendKind, FirewallError, netlink};
+
+/// How operations run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub backend: BackendChoice,
+    /// Bound on each iptables process.
+    pub tool_timeout: Duration,
+    /// Directory of the per-namespace xtables lock files (legacy backend).
+    pub lock_dir: PathBuf,
+    /// No retry starts after this instant.
+    pub deadline: Option<Instant>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            backend: BackendChoice::Auto,
+            tool_timeout: Duration::from_secs(10),
+            lock_dir: PathBuf::from("/run/kong-mesh-cni"),
+            deadline: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    pub backend: BackendKind,
+    pub backend_reason: String,
+    pub families: Vec<Family>,
+    pub rules: usize,
+    /// Whether rules of ours (or others') were already there and had to be merged with.
+    pub replaced_existing: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyReport {
+    pub backend: BackendKind,
+    pub families: Vec<Family>,
+    /// Each missing chain or rule, prefixed with its family (`ipv4: -t nat -A ...`).
+    pub missing: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RemoveReport {
+    /// (backend, family) pairs where something of ours was found and removed.
+    pub removed: Vec<(BackendKind, Family)>,
+}
+
+/// The rule sets a config yields for a namespace with these facts.
+pub fn plan(cfg: &Config, facts: &NsFacts) -> Result<Vec<RuleSet>, FirewallError> {
+    let nameservers = nameservers(cfg)?;
+    Ok(families(cfg, facts.has_ipv6).into_iter().map(|f| generate(cfg, f, &nameservers)).collect())
+}
+
+fn nameservers(cfg: &Config) -> Result<Vec<IpAddr>, FirewallError> {
+    if !cfg.dns.enabled || cfg.dns.capture_all {
+        return Ok(Vec::new());
+    }
+    let path = PathBuf::from(&cfg.dns.resolv_conf_path);
+    let text = std::fs::read_to_string(&path).map_err(|source| FirewallError::ResolvConf { path, source })?;
+    Ok(dns::nameservers(&text))
+}
+
+fn exec_context(ns: &NetNs, cfg: Option<&Config>, opts: &Options) -> ExecContext {
+    let lock_file = ns.inode().ok().map(|ino| opts.lock_dir.join(format!("xtables-{ino}.lock")));
+    ExecContext {
+        timeout: opts.tool_timeout,
+        wait_seconds: cfg.map_or(5, |c| c.wait),
+        wait_interval_us: cfg.map_or(0, |c| c.wait_interval),
+        lock_file,
+    }
+}
+
+/// Prepares the lock directory; the lock file goes when the operation is over.
+struct LockGuard(Option<PathBuf>);
+
+impl LockGuard {
+    fn new(ctx: &ExecContext, kind: BackendKind) -> Self {
+        match (&ctx.lock_file, kind) {
+            (Some(file), BackendKind::Legacy) => {
+                if let Some(dir) = file.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                LockGuard(Some(file.clone()))
+            }
+            _ => LockGuard(None),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(file) = &self.0 {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+fn choose(ns: &NetNs, facts: &NsFacts, opts: &Options, ctx: &ExecContext) -> Result<Selection, FirewallError> {
+    // The host's facts are read on this thread, which is in the host namespace.
+    let selection = select(opts.backend, facts, NsFacts::read, ctx)?;
+    tracing::debug!(netns = %ns.path().display(), backend = selection.backend.kind().as_str(), reason = %selection.reason, "iptables backend");
+    Ok(selection)
+}
+
+/// Programs the config's rules into the namespace: all rules of a family in one
+/// restore transaction, both families at once. Idempotent: rules of ours already there
+/// are replaced in the same transaction, and nothing of others is touched.
+pub fn apply(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<ApplyReport, FirewallError> {
+    let facts = ns.run(NsFacts::read)?;
+    let ctx = exec_context(ns, Some(cfg), opts);
+    let Selection { backend, reason } = choose(ns, &facts, opts, &ctx)?;
+    let sets = plan(cfg, &facts)?;
+    let _lock = LockGuard::new(&ctx, backend.kind());
+
+    let results: Vec<Result<bool, FirewallError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = sets
+            .iter()
+            .map(|set| scope.spawn(|| with_retries(cfg, opts, || apply_family(ns, &backend, &facts, set, &ctx))))
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    let mut replaced_existing = false;
+    for result in results {
+        replaced_existing |= result?;
+    }
+    Ok(ApplyReport {
+        backend: backend.kind(),
+        backend_reason: reason,
+        families: sets.iter().map(|s| s.family).collect(),
+        rules: sets.iter().map(RuleSet::rule_count).sum(),
+        replaced_existing,
+    })
+}
+
+/// Returns whether existing tables had to be merged with.
+fn apply_family(
+    ns: &NetNs,
+    backend: &dyn Backend,
+    facts: &NsFacts,
+    set: &RuleSet,
+    ctx: &ExecContext,
+) -> Result<bool, FirewallError> {
+    ns.run(|| {
+        if set.family == Family::V6 {
+            // Envoy's inbound passthrough connects from ::6, which must be local.
+            netlink::add_ipv6_host_address(1, Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))
+                .map_err(FirewallError::LoopbackAddress)?;
+        }
+        if !backend.has_tables(facts, set.family) {
+            // A fresh namespace (the common case): one transaction, no save first.
+            backend.restore(set.family, &install_payload(set), ctx)?;
+            return Ok(false);
+        }
+        let saved = parse_save(&backend.save(set.family, ctx)?);
+        let payload = replace_payload(&saved, Some(set), Some(set)).expect("a rule set always has rules to add");
+        backend.restore(set.family, &payload, ctx)?;
+        Ok(true)
+    })?
+}
+
+fn with_retries<T>(
+    cfg: &Config,
+    opts: &Options,
+    mut attempt: impl FnMut() -> Result<T, FirewallError>,
+) -> Result<T, FirewallError> {
+    let mut tries = 0;
+    loop {
+        match attempt() {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let sleep = cfg.retry.sleep_between_retries;
+                let out_of_time = opts.deadline.is_some_and(|d| Instant::now() + sleep >= d);
+                let retriable = matches!(e, FirewallError::Failed { .. } | FirewallError::Timeout { .. });
+                if tries >= cfg.retry.max_retries || out_of_time || !retriable {
+                    return Err(e);
+                }
+                tries += 1;
+                tracing::warn!(error = %e, attempt = tries, "applying rules failed; retrying");
+                std::thread::sleep(sleep);
+            }
+        }
+    }
+}
+
+/// Checks that every rule the config yields is present.
+pub fn verify(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<VerifyReport, FirewallError> {
+    let facts = ns.run(NsFacts::read)?;
+    let ctx = exec_context(ns, Some(cfg), opts);
+    let Selection { backend, .. } = choose(ns, &facts, opts, &ctx)?;
+    let sets = plan(cfg, &facts)?;
+    let _lock = LockGuard::new(&ctx, backend.kind());
+    let mut report = VerifyReport { backend: backend.kind(), families: vec![], missing: vec![] };
+    for set in &sets {
+        report.families.push(set.family);
+        let saved = if backend.has_tables(&facts, set.family) {
+            ns.run(|| backend.save(set.family, &ctx))??
+        } else {
+            String::new()
+        };
+        report.missing.extend(missing(&parse_save(&saved), set).into_iter().map(|m| format!("{}: {m}", set.family)));
+    }
+    Ok(report)
+}
+
+/// Removes every chain and rule of ours, with whichever backend holds them, leaving the
+/// rest alone. `cfg`, when known, also recognises our rules that carry no comment.
+pub fn remove(ns: &NetNs, cfg: Option<&Config>, opts: &Options) -> Result<RemoveReport, FirewallError> {
+    let facts = ns.run(NsFacts::read)?;
+    let ctx = exec_context(ns, cfg, opts);
+    let expected = match cfg {
+        Some(cfg) => plan(cfg, &NsFacts { has_ipv6: true, ..facts.clone() })?,
+        None => Vec::new(),
+    };
+    let mut report = RemoveReport::default();
+    let kinds: Vec<BackendKind> = match opts.backend {
+        BackendChoice::Forced(kind) => vec![kind],
+        BackendChoice::Auto => [BackendKind::Nft, BackendKind::Legacy]
+            .into_iter()
+            .filter(|k| match k {
+                BackendKind::Nft => facts.any_nft(),
+                BackendKind::Legacy => facts.any_legacy(),
+            })
+            .collect(),
+    };
+    for kind in kinds {
+        let backend = crate::iptables::Iptables::discover(kind)?;
+        let _lock = LockGuard::new(&ctx, kind);
+        for family in [Family::V4, Family::V6] {
+            if !backend.has_tables(&facts, family) {
+                continue;
+            }
+            let old = expected.iter().find(|s| s.family == family);
+            let removed = ns.run(|| -> Result<bool, FirewallError> {
+                let saved = parse_save(&backend.save(family, &ctx)?);
+                match replace_payload(&saved, old, None) {
+                    Some(payload) => backend.restore(family, &payload, &ctx).map(|()| true),
+                    None => Ok(false),
+                }
+            })??;
+            if removed {
+                report.removed.push((kind, family));
+            }
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,114 @@
+//! Integration-test environment: a real kube-apiserver + etcd (`k8s-testenv`) and the
+//! reference CNI runtime (`cni-runtime`, libcni) with real reference plugins.
+//!
+//! The Go harnesses are built by `scripts/testenv-build.sh` into a cache dir (the first
+//! build takes many minutes; afterwards it is instant). [`bin_dir`] finds them through
+//! `KMC_TESTENV_BIN`, or else by running that script.
+//!
+//! - [`ApiServer::shared`]: one API server per test binary, dying with it.
+//! - [`TestNamespace`], [`TestNode`], [`pod`]: objects that clean up after themselves.
+//! - [`NamedNetns`], [`CniRuntime`], [`Attachment`]: CNI commands against a fresh netns.
+//! - [`require_root`], [`skip_heavy`]: gatekeeping that never skips silently on CI.
+//!
+//! Use this crate only as a dev-dependency.
+
+mod apiserver;
+mod builders;
+mod cni;
+pub mod net;
+mod objects;
+
+pub use apiserver::{ApiServer, ProjectedServiceAccount};
+pub use builders::{PodBuilder, pod, policy_rule};
+pub use cni::{Attachment, CniError, CniRuntime, Plugins};
+pub use net::{NamedNetns, require_root};
+pub use objects::{TestNamespace, TestNode};
+
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The repository root (this crate lives in `crates/testkit`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The bin dir holding `k8s-testenv`, `cni-runtime` and `plugins/` (upstream reference
+/// plugins). Taken from `KMC_TESTENV_BIN`, else from `scripts/testenv-build.sh` (which
+/// builds on first use: minutes; then instant). Panics if neither works.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("KMC_TESTENV_BIN") {
+            let dir = PathBuf::from(dir);
+            assert!(
+                dir.join("k8s-testenv").is_file(),
+                "KMC_TESTENV_BIN={} has no k8s-testenv: run scripts/testenv-build.sh",
+                dir.display()
+            );
+            return dir;
+        }
+        let script = repo_root().join("scripts/testenv-build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or_default().trim();
+        assert!(
+            out.status.success() && !last.is_empty(),
+            "{} failed ({}); stdout: {stdout}",
+            script.display(),
+            out.status
+        );
+        PathBuf::from(last)
+    })
+}
+
+/// True when the developer asked to skip tests that need the Go-built test environment
+/// (`KMC_SKIP_TESTENV=1`, for a fast run without the first build). Panics if that is
+/// asked under `CI`.
+pub fn skip_heavy(what: &str) -> bool {
+    if std::env::var_os("KMC_SKIP_TESTENV").is_none_or(|v| v.is_empty() || v == "0") {
+        return false;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what}: KMC_SKIP_TESTENV is set under CI: refusing to skip");
+    }
+    eprintln!("SKIPPED {what}: KMC_SKIP_TESTENV is set");
+    true
+}
+
+/// 8 lowercase hex digits, unique within the process and random across processes:
+/// valid in Kubernetes names, netns names and (with a 7-char prefix) link names.
+pub fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded randomly per process; the counter separates calls.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    format!("{:08x}", h.finish() as u32)
+}
+
+/// Runs a future to completion on a fresh thread with its own runtime. Used by guards'
+/// `Drop`, which is synchronous and may run inside (or outside) any test runtime.
+pub(crate) fn block_on_thread<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let handle = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("building cleanup runtime")
+            .block_on(f());
+    });
+    if handle.join().is_err() {
+        eprintln!("testenv: cleanup thread panicked");
+    }
+}
