@@ -82,11 +82,15 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
         Command::Add => add(&env, &conf, &plugin).map(Some),
         Command::Check => check(&env, &conf, &plugin).map(|()| None),
         Command::Del => {
-            del(&env, &plugin);
+            del(&env, &conf, &plugin);
             Ok(None)
         }
         Command::Status => status(&plugin).map(|()| None),
-        Command::Gc => Ok(None), // nothing node-global is kept, so nothing to collect
+        Command::Gc => {
+            // The only state kept: what ADD applied, per attachment, until DEL.
+            applied::gc(&plugin.run_dir, &conf.name, &conf.raw);
+            Ok(None)
+        }
         Command::Version => unreachable!("answered above"),
     };
     tracing::debug!(took = ?started.elapsed(), "done");
@@ -164,7 +168,7 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
         Verdict::PassThrough(reason) => tracing::info!("pass through: {reason}"),
         Verdict::Intercept(cfg, annotations) => {
             // Before the rules: a DEL after a failed ADD must recognise what was applied.
-            applied::remember(&plugin.run_dir, &env.container_id, &env.ifname, &annotations);
+            applied::remember(&plugin.run_dir, &record_key(env, conf), &annotations);
             let ns = open_netns(&env.netns)?;
             let report = netfilter::apply(&ns, &cfg, &options(plugin)).map_err(|e| {
                 CniError::new(code::RULES_FAILED, "cannot program the transparent-proxy redirect", e.to_string())
@@ -200,20 +204,25 @@ fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError>
 
 /// DEL succeeds whatever happens: the namespace may already be gone, and a pod that
 /// cannot be deleted because of us is worse than rules left in a dying namespace.
-fn del(env: &Env, plugin: &PluginConf) {
+/// The attachment this call is about, as the run dir's records are keyed.
+fn record_key<'a>(env: &'a Env, conf: &'a NetConf) -> applied::Key<'a> {
+    applied::Key { network: &conf.name, container_id: &env.container_id, ifname: &env.ifname }
+}
+
+fn del(env: &Env, conf: &NetConf, plugin: &PluginConf) {
     if env.netns.is_empty() {
-        return;
+        return applied::forget(&plugin.run_dir, &record_key(env, conf));
     }
     let ns = match NetNs::open(&env.netns) {
         Ok(ns) => ns,
         Err(NetNsError::Open { .. } | NetNsError::NotNetwork { .. }) => {
             // The namespace is gone, and the rules with it.
-            return applied::forget(&plugin.run_dir, &env.container_id, &env.ifname);
+            return applied::forget(&plugin.run_dir, &record_key(env, conf));
         }
         Err(e) => return tracing::warn!("{e}"),
     };
     // What ADD applied also identifies our rules that carry no comment.
-    let applied = applied::recall(&plugin.run_dir, &env.container_id, &env.ifname);
+    let applied = applied::recall(&plugin.run_dir, &record_key(env, conf));
     let removed = netfilter::remove(&ns, applied.as_ref(), &options(plugin)).or_else(|e| match applied {
         Some(_) => {
             tracing::warn!(error = %e, "removing with the remembered config failed; removing what is recognisable");
@@ -223,7 +232,7 @@ fn del(env: &Env, plugin: &PluginConf) {
     });
     match removed {
         Ok(report) => {
-            applied::forget(&plugin.run_dir, &env.container_id, &env.ifname);
+            applied::forget(&plugin.run_dir, &record_key(env, conf));
             if !report.removed.is_empty() {
                 tracing::info!(removed = ?report.removed, "redirect removed");
             }
