@@ -154,12 +154,22 @@ fn for_this_host(lines: Vec<String>, host_nameservers: &[String]) -> Vec<String>
 struct Tools {
     save4: &'static str,
     save6: &'static str,
+    /// The other backend's, which must hold nothing.
+    others: [&'static str; 2],
 }
 
 async fn differential(backend: &str) {
     let tools = match backend {
-        "nft" => Tools { save4: "iptables-nft-save", save6: "ip6tables-nft-save" },
-        _ => Tools { save4: "iptables-legacy-save", save6: "ip6tables-legacy-save" },
+        "nft" => Tools {
+            save4: "iptables-nft-save",
+            save6: "ip6tables-nft-save",
+            others: ["iptables-legacy-save", "ip6tables-legacy-save"],
+        },
+        _ => Tools {
+            save4: "iptables-legacy-save",
+            save6: "ip6tables-legacy-save",
+            others: ["iptables-nft-save", "ip6tables-nft-save"],
+        },
     };
     let f = fixture().await;
     let resolv = f.scratch.path().join("resolv.conf");
@@ -258,6 +268,11 @@ async fn run_case(
                 break;
             }
         }
+        for tool in tools.others {
+            if diff.is_none() && netns.exec(tool, &[]).lines().any(|l| l.starts_with("-A")) {
+                diff = Some(format!("{tool} shows rules: the {backend} backend was asked for"));
+            }
+        }
         let (got, want) = (addresses(&netns), recorded(kuma, "addresses"));
         if diff.is_none() && got != want {
             diff = Some(format!("addresses: Kuma {want:?}, ours {got:?}"));
@@ -269,6 +284,12 @@ async fn run_case(
     let left = saved_rules(&netns);
     if !left.is_empty() {
         diff.get_or_insert(format!("DEL left rules behind:\n{left}"));
+    }
+    // What ADD remembered for DEL is gone with it.
+    let network = rt.conflist()["name"].as_str().unwrap().to_owned();
+    let records = f.scratch.path().join("run/applied").join(network);
+    if let Some(left) = std::fs::read_dir(&records).into_iter().flatten().flatten().next() {
+        diff.get_or_insert(format!("DEL left its record {}", left.path().display()));
     }
     diff
 }
