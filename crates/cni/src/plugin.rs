@@ -5,6 +5,7 @@
 //! without an API call, DEL never fails, a logging failure is ignored, and when the API
 //! server cannot say what a pod is, `on_api_error` decides (default: let it start).
 
+mod applied;
 mod conf;
 mod logging;
 mod lookup;
@@ -81,11 +82,15 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
         Command::Add => add(&env, &conf, &plugin).map(Some),
         Command::Check => check(&env, &conf, &plugin).map(|()| None),
         Command::Del => {
-            del(&env, &plugin);
+            del(&env, &conf, &plugin);
             Ok(None)
         }
         Command::Status => status(&plugin).map(|()| None),
-        Command::Gc => Ok(None), // nothing node-global is kept, so nothing to collect
+        Command::Gc => {
+            // The only state kept: what ADD applied, per attachment, until DEL.
+            applied::gc(&plugin.run_dir, &conf.name, &conf.raw);
+            Ok(None)
+        }
         Command::Version => unreachable!("answered above"),
     };
     tracing::debug!(took = ?started.elapsed(), "done");
@@ -94,7 +99,8 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
 
 /// What the pod object says, or why there is none to ask.
 enum Verdict {
-    Intercept(Box<Config>),
+    /// The config, and the annotations it was built from (remembered for DEL).
+    Intercept(Box<Config>, std::collections::BTreeMap<String, String>),
     PassThrough(String),
 }
 
@@ -128,7 +134,7 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
         }
     };
     match kuma::pod::decide(&pod) {
-        Ok(Decision::Intercept(cfg)) => Ok(Verdict::Intercept(cfg)),
+        Ok(Decision::Intercept(cfg)) => Ok(Verdict::Intercept(cfg, pod.metadata.annotations.unwrap_or_default())),
         Ok(Decision::PassThrough(reason)) => Ok(Verdict::PassThrough(reason.to_string())),
         Err(e) => Err(CniError::new(
             code::INVALID_CONFIG,
@@ -160,7 +166,9 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
     let result = pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
     match verdict(env, plugin)? {
         Verdict::PassThrough(reason) => tracing::info!("pass through: {reason}"),
-        Verdict::Intercept(cfg) => {
+        Verdict::Intercept(cfg, annotations) => {
+            // Before the rules: a DEL after a failed ADD must recognise what was applied.
+            applied::remember(&plugin.run_dir, &record_key(env, conf), &annotations);
             let ns = open_netns(&env.netns)?;
             let report = netfilter::apply(&ns, &cfg, &options(plugin)).map_err(|e| {
                 CniError::new(code::RULES_FAILED, "cannot program the transparent-proxy redirect", e.to_string())
@@ -180,7 +188,7 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
 
 fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError> {
     pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
-    let Verdict::Intercept(cfg) = verdict(env, plugin)? else { return Ok(()) };
+    let Verdict::Intercept(cfg, _) = verdict(env, plugin)? else { return Ok(()) };
     let ns = open_netns(&env.netns)?;
     let report = netfilter::verify(&ns, &cfg, &options(plugin))
         .map_err(|e| CniError::new(code::RULES_FAILED, "cannot read the redirect rules", e.to_string()))?;
@@ -196,18 +204,39 @@ fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError>
 
 /// DEL succeeds whatever happens: the namespace may already be gone, and a pod that
 /// cannot be deleted because of us is worse than rules left in a dying namespace.
-fn del(env: &Env, plugin: &PluginConf) {
+/// The attachment this call is about, as the run dir's records are keyed.
+fn record_key<'a>(env: &'a Env, conf: &'a NetConf) -> applied::Key<'a> {
+    applied::Key { network: &conf.name, container_id: &env.container_id, ifname: &env.ifname }
+}
+
+fn del(env: &Env, conf: &NetConf, plugin: &PluginConf) {
     if env.netns.is_empty() {
-        return;
+        return applied::forget(&plugin.run_dir, &record_key(env, conf));
     }
     let ns = match NetNs::open(&env.netns) {
         Ok(ns) => ns,
-        Err(NetNsError::Open { .. } | NetNsError::NotNetwork { .. }) => return,
+        Err(NetNsError::Open { .. } | NetNsError::NotNetwork { .. }) => {
+            // The namespace is gone, and the rules with it.
+            return applied::forget(&plugin.run_dir, &record_key(env, conf));
+        }
         Err(e) => return tracing::warn!("{e}"),
     };
-    match netfilter::remove(&ns, None, &options(plugin)) {
-        Ok(report) if !report.removed.is_empty() => tracing::info!(removed = ?report.removed, "redirect removed"),
-        Ok(_) => {}
+    // What ADD applied also identifies our rules that carry no comment.
+    let applied = applied::recall(&plugin.run_dir, &record_key(env, conf));
+    let removed = netfilter::remove(&ns, applied.as_ref(), &options(plugin)).or_else(|e| match applied {
+        Some(_) => {
+            tracing::warn!(error = %e, "removing with the remembered config failed; removing what is recognisable");
+            netfilter::remove(&ns, None, &options(plugin))
+        }
+        None => Err(e),
+    });
+    match removed {
+        Ok(report) => {
+            applied::forget(&plugin.run_dir, &record_key(env, conf));
+            if !report.removed.is_empty() {
+                tracing::info!(removed = ?report.removed, "redirect removed");
+            }
+        }
         Err(e) => tracing::warn!(error = %e, "could not remove the redirect rules; the namespace is going away anyway"),
     }
 }

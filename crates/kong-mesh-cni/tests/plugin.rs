@@ -2,32 +2,16 @@
 //! of real reference plugins with ours last, pods in a real API server read through a
 //! service account that may only `get` pods, and real traffic in the pod's namespace.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use testkit::net::{NamedNetns, accept_within, connect_tcp, listen_tcp, read_exact};
-use testkit::{ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod, policy_rule, require_root, skip_heavy};
+use testkit::{ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod, require_root, skip_heavy};
 use validator::original_destination;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
-
-/// Our plugin entry, as the installer's template renders it, with test paths.
-fn our_entry(kubeconfig: &Path, scratch: &Path, extra: Value) -> Value {
-    let mut entry = json!({
-        "type": "kong-mesh-cni",
-        "name": "kong-mesh-cni",
-        "log_level": "debug",
-        "log_socket": scratch.join("log.sock"),
-        "log_file": scratch.join("cni.log"),
-        "run_dir": scratch.join("run"),
-        "kubernetes": {"kubeconfig": kubeconfig, "exclude_namespaces": ["kube-system"]},
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        entry[k] = v.clone();
-    }
-    entry
-}
+mod support;
+use support::{BIN, fixture, our_entry, saved_rules};
 
 /// A runtime whose conflist is the reference chain followed by our entry.
 fn chain(plugins: Plugins, entry: Value) -> CniRuntime {
@@ -39,38 +23,12 @@ fn chain(plugins: Plugins, entry: Value) -> CniRuntime {
     rt
 }
 
-struct Fixture {
-    ns: TestNamespace,
-    kubeconfig: PathBuf,
-    scratch: tempfile::TempDir,
-}
-
-/// A namespace, and a kubeconfig for the DaemonSet's identity with only `get pods`.
-async fn fixture() -> Fixture {
-    let api = ApiServer::shared();
-    let ns = api.namespace("kmc-plugin").await;
-    let kubeconfig = api.service_account_kubeconfig(ns.name(), "kong-mesh-cni").await;
-    ns.grant("kong-mesh-cni", "kong-mesh-cni-plugin", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
-    Fixture { ns, kubeconfig, scratch: tempfile::tempdir().unwrap() }
-}
-
 async fn mesh_pod(ns: &TestNamespace, name: &str, extra: &[(&str, &str)]) {
     let mut p = pod(name).container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true");
     for (k, v) in extra {
         p = p.annotation(k, v);
     }
     ns.create_pod(p.build()).await;
-}
-
-fn saved_rules(ns: &NamedNetns) -> String {
-    ["iptables-nft-save", "iptables-legacy-save", "ip6tables-nft-save", "ip6tables-legacy-save"]
-        .iter()
-        .map(|tool| ns.exec(tool, &[]))
-        .collect::<String>()
-        .lines()
-        .filter(|l| l.starts_with("-A") || l.starts_with(":KUMA"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 fn rt_ip(ns: &NamedNetns) -> String {

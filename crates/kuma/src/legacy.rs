@@ -49,12 +49,13 @@ fn legacy_ip_family_mode(text: &str) -> Result<IpFamilyMode, String> {
 }
 
 /// `enabled` (or `true`) marks a delegated gateway, `provided` a built-in one: both
-/// receive traffic on their own listeners, so inbound is not redirected.
+/// receive traffic on their own listeners, so inbound is not redirected. Kuma refuses
+/// `provided`; taking it is unambiguous.
 fn gateway(text: &str) -> Result<bool, String> {
-    match text.trim() {
-        "provided" => Ok(true),
-        other => values::boolean(other).map_err(|_| "expected enabled, provided or disabled".to_string()),
+    if text.trim().eq_ignore_ascii_case("provided") {
+        return Ok(true);
     }
+    values::boolean(text).map_err(|_| "expected enabled, disabled, true, false or provided".to_string())
 }
 
 /// Builds the configuration from the legacy annotations over the legacy defaults.
@@ -85,11 +86,16 @@ pub fn from_legacy_annotations(annotations: &BTreeMap<String, String>) -> Result
         cfg.dns.port = port;
     }
 
-    let admin_port = r.get(ENVOY_ADMIN_PORT, "envoyAdminPort", values::port)?.unwrap_or(DEFAULT_ENVOY_ADMIN_PORT);
-    cfg.inbound.exclude_ports =
-        r.get(EXCLUDE_INBOUND_PORTS, "redirect.inbound.excludePorts", values::port_list)?.unwrap_or(vec![admin_port]);
-    cfg.outbound.exclude_ports =
-        r.get(EXCLUDE_OUTBOUND_PORTS, "redirect.outbound.excludePorts", values::port_list)?.unwrap_or(vec![admin_port]);
+    // Kuma checks the admin port's syntax and fails ADD on a bad one, but its exclusions
+    // stay at 9901 whatever it says: only the exclude-*-ports annotations move them.
+    r.get(ENVOY_ADMIN_PORT, "envoyAdminPort", values::kuma_port_list)?;
+    let default_exclusions = || vec![DEFAULT_ENVOY_ADMIN_PORT];
+    cfg.inbound.exclude_ports = r
+        .get(EXCLUDE_INBOUND_PORTS, "redirect.inbound.excludePorts", values::port_list)?
+        .unwrap_or_else(default_exclusions);
+    cfg.outbound.exclude_ports = r
+        .get(EXCLUDE_OUTBOUND_PORTS, "redirect.outbound.excludePorts", values::port_list)?
+        .unwrap_or_else(default_exclusions);
     // The application probe proxy listens beside the app: probes to it must not loop
     // through the inbound listener. 0 switches the proxy (and the exclusion) off.
     let probe_port = r

@@ -12,6 +12,8 @@ pub const DEFAULT_UID: u32 = 5678;
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_DNS_PORT: u16 = 15053;
+/// Envoy's admin port, excluded from both redirects on the legacy path (Kuma's default
+/// exclusion, which `kuma.io/envoy-admin-port` does not move).
 pub const DEFAULT_ENVOY_ADMIN_PORT: u16 = 9901;
 pub const DEFAULT_APPLICATION_PROBE_PROXY_PORT: u16 = 9001;
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -137,7 +139,7 @@ pub struct Retry {
 /// The complete configuration the rules are generated from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// The sidecar's UID, taken as given: names are never looked up on the node.
+    /// The sidecar's UID (a user name is resolved from the node's /etc/passwd file).
     pub uid: u32,
     pub ip_family_mode: IpFamilyMode,
     pub drop_invalid_packets: bool,

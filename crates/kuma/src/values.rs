@@ -53,26 +53,79 @@ pub fn check_list_len(len: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Booleans as Kuma's annotations write them: `true`/`false` and `enabled`/`disabled`.
+/// Booleans as Kuma's annotations write them: `true`/`false` and `enabled`/`disabled`,
+/// in any letter case (Kuma lowercases them before comparing).
 pub fn boolean(text: &str) -> Result<bool, String> {
-    match text.trim() {
-        "true" | "True" | "TRUE" | "enabled" | "1" => Ok(true),
-        "false" | "False" | "FALSE" | "disabled" | "0" => Ok(false),
-        _ => Err("expected true, false, enabled or disabled".into()),
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "enabled" => Ok(true),
+        "false" | "disabled" => Ok(false),
+        _ => Err("expected true, false, enabled or disabled (in any letter case)".into()),
     }
 }
 
-/// A numeric UID. Names are refused: resolving them would need the node's user
-/// database, which is not the pod's and can stall.
+/// A comma-separated list of 16-bit numbers, each trimmed, the empty string being the
+/// empty list: the syntax Kuma checks `kuma.io/envoy-admin-port` against (0 included).
+pub fn kuma_port_list(text: &str) -> Result<Vec<u16>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let entries: Vec<&str> = text.split(',').map(str::trim).collect();
+    check_list_len(entries.len())?;
+    entries
+        .into_iter()
+        .map(|e| match e.parse::<u16>() {
+            Ok(port) if e.bytes().all(|b| b.is_ascii_digit()) => Ok(port),
+            _ => Err(format!("{e:?} is not a port number (0..=65535)")),
+        })
+        .collect()
+}
+
+/// The user database Kuma resolves sidecar user names in: the node's own file.
+pub const PASSWD: &str = "/etc/passwd";
+/// Larger files are refused rather than read: real ones are a few kilobytes.
+const MAX_PASSWD_BYTES: u64 = 4 << 20;
+
+/// The sidecar's UID: a number as given, or a user name resolved in the node's
+/// `/etc/passwd`, read directly as a file. Never through NSS: its LDAP or SSSD modules
+/// can stall the plugin, and the pod's owner match only needs the number.
 pub fn uid(text: &str) -> Result<u32, String> {
     let text = text.trim();
-    if !text.is_empty()
-        && text.bytes().all(|b| b.is_ascii_digit())
-        && let Ok(uid) = text.parse::<u32>()
-    {
-        return Ok(uid);
+    if text.is_empty() {
+        return Err("expected a UID or a user name".into());
     }
-    Err("expected a numeric UID (user names are not resolved by the CNI)".into())
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse::<u32>().map_err(|_| "the UID does not fit in 32 bits".to_string());
+    }
+    let passwd = read_passwd(std::path::Path::new(PASSWD))?;
+    uid_in_passwd(&passwd, text).ok_or_else(|| format!("user {text:?} is not in {PASSWD} (give a numeric UID instead)"))
+}
+
+fn read_passwd(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read {} to resolve the user name: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PASSWD_BYTES + 1).read_to_end(&mut bytes).map_err(cannot)?;
+    if bytes.len() as u64 > MAX_PASSWD_BYTES {
+        return Err(format!("{} is larger than {MAX_PASSWD_BYTES} bytes", path.display()));
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The UID of `name` in passwd(5) text (`name:password:uid:...`); the first entry wins,
+/// as in the C library; comments, NIS `+`/`-` lines and malformed lines are skipped.
+pub fn uid_in_passwd(passwd: &str, name: &str) -> Option<u32> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        if fields.next()? != name || line.starts_with(['#', '+', '-']) {
+            return None;
+        }
+        fields.nth(1)?.parse().ok()
+    })
 }
 
 /// An IP address (taken as a single-host network) or a CIDR. Host bits are cleared,
@@ -219,16 +272,58 @@ mod tests {
 
     #[test]
     fn booleans() {
-        assert_eq!(boolean("enabled"), Ok(true));
-        assert_eq!(boolean("false"), Ok(false));
-        assert!(boolean("yes").is_err());
+        for (text, want) in
+            [("enabled", true), ("Enabled", true), ("TRUE", true), ("false", false), ("Disabled", false)]
+        {
+            assert_eq!(boolean(text), Ok(want), "{text}");
+        }
+        for bad in ["yes", "1", "0", "on", ""] {
+            assert!(boolean(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn kuma_port_lists() {
+        assert_eq!(kuma_port_list(""), Ok(vec![]));
+        assert_eq!(kuma_port_list("9901, 0"), Ok(vec![9901, 0]));
+        for bad in ["65536", "x", "9901,", "-1", "+1"] {
+            assert!(kuma_port_list(bad).is_err(), "{bad} should be refused");
+        }
     }
 
     #[test]
     fn uids() {
         assert_eq!(uid("5678"), Ok(5678));
-        assert!(uid("kuma-dp").is_err());
+        assert_eq!(uid("4294967295"), Ok(u32::MAX));
+        assert!(uid("4294967296").is_err());
         assert!(uid("").is_err());
+        let err = uid("kmc-no-such-user").unwrap_err();
+        assert!(err.contains("kmc-no-such-user") && err.contains(PASSWD), "{err}");
+    }
+
+    #[test]
+    fn user_names_from_passwd_text() {
+        let passwd = "# local users\nroot:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n\
+                      +nis::::::\nbroken\nkuma-dp:x:5678:5678::/:/bin/false\nnobody:x:1:1::/:/bin/false\n";
+        assert_eq!(uid_in_passwd(passwd, "root"), Some(0));
+        assert_eq!(uid_in_passwd(passwd, "nobody"), Some(65534), "the first entry wins");
+        assert_eq!(uid_in_passwd(passwd, "kuma-dp"), Some(5678));
+        for absent in ["nis", "+nis", "broken", "#", "kuma"] {
+            assert_eq!(uid_in_passwd(passwd, absent), None, "{absent}");
+        }
+    }
+
+    #[test]
+    fn passwd_reads_are_bounded() {
+        let dir = std::env::temp_dir().join(format!("kmc-passwd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("passwd");
+        std::fs::write(&big, vec![b'#'; (MAX_PASSWD_BYTES + 1) as usize]).unwrap();
+        let err = read_passwd(&big).unwrap_err();
+        assert!(err.contains("larger than"), "{err}");
+        assert!(read_passwd(&dir).unwrap_err().contains("not a regular file"));
+        assert!(read_passwd(&dir.join("none")).unwrap_err().contains("cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

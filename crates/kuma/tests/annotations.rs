@@ -58,11 +58,56 @@ fn legacy_every_annotation() {
     assert!(cfg.drop_invalid_packets && cfg.log.enabled);
 }
 
+/// As in Kuma: the admin port annotation is checked, but the default exclusions stay 9901.
 #[test]
-fn legacy_admin_port_moves_the_default_exclusions() {
-    let cfg = from_annotations(&annotations(&[(legacy::ENVOY_ADMIN_PORT, "9902")])).unwrap();
-    assert_eq!(cfg.inbound.exclude_ports, vec![9902, 9001]);
-    assert_eq!(cfg.outbound.exclude_ports, vec![9902]);
+fn legacy_admin_port_leaves_the_default_exclusions() {
+    for value in ["9902", "0", "9902,9903", ""] {
+        let cfg = from_annotations(&annotations(&[(legacy::ENVOY_ADMIN_PORT, value)])).unwrap();
+        assert_eq!(cfg.inbound.exclude_ports, vec![9901, 9001], "{value}");
+        assert_eq!(cfg.outbound.exclude_ports, vec![9901], "{value}");
+    }
+    let cfg = from_annotations(&annotations(&[
+        (legacy::ENVOY_ADMIN_PORT, "9902"),
+        (legacy::EXCLUDE_INBOUND_PORTS, "9902"),
+        (legacy::EXCLUDE_OUTBOUND_PORTS, "9902"),
+    ]))
+    .unwrap();
+    assert_eq!((cfg.inbound.exclude_ports, cfg.outbound.exclude_ports), (vec![9902, 9001], vec![9902]));
+    let err = from_annotations(&annotations(&[(legacy::ENVOY_ADMIN_PORT, "admin")])).unwrap_err();
+    assert_eq!((err.annotation.as_str(), err.value.as_str()), (legacy::ENVOY_ADMIN_PORT, "admin"));
+}
+
+/// Kuma lowercases every boolean-like legacy annotation before reading it.
+#[test]
+fn legacy_booleans_in_any_letter_case() {
+    let cfg = from_annotations(&annotations(&[
+        (legacy::GATEWAY, "Enabled"),
+        (legacy::BUILTIN_DNS, "TRUE"),
+        (legacy::DROP_INVALID_PACKETS, "True"),
+        (legacy::IPTABLES_LOGS, "eNaBlEd"),
+    ]))
+    .unwrap();
+    assert!(!cfg.inbound.enabled && cfg.dns.enabled && cfg.drop_invalid_packets && cfg.log.enabled);
+    let cfg = from_annotations(&annotations(&[
+        (legacy::GATEWAY, "Disabled"),
+        (legacy::BUILTIN_DNS, "FALSE"),
+        (legacy::DROP_INVALID_PACKETS, "False"),
+        (legacy::IPTABLES_LOGS, "DISABLED"),
+    ]))
+    .unwrap();
+    assert!(cfg.inbound.enabled && !cfg.dns.enabled && !cfg.drop_invalid_packets && !cfg.log.enabled);
+    assert!(!from_annotations(&annotations(&[(legacy::GATEWAY, "Provided")])).unwrap().inbound.enabled);
+}
+
+/// A user name is resolved from the node's /etc/passwd; one that is not there is refused.
+#[test]
+fn sidecar_user_names() {
+    let root = from_annotations(&annotations(&[(legacy::SIDECAR_UID, "root")])).unwrap();
+    assert_eq!(root.uid, 0, "root is in every /etc/passwd");
+    assert_eq!(from_yaml("kumaDPUser: root").unwrap().uid, 0);
+    let err = from_annotations(&annotations(&[(legacy::SIDECAR_UID, "kmc-no-such-user")])).unwrap_err();
+    assert_eq!(err.annotation, legacy::SIDECAR_UID);
+    assert!(err.reason.contains("/etc/passwd"), "{err}");
 }
 
 #[test]

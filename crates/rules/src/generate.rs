@@ -57,7 +57,11 @@ impl<'a> Generator<'a> {
 
     /// Adds the comment when comments are on.
     fn rule(&self, chain: &str, spec: Spec, comment: impl Into<String>) -> Rule {
-        let spec = if self.cfg.comments { spec.matching(Match::Comment(comment.into())) } else { spec };
+        let mut spec = spec;
+        if self.cfg.comments {
+            // First among the matches, where Kuma puts it: saved rules then read alike.
+            spec.matches.insert(0, Match::Comment(comment.into()));
+        }
         Rule { chain: chain.to_owned(), insert_at: None, spec }
     }
 
@@ -148,7 +152,7 @@ impl<'a> Generator<'a> {
     }
 
     fn prerouting(&self) -> Vec<Rule> {
-        let mut rules: Vec<Rule> = self.log_rule("PREROUTING", "KUMA_MESH_PREROUTING: ").into_iter().collect();
+        let mut rules: Vec<Rule> = Vec::new();
         // One network per interface (the last one given wins), in order of first mention.
         let mut vnets: Vec<(&str, IpNet)> = Vec::new();
         for net in self.cfg.vnet.iter().filter(|n| self.family.contains(n.cidr.addr())) {
@@ -180,34 +184,35 @@ impl<'a> Generator<'a> {
                 ),
             );
         }
+        let with_vnet = !rules.is_empty();
         rules.push(self.rule(
             "PREROUTING",
             Spec::new().protocol(Protocol::Tcp).jump(Target::Chain(INBOUND.into())),
             "inbound TCP to KUMA_MESH_INBOUND",
         ));
+        // Kuma logs first, except with virtual networks of this family: then after the
+        // redirects and the inbound jump, so that only what they let through is logged.
+        if let Some(log) = self.log_rule("PREROUTING", "PREROUTING:") {
+            if with_vnet { rules.push(log) } else { rules.insert(0, log) }
+        }
         Self::positioned(rules, &self.cfg.inbound)
     }
 
     fn output(&self) -> Vec<Rule> {
         let out = &self.cfg.outbound;
-        let mut rules: Vec<Rule> = self.log_rule("OUTPUT", "KUMA_MESH_OUTPUT: ").into_iter().collect();
+        let mut rules: Vec<Rule> = self.log_rule("OUTPUT", "OUTPUT:").into_iter().collect();
         for excl in &out.exclude_ports_for_uids {
             for protocol in &excl.protocols {
-                let port_groups = multiport_groups(&excl.ports);
-                let groups =
-                    if port_groups.is_empty() { vec![None] } else { port_groups.into_iter().map(Some).collect() };
-                for group in groups {
-                    let mut spec = Spec::new().protocol(*protocol);
-                    let ports_text = match &group {
-                        Some(ports) => {
-                            spec = spec.matching(Match::Multiport(ports.clone()));
-                            format!(
-                                "ports {}",
-                                ports.iter().map(|r| format_range(*r, '-')).collect::<Vec<_>>().join(",")
-                            )
-                        }
-                        None => "all ports".to_owned(),
+                // No ports means every port, which Kuma matches as the range 1:65535.
+                let all = [Range16 { first: 1, last: u16::MAX }];
+                let ports = if excl.ports.is_empty() { &all[..] } else { &excl.ports[..] };
+                for group in multiport_groups(ports) {
+                    let ports_text = if excl.ports.is_empty() {
+                        "all ports".to_owned()
+                    } else {
+                        format!("ports {}", group.iter().map(|r| format_range(*r, '-')).collect::<Vec<_>>().join(","))
                     };
+                    let spec = Spec::new().protocol(*protocol).matching(Match::Multiport(group));
                     rules.push(self.rule(
                         "OUTPUT",
                         spec.uid(excl.uids).jump(Target::Return),
