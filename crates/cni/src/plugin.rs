@@ -193,8 +193,8 @@ fn has_ipv6_address(prev_result: &Value) -> bool {
     ips.iter().filter_map(|ip| ip.get("address")?.as_str()).any(|a| a.contains(':'))
 }
 
-/// A rule-programming failure as the runtime sees it: a resolv.conf the pod may not use
-/// is the pod's configuration at fault, anything else our trouble.
+/// A rule-programming failure as the runtime sees it: a resolv.conf the pod may not use,
+/// or a configuration yielding too many rules, is the pod's fault; anything else ours.
 fn rules_error(what: &str, e: netfilter::FirewallError) -> CniError {
     match e {
         netfilter::FirewallError::ResolvConf { .. } => CniError::new(
@@ -202,6 +202,9 @@ fn rules_error(what: &str, e: netfilter::FirewallError) -> CniError {
             format!("invalid annotation {} of the pod", kuma::TRANSPARENT_PROXY_CONFIG),
             format!("{e} (allowed by the plugin configuration's dns_resolv_conf_paths)"),
         ),
+        netfilter::FirewallError::TooManyRules { .. } => {
+            CniError::new(code::INVALID_CONFIG, "invalid transparent-proxy configuration of the pod", e.to_string())
+        }
         e => CniError::new(code::RULES_FAILED, what, e.to_string()),
     }
 }

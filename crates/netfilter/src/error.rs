@@ -18,6 +18,8 @@ pub enum FirewallError {
     Timeout { tool: String, after: Duration },
     #[error("redirect.dns.resolvConfigPath {path:?} cannot be used: {reason}")]
     ResolvConf { path: PathBuf, reason: String },
+    #[error("the configuration yields {count} {family} rules; at most {} are allowed", rules::MAX_RULES)]
+    TooManyRules { family: Family, count: usize },
     #[error("cannot add ::6/128 to lo for the IPv6 inbound passthrough: {0}")]
     LoopbackAddress(io::Error),
     #[error("invalid iptables backend {0:?}: expected auto, nft or legacy")]

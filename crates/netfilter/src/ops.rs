@@ -77,7 +77,11 @@ const MAX_RESOLV_CONF: u64 = 64 * 1024;
 pub fn plan(cfg: &Config, facts: &NsFacts, opts: &Options) -> Result<Vec<RuleSet>, FirewallError> {
     let nameservers = nameservers(cfg, &opts.resolv_conf_paths)?;
     let ipv6 = facts.has_ipv6 || opts.ipv6;
-    Ok(families(cfg, ipv6).into_iter().map(|f| generate(cfg, f, &nameservers)).collect())
+    let sets: Vec<RuleSet> = families(cfg, ipv6).into_iter().map(|f| generate(cfg, f, &nameservers)).collect();
+    match sets.iter().find(|s| s.rule_count() > rules::MAX_RULES) {
+        Some(set) => Err(FirewallError::TooManyRules { family: set.family, count: set.rule_count() }),
+        None => Ok(sets),
+    }
 }
 
 /// The nameservers of the config's resolv.conf: only a path on the allowed list (taken
