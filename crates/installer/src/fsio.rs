@@ -1,7 +1,8 @@
 //! File edges: atomic writes, the net dir snapshot, the binary copy.
 //!
 //! Every write goes to a temp file in the target's directory, is fsynced, renamed over
-//! the target and the directory fsynced: a reader (a CNI runtime, or the primary CNI's
+//! the target (a configuration file: exchanged with it, see [`apply`]) and the directory
+//! fsynced: a reader (a CNI runtime, or the primary CNI's
 //! agent) sees the old file or the new one, never a partial one, and a crash (or
 //! SIGKILL) at any instant leaves one or the other. Temp names start with
 //! [`TEMP_PREFIX`] and end in digits, never in `.conf`, `.conflist` or `.json`, so
