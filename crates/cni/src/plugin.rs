@@ -27,7 +27,6 @@ use lookup::Lookup;
 
 /// Retries of a failed rule transaction stop starting after this long.
 const APPLY_BUDGET: Duration = Duration::from_secs(15);
-const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the process prints on stdout, and its exit code.
 pub struct Outcome {
@@ -71,9 +70,17 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
     }
     let conf = NetConf::parse(stdin).map_err(|e| (e, None))?;
     let version = Some(conf.cni_version.clone());
-    let plugin = PluginConf::from_netconf(&conf).map_err(|e| (e, version.clone()))?;
+    // DEL never fails: with fields of ours it cannot read, it removes with the defaults.
+    let (plugin, conf_error) = match PluginConf::from_netconf(&conf) {
+        Ok(plugin) => (plugin, None),
+        Err(e) if env.command == Command::Del => (PluginConf::default(), Some(e)),
+        Err(e) => return Err((e, version)),
+    };
     let level = var("CNI_LOG_LEVEL").unwrap_or_else(|| plugin.log_level.clone());
     logging::init(&level, &plugin.log_socket, &plugin.log_file);
+    if let Some(e) = conf_error {
+        tracing::warn!("{e}; removing with the default settings");
+    }
     let pod = format!("{}/{}", env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME"));
     let span = tracing::info_span!("cni", cmd = %env.command.as_str(), pod = %pod, container = %env.container_id);
     let _entered = span.enter();
@@ -111,6 +118,19 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
     if let Some(reason) = kuma::pod::pre_lookup(namespace, name, &plugin.exclude_namespaces) {
         return Ok(Verdict::PassThrough(reason.to_string()));
     }
+    // Checked before they go into a request path: `web?watch=true` must not read as `web`.
+    // Names of this form need no escaping in a URL.
+    for (key, value, check) in
+        [("K8S_POD_NAMESPACE", namespace, dns1123_label as fn(&str) -> bool), ("K8S_POD_NAME", name, dns1123_subdomain)]
+    {
+        if !check(value) {
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                "invalid environment variables",
+                format!("CNI_ARGS {key} {value:?} is not a Kubernetes object name (DNS-1123)"),
+            ));
+        }
+    }
     let found = match &plugin.kubeconfig {
         Some(path) if path.exists() => runtime().block_on(lookup::pod(path, namespace, name, plugin.lookup_timeout)),
         Some(path) => {
@@ -144,16 +164,54 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
     }
 }
 
+/// A DNS-1123 label: what a namespace name is.
+fn dns1123_label(s: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    s.len() <= 63
+        && edge(s.chars().next())
+        && edge(s.chars().last())
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// A DNS-1123 subdomain: what a pod name is.
+fn dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns1123_label)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime always builds")
 }
 
-fn options(plugin: &PluginConf) -> Options {
+fn options(plugin: &PluginConf, prev_result: Option<&Value>) -> Options {
     Options {
         backend: plugin.iptables_backend,
         lock_dir: plugin.run_dir.clone(),
         deadline: Some(Instant::now() + APPLY_BUDGET),
+        resolv_conf_paths: plugin.dns_resolv_conf_paths.clone(),
+        ipv6: prev_result.is_some_and(has_ipv6_address),
         ..Options::default()
+    }
+}
+
+/// Whether the previous plugin's result gave the pod an IPv6 address.
+fn has_ipv6_address(prev_result: &Value) -> bool {
+    let ips = prev_result.get("ips").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    ips.iter().filter_map(|ip| ip.get("address")?.as_str()).any(|a| a.contains(':'))
+}
+
+/// A rule-programming failure as the runtime sees it: a resolv.conf the pod may not use,
+/// or a configuration yielding too many rules, is the pod's fault; anything else ours.
+fn rules_error(what: &str, e: netfilter::FirewallError) -> CniError {
+    match e {
+        netfilter::FirewallError::ResolvConf { .. } => CniError::new(
+            code::INVALID_CONFIG,
+            format!("invalid annotation {} of the pod", kuma::TRANSPARENT_PROXY_CONFIG),
+            format!("{e} (allowed by the plugin configuration's dns_resolv_conf_paths)"),
+        ),
+        netfilter::FirewallError::TooManyRules { .. } => {
+            CniError::new(code::INVALID_CONFIG, "invalid transparent-proxy configuration of the pod", e.to_string())
+        }
+        e => CniError::new(code::RULES_FAILED, what, e.to_string()),
     }
 }
 
@@ -170,9 +228,8 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
             // Before the rules: a DEL after a failed ADD must recognise what was applied.
             applied::remember(&plugin.run_dir, &record_key(env, conf), &annotations);
             let ns = open_netns(&env.netns)?;
-            let report = netfilter::apply(&ns, &cfg, &options(plugin)).map_err(|e| {
-                CniError::new(code::RULES_FAILED, "cannot program the transparent-proxy redirect", e.to_string())
-            })?;
+            let report = netfilter::apply(&ns, &cfg, &options(plugin, conf.prev_result.as_ref()))
+                .map_err(|e| rules_error("cannot program the transparent-proxy redirect", e))?;
             let families: Vec<&str> = report.families.iter().map(|f| f.as_str()).collect();
             tracing::info!(
                 rules = report.rules,
@@ -190,8 +247,8 @@ fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError>
     pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
     let Verdict::Intercept(cfg, _) = verdict(env, plugin)? else { return Ok(()) };
     let ns = open_netns(&env.netns)?;
-    let report = netfilter::verify(&ns, &cfg, &options(plugin))
-        .map_err(|e| CniError::new(code::RULES_FAILED, "cannot read the redirect rules", e.to_string()))?;
+    let report = netfilter::verify(&ns, &cfg, &options(plugin, conf.prev_result.as_ref()))
+        .map_err(|e| rules_error("cannot read the redirect rules", e))?;
     if report.missing.is_empty() {
         return Ok(());
     }
@@ -223,10 +280,11 @@ fn del(env: &Env, conf: &NetConf, plugin: &PluginConf) {
     };
     // What ADD applied also identifies our rules that carry no comment.
     let applied = applied::recall(&plugin.run_dir, &record_key(env, conf));
-    let removed = netfilter::remove(&ns, applied.as_ref(), &options(plugin)).or_else(|e| match applied {
+    let opts = options(plugin, None);
+    let removed = netfilter::remove(&ns, applied.as_ref(), &opts).or_else(|e| match applied {
         Some(_) => {
             tracing::warn!(error = %e, "removing with the remembered config failed; removing what is recognisable");
-            netfilter::remove(&ns, None, &options(plugin))
+            netfilter::remove(&ns, None, &opts)
         }
         None => Err(e),
     });
@@ -241,25 +299,24 @@ fn del(env: &Env, conf: &NetConf, plugin: &PluginConf) {
     }
 }
 
-/// Ready when the installer's kubeconfig is there and the API server answers with it.
+/// From local state only: STATUS is called every few seconds on every node, and an
+/// API outage must not mark every node's network not ready. Not ready only when ADD
+/// would fail for every pod: with `on_api_error: fail` and no usable kubeconfig.
 fn status(plugin: &PluginConf) -> Result<(), CniError> {
-    let unavailable = |details: String| CniError::new(code::NOT_AVAILABLE, "the plugin is not available", details);
-    let path = plugin
-        .kubeconfig
-        .as_ref()
-        .ok_or_else(|| unavailable("the configuration has no kubernetes.kubeconfig".into()))?;
-    if !path.exists() {
-        return Err(unavailable(format!("kubeconfig {} does not exist (is the installer running?)", path.display())));
-    }
-    runtime().block_on(async {
-        let check = async {
-            let client = lookup::client_for(path, STATUS_TIMEOUT).await?;
-            client.apiserver_version().await.map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(STATUS_TIMEOUT, check).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(unavailable(format!("the API server cannot be reached: {e}"))),
-            Err(_) => Err(unavailable(format!("the API server did not answer within {STATUS_TIMEOUT:?}"))),
+    let problem = match &plugin.kubeconfig {
+        None => Some("the configuration has no kubernetes.kubeconfig".to_owned()),
+        Some(path) => lookup::read_kubeconfig(path).err(),
+    };
+    match (problem, plugin.on_api_error) {
+        (None, _) => Ok(()),
+        (Some(why), OnApiError::PassThrough) => {
+            tracing::debug!("{why}; pods start without a redirect until it is back (on_api_error: pass-through)");
+            Ok(())
         }
-    })
+        (Some(why), OnApiError::Fail) => Err(CniError::new(
+            code::NOT_AVAILABLE,
+            "the plugin is not available",
+            format!("{why} (on_api_error: fail)"),
+        )),
+    }
 }

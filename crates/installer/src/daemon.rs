@@ -175,9 +175,9 @@ impl Installer {
     }
 
     fn check_chain(&mut self, now: Instant) {
-        let (wanted, conf_name) = match &self.s.mode {
-            Mode::Chained { conf_name } => (plan::wanted(conf_name.as_deref()), conf_name.as_deref()),
-            Mode::Standalone { conf_name } => (plan::wanted(Some(conf_name)), Some(conf_name.as_str())),
+        let wanted = match &self.s.mode {
+            Mode::Chained { conf_name } => plan::wanted(conf_name.as_deref()),
+            Mode::Standalone { conf_name } => plan::wanted(Some(conf_name)),
         };
         let snap = match fsio::snapshot(&self.s.net_dir, wanted) {
             Ok(snap) => snap,
@@ -188,10 +188,7 @@ impl Installer {
                 )));
             }
         };
-        let plan = match &self.s.mode {
-            Mode::Chained { .. } => plan::chain(conf_name, &snap, &self.s.ours),
-            Mode::Standalone { conf_name } => plan::standalone(conf_name, &snap, &self.s.ours),
-        };
+        let plan = plan_of(&self.s.mode, &snap, &self.s.ours);
         if let Plan::InPlace { file, .. } | Plan::Apply { file, .. } = &plan {
             self.leave_previous(file);
         }
@@ -220,7 +217,11 @@ impl Installer {
                 ),
             )),
             (Plan::Apply { file, primary, ops }, Gate::Write { repair, fight }) => {
-                match fsio::apply(&self.s.net_dir, &ops) {
+                let replan = |s: &plan::Snapshot| match plan_of(&self.s.mode, s, &self.s.ours) {
+                    Plan::Apply { ops, .. } => ops,
+                    _ => Vec::new(),
+                };
+                match write_plan(&self.s.net_dir, &ops, &snap, replan) {
                     Ok(()) => {
                         let primary = primary.join(", ");
                         if repair {
@@ -248,8 +249,9 @@ impl Installer {
         let Some(previous) = self.chained_file.take_if(|p| p.as_str() != file) else {
             return;
         };
+        let replan = |s: &plan::Snapshot| plan::unchain(Some(&previous), s, &self.s.ours);
         let left = fsio::snapshot(&self.s.net_dir, plan::wanted(Some(&previous)))
-            .and_then(|snap| fsio::apply(&self.s.net_dir, &plan::unchain(Some(&previous), &snap, &self.s.ours)));
+            .and_then(|snap| write_plan(&self.s.net_dir, &replan(&snap), &snap, replan));
         match left {
             Ok(()) => {
                 tracing::info!(from = %previous, to = %file, "the CNI configuration in use changed; took our entry out of the previous one")
@@ -317,7 +319,13 @@ impl Installer {
                 .or_else(not_found_ok)
                 .map_err(InstallError::io("removing", &self.s.ready_file)),
         );
-        note(self.remove_chain());
+        let unchained = self.remove_chain();
+        if unchained.is_err() {
+            // A conflist still naming us with the binary gone fails every pod's ADD.
+            tracing::error!("our entry could not be taken out: keeping the plugin binary and its kubeconfig");
+            note(unchained);
+            return Err(first_error.expect("just noted"));
+        }
         note(
             fsio::remove(&self.s.net_dir, &self.s.kubeconfig_name)
                 .map_err(InstallError::io("removing", self.s.net_dir.join(&self.s.kubeconfig_name))),
@@ -339,24 +347,55 @@ impl Installer {
 
     fn remove_chain(&self) -> Result<(), InstallError> {
         let dir = &self.s.net_dir;
-        let (name, ops) = match &self.s.mode {
+        let (name, wanted) = match &self.s.mode {
             Mode::Chained { conf_name } => {
                 let name = self.chained_file.as_deref().or(conf_name.as_deref());
-                let snap = fsio::snapshot(dir, plan::wanted(name)).map_err(InstallError::io("reading", dir))?;
-                (name.map(str::to_string), plan::unchain(name, &snap, &self.s.ours))
+                (name.map(str::to_string), plan::wanted(name))
             }
-            Mode::Standalone { conf_name } => {
-                let snap =
-                    fsio::snapshot(dir, plan::wanted(Some(conf_name))).map_err(InstallError::io("reading", dir))?;
-                (Some(conf_name.clone()), plan::standalone_removal(conf_name, &snap, &self.s.ours))
-            }
+            Mode::Standalone { conf_name } => (Some(conf_name.clone()), plan::wanted(Some(conf_name))),
         };
-        fsio::apply(dir, &ops).map_err(InstallError::io("restoring the CNI configuration in", dir))?;
+        let replan = |snap: &plan::Snapshot| match &self.s.mode {
+            Mode::Chained { .. } => plan::unchain(name.as_deref(), snap, &self.s.ours),
+            Mode::Standalone { conf_name } => plan::standalone_removal(conf_name, snap, &self.s.ours),
+        };
+        let snap = fsio::snapshot(dir, wanted).map_err(InstallError::io("reading", dir))?;
+        let ops = replan(&snap);
+        write_plan(dir, &ops, &snap, replan).map_err(InstallError::io("restoring the CNI configuration in", dir))?;
         if !ops.is_empty() {
             tracing::info!(file = name.as_deref().unwrap_or("(auto-detected)"), changes = ?ops_summary(&ops), "took our plugin out of the CNI configuration");
         }
         Ok(())
     }
+}
+
+/// What the mode wants done with the net dir as `snap` shows it.
+fn plan_of(mode: &Mode, snap: &plan::Snapshot, ours: &crate::template::Ours) -> Plan {
+    match mode {
+        Mode::Chained { conf_name } => plan::chain(conf_name.as_deref(), snap, ours),
+        Mode::Standalone { conf_name } => plan::standalone(conf_name, snap, ours),
+    }
+}
+
+/// Applies `ops`, made by `replan` from `snap`; a file another agent rewrote meanwhile
+/// gets `replan`'s edit of its new content instead (see [`fsio::apply`]), or its new
+/// content back when that needs none.
+fn write_plan(
+    dir: &Path,
+    ops: &[plan::FileOp],
+    snap: &plan::Snapshot,
+    replan: impl Fn(&plan::Snapshot) -> Vec<plan::FileOp>,
+) -> std::io::Result<()> {
+    fsio::apply(dir, ops, snap, |name, theirs| {
+        let mut now = snap.clone();
+        now.insert(name.to_string(), Ok(theirs.to_vec()));
+        replan(&now)
+            .into_iter()
+            .find_map(|op| match op {
+                plan::FileOp::Write { name: n, content } if n == name => Some(content.into_bytes()),
+                _ => None,
+            })
+            .unwrap_or_else(|| theirs.to_vec())
+    })
 }
 
 fn not_found_ok(e: std::io::Error) -> std::io::Result<()> {

@@ -1,7 +1,8 @@
 //! File edges: atomic writes, the net dir snapshot, the binary copy.
 //!
 //! Every write goes to a temp file in the target's directory, is fsynced, renamed over
-//! the target and the directory fsynced: a reader (a CNI runtime, or the primary CNI's
+//! the target (a configuration file: exchanged with it, see [`apply`]) and the directory
+//! fsynced: a reader (a CNI runtime, or the primary CNI's
 //! agent) sees the old file or the new one, never a partial one, and a crash (or
 //! SIGKILL) at any instant leaves one or the other. Temp names start with
 //! [`TEMP_PREFIX`] and end in digits, never in `.conf`, `.conflist` or `.json`, so
@@ -10,7 +11,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::plan::{FileOp, Snapshot};
@@ -27,6 +28,21 @@ pub fn write_atomic(
     mode: u32,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> io::Result<()> {
+    let temp = write_temp(dir, name, mode, fill)?;
+    let result = fs::rename(&temp, dir.join(name)).and_then(|()| sync_dir(dir));
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// A new temp file next to `dir/name` with `mode` and the content `fill` writes, synced.
+fn write_temp(
+    dir: &Path,
+    name: &str,
+    mode: u32,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let temp =
         dir.join(format!("{TEMP_PREFIX}{name}.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
@@ -35,14 +51,15 @@ pub fn write_atomic(
         fill(&mut file)?;
         // The umask may have narrowed the mode at creation.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.sync_all()?;
-        fs::rename(&temp, dir.join(name))?;
-        sync_dir(dir)
+        file.sync_all()
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
+    match result {
+        Ok(()) => Ok(temp),
+        Err(e) => {
+            let _ = fs::remove_file(&temp);
+            Err(e)
+        }
     }
-    result
 }
 
 /// Removes `dir/name` durably; a file that is already gone is fine.
@@ -91,18 +108,126 @@ pub fn snapshot(dir: &Path, wanted: Option<Vec<String>>) -> io::Result<Snapshot>
     Ok(snap)
 }
 
+/// How often a write is redone because the file changed under it, before giving up
+/// (the watch brings us back once the other writer is done).
+const MAX_REMERGES: usize = 8;
+
 /// Applies the plan's edits in order, each atomic. A rewritten file keeps its mode.
-pub fn apply(dir: &Path, ops: &[FileOp]) -> io::Result<()> {
+///
+/// `base` is what the plan was made from. A write never replaces content that was not
+/// merged: the new file is swapped in with `renameat2(RENAME_EXCHANGE)`, and when what
+/// comes back is not `base` (another agent wrote in between) `remerge(name, theirs)`
+/// gives the content to write over it instead, until what comes back is what was
+/// merged. A file that is a symlink is edited where it points (relative links only).
+pub fn apply(dir: &Path, ops: &[FileOp], base: &Snapshot, remerge: impl Fn(&str, &[u8]) -> Vec<u8>) -> io::Result<()> {
     for op in ops {
         match op {
             FileOp::Write { name, content } => {
-                let mode = fs::metadata(dir.join(name)).map_or(CONF_MODE, |m| m.permissions().mode() & 0o7777);
-                write_atomic(dir, name, mode, |f| io::Write::write_all(f, content.as_bytes()))?;
+                let (real_dir, real_name) = resolve_link(dir, name)?;
+                let expected = match base.get(name) {
+                    Some(Ok(bytes)) => Some(bytes.clone()),
+                    _ => None,
+                };
+                replace_merged(&real_dir, &real_name, content.as_bytes().to_vec(), expected, |theirs| {
+                    remerge(name, theirs)
+                })?;
             }
             FileOp::Remove { name } => remove(dir, name)?,
         }
     }
     Ok(())
+}
+
+/// Where `dir/name` really is: itself, or the file its relative symlinks lead to. An
+/// absolute link is refused: the host path it names is not where this process sees it.
+fn resolve_link(dir: &Path, name: &str) -> io::Result<(PathBuf, String)> {
+    let mut path = dir.join(name);
+    for _ in 0..8 {
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = fs::read_link(&path)?;
+                if target.is_absolute() {
+                    return Err(io::Error::other(format!(
+                        "{} is a symlink to the absolute path {}; not writing through it",
+                        path.display(),
+                        target.display()
+                    )));
+                }
+                path = path.parent().unwrap_or(dir).join(target);
+            }
+            _ => {
+                let real_dir = path.parent().unwrap_or(dir).to_path_buf();
+                let real_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                return Ok((real_dir, real_name));
+            }
+        }
+    }
+    Err(io::Error::other(format!("{} is a chain of too many symlinks", dir.join(name).display())))
+}
+
+/// Writes `content` as `dir/name`, which held `expected` (`None`: did not exist), by
+/// exchange; re-merges whatever else it finds there (see [`apply`]).
+fn replace_merged(
+    dir: &Path,
+    name: &str,
+    mut content: Vec<u8>,
+    mut expected: Option<Vec<u8>>,
+    remerge: impl Fn(&[u8]) -> Vec<u8>,
+) -> io::Result<()> {
+    let target = dir.join(name);
+    let mode = fs::metadata(&target).map_or(CONF_MODE, |m| m.permissions().mode() & 0o7777);
+    for _ in 0..MAX_REMERGES {
+        let temp = write_temp(dir, name, mode, |f| io::Write::write_all(f, &content))?;
+        let swapped = match &expected {
+            Some(_) => rename2(&temp, &target, libc::RENAME_EXCHANGE),
+            None => rename2(&temp, &target, libc::RENAME_NOREPLACE),
+        };
+        let theirs = match swapped {
+            // Created where nothing was: nothing to compare.
+            Ok(()) if expected.is_none() => return sync_dir(dir),
+            Ok(()) => {
+                let theirs = fs::read(&temp);
+                let _ = fs::remove_file(&temp);
+                theirs?
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                let _ = fs::remove_file(&temp);
+                let theirs = fs::read(&target)?;
+                expected = Some(theirs.clone());
+                content = remerge(&theirs);
+                continue;
+            }
+            // A filesystem without renameat2 flags: a plain rename, as before.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let renamed = fs::rename(&temp, &target);
+                if renamed.is_err() {
+                    let _ = fs::remove_file(&temp);
+                }
+                return renamed.and_then(|()| sync_dir(dir));
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                return Err(e);
+            }
+        };
+        if expected.as_deref() == Some(&theirs[..]) {
+            return sync_dir(dir);
+        }
+        // Another writer got in between: what is in place now is our merge of their
+        // older content; write our merge of what they wrote over it.
+        tracing::info!(path = %target.display(), "the file changed while we wrote it; merging again");
+        expected = Some(std::mem::replace(&mut content, remerge(&theirs)));
+    }
+    sync_dir(dir)?;
+    Err(io::Error::other(format!("{} kept changing while we wrote it", target.display())))
+}
+
+fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(io::Error::other);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths, resolved against the working directory.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), flags) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Makes `dir/name` hold `content` with `mode`; writes only when it does not already.
@@ -193,7 +318,9 @@ mod tests {
         let p = dir.path().join("a.conflist");
         fs::write(&p, "x").unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
-        apply(dir.path(), &[FileOp::Write { name: "a.conflist".into(), content: "y".into() }]).unwrap();
+        let base = Snapshot::from([("a.conflist".to_string(), Ok(b"x".to_vec()))]);
+        let ops = [FileOp::Write { name: "a.conflist".into(), content: "y".into() }];
+        apply(dir.path(), &ops, &base, |_, _| unreachable!("nothing changed meanwhile")).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(ensure_file(dir.path(), "k", b"1", 0o600).unwrap());
         assert!(!ensure_file(dir.path(), "k", b"1", 0o600).unwrap());

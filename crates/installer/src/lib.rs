@@ -16,7 +16,7 @@ pub mod fsio;
 pub mod health;
 mod jsontext;
 pub mod kubeconfig;
-mod logsock;
+pub mod logsock;
 pub mod machine;
 pub mod plan;
 mod sources;
@@ -80,7 +80,7 @@ fn run_with(settings: Settings) -> Result<(), InstallError> {
         // Plugin logs matter only while we run; without the relay the plugin writes
         // them to a file on the host, so a failure here does not stop the install.
         let log_socket = match &settings.log_socket {
-            Some(path) if settings.sleep => LogSocket::start(path)
+            Some(path) if settings.sleep => LogSocket::start(path, std::io::stderr())
                 .inspect_err(|e| tracing::warn!("{e}; plugin logs go to its file on the host"))
                 .ok(),
             _ => None,

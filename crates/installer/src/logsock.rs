@@ -3,14 +3,25 @@
 //! `log_socket`, by default in a host dir the DaemonSet mounts) and writes formatted
 //! lines, which are copied to our stderr: they show in `kubectl logs` of the DaemonSet
 //! pod. The plugin falls back to a file on the host when nobody listens.
+//!
+//! Nothing here may hurt the installer: only root may connect (the socket's mode is set,
+//! not left to the umask, and the peer's credentials are checked); connections are
+//! capped and accept errors (out of descriptors) back off instead of spinning; lines
+//! are stripped of control characters and prefixed with the writer's pid and uid; and
+//! stderr is written by its own thread through a bounded queue, so a stalled stderr
+//! drops (and counts) plugin lines instead of stopping the event loop.
 
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 
 use crate::InstallError;
 
@@ -18,6 +29,12 @@ use crate::InstallError;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longer lines are cut: a runaway writer must not grow our memory.
 const MAX_LINE: u64 = 16 * 1024;
+/// Concurrent plugin connections; more wait in the listen backlog (and, once that is
+/// full, the plugin's non-blocking connect fails and it writes to its file).
+pub const MAX_CONNECTIONS: usize = 128;
+/// Lines queued for stderr; past this they are dropped and counted.
+const QUEUE_LINES: usize = 1024;
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 
 /// The bound socket; [`LogSocket::close`] removes its file if it is still ours.
 pub struct LogSocket {
@@ -28,21 +45,20 @@ pub struct LogSocket {
 impl LogSocket {
     /// Binds `path`, replacing a socket a previous installer left (during a rollout
     /// the newest installer takes over: the plugin connects anew on every call), and
-    /// relays every connection's lines to stderr until the process ends.
-    pub fn start(path: &Path) -> Result<LogSocket, InstallError> {
+    /// relays every connection's lines to `out` (stderr in the installer) until the
+    /// process ends.
+    pub fn start(path: &Path, out: impl Write + Send + 'static) -> Result<LogSocket, InstallError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(InstallError::io("creating the plugin log socket's dir", dir))?;
         }
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(InstallError::io("listening for plugin logs on", path))?;
+        // Root only, whatever the umask; a connection in between is refused by its credentials.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(InstallError::io("setting the mode of", path))?;
         let inode = std::fs::metadata(path).map_err(InstallError::io("reading", path))?.ino();
-        tokio::spawn(async move {
-            loop {
-                if let Ok((stream, _)) = listener.accept().await {
-                    tokio::spawn(relay(stream));
-                }
-            }
-        });
+        let queue = Queue::start(out);
+        tokio::spawn(accept_loop(listener, queue));
         Ok(LogSocket { path: path.to_path_buf(), inode })
     }
 
@@ -54,20 +70,110 @@ impl LogSocket {
     }
 }
 
-async fn relay(stream: UnixStream) {
+async fn accept_loop(listener: UnixListener, queue: Queue) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = ACCEPT_BACKOFF.0;
+    loop {
+        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF.0;
+                let queue = queue.clone();
+                tokio::spawn(async move {
+                    relay(stream, queue).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: the connection stays queued; retrying at once spins.
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot accept a plugin log connection");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+            }
+        }
+    }
+}
+
+/// Lines for the writer thread, and how many did not fit.
+#[derive(Clone)]
+struct Queue {
+    lines: SyncSender<Vec<u8>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Queue {
+    fn start(mut out: impl Write + Send + 'static) -> Queue {
+        let (lines, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUE_LINES);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counter = dropped.clone();
+        std::thread::Builder::new()
+            .name("plugin-logs".into())
+            .spawn(move || {
+                for line in rx {
+                    let lost = counter.swap(0, Ordering::Relaxed);
+                    if lost > 0 {
+                        let _ = writeln!(out, "[kong-mesh-cni] {lost} plugin log lines dropped: stderr was not read");
+                    }
+                    // One write per line, so lines from concurrent plugin calls never interleave.
+                    let _ = out.write_all(&line);
+                }
+            })
+            .expect("starting the plugin log writer thread");
+        Queue { lines, dropped }
+    }
+
+    fn push(&self, line: Vec<u8>) {
+        if let Err(TrySendError::Full(_)) = self.lines.try_send(line) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The line as printed: who wrote it, then its text with control characters (ANSI
+/// escapes, carriage returns) shown as `\xNN` rather than passed to the terminal.
+fn clean_line(client: &str, raw: &[u8]) -> Vec<u8> {
+    let text = raw.strip_suffix(b"\n").unwrap_or(raw);
+    let mut out = Vec::with_capacity(client.len() + text.len() + 2);
+    out.extend_from_slice(client.as_bytes());
+    for &b in text {
+        match b {
+            b'\t' => out.push(b),
+            0..0x20 | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'\n');
+    out
+}
+
+async fn relay(stream: UnixStream, queue: Queue) {
+    let client = match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 => format!("[plugin pid={} uid=0] ", cred.pid().unwrap_or(0)),
+        Ok(cred) => {
+            tracing::warn!(uid = cred.uid(), pid = cred.pid(), "refused a plugin log connection from a non-root user");
+            return;
+        }
+        Err(e) => return tracing::warn!(error = %e, "cannot tell who connected to the plugin log socket"),
+    };
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
         line.clear();
         match tokio::time::timeout(IDLE_TIMEOUT, (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-            Ok(Ok(_)) => {
-                if line.last() != Some(&b'\n') {
-                    line.push(b'\n');
-                }
-                // One write per line, so lines from concurrent plugin calls never interleave.
-                let _ = std::io::stderr().lock().write_all(&line);
-            }
+            Ok(Ok(_)) => queue.push(clean_line(&client, &line)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_shown_not_passed_on() {
+        let got = clean_line("[plugin pid=7] ", b"ok\t\x1b[31mred\x1b[0m\rfake line\n");
+        assert_eq!(String::from_utf8(got).unwrap(), "[plugin pid=7] ok\t\\x1b[31mred\\x1b[0m\\x0dfake line\n");
+        assert_eq!(clean_line("", b"no newline"), b"no newline\n");
     }
 }

@@ -125,7 +125,7 @@ fn execute(args: &RulesArgs) -> Result<(), Failure> {
 }
 
 fn print_plan(cfg: &Config, facts: &NsFacts) -> Result<(), Failure> {
-    for set in netfilter::plan(cfg, facts).map_err(failed)? {
+    for set in netfilter::plan(cfg, facts, &Options::default()).map_err(failed)? {
         println!("# {}: {} rules", set.family, set.rule_count());
         print!("{}", rules::restore::install_payload(&set));
     }

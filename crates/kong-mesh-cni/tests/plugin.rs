@@ -231,8 +231,13 @@ async fn status_and_gc() {
     rt.status().expect("STATUS: ready with a working kubeconfig");
     rt.gc(&[]).expect("GC succeeds");
 
+    // STATUS answers from local state: without a kubeconfig, ADD lets pods start
+    // (on_api_error: pass-through), so the network is ready; with `fail` it is not.
     let missing = f.scratch.path().join("no-such-kubeconfig");
     let rt = chain(Plugins::Upstream, our_entry(&missing, f.scratch.path(), json!({})));
+    rt.status().expect("ADD survives a missing kubeconfig, so STATUS does");
+    let strict = json!({"on_api_error": "fail"});
+    let rt = chain(Plugins::Upstream, our_entry(&missing, f.scratch.path(), strict));
     let err = rt.status().unwrap_err();
     assert_eq!(err.code, Some(50), "{err}");
     assert!(err.details.contains("no-such-kubeconfig"), "{err}");
@@ -264,8 +269,10 @@ async fn api_server_down() {
     assert!(took < Duration::from_secs(4), "ADD took {took:?}");
     assert_eq!(saved_rules(&netns), "", "nothing known about the pod: nothing applied");
     rt.del(&a).unwrap();
-    let err = rt.status().unwrap_err();
-    assert_eq!(err.code, Some(50), "STATUS says not ready: {err}");
+    // STATUS makes no API call: an outage does not mark the node's network not ready.
+    let start = Instant::now();
+    rt.status().expect("STATUS is ready while the API server is down");
+    assert!(start.elapsed() < Duration::from_secs(2), "STATUS took {:?}", start.elapsed());
 
     let mut fail = timeout;
     fail["on_api_error"] = json!("fail");

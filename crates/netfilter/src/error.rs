@@ -16,8 +16,10 @@ pub enum FirewallError {
     Failed { tool: String, status: String, stderr: String },
     #[error("{tool} did not finish within {after:?} and was killed")]
     Timeout { tool: String, after: Duration },
-    #[error("cannot read the nameservers from {path} (redirect.dns.resolvConfigPath): {source}")]
-    ResolvConf { path: PathBuf, source: io::Error },
+    #[error("redirect.dns.resolvConfigPath {path:?} cannot be used: {reason}")]
+    ResolvConf { path: PathBuf, reason: String },
+    #[error("the configuration yields {count} {family} rules; at most {} are allowed", rules::MAX_RULES)]
+    TooManyRules { family: Family, count: usize },
     #[error("cannot add ::6/128 to lo for the IPv6 inbound passthrough: {0}")]
     LoopbackAddress(io::Error),
     #[error("invalid iptables backend {0:?}: expected auto, nft or legacy")]

@@ -18,7 +18,8 @@ pub const OUR_TABLES: [&str; 3] = ["raw", "nat", "mangle"];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NsFacts {
-    /// An IPv6 address on an interface other than `lo` (link-local counts).
+    /// IPv6 is enabled in the namespace ([`netns::ipv6_enabled`]): in dual-stack mode
+    /// the pod gets IPv6 rules, whether or not its addresses have appeared yet.
     pub has_ipv6: bool,
     /// Legacy (x_tables) tables instantiated, per family.
     pub legacy: [BTreeSet<String>; 2],
@@ -36,7 +37,7 @@ pub fn index(family: Family) -> usize {
 impl NsFacts {
     /// Reads the facts of the calling thread's namespace.
     pub fn read() -> Self {
-        let mut facts = NsFacts { has_ipv6: has_ipv6(), ..Default::default() };
+        let mut facts = NsFacts { has_ipv6: netns::ipv6_enabled(), ..Default::default() };
         for (i, file) in ["ip_tables_names", "ip6_tables_names"].iter().enumerate() {
             // Absent when the x_tables module is not loaded: then there are no tables.
             let names = std::fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default();
@@ -67,14 +68,4 @@ impl NsFacts {
     pub fn any_nft(&self) -> bool {
         self.nft.iter().any(|t| !t.is_empty())
     }
-}
-
-/// Whether the calling thread's namespace has an IPv6 address on an interface other
-/// than `lo` (link-local counts): the pod then gets IPv6 rules in dual-stack mode.
-pub fn has_ipv6() -> bool {
-    // Columns: address, ifindex, prefix length, scope, flags, device name.
-    std::fs::read_to_string("/proc/thread-self/net/if_inet6")
-        .unwrap_or_default()
-        .lines()
-        .any(|line| line.split_whitespace().nth(5).is_some_and(|dev| dev != "lo"))
 }

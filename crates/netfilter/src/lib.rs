@@ -16,7 +16,7 @@ mod select;
 use rules::Family;
 
 pub use error::FirewallError;
-pub use facts::{NsFacts, has_ipv6};
+pub use facts::NsFacts;
 pub use iptables::{ExecContext, Iptables};
 pub use ops::{ApplyReport, Options, RemoveReport, VerifyReport, apply, plan, remove, verify};
 pub use select::{BackendChoice, Selection, select};

@@ -25,6 +25,12 @@ pub struct Options {
     pub lock_dir: PathBuf,
     /// No retry starts after this instant.
     pub deadline: Option<Instant>,
+    /// The files a config may name as `redirect.dns.resolvConfigPath` (the node
+    /// operator's choice: the path comes from a pod annotation, and we run as root).
+    pub resolv_conf_paths: Vec<PathBuf>,
+    /// The caller knows the pod has IPv6 (the CNI previous result lists an IPv6
+    /// address), whatever the namespace says yet.
+    pub ipv6: bool,
 }
 
 impl Default for Options {
@@ -34,6 +40,8 @@ impl Default for Options {
             tool_timeout: Duration::from_secs(10),
             lock_dir: PathBuf::from("/run/kong-mesh-cni"),
             deadline: None,
+            resolv_conf_paths: vec![PathBuf::from(kuma::DEFAULT_RESOLV_CONF)],
+            ipv6: false,
         }
     }
 }
@@ -62,18 +70,35 @@ pub struct RemoveReport {
     pub removed: Vec<(BackendKind, Family)>,
 }
 
+/// resolv.conf files are a few lines; anything this large is not one.
+const MAX_RESOLV_CONF: u64 = 64 * 1024;
+
 /// The rule sets a config yields for a namespace with these facts.
-pub fn plan(cfg: &Config, facts: &NsFacts) -> Result<Vec<RuleSet>, FirewallError> {
-    let nameservers = nameservers(cfg)?;
-    Ok(families(cfg, facts.has_ipv6).into_iter().map(|f| generate(cfg, f, &nameservers)).collect())
+pub fn plan(cfg: &Config, facts: &NsFacts, opts: &Options) -> Result<Vec<RuleSet>, FirewallError> {
+    let nameservers = nameservers(cfg, &opts.resolv_conf_paths)?;
+    let ipv6 = facts.has_ipv6 || opts.ipv6;
+    let sets: Vec<RuleSet> = families(cfg, ipv6).into_iter().map(|f| generate(cfg, f, &nameservers)).collect();
+    match sets.iter().find(|s| s.rule_count() > rules::MAX_RULES) {
+        Some(set) => Err(FirewallError::TooManyRules { family: set.family, count: set.rule_count() }),
+        None => Ok(sets),
+    }
 }
 
-fn nameservers(cfg: &Config) -> Result<Vec<IpAddr>, FirewallError> {
+/// The nameservers of the config's resolv.conf: only a path on the allowed list (taken
+/// as written: `/etc/../etc/shadow` is not `/etc/resolv.conf`), a regular file read
+/// without blocking and of bounded size.
+fn nameservers(cfg: &Config, allowed: &[PathBuf]) -> Result<Vec<IpAddr>, FirewallError> {
     if !cfg.dns.enabled || cfg.dns.capture_all {
         return Ok(Vec::new());
     }
     let path = PathBuf::from(&cfg.dns.resolv_conf_path);
-    let text = std::fs::read_to_string(&path).map_err(|source| FirewallError::ResolvConf { path, source })?;
+    if !allowed.contains(&path) {
+        let list: Vec<String> = allowed.iter().map(|p| p.display().to_string()).collect();
+        let reason = format!("not one of the files the node allows ({})", list.join(", "));
+        return Err(FirewallError::ResolvConf { path, reason });
+    }
+    let text = netns::hostfile::read_regular_text(&path, MAX_RESOLV_CONF)
+        .map_err(|e| FirewallError::ResolvConf { path: path.clone(), reason: e.to_string() })?;
     Ok(dns::nameservers(&text))
 }
 
@@ -126,7 +151,7 @@ pub fn apply(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<ApplyReport, Fi
     let facts = ns.run(NsFacts::read)?;
     let ctx = exec_context(ns, Some(cfg), opts);
     let Selection { backend, reason } = choose(ns, &facts, opts, &ctx)?;
-    let sets = plan(cfg, &facts)?;
+    let sets = plan(cfg, &facts, opts)?;
     let _lock = LockGuard::new(&ctx, backend.kind());
 
     let results: Vec<Result<bool, FirewallError>> = std::thread::scope(|scope| {
@@ -204,7 +229,7 @@ pub fn verify(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<VerifyReport, 
     let facts = ns.run(NsFacts::read)?;
     let ctx = exec_context(ns, Some(cfg), opts);
     let Selection { backend, .. } = choose(ns, &facts, opts, &ctx)?;
-    let sets = plan(cfg, &facts)?;
+    let sets = plan(cfg, &facts, opts)?;
     let _lock = LockGuard::new(&ctx, backend.kind());
     let mut report = VerifyReport { backend: backend.kind(), families: vec![], missing: vec![] };
     for set in &sets {
@@ -225,7 +250,7 @@ pub fn remove(ns: &NetNs, cfg: Option<&Config>, opts: &Options) -> Result<Remove
     let facts = ns.run(NsFacts::read)?;
     let ctx = exec_context(ns, cfg, opts);
     let expected = match cfg {
-        Some(cfg) => plan(cfg, &NsFacts { has_ipv6: true, ..facts.clone() })?,
+        Some(cfg) => plan(cfg, &NsFacts { has_ipv6: true, ..facts.clone() }, opts)?,
         None => Vec::new(),
     };
     let mut report = RemoveReport::default();

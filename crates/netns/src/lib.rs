@@ -5,10 +5,12 @@
 //! namespace, runs the closure and ends: no thread ever returns to a pool, or to the
 //! caller, in a foreign namespace, whatever the closure does (including `?`).
 
+pub mod hostfile;
+
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +41,12 @@ impl NetNs {
     /// /proc/PID/ns/net) and checks that it is a network namespace.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, NetNsError> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|source| NetNsError::Open { path: path.clone(), source })?;
+        // Non-blocking: the path comes from the runtime, and a FIFO there must not hang us.
+        let file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)
+            .map_err(|source| NetNsError::Open { path: path.clone(), source })?;
         // SAFETY: the ioctl takes no argument and only reads the descriptor's namespace type.
         let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
         if kind != libc::CLONE_NEWNET {
@@ -80,4 +87,13 @@ impl NetNs {
             handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
+}
+
+/// Whether IPv6 is enabled in the calling thread's network namespace (`/proc/sys/net`
+/// shows the namespace of the thread that opens it). This, not the addresses present,
+/// says whether the namespace can carry IPv6: its link-local address appears only once
+/// an interface is up, which may be after the CNI ADD. Absent (IPv6 off at boot): false.
+pub fn ipv6_enabled() -> bool {
+    hostfile::read_regular_text(Path::new("/proc/sys/net/ipv6/conf/all/disable_ipv6"), 16)
+        .is_ok_and(|v| v.trim() == "0")
 }

@@ -57,3 +57,25 @@ fn a_panic_in_the_work_reaches_the_caller() {
     assert!(caught.is_err());
     assert_eq!(handle.run(|| 7).unwrap(), 7, "the handle is still usable");
 }
+
+#[test]
+fn a_fifo_as_the_namespace_path_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("netns");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let started = std::time::Instant::now();
+    assert!(matches!(NetNs::open(&fifo), Err(NetNsError::NotNetwork { .. })));
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "the open did not wait for a writer");
+}
+
+#[test]
+fn ipv6_enabled_is_read_in_the_namespace_not_from_addresses() {
+    if !require_root() {
+        return;
+    }
+    let (on, off) = (NamedNetns::new("v6on"), NamedNetns::new("v6off"));
+    off.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    // Neither has an IPv6 address on anything but lo: the sysctl decides.
+    assert!(on.open().run(netns::ipv6_enabled).unwrap());
+    assert!(!off.open().run(netns::ipv6_enabled).unwrap());
+}

@@ -14,6 +14,11 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+/// Rules per family at most: lists are capped one by one, but nested lists multiply
+/// (port-for-UID entries by protocols by port groups), and a pod must not make us
+/// program (or hold) hundreds of thousands of rules.
+pub const MAX_RULES: usize = 20_000;
+
 pub use generate::{INBOUND, INBOUND_REDIRECT, OUTBOUND, OUTBOUND_REDIRECT, families, generate};
 pub use rule::{Rule, Spec};
 

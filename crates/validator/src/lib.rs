@@ -38,7 +38,7 @@ pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FamilyChoice {
-    /// IPv4, and IPv6 when the pod has an IPv6 address (as the plugin decides).
+    /// IPv4, and IPv6 when IPv6 is enabled in the pod (as the plugin decides).
     Auto,
     Ipv4,
     Ipv6,
@@ -129,7 +129,7 @@ pub fn validate(args: &ValidateArgs) -> Result<Vec<Validated>, ValidateError> {
     let families: Vec<bool> = match args.family {
         FamilyChoice::Ipv4 => vec![false],
         FamilyChoice::Ipv6 => vec![true],
-        FamilyChoice::Auto if netfilter::has_ipv6() => vec![false, true],
+        FamilyChoice::Auto if netns::ipv6_enabled() => vec![false, true],
         FamilyChoice::Auto => vec![false],
     };
     let deadline = Instant::now() + args.timeout;

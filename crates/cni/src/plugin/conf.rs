@@ -31,6 +31,8 @@ pub struct PluginConf {
     pub exclude_namespaces: Vec<String>,
     pub lookup_timeout: Duration,
     pub on_api_error: OnApiError,
+    /// The files a pod may name as its resolv.conf (`redirect.dns.resolvConfigPath`).
+    pub dns_resolv_conf_paths: Vec<PathBuf>,
 }
 
 pub const DEFAULT_LOG_SOCKET: &str = "/run/kong-mesh-cni/log.sock";
@@ -88,6 +90,15 @@ impl PluginConf {
             .unwrap_or_default()
             .parse()
             .map_err(|e: netfilter::FirewallError| invalid(format!("field iptables_backend: {e}")))?;
+        let dns_resolv_conf_paths = match raw.get("dns_resolv_conf_paths") {
+            None | Some(Value::Null) => vec![PathBuf::from(kuma::DEFAULT_RESOLV_CONF)],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| i.as_str().filter(|p| p.starts_with('/')).map(PathBuf::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| invalid("field dns_resolv_conf_paths must be a list of absolute paths"))?,
+            Some(_) => return Err(invalid("field dns_resolv_conf_paths must be a list of absolute paths")),
+        };
         let path = |key: &str, default: &str| -> Result<PathBuf, CniError> {
             Ok(string(raw, &[key])?.unwrap_or_else(|| default.to_owned()).into())
         };
@@ -101,6 +112,25 @@ impl PluginConf {
             exclude_namespaces,
             lookup_timeout,
             on_api_error,
+            dns_resolv_conf_paths,
         })
+    }
+}
+
+impl Default for PluginConf {
+    /// What DEL works with when the configuration's own fields are invalid.
+    fn default() -> Self {
+        PluginConf {
+            log_level: "info".to_owned(),
+            log_socket: DEFAULT_LOG_SOCKET.into(),
+            log_file: DEFAULT_LOG_FILE.into(),
+            run_dir: DEFAULT_RUN_DIR.into(),
+            iptables_backend: BackendChoice::Auto,
+            kubeconfig: None,
+            exclude_namespaces: Vec::new(),
+            lookup_timeout: DEFAULT_LOOKUP_TIMEOUT,
+            on_api_error: OnApiError::PassThrough,
+            dns_resolv_conf_paths: vec![PathBuf::from(kuma::DEFAULT_RESOLV_CONF)],
+        }
     }
 }

@@ -52,7 +52,10 @@ impl Sink {
             rotated.push(".1");
             std::fs::rename(&self.file, rotated)?;
         }
-        OpenOptions::new().create(true).append(true).open(&self.file)?.write_all(line)
+        // The path comes from the configuration: a FIFO or a device there must not block us.
+        netns::hostfile::open_regular(&self.file, OpenOptions::new().create(true).append(true))
+            .map_err(io::Error::other)?
+            .write_all(line)
     }
 }
 

@@ -23,9 +23,18 @@ pub enum Lookup {
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
+/// The installer's kubeconfig is a few KiB (a CA and a token).
+const MAX_KUBECONFIG: u64 = 1 << 20;
+
+/// The kubeconfig as it is on disk now: a regular file, read without blocking, bounded.
+pub fn read_kubeconfig(path: &Path) -> Result<Kubeconfig, String> {
+    let text = netns::hostfile::read_regular_text(path, MAX_KUBECONFIG).map_err(|e| format!("kubeconfig: {e}"))?;
+    Kubeconfig::from_yaml(&text).map_err(|e| format!("kubeconfig {}: {e}", path.display()))
+}
+
 /// A client from the kubeconfig as it is on disk now, every call bounded by `timeout`.
 pub async fn client_for(kubeconfig: &Path, timeout: Duration) -> Result<Client, String> {
-    let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| format!("kubeconfig {}: {e}", kubeconfig.display()))?;
+    let kc = read_kubeconfig(kubeconfig)?;
     let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(|e| format!("kubeconfig {}: {e}", kubeconfig.display()))?;
@@ -40,6 +49,9 @@ fn retriable(error: &kube::Error) -> bool {
     match error {
         // 401 can be a token that rotated after we read the kubeconfig; 429 and 5xx pass.
         kube::Error::Api(status) => matches!(status.code, 401 | 429 | 500..=599),
+        // A request that cannot be built now will not be built on a later attempt either.
+        kube::Error::BuildRequest(_) | kube::Error::HttpError(_) | kube::Error::InferConfig(_) => false,
+        kube::Error::InferKubeconfig(_) => false,
         _ => true,
     }
 }
@@ -48,8 +60,9 @@ fn retriable(error: &kube::Error) -> bool {
 struct Failed(String, bool);
 
 async fn attempt(kubeconfig: &Path, namespace: &str, name: &str) -> Result<Option<Pod>, Failed> {
-    // A broken kubeconfig may be mid-rewrite by the installer: worth another attempt.
-    let client = client_for(kubeconfig, ATTEMPT_TIMEOUT).await.map_err(|e| Failed(e, true))?;
+    // The installer replaces the kubeconfig atomically: one that cannot make a client now
+    // is broken, not half-written, so it fails at once rather than for the whole budget.
+    let client = client_for(kubeconfig, ATTEMPT_TIMEOUT).await.map_err(|e| Failed(e, false))?;
     Api::<Pod>::namespaced(client, namespace).get_opt(name).await.map_err(|e| Failed(e.to_string(), retriable(&e)))
 }
 

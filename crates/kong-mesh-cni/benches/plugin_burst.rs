@@ -1,0 +1,103 @@
+//! A burst of pod starts on one node: 100 mesh pods ADDed at once through the
+//! reference libcni runtime (bridge + host-local + portmap + ours), per iptables
+//! backend. Reports pods that ended up without the rules of one of their families
+//! (IPv6 is enabled in every pod namespace, so every pod needs both; must be 0),
+//! failed ADDs (must be 0), and ADD latency p50/p99 under the burst. Needs root and the
+//! test environment.
+//!
+//! `cargo bench -p kong-mesh-cni --bench plugin_burst` (PODS=N, default 100).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use testkit::{ApiServer, Attachment, CniRuntime, NamedNetns, Plugins, pod, policy_rule};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Whether the namespace holds our outbound chain for the family, with either backend.
+fn has_rules(netns: &NamedNetns, v6: bool) -> bool {
+    let tools: [&str; 2] = if v6 {
+        ["ip6tables-nft-save", "ip6tables-legacy-save"]
+    } else {
+        ["iptables-nft-save", "iptables-legacy-save"]
+    };
+    tools.iter().any(|t| netns.exec(t, &["-t", "nat"]).contains("-A KUMA_MESH_OUTBOUND "))
+}
+
+#[tokio::main]
+async fn main() {
+    if !testkit::net::require_root() {
+        return;
+    }
+    let pods: usize = std::env::var("PODS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let api = ApiServer::shared();
+    let ns = api.namespace("kmc-burst").await;
+    let kubeconfig = api.service_account_kubeconfig(ns.name(), "kong-mesh-cni").await;
+    ns.grant("kong-mesh-cni", "plugin", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
+    ns.create_pod(
+        pod("web").container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true").build(),
+    )
+    .await;
+    let scratch = tempfile::tempdir().unwrap();
+
+    println!("{pods} concurrent ADDs of mesh pods through libcni per backend (bridge + host-local + portmap + ours)");
+    println!(
+        "{:<8} {:>14} {:>9} {:>9} {:>9} {:>9}",
+        "backend", "missing family", "failed", "p50 ms", "p99 ms", "wall s"
+    );
+    for backend in ["nft", "legacy"] {
+        let mut rt = CniRuntime::bridge(Plugins::Upstream);
+        rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
+        let mut conflist = rt.conflist();
+        conflist["plugins"].as_array_mut().unwrap().push(json!({
+            "type": "kong-mesh-cni",
+            "log_level": "info",
+            "log_file": scratch.path().join("cni.log"),
+            "log_socket": scratch.path().join("none.sock"),
+            "run_dir": scratch.path().join("run"),
+            "iptables_backend": backend,
+            "kubernetes": {"kubeconfig": kubeconfig},
+        }));
+        rt.set_conflist(&conflist);
+        let netnses: Vec<NamedNetns> = (0..pods).map(|_| NamedNetns::new("burst")).collect();
+        let attachments: Vec<Attachment> = netnses.iter().map(|n| Attachment::new(n, ns.name(), "web")).collect();
+        let started = Instant::now();
+        let results: Vec<(bool, Duration)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = attachments
+                .iter()
+                .map(|a| {
+                    let rt = &rt;
+                    scope.spawn(move || {
+                        let start = Instant::now();
+                        let ok = rt.add(a).inspect_err(|e| eprintln!("ADD failed: {e}")).is_ok();
+                        (ok, start.elapsed())
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let wall = started.elapsed();
+        let failed = results.iter().filter(|(ok, _)| !ok).count();
+        let missing = netnses.iter().filter(|n| !(has_rules(n, false) && has_rules(n, true))).count();
+        let mut times: Vec<Duration> = results.iter().map(|(_, t)| *t).collect();
+        times.sort();
+        println!(
+            "{backend:<8} {missing:>14} {failed:>9} {:>9.1} {:>9.1} {:>9.1}",
+            ms(percentile(&times, 0.5)),
+            ms(percentile(&times, 0.99)),
+            wall.as_secs_f64()
+        );
+        for a in &attachments {
+            let _ = rt.del(a);
+        }
+    }
+}
