@@ -348,7 +348,14 @@ async fn service_account_token(client: &Client, node: &Node, namespace: &str, na
         spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
         ..Default::default()
     };
-    let token = sas.create_token_request(name, &PostParams::default(), &request).await.unwrap().status.unwrap().token;
+    let token = sas
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+        .expect("a token");
     let ca = std::fs::read_to_string(node.root.join("pki/ca.crt")).unwrap();
     (token, ca)
 }

@@ -93,10 +93,16 @@ impl State {
     }
 }
 
+/// Field 22 of /proc/PID/stat (when the process started), or None when there is no
+/// such process or it is a zombie (our children are reaped by nobody until we exit).
 pub fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
-    stat[stat.rfind(')')? + 2..].split(' ').nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 2..].split(' ');
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 fn alive(p: &Process) -> bool {
