@@ -323,7 +323,7 @@ impl Node {
                 format!("--client-ca-file={}", p(&pki.ca_cert)),
                 "--authorization-mode=Node,RBAC".into(),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", p(&pki.sa_key)),
+                format!("--service-account-key-file={}", p(&pki.sa_pub)),
                 format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
                 "--service-cluster-ip-range=10.96.0.0/16".into(),
                 "--allow-privileged=true".into(),

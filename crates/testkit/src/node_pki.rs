@@ -17,6 +17,7 @@ pub(crate) struct Pki {
     pub admin_cert: PathBuf,
     pub admin_key: PathBuf,
     pub sa_key: PathBuf,
+    pub sa_pub: PathBuf,
     pub ca_pem: String,
     pub admin_cert_pem: String,
     pub admin_key_pem: String,
@@ -67,6 +68,7 @@ pub(crate) fn generate(dir: &Path, node_ip: Ipv4Addr, service_ip: Ipv4Addr) -> R
         admin_cert: dir.join("admin.crt"),
         admin_key: dir.join("admin.key"),
         sa_key: dir.join("sa.key"),
+        sa_pub: dir.join("sa.pub"),
         ca_pem: ca.pem(),
         admin_cert_pem: admin_cert.pem(),
         admin_key_pem: admin_key.serialize_pem(),
@@ -78,6 +80,8 @@ pub(crate) fn generate(dir: &Path, node_ip: Ipv4Addr, service_ip: Ipv4Addr) -> R
         (&pki.admin_cert, pki.admin_cert_pem.clone()),
         (&pki.admin_key, pki.admin_key_pem.clone()),
         (&pki.sa_key, sa_key.serialize_pem()),
+        // The verifier reads public keys only (PKCS#8 private keys are not among them).
+        (&pki.sa_pub, sa_key.public_key_pem()),
     ] {
         std::fs::write(path, pem).map_err(|e| NodeError::io(path, e))?;
     }
