@@ -24,7 +24,7 @@ use testkit::node::{TOOLS_IMAGE, node_ready};
 use testkit::{Node, NodeOptions};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
-const POD_READY: Duration = Duration::from_secs(120);
+const POD_READY: Duration = Duration::from_secs(60);
 
 static ONE_NODE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -90,6 +90,11 @@ fn pod_ready(pod: &Pod) -> bool {
 
 /// Creates `pod` in `default` and waits until it is Ready; returns it and how long that took.
 async fn run_pod(client: &Client, node: &Node, pod: Value) -> (Pod, Duration) {
+    run_pod_or(client, node, pod, &String::new).await
+}
+
+/// [`run_pod`], with more to tell when it fails.
+async fn run_pod_or(client: &Client, node: &Node, pod: Value, more: &dyn Fn() -> String) -> (Pod, Duration) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pod: Pod = serde_json::from_value(pod).expect("a Pod");
     let name = pod.metadata.name.clone().unwrap();
@@ -102,9 +107,10 @@ async fn run_pod(client: &Client, node: &Node, pod: Value) -> (Pod, Duration) {
         }
         if start.elapsed() > POD_READY {
             panic!(
-                "pod {name} not Ready within {POD_READY:?}: {:#?}\n{}",
+                "pod {name} not Ready within {POD_READY:?}: {:#?}\n{}{}",
                 got.status,
-                tail(&node.log("kubelet"), 40) + &tail(&node.log("containerd"), 40)
+                tail(&node.log("kubelet"), 40) + &tail(&node.log("containerd"), 40),
+                more()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -138,7 +144,9 @@ fn mesh_pod(name: &str, node: &Node, target: &str) -> Value {
                              "capabilities": { "drop": ["ALL"] }, "readOnlyRootFilesystem": true });
     let mut validation = container("kuma-validation", &[]);
     validation["command"] = json!(["/kong-mesh-cni"]);
-    validation["args"] = json!(["validate"]);
+    // As the injector passes the pod's family (Kuma: --ip-family-mode=ipv4): on "auto"
+    // the validator probes IPv6 too, since the pod's loopback has ::1.
+    validation["args"] = json!(["validate", "--family", "ipv4"]);
     validation["securityContext"] = as_sidecar.clone();
     let mut sidecar = container("kuma-sidecar", &["sidecar", "15001", "15006"]);
     sidecar["securityContext"] = as_sidecar;
@@ -158,6 +166,17 @@ fn mesh_pod(name: &str, node: &Node, target: &str) -> Value {
         "kuma.io/init-first": "true",
     });
     pod
+}
+
+/// Every log file the kubelet keeps for containers named `name`, from the node's disk.
+fn container_logs(node: &Node, name: &str) -> String {
+    let mut out = String::new();
+    for pod in std::fs::read_dir(&node.pod_logs_dir).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(pod.path().join(name)).into_iter().flatten().flatten() {
+            out += &std::fs::read_to_string(file.path()).unwrap_or_default();
+        }
+    }
+    out
 }
 
 fn pod_ip(pod: &Pod) -> String {
@@ -391,7 +410,14 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
     eprintln!("plain pod Ready in {took:.1?} (our plugin chained)");
     let target_addr = format!("{}:8080", pod_ip(&target));
 
-    let (mesh, took) = run_pod(&client, &node, mesh_pod("mesh", &node, &target_addr)).await;
+    let (mesh, took) = run_pod_or(&client, &node, mesh_pod("mesh", &node, &target_addr), &|| {
+        format!(
+            "--- installer (and the plugin's lines)\n{}--- validator\n{}",
+            installer.log(),
+            container_logs(&node, "kuma-validation")
+        )
+    })
+    .await;
     eprintln!("mesh pod Ready in {took:.1?} (validator passed as its init container)");
     let statuses = mesh.status.as_ref().and_then(|s| s.init_container_statuses.clone()).unwrap_or_default();
     let validation = statuses.iter().find(|s| s.name == "kuma-validation").expect("the validation init container ran");
