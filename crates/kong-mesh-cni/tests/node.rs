@@ -390,6 +390,7 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
         return;
     }
     let _one = ONE_NODE_AT_A_TIME.lock().await;
+    let before = HostView::now();
     let node = up(NodeOptions { kong_mesh_cni: Some(BINARY.into()) }).await;
     let client = node.client().await.unwrap();
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
@@ -456,7 +457,10 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
         primary,
         "the primary conflist restored byte for byte"
     );
+    let (root, name) = (node.root.clone(), node.name.clone());
     let start = Instant::now();
     node.down().unwrap_or_else(|e| panic!("teardown: {e}"));
     eprintln!("teardown in {:.1?}", start.elapsed());
+    assert_gone(&root, &name, name.trim_start_matches("kmc-node-"));
+    assert_eq!(HostView::now(), before, "the host is as it was");
 }
