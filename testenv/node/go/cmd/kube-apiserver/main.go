@@ -1,6 +1,7 @@
 // kube-apiserver v1.37.2 as a standalone binary: k8s-testenv embeds one too, but it
-// listens on loopback only and turns ServiceAccount admission off, and the node's pods
-// need neither (see ../kubelet for why it is wrapped here).
+// listens on loopback only and turns ServiceAccount admission off, while the node's
+// pods must reach it and get service-account tokens (see ../kubelet for why it is
+// wrapped here).
 package main
 
 import (
