@@ -15,6 +15,8 @@
 set -euo pipefail
 
 CONTAINERD_VERSION=v2.2.1
+# Must match k8s.io/kubernetes in testenv/node/go/go.mod.
+KUBE_VERSION=v1.37.2
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 src=$root/testenv/node/go
@@ -44,9 +46,15 @@ if [[ ! -e $out/.complete ]]; then
 		trap 'rm -rf "$tmp"' EXIT
 		export GOFLAGS="-trimpath -mod=readonly -buildvcs=false"
 		(cd "$src" && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$tmp/bin/" ./cmd/standin) >&2
+		# Built from the module, not the repository, the binaries would report
+		# v0.0.0-master: stamp the release as its own build does.
+		v=k8s.io/component-base/version
+		kube_ldflags="-s -w -X $v.gitVersion=$KUBE_VERSION -X $v.gitMajor=${KUBE_VERSION:1:1} -X $v.gitMinor=$(cut -d. -f2 <<<"$KUBE_VERSION")"
+		kube_ldflags+=" -X $v.gitTreeState=clean"
 		# One binary at a time: each link of a Kubernetes binary wants ~1-2 GiB.
-		for cmd in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet; do
-			(cd "$src" && go build -ldflags='-s -w' -o "$tmp/bin/" "./cmd/$cmd") >&2
+		(cd "$src" && go build -ldflags='-s -w' -o "$tmp/bin/" ./cmd/etcd) >&2
+		for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet; do
+			(cd "$src" && go build -ldflags="$kube_ldflags" -o "$tmp/bin/" "./cmd/$cmd") >&2
 		done
 		# containerd's own go.mod decides its deps; no_btrfs: no cgo headers needed.
 		pkgs=()
