@@ -4,8 +4,10 @@
 
 use std::path::Path;
 
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use super::NodeError;
 
@@ -18,8 +20,18 @@ pub struct ImageSpec<'a> {
     pub entrypoint: Vec<&'a str>,
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+/// coreutils' sha256sum: this crate is built without optimisation in tests, and a
+/// layer holding a debug build of our binary is hundreds of MB.
+fn sha256_hex(data: &[u8]) -> Result<String, NodeError> {
+    let failed = |e: std::io::Error| NodeError::Command(format!("sha256sum: {e}"));
+    let mut child = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().map_err(failed)?;
+    child.stdin.take().expect("piped").write_all(data).map_err(failed)?;
+    let out = child.wait_with_output().map_err(failed)?;
+    let hex = String::from_utf8_lossy(&out.stdout).split(' ').next().unwrap_or_default().to_string();
+    if !out.status.success() || hex.len() != 64 {
+        return Err(NodeError::Command(format!("sha256sum failed: {}", out.status)));
+    }
+    Ok(hex)
 }
 
 fn layer(files: &[(&str, &Path)]) -> Result<Vec<u8>, NodeError> {
@@ -52,17 +64,17 @@ fn layer(files: &[(&str, &Path)]) -> Result<Vec<u8>, NodeError> {
 pub fn write_archive(path: &Path, images: &[ImageSpec]) -> Result<(), NodeError> {
     let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
     let mut manifests = Vec::new();
-    let mut add_blob = |data: Vec<u8>| -> (String, usize) {
-        let digest = sha256_hex(&data);
+    let mut add_blob = |data: Vec<u8>| -> Result<(String, usize), NodeError> {
+        let digest = sha256_hex(&data)?;
         let size = data.len();
         if !blobs.iter().any(|(d, _)| *d == digest) {
             blobs.push((digest.clone(), data));
         }
-        (digest, size)
+        Ok((digest, size))
     };
     for image in images {
         let layer = layer(&image.files)?;
-        let (layer_digest, layer_size) = add_blob(layer);
+        let (layer_digest, layer_size) = add_blob(layer)?;
         let config = json!({
             "architecture": "amd64",
             "os": "linux",
@@ -70,7 +82,7 @@ pub fn write_archive(path: &Path, images: &[ImageSpec]) -> Result<(), NodeError>
             // Uncompressed layer: the diff ID is the layer's own digest.
             "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_digest}")] },
         });
-        let (config_digest, config_size) = add_blob(serde_json::to_vec(&config).expect("JSON"));
+        let (config_digest, config_size) = add_blob(serde_json::to_vec(&config).expect("JSON"))?;
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -83,7 +95,7 @@ pub fn write_archive(path: &Path, images: &[ImageSpec]) -> Result<(), NodeError>
                 "digest": format!("sha256:{layer_digest}"), "size": layer_size,
             }],
         });
-        let (manifest_digest, manifest_size) = add_blob(serde_json::to_vec(&manifest).expect("JSON"));
+        let (manifest_digest, manifest_size) = add_blob(serde_json::to_vec(&manifest).expect("JSON"))?;
         manifests.push(json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": format!("sha256:{manifest_digest}"), "size": manifest_size,
