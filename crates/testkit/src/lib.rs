@@ -16,12 +16,17 @@ mod apiserver;
 mod builders;
 mod cni;
 pub mod net;
+pub mod node;
+mod node_image;
+mod node_pki;
+mod node_state;
 mod objects;
 
 pub use apiserver::{ApiServer, ProjectedServiceAccount};
 pub use builders::{PodBuilder, pod, policy_rule};
 pub use cni::{Attachment, CniError, CniRuntime, Plugins};
 pub use net::{NamedNetns, require_root};
+pub use node::{Node, NodeError, NodeOptions};
 pub use objects::{TestNamespace, TestNode};
 
 use std::hash::{BuildHasher, Hasher};
@@ -40,33 +45,28 @@ pub fn repo_root() -> PathBuf {
 /// builds on first use: minutes; then instant). Panics if neither works.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("KMC_TESTENV_BIN") {
-            let dir = PathBuf::from(dir);
-            assert!(
-                dir.join("k8s-testenv").is_file(),
-                "KMC_TESTENV_BIN={} has no k8s-testenv: run scripts/testenv-build.sh",
-                dir.display()
-            );
-            return dir;
-        }
-        let script = repo_root().join("scripts/testenv-build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let last = stdout.lines().last().unwrap_or_default().trim();
-        assert!(
-            out.status.success() && !last.is_empty(),
-            "{} failed ({}); stdout: {stdout}",
-            script.display(),
-            out.status
-        );
-        PathBuf::from(last)
-    })
+    DIR.get_or_init(|| cached_build("KMC_TESTENV_BIN", "scripts/testenv-build.sh", "k8s-testenv"))
+}
+
+/// The bin dir of a cache-by-hash build script: `env` if set (it must hold `probe`),
+/// else the last line of the script's stdout. Panics if neither works.
+pub(crate) fn cached_build(env: &str, script: &str, probe: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(env) {
+        let dir = PathBuf::from(dir);
+        assert!(dir.join(probe).is_file(), "{env}={} has no {probe}: run {script}", dir.display());
+        return dir;
+    }
+    let script = repo_root().join(script);
+    let out = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default().trim();
+    assert!(out.status.success() && !last.is_empty(), "{} failed ({}); stdout: {stdout}", script.display(), out.status);
+    PathBuf::from(last)
 }
 
 /// True when the developer asked to skip tests that need the Go-built test environment

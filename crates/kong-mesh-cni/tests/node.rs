@@ -1,0 +1,466 @@
+//! The CNI under a real kubelet and containerd: a single Kubernetes v1.37 node on this
+//! machine (testkit::node), pods scheduled onto it through its primary CNI (bridge +
+//! host-local + portmap), then our plugin chained into that conflist by our installer
+//! (`kong-mesh-cni install`, run on the host against the node's dirs, as the DaemonSet
+//! pod would with its hostPath mounts), a mesh pod shaped as Kong Mesh's injector makes
+//! it, and its traffic checked with SO_ORIGINAL_DST.
+//!
+//! One node at a time (each costs ~1 GiB and most of two cores while it starts).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Node as KubeNode, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::Client;
+use kube::api::{Api, LogParams, PostParams};
+use serde_json::{Value, json};
+use testkit::node::{TOOLS_IMAGE, node_ready};
+use testkit::{Node, NodeOptions};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
+const POD_READY: Duration = Duration::from_secs(60);
+
+static ONE_NODE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn skip() -> bool {
+    !testkit::require_root() || testkit::skip_heavy("node tests")
+}
+
+async fn up(options: NodeOptions) -> Node {
+    let node = Node::up(options).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
+    eprintln!("node {} Ready {:.1?} after start", node.name, node.up_time);
+    node
+}
+
+/// What a node may change on the host, read the same way before and after it.
+#[derive(Debug, PartialEq)]
+struct HostView {
+    sysctls: BTreeMap<String, String>,
+    kube_chains: Vec<String>,
+    paths: Vec<(String, bool)>,
+}
+
+impl HostView {
+    fn now() -> HostView {
+        let sysctls = testkit::node::SYSCTLS
+            .iter()
+            .map(|k| (k.to_string(), std::fs::read_to_string(Path::new("/proc/sys").join(k)).unwrap_or_default()))
+            .collect();
+        let kube_chains = testkit::node::iptables_chains()
+            .into_iter()
+            .flat_map(|(key, chains)| chains.into_iter().map(move |c| format!("{key} {c}")))
+            .filter(|c| c.contains(" KUBE-") || c.contains(" KMC-NODE-"))
+            .collect();
+        let paths = testkit::node::HOST_PATHS.iter().map(|p| (p.to_string(), Path::new(p).exists())).collect();
+        HostView { sysctls, kube_chains, paths }
+    }
+}
+
+/// Nothing of the node `root`/`name` is left anywhere on the host.
+fn assert_gone(root: &Path, name: &str, id: &str) {
+    assert!(!root.exists(), "{} left behind", root.display());
+    assert!(testkit::node::mounts_under(root).is_empty(), "mounts left under {}", root.display());
+    for mount in testkit::node::cgroup_mounts() {
+        assert!(!mount.join(name).exists(), "cgroup {} left behind", mount.join(name).display());
+    }
+    for link in [format!("kmcn{id}"), format!("kmcp{id}")] {
+        assert!(!Path::new("/sys/class/net").join(&link).exists(), "link {link} left behind");
+    }
+    let needle = root.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(!cmdline.contains(&needle), "process left behind: {cmdline}");
+        }
+    }
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Creates `pod` in `default` and waits until it is Ready; returns it and how long that took.
+async fn run_pod(client: &Client, node: &Node, pod: Value) -> (Pod, Duration) {
+    run_pod_or(client, node, pod, &String::new).await
+}
+
+/// [`run_pod`], with more to tell when it fails.
+async fn run_pod_or(client: &Client, node: &Node, pod: Value, more: &dyn Fn() -> String) -> (Pod, Duration) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(pod).expect("a Pod");
+    let name = pod.metadata.name.clone().unwrap();
+    let start = Instant::now();
+    pods.create(&PostParams::default(), &pod).await.unwrap_or_else(|e| panic!("creating pod {name}: {e}"));
+    loop {
+        let got = pods.get(&name).await.unwrap();
+        if pod_ready(&got) {
+            return (got, start.elapsed());
+        }
+        if start.elapsed() > POD_READY {
+            panic!(
+                "pod {name} not Ready within {POD_READY:?}: {:#?}\n{}{}",
+                got.status,
+                tail(&node.log("kubelet"), 40) + &tail(&node.log("containerd"), 40),
+                more()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n") + "\n"
+}
+
+fn container(name: &str, args: &[&str]) -> Value {
+    json!({ "name": name, "image": TOOLS_IMAGE, "imagePullPolicy": "Never", "command": ["/standin"], "args": args })
+}
+
+fn plain_pod(name: &str, node: &Node, containers: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "labels": { "app": name } },
+        "spec": { "nodeSelector": { "kubernetes.io/hostname": node.name }, "containers": containers,
+                  "terminationGracePeriodSeconds": 1 },
+    })
+}
+
+/// A pod as Kong Mesh's injector shapes it (annotations as in
+/// testenv/kuma-reference/injected/pod-34.yaml, inbound on 15006): the `kuma-validation`
+/// init container runs our validator as the sidecar's UID, `kuma-sidecar` is a stand-in
+/// that answers on 15001/15006 as UID 5678, and the app dials `target`.
+fn mesh_pod(name: &str, node: &Node, target: &str) -> Value {
+    let as_sidecar = json!({ "runAsUser": 5678, "runAsGroup": 5678, "allowPrivilegeEscalation": false,
+                             "capabilities": { "drop": ["ALL"] }, "readOnlyRootFilesystem": true });
+    let mut validation = container("kuma-validation", &[]);
+    validation["command"] = json!(["/kong-mesh-cni"]);
+    // As the injector passes the pod's family (Kuma: --ip-family-mode=ipv4): on "auto"
+    // the validator probes IPv6 too, since the pod's loopback has ::1.
+    validation["args"] = json!(["validate", "--family", "ipv4"]);
+    validation["securityContext"] = as_sidecar.clone();
+    let mut sidecar = container("kuma-sidecar", &["sidecar", "15001", "15006"]);
+    sidecar["securityContext"] = as_sidecar;
+    let mut pod = plain_pod(name, node, vec![sidecar, container("app", &["dial", target])]);
+    pod["spec"]["initContainers"] = json!([validation]);
+    pod["metadata"]["labels"]["kuma.io/mesh"] = json!("default");
+    pod["metadata"]["annotations"] = json!({
+        "kuma.io/sidecar-injected": "true",
+        "kuma.io/sidecar-uid": "5678",
+        "kuma.io/transparent-proxying": "enabled",
+        "kuma.io/transparent-proxying-inbound-port": "15006",
+        "kuma.io/transparent-proxying-outbound-port": "15001",
+        "kuma.io/transparent-proxying-ip-family-mode": "ipv4",
+        "kuma.io/envoy-admin-port": "9901",
+        "kuma.io/application-probe-proxy-port": "0",
+        "kuma.io/virtual-probes": "disabled",
+        "kuma.io/init-first": "true",
+    });
+    pod
+}
+
+/// Every log file the kubelet keeps for containers named `name`, from the node's disk.
+fn container_logs(node: &Node, name: &str) -> String {
+    let mut out = String::new();
+    for pod in std::fs::read_dir(&node.pod_logs_dir).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(pod.path().join(name)).into_iter().flatten().flatten() {
+            out += &std::fs::read_to_string(file.path()).unwrap_or_default();
+        }
+    }
+    out
+}
+
+fn pod_ip(pod: &Pod) -> String {
+    pod.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("a pod IP")
+}
+
+/// Waits until the log of `pod`'s `container` (through the API server and the kubelet,
+/// as `kubectl logs`) has a line containing `needle`; returns that line.
+async fn log_line(client: &Client, pod: &str, container: &str, needle: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let params = LogParams { container: Some(container.into()), ..Default::default() };
+    let start = Instant::now();
+    loop {
+        let log = pods.logs(pod, &params).await.unwrap_or_else(|e| format!("(logs: {e})"));
+        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+            return line.to_string();
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            panic!("{pod}/{container}: no line with {needle:?} within 30s; log:\n{}", tail(&log, 20));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Resident memory of every process under the node's root or started by it, in MiB.
+fn node_memory_mib(node: &Node) -> u64 {
+    let needle = node.root.to_string_lossy().into_owned();
+    let mut kib = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) || cgroup.contains(&node.name) {
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            if let Some(rss) = status.lines().find_map(|l| l.strip_prefix("VmRSS:")) {
+                kib += rss.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    kib / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_registers_ready_runs_a_plain_pod_and_a_teardown_from_its_state_file_restores_the_host() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_NODE_AT_A_TIME.lock().await;
+    let before = HostView::now();
+    let node = up(NodeOptions::default()).await;
+    let client = node.client().await.unwrap();
+
+    let n = Api::<KubeNode>::all(client.clone()).get(&node.name).await.unwrap();
+    assert!(node_ready(&n));
+    let addresses = n.status.as_ref().and_then(|s| s.addresses.clone()).unwrap_or_default();
+    assert!(
+        addresses.iter().any(|a| a.type_ == "InternalIP" && a.address == node.node_ip.to_string()),
+        "{addresses:?}"
+    );
+
+    let (server, took) =
+        run_pod(&client, &node, plain_pod("server", &node, vec![container("serve", &["serve", "8080"])])).await;
+    eprintln!("plain pod Ready in {took:.1?}");
+    let ip = pod_ip(&server);
+    let prefix = node.pod_subnet.trim_end_matches("0/24");
+    assert!(ip.starts_with(prefix), "{ip} is not from the primary CNI's subnet {}", node.pod_subnet);
+    let (_, took) =
+        run_pod(&client, &node, plain_pod("client", &node, vec![container("app", &["dial", &format!("{ip}:8080")])]))
+            .await;
+    eprintln!("second plain pod Ready in {took:.1?}");
+    let line = log_line(&client, "client", "app", "->").await;
+    assert_eq!(
+        line,
+        format!("dial {ip}:8080 -> serve port=8080"),
+        "pod to pod through the primary CNI, not redirected"
+    );
+    eprintln!("node memory with 2 pods: {} MiB", node_memory_mib(&node));
+
+    // A crash of the process that brought it up: only the state file is left to go by.
+    let (name, id) = (node.name.clone(), node.name.trim_start_matches("kmc-node-").to_string());
+    let root = node.abandon();
+    let start = Instant::now();
+    testkit::node::teardown(&root).unwrap_or_else(|e| panic!("teardown from {}: {e}", root.display()));
+    eprintln!("teardown from the state file in {:.1?}", start.elapsed());
+    assert_gone(&root, &name, &id);
+    assert_eq!(HostView::now(), before, "the host is as it was");
+}
+
+/// `kong-mesh-cni install` on the host, with the environment the DaemonSet gives it and
+/// hostPath mounts that are the node's own dirs.
+struct Installer {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    ready: PathBuf,
+}
+
+impl Installer {
+    async fn start(node: &Node, client: &Client) -> Installer {
+        let sa_dir = node.root.join("installer-sa");
+        std::fs::create_dir_all(&sa_dir).unwrap();
+        let (token, ca) = service_account_token(client, node, "kube-system", "kong-mesh-cni").await;
+        std::fs::write(sa_dir.join("token"), token).unwrap();
+        std::fs::write(sa_dir.join("ca.crt"), ca).unwrap();
+        let ready = node.root.join("installer-ready");
+        let p = |p: &Path| p.to_string_lossy().into_owned();
+        let mut cmd = Command::new(BINARY);
+        cmd.arg("install").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("NO_COLOR", "1");
+        cmd.envs([
+            ("KUBERNETES_SERVICE_HOST", node.node_ip.to_string()),
+            ("KUBERNETES_SERVICE_PORT", node.api_port.to_string()),
+            ("CNI_NET_DIR", p(&node.cni_net_dir)),
+            ("MOUNTED_CNI_NET_DIR", p(&node.cni_net_dir)),
+            ("MOUNTED_CNI_BIN_DIR", p(&node.cni_bin_dir)),
+            ("KMC_SECONDARY_BIN_DIR", p(&node.root.join("secondary-bin"))),
+            ("KUBE_CA_FILE", p(&sa_dir.join("ca.crt"))),
+            ("KUBE_SERVICE_ACCOUNT_TOKEN_PATH", p(&sa_dir.join("token"))),
+            ("CNI_READY_FILE", p(&ready)),
+            ("KMC_HEALTH_PORT", "0".into()),
+            ("KMC_LOG_SOCKET", p(&node.root.join("run/kong-mesh-cni/log.sock"))),
+        ]);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("starting the installer");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let installer = Installer { child, log, ready };
+        let start = Instant::now();
+        while !installer.ready.exists() {
+            assert!(start.elapsed() < Duration::from_secs(30), "installer not ready in 30s:\n{}", installer.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        installer
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "installer did not exit within 20s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Installer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// ServiceAccount `namespace/name` with the chart's ClusterRole (get pods), and a bound
+/// token for it (TokenRequest) with the cluster CA: what the kubelet projects.
+async fn service_account_token(client: &Client, node: &Node, namespace: &str, name: &str) -> (String, String) {
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "rules": [{ "apiGroups": [""], "resources": ["pods"], "verbs": ["get"] }],
+    }))
+    .unwrap();
+    Api::<ClusterRole>::all(client.clone()).create(&PostParams::default(), &role).await.unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name },
+        "subjects": [{ "kind": "ServiceAccount", "name": name, "namespace": namespace }],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone()).create(&PostParams::default(), &binding).await.unwrap();
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let sa: ServiceAccount = serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap();
+    sas.create(&PostParams::default(), &sa).await.unwrap();
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+        .expect("a token");
+    let ca = std::fs::read_to_string(node.root.join("pki/ca.crt")).unwrap();
+    (token, ca)
+}
+
+fn chained(conflist: &Path) -> bool {
+    let list: Value = serde_json::from_str(&std::fs::read_to_string(conflist).unwrap_or_default()).unwrap_or_default();
+    list["plugins"].as_array().is_some_and(|p| p.iter().any(|p| p["type"] == "kong-mesh-cni"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_ready() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_NODE_AT_A_TIME.lock().await;
+    let before = HostView::now();
+    let node = up(NodeOptions { kong_mesh_cni: Some(BINARY.into()) }).await;
+    let client = node.client().await.unwrap();
+    let primary = std::fs::read_to_string(&node.conflist).unwrap();
+
+    let start = Instant::now();
+    let mut installer = Installer::start(&node, &client).await;
+    eprintln!("installer ready in {:.1?}", start.elapsed());
+    let kubelet_log_at_chaining = node.log("kubelet").len();
+    assert!(
+        chained(&node.conflist),
+        "our entry in the node's conflist:\n{}",
+        std::fs::read_to_string(&node.conflist).unwrap()
+    );
+    assert!(node.cni_bin_dir.join("kong-mesh-cni").is_file(), "the plugin binary in the node's CNI bin dir");
+
+    let (target, took) =
+        run_pod(&client, &node, plain_pod("target", &node, vec![container("serve", &["serve", "8080"])])).await;
+    eprintln!("plain pod Ready in {took:.1?} (our plugin chained)");
+    let target_addr = format!("{}:8080", pod_ip(&target));
+
+    let (mesh, took) = run_pod_or(&client, &node, mesh_pod("mesh", &node, &target_addr), &|| {
+        format!(
+            "--- installer (and the plugin's lines)\n{}--- validator\n{}",
+            installer.log(),
+            container_logs(&node, "kuma-validation")
+        )
+    })
+    .await;
+    eprintln!("mesh pod Ready in {took:.1?} (validator passed as its init container)");
+    let statuses = mesh.status.as_ref().and_then(|s| s.init_container_statuses.clone()).unwrap_or_default();
+    let validation = statuses.iter().find(|s| s.name == "kuma-validation").expect("the validation init container ran");
+    let exit = validation.state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code);
+    assert_eq!(exit, Some(0), "the validator passed: {validation:?}");
+
+    // The app's connection to another pod lands on the sidecar, with its original destination.
+    let line = log_line(&client, "mesh", "app", "->").await;
+    assert_eq!(line, format!("dial {target_addr} -> sidecar port=15001 uid=5678 orig={target_addr}"));
+    // A non-mesh pod is untouched.
+    let (_, _) =
+        run_pod(&client, &node, plain_pod("plain", &node, vec![container("app", &["dial", &target_addr])])).await;
+    let line = log_line(&client, "plain", "app", "->").await;
+    assert_eq!(line, format!("dial {target_addr} -> serve port=8080"));
+
+    // containerd calls the chain's STATUS every ~5 s; ours must keep the network ready.
+    let start = Instant::now();
+    let nodes = Api::<KubeNode>::all(client.clone());
+    while start.elapsed() < Duration::from_secs(15) {
+        let n = nodes.get(&node.name).await.unwrap();
+        assert!(node_ready(&n), "node NotReady with our plugin chained: {:#?}", n.status.and_then(|s| s.conditions));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let since_chained = &node.log("kubelet")[kubelet_log_at_chaining..];
+    assert!(
+        !since_chained.contains("network not ready"),
+        "the runtime's network went not ready:\n{}",
+        tail(since_chained, 30)
+    );
+    eprintln!("node memory with 3 pods: {} MiB", node_memory_mib(&node));
+
+    let status = installer.terminate();
+    assert!(status.success(), "{status}; log:\n{}", installer.log());
+    assert_eq!(
+        std::fs::read_to_string(&node.conflist).unwrap(),
+        primary,
+        "the primary conflist restored byte for byte"
+    );
+    let (root, name) = (node.root.clone(), node.name.clone());
+    let start = Instant::now();
+    node.down().unwrap_or_else(|e| panic!("teardown: {e}"));
+    eprintln!("teardown in {:.1?}", start.elapsed());
+    assert_gone(&root, &name, name.trim_start_matches("kmc-node-"));
+    assert_eq!(HostView::now(), before, "the host is as it was");
+}

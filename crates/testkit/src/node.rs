@@ -1,0 +1,638 @@
+//! A real single Kubernetes v1.37 node on this machine: etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, containerd v2 (Debian's runc) and the
+//! kubelet, with bridge + host-local + portmap as the primary CNI.
+//!
+//! Everything lives under a private root (`/tmp/kmc-node-<id>`: its own CNI conf and
+//! bin dirs, kubelet root, containerd root/state, pod logs, cgroupRoot `/kmc-node-<id>`).
+//! The node IP sits on a bridge of our own with no ports; pods are on a second bridge
+//! (made by the bridge plugin) and nothing from it may leave the machine. There is no
+//! kube-proxy: one DNAT sends the `kubernetes` Service (10.96.0.1:443) to the API
+//! server. Images are OCI archives written here and imported with `ctr`; pods must use
+//! `imagePullPolicy: Never`.
+//!
+//! Every change to the host is recorded in `<root>/state.json` before it is made, and
+//! [`teardown`] undoes them from that file alone (also after a killed run:
+//! `kmc-node down ROOT`).
+
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node as KubeNode, ServiceAccount};
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::json;
+
+use crate::node_image::{ImageSpec, write_archive};
+use crate::node_state::{Process, State, start_time};
+use crate::{bin_dir, cached_build, unique_suffix};
+
+use crate::node_state::teardown as teardown_state;
+pub use crate::node_state::{HOST_PATHS, SYSCTLS, cgroup_mounts, iptables_chains, mounts_under};
+
+/// The `kubernetes` Service's IP (first of --service-cluster-ip-range).
+pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// The image every pod sandbox runs (`standin pause`).
+pub const PAUSE_IMAGE: &str = "kmc.test/pause:1";
+/// The image of the tests' containers: `/standin` and `/kong-mesh-cni` (when given).
+pub const TOOLS_IMAGE: &str = "kmc.test/tools:1";
+/// How long the node may take to register Ready after its processes start.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node setup: {0}")]
+    Setup(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Command(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("teardown left something behind:\n{0}")]
+    Teardown(String),
+}
+
+impl NodeError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> NodeError {
+        NodeError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// The bin dir of `scripts/node-build.sh` (kubelet, containerd, standin...): from
+/// `KMC_NODE_BIN`, else built (many minutes the first time; then instant).
+pub fn node_bin_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| cached_build("KMC_NODE_BIN", "scripts/node-build.sh", "kubelet"))
+}
+
+/// What the node is started with.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// A static `kong-mesh-cni` binary to put into the tools image (for the validator
+    /// init container).
+    pub kong_mesh_cni: Option<PathBuf>,
+}
+
+/// A running node; torn down on drop (see [`Node::abandon`] for a crash).
+pub struct Node {
+    pub root: PathBuf,
+    pub name: String,
+    pub node_ip: Ipv4Addr,
+    /// The pods' subnet (host-local), a /24.
+    pub pod_subnet: String,
+    pub api_port: u16,
+    pub kubeconfig: PathBuf,
+    /// The node's CNI conf dir (containerd's `conf_dir`), holding the primary conflist.
+    pub cni_net_dir: PathBuf,
+    /// The node's CNI bin dir (containerd's `bin_dirs`).
+    pub cni_bin_dir: PathBuf,
+    /// The primary conflist's file (in `cni_net_dir`).
+    pub conflist: PathBuf,
+    /// Where the kubelet keeps pods' logs (`podLogsDir`).
+    pub pod_logs_dir: PathBuf,
+    /// Time from start to the node registered Ready.
+    pub up_time: Duration,
+    state: State,
+    armed: bool,
+}
+
+fn free_port(ip: Ipv4Addr) -> Result<u16, NodeError> {
+    let l =
+        TcpListener::bind(SocketAddrV4::new(ip, 0)).map_err(|e| NodeError::Setup(format!("free port on {ip}: {e}")))?;
+    Ok(l.local_addr().expect("bound").port())
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String, NodeError> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| NodeError::Command(format!("{program}: {e}")))?;
+    if !out.status.success() {
+        return Err(NodeError::Command(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn write(path: &Path, data: impl AsRef<[u8]>) -> Result<(), NodeError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| NodeError::io(dir, e))?;
+    }
+    std::fs::write(path, data).map_err(|e| NodeError::io(path, e))
+}
+
+fn copy_exe(from: &Path, to: &Path) -> Result<(), NodeError> {
+    std::fs::copy(from, to).map_err(|e| NodeError::io(from, e))?;
+    Ok(())
+}
+
+impl Node {
+    /// Brings a node up and waits until it is Ready. On failure everything done so far
+    /// is undone before the error is returned.
+    pub async fn up(options: NodeOptions) -> Result<Node, NodeError> {
+        let started = Instant::now();
+        let id = unique_suffix();
+        let root = std::env::temp_dir().join(format!("kmc-node-{id}"));
+        std::fs::create_dir(&root).map_err(|e| NodeError::io(&root, e))?;
+        // Third octet from the id: parallel nodes (and other tests) get distinct subnets.
+        let octet = u8::from_str_radix(&id[..2], 16).expect("hex") % 250 + 2;
+        let name = format!("kmc-node-{id}");
+        let mut node = Node {
+            cni_net_dir: root.join("etc/cni/net.d"),
+            cni_bin_dir: root.join("opt/cni/bin"),
+            conflist: root.join("etc/cni/net.d/10-kmc-bridge.conflist"),
+            pod_logs_dir: root.join("var/log/pods"),
+            kubeconfig: root.join("admin.kubeconfig"),
+            node_ip: Ipv4Addr::new(10, 89, octet, 1),
+            pod_subnet: format!("10.88.{octet}.0/24"),
+            api_port: 0,
+            up_time: Duration::ZERO,
+            state: State {
+                root: root.clone(),
+                id: id.clone(),
+                links: vec![format!("kmcn{id}"), format!("kmcp{id}")],
+                chain: format!("KMC-NODE-{id}"),
+                cgroup: name.clone(),
+                network: name.clone(),
+                ..State::default()
+            },
+            name,
+            root,
+            armed: true,
+        };
+        node.state.snapshot_host();
+        node.state.save()?;
+        match node.bring_up(&options).await {
+            Ok(()) => {
+                node.up_time = started.elapsed();
+                Ok(node)
+            }
+            Err(e) => {
+                let logs = node.logs_tail();
+                node.armed = false;
+                if let Err(t) = teardown_state(&node.state) {
+                    eprintln!("node: {t}");
+                }
+                Err(NodeError::Setup(format!("{e}\n{logs}")))
+            }
+        }
+    }
+
+    /// The last lines of every component's log, for a failure message.
+    pub fn logs_tail(&self) -> String {
+        let mut out = String::new();
+        for p in &self.state.processes {
+            let log = std::fs::read_to_string(self.root.join(format!("logs/{}.log", p.name))).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            out.push_str(&format!("--- {} (last 15 lines)\n", p.name));
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// A component's whole log (`kubelet`, `containerd`, `kube-apiserver`...).
+    pub fn log(&self, component: &str) -> String {
+        std::fs::read_to_string(self.root.join(format!("logs/{component}.log"))).unwrap_or_default()
+    }
+
+    fn spawn(&mut self, name: &str, program: &Path, args: &[String]) -> Result<(), NodeError> {
+        self.spawn_env(name, program, args, &[])
+    }
+
+    fn spawn_env(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<(), NodeError> {
+        let log_path = self.root.join(format!("logs/{name}.log"));
+        write(&log_path, "")?;
+        let log = std::fs::File::options().append(true).open(&log_path).map_err(|e| NodeError::io(&log_path, e))?;
+        let child = Command::new(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| NodeError::io(&log_path, e))?)
+            .stderr(log)
+            // Its own process group: a ^C meant for the test must not kill the node
+            // half-way; the teardown stops it in order.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| NodeError::Command(format!("starting {}: {e}", program.display())))?;
+        let pid = child.id() as i32;
+        // The child is reaped by nobody while we run; the teardown kills it by PID.
+        std::mem::forget(child);
+        let start_time = start_time(pid).unwrap_or_default();
+        self.state.processes.push(Process { name: name.to_string(), pid, start_time });
+        self.state.save()
+    }
+
+    async fn bring_up(&mut self, options: &NodeOptions) -> Result<(), NodeError> {
+        let bins = node_bin_dir().to_path_buf();
+        let plugins = bin_dir().join("plugins");
+        let (node_bridge, pod_bridge, chain) =
+            (self.state.links[0].clone(), self.state.links[1].clone(), self.state.chain.clone());
+        let ip = self.node_ip.to_string();
+
+        // Network: the node IP on a portless bridge; our chain in nat and filter.
+        run("ip", &["link", "add", &node_bridge, "type", "bridge"])?;
+        run("ip", &["addr", "add", &format!("{ip}/24"), "dev", &node_bridge])?;
+        run("ip", &["link", "set", &node_bridge, "up"])?;
+        for table in ["nat", "filter"] {
+            run("iptables", &["-t", table, "-N", &chain])?;
+        }
+        // Nothing from the pod bridge leaves the machine, nothing from elsewhere enters it.
+        run("iptables", &["-A", &chain, "-i", &pod_bridge, "!", "-o", &pod_bridge, "-j", "DROP"])?;
+        run("iptables", &["-A", &chain, "-o", &pod_bridge, "!", "-i", &pod_bridge, "-j", "DROP"])?;
+        run("iptables", &["-I", "FORWARD", "1", "-j", &chain])?;
+
+        // PKI and kubeconfig.
+        let pki = crate::node_pki::generate(&self.root.join("pki"), self.node_ip, SERVICE_IP)?;
+        self.api_port = free_port(self.node_ip)?;
+        let server = format!("https://{ip}:{}", self.api_port);
+        write(&self.kubeconfig, kubeconfig(&server, &pki))?;
+        let kc = self.kubeconfig.to_string_lossy().into_owned();
+
+        // The kubernetes Service without kube-proxy: pods (PREROUTING) and host-network
+        // pods (OUTPUT).
+        run(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                &chain,
+                "-d",
+                &format!("{SERVICE_IP}/32"),
+                "-p",
+                "tcp",
+                "--dport",
+                "443",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{ip}:{}", self.api_port),
+            ],
+        )?;
+        for hook in ["PREROUTING", "OUTPUT"] {
+            run("iptables", &["-t", "nat", "-I", hook, "1", "-j", &chain])?;
+        }
+
+        // etcd and the control plane.
+        let (client_port, peer_port) = (free_port(Ipv4Addr::LOCALHOST)?, free_port(Ipv4Addr::LOCALHOST)?);
+        let etcd_client = format!("http://127.0.0.1:{client_port}");
+        let etcd_peer = format!("http://127.0.0.1:{peer_port}");
+        let p = |path: &Path| path.to_string_lossy().into_owned();
+        self.spawn(
+            "etcd",
+            &bins.join("etcd"),
+            &[
+                format!("--data-dir={}", p(&self.root.join("etcd"))),
+                format!("--listen-client-urls={etcd_client}"),
+                format!("--advertise-client-urls={etcd_client}"),
+                format!("--listen-peer-urls={etcd_peer}"),
+                format!("--initial-advertise-peer-urls={etcd_peer}"),
+                format!("--initial-cluster=default={etcd_peer}"),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=error".into(),
+            ],
+        )?;
+        self.spawn(
+            "kube-apiserver",
+            &bins.join("kube-apiserver"),
+            &[
+                format!("--etcd-servers={etcd_client}"),
+                format!("--bind-address={ip}"),
+                format!("--advertise-address={ip}"),
+                format!("--secure-port={}", self.api_port),
+                format!("--cert-dir={}", p(&self.root.join("pki"))),
+                format!("--tls-cert-file={}", p(&pki.server_cert)),
+                format!("--tls-private-key-file={}", p(&pki.server_key)),
+                format!("--client-ca-file={}", p(&pki.ca_cert)),
+                "--authorization-mode=Node,RBAC".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", p(&pki.sa_pub)),
+                format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--allow-privileged=true".into(),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                format!("--kubelet-client-certificate={}", p(&pki.admin_cert)),
+                format!("--kubelet-client-key={}", p(&pki.admin_key)),
+                "--profiling=false".into(),
+                "--v=0".into(),
+            ],
+        )?;
+        self.spawn(
+            "kube-controller-manager",
+            &bins.join("kube-controller-manager"),
+            &[
+                format!("--kubeconfig={kc}"),
+                "--secure-port=0".into(),
+                "--leader-elect=false".into(),
+                "--use-service-account-credentials=false".into(),
+                format!("--service-account-private-key-file={}", p(&pki.sa_key)),
+                format!("--root-ca-file={}", p(&pki.ca_cert)),
+                "--v=0".into(),
+            ],
+        )?;
+        self.spawn(
+            "kube-scheduler",
+            &bins.join("kube-scheduler"),
+            &[format!("--kubeconfig={kc}"), "--secure-port=0".into(), "--leader-elect=false".into(), "--v=0".into()],
+        )?;
+
+        // The primary CNI.
+        std::fs::create_dir_all(&self.cni_bin_dir).map_err(|e| NodeError::io(&self.cni_bin_dir, e))?;
+        for plugin in ["bridge", "host-local", "portmap", "loopback"] {
+            copy_exe(&plugins.join(plugin), &self.cni_bin_dir.join(plugin))?;
+        }
+        let conflist = json!({
+            "cniVersion": "1.1.0",
+            "name": self.state.network,
+            "plugins": [
+                {
+                    "type": "bridge", "bridge": pod_bridge, "isGateway": true, "ipMasq": false, "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{ "subnet": self.pod_subnet }]],
+                        "routes": [{ "dst": "0.0.0.0/0" }],
+                        "dataDir": p(&self.root.join("var/lib/cni/networks")),
+                    },
+                },
+                { "type": "portmap", "capabilities": { "portMappings": true } },
+            ],
+        });
+        write(&self.conflist, serde_json::to_string_pretty(&conflist).expect("JSON") + "\n")?;
+
+        // containerd.
+        let ctrd = self.root.join("containerd");
+        let sock = ctrd.join("containerd.sock");
+        let config = containerd_config(&ctrd, &self.cni_bin_dir, &self.cni_net_dir);
+        write(&ctrd.join("config.toml"), config)?;
+        let containerd_args = vec![format!("--config={}", p(&ctrd.join("config.toml")))];
+        // The shim is found on PATH, next to containerd.
+        let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap_or_default());
+        self.spawn_env("containerd", &bins.join("containerd"), &containerd_args, &[("PATH", &path)])?;
+        wait_for(Duration::from_secs(60), "containerd's socket", || sock.exists())?;
+
+        // Images.
+        let archive = self.root.join("images.tar");
+        let standin = bins.join("standin");
+        let mut tools = vec![("/standin", standin.as_path())];
+        if let Some(kmc) = &options.kong_mesh_cni {
+            tools.push(("/kong-mesh-cni", kmc.as_path()));
+        }
+        write_archive(
+            &archive,
+            &[
+                ImageSpec {
+                    name: PAUSE_IMAGE,
+                    files: vec![("/standin", &standin)],
+                    entrypoint: vec!["/standin", "pause"],
+                },
+                ImageSpec { name: TOOLS_IMAGE, files: tools, entrypoint: vec!["/standin"] },
+            ],
+        )?;
+        let sock_s = p(&sock);
+        let ctr = bins.join("ctr");
+        let import_start = Instant::now();
+        loop {
+            match run(&p(&ctr), &["--address", &sock_s, "-n", "k8s.io", "images", "import", &p(&archive)]) {
+                Ok(_) => break,
+                Err(e) if import_start.elapsed() > Duration::from_secs(30) => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+
+        // The kubelet.
+        let kubelet_port = free_port(self.node_ip)?;
+        for mount in crate::node_state::cgroup_mounts() {
+            let dir = mount.join(&self.name);
+            std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
+            // A new v1 cpuset cgroup has no CPUs or memory nodes: nothing could join it.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                if let Ok(v) = std::fs::read_to_string(mount.join(file)) {
+                    std::fs::write(dir.join(file), v.trim()).map_err(|e| NodeError::io(&dir.join(file), e))?;
+                }
+            }
+        }
+        let kubelet_config = json!({
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            // This host is cgroup v1; root lacks CAP_SYS_RESOURCE (see containerd's config).
+            "failCgroupV1": false,
+            "oomScoreAdj": 0,
+            "cgroupDriver": "cgroupfs",
+            "cgroupRoot": format!("/{}", self.name),
+            "containerRuntimeEndpoint": format!("unix://{sock_s}"),
+            "address": ip,
+            "port": kubelet_port,
+            "readOnlyPort": 0,
+            "healthzPort": 0,
+            "authentication": {
+                "anonymous": { "enabled": true },
+                "webhook": { "enabled": false },
+                "x509": { "clientCAFile": p(&pki.ca_cert) },
+            },
+            "authorization": { "mode": "AlwaysAllow" },
+            "podLogsDir": p(&self.pod_logs_dir),
+            "volumePluginDir": p(&self.root.join("kubelet-plugins")),
+            "resolvConf": "",
+            "failSwapOn": false,
+            "protectKernelDefaults": false,
+            "nodeStatusUpdateFrequency": "2s",
+            "syncFrequency": "5s",
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "evictionHard": { "memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%" },
+            "serializeImagePulls": false,
+        });
+        write(&self.root.join("kubelet/config.yaml"), serde_json::to_string_pretty(&kubelet_config).expect("JSON"))?;
+        self.spawn(
+            "kubelet",
+            &bins.join("kubelet"),
+            &[
+                format!("--config={}", p(&self.root.join("kubelet/config.yaml"))),
+                format!("--kubeconfig={kc}"),
+                format!("--root-dir={}", p(&self.root.join("var/lib/kubelet"))),
+                format!("--cert-dir={}", p(&self.root.join("kubelet/pki"))),
+                format!("--node-ip={ip}"),
+                format!("--hostname-override={}", self.name),
+                "--v=1".into(),
+            ],
+        )?;
+
+        // Ready: the node registered Ready, and the default service account exists (pods
+        // are admitted only after the controller-manager made it).
+        let client = self.client().await?;
+        let nodes: Api<KubeNode> = Api::all(client.clone());
+        let sas: Api<ServiceAccount> = Api::namespaced(client, "default");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let ready = match nodes.get_opt(&self.name).await {
+                Ok(Some(n)) => node_ready(&n),
+                _ => false,
+            };
+            if ready && matches!(sas.get_opt("default").await, Ok(Some(_))) {
+                break;
+            }
+            self.check_processes()?;
+            if Instant::now() > deadline {
+                return Err(NodeError::Timeout(format!("node {} not Ready within {READY_TIMEOUT:?}", self.name)));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(())
+    }
+
+    /// Fails when one of the node's processes has died (with its log's tail).
+    pub fn check_processes(&self) -> Result<(), NodeError> {
+        for p in &self.state.processes {
+            if start_time(p.pid) != Some(p.start_time) {
+                return Err(NodeError::Setup(format!("{} exited; {}", p.name, self.logs_tail())));
+            }
+        }
+        Ok(())
+    }
+
+    /// An admin (system:masters) client.
+    pub async fn client(&self) -> Result<Client, NodeError> {
+        let kc = Kubeconfig::read_from(&self.kubeconfig).map_err(|e| NodeError::Setup(format!("kubeconfig: {e}")))?;
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| NodeError::Setup(format!("kubeconfig: {e}")))?;
+        Client::try_from(config).map_err(|e| NodeError::Setup(format!("client: {e}")))
+    }
+
+    /// The state file a teardown needs.
+    pub fn state_file(&self) -> PathBuf {
+        State::path(&self.root)
+    }
+
+    /// Stops and removes everything (the same as drop, but reporting failures).
+    pub fn down(mut self) -> Result<(), NodeError> {
+        self.armed = false;
+        teardown_state(&self.state)
+    }
+
+    /// Forgets the node without stopping it, as a crash of this process would: only
+    /// [`teardown`] from the state file can then remove it.
+    pub fn abandon(mut self) -> PathBuf {
+        self.armed = false;
+        self.root.clone()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.armed
+            && let Err(e) = teardown_state(&self.state)
+        {
+            eprintln!("node {}: {e}", self.name);
+        }
+    }
+}
+
+/// Tears down the node whose root is `root`, from its state file alone.
+pub fn teardown(root: &Path) -> Result<(), NodeError> {
+    teardown_state(&State::load(root)?)
+}
+
+pub fn node_ready(node: &KubeNode) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn wait_for(timeout: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Result<(), NodeError> {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        if Instant::now() > deadline {
+            return Err(NodeError::Timeout(what.to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn kubeconfig(server: &str, pki: &crate::node_pki::Pki) -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: kmc-node\n  cluster:\n    server: {server}\n    \
+         certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    \
+         client-key-data: {}\ncontexts:\n- name: admin\n  context:\n    cluster: kmc-node\n    user: admin\n\
+         current-context: admin\n",
+        b64(&pki.ca_pem),
+        b64(&pki.admin_cert_pem),
+        b64(&pki.admin_key_pem)
+    )
+}
+
+/// containerd v2 (config version 3), every path under `dir`. `restrict_oom_score_adj`:
+/// root here lacks CAP_SYS_RESOURCE, and runc fails every sandbox without it.
+fn containerd_config(dir: &Path, cni_bin: &Path, cni_conf: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"version = 3
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.snapshotter.v1.erofs", "io.containerd.nri.v1.nri",
+  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+
+[plugins.'io.containerd.internal.v1.opt']
+  path = "{d}/opt"
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "{PAUSE_IMAGE}"
+
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  enable_selinux = false
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["{cni_bin}"]
+    conf_dir = "{cni_conf}"
+    max_conf_num = 1
+  [plugins.'io.containerd.cri.v1.runtime'.containerd]
+    default_runtime_name = "runc"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+        BinaryName = "/usr/sbin/runc"
+        Root = "{d}/runc"
+        SystemdCgroup = false
+
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"#,
+        cni_bin = cni_bin.display(),
+        cni_conf = cni_conf.display(),
+    )
+}
