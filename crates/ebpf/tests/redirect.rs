@@ -173,3 +173,148 @@ fn check_names_a_configuration_that_differs() {
     let err = registry.register("c2", &pod, &unsupported, &[]).unwrap_err();
     assert!(err.is_config() && err.to_string().contains("drop-invalid-packets"), "{err}");
 }
+
+#[test]
+fn dns_over_udp_goes_to_the_dns_proxy_and_answers_show_the_server() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::new();
+    let topo = Topology::new("ebd", true);
+    let pod = topo.pod.open();
+    let peer = topo.peer.open();
+    let mut cfg = Config::default();
+    cfg.dns.enabled = true;
+    node.registry().register("c1", &pod, &cfg, &pod_addrs(&topo)).unwrap();
+    for v6 in [false, true] {
+        let proxy = testkit::net::bind_udp(&pod, v6, 15053);
+        let server = testkit::net::bind_udp(&peer, v6, 53);
+        let dns = SocketAddr::new(topo.peer_addr(v6), 53);
+        // The application's query reaches the proxy; the answer seems to come from the server.
+        let answer = common::as_uid(&pod, None, || {
+            let any: SocketAddr = if v6 { "[::]:0".parse().unwrap() } else { "0.0.0.0:0".parse().unwrap() };
+            let s = std::net::UdpSocket::bind(any).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s.send_to(b"query", dns).unwrap();
+            let (query, from) = testkit::net::recv_udp(&proxy).expect("the query reaches the DNS proxy");
+            assert_eq!(query, b"query");
+            proxy.send_to(b"answer", from).unwrap();
+            let mut buf = [0; 64];
+            let (n, source) = s.recv_from(&mut buf).expect("the answer");
+            (buf[..n].to_vec(), source)
+        });
+        assert_eq!(answer, (b"answer".to_vec(), dns), "v6 {v6}");
+        assert!(testkit::net::recv_udp(&server).is_none(), "the server saw the application's query");
+        // The sidecar's own queries go to the server.
+        common::as_uid(&pod, Some(SIDECAR), || {
+            let any: SocketAddr = if v6 { "[::]:0".parse().unwrap() } else { "0.0.0.0:0".parse().unwrap() };
+            std::net::UdpSocket::bind(any).unwrap().send_to(b"upstream", dns).unwrap();
+        });
+        assert_eq!(testkit::net::recv_udp(&server).map(|(q, _)| q), Some(b"upstream".to_vec()));
+        assert!(testkit::net::recv_udp(&proxy).is_none());
+    }
+}
+
+#[test]
+fn dns_is_left_alone_when_builtin_dns_is_off() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::new();
+    let topo = Topology::new("ebn", false);
+    let pod = topo.pod.open();
+    node.registry().register("c1", &pod, &Config::default(), &[topo.pod_addr(false)]).unwrap();
+    let proxy = testkit::net::bind_udp(&pod, false, 15053);
+    let server = testkit::net::bind_udp(&topo.peer.open(), false, 53);
+    testkit::net::send_udp(&pod, None, SocketAddr::new(topo.peer_addr(false), 53), b"q").unwrap();
+    assert!(testkit::net::recv_udp(&server).is_some());
+    assert!(testkit::net::recv_udp(&proxy).is_none());
+}
+
+#[test]
+fn inbound_tcp_goes_to_the_inbound_listener_with_its_original_destination() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::new();
+    let topo = Topology::new("ebin", true);
+    let pod = topo.pod.open();
+    let peer = topo.peer.open();
+    let mut cfg = Config::default();
+    cfg.inbound.exclude_ports = vec![9901];
+    cfg.inbound.exclude_ips = vec!["10.77.0.9/32".parse().unwrap()];
+    node.registry().register("c1", &pod, &cfg, &pod_addrs(&topo)).unwrap();
+    topo.peer.ip(&["addr", "add", "10.77.0.9/24", "dev", "eth0"]);
+    for v6 in [false, true] {
+        // The sidecar starts listening after ADD, as Envoy does.
+        let inbound = listen_tcp(&pod, v6, 15006);
+        let app = listen_tcp(&pod, v6, 8080);
+        let admin = listen_tcp(&pod, v6, 9901);
+        let dest = SocketAddr::new(topo.pod_addr(v6), 8080);
+        let from_peer =
+            |dest: SocketAddr| common::as_uid(&peer, None, || std::net::TcpStream::connect_timeout(&dest, WAIT));
+        let _c = from_peer(dest).unwrap();
+        let mut s = accept_within(&inbound, WAIT).unwrap_or_else(|| panic!("inbound not redirected (v6 {v6})"));
+        assert_eq!(validator::original_destination(&s).unwrap(), dest);
+        assert_eq!(s.local_addr().unwrap(), dest, "the destination stays visible");
+        assert!(accept_within(&app, Duration::from_millis(50)).is_none());
+        s.set_nonblocking(false).unwrap();
+        // Excluded port: straight to the application.
+        let _c = from_peer(SocketAddr::new(topo.pod_addr(v6), 9901)).unwrap();
+        assert!(accept_within(&admin, WAIT).is_some(), "excluded inbound port redirected (v6 {v6})");
+        assert!(accept_within(&inbound, Duration::from_millis(50)).is_none());
+        if !v6 {
+            // Excluded source: straight to the application.
+            let _c = common::as_uid(&peer, None, || {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                s.bind(&SocketAddr::from(([10, 77, 0, 9], 0)).into()).unwrap();
+                s.connect_timeout(&dest.into(), WAIT).unwrap();
+                s
+            });
+            assert!(accept_within(&app, WAIT).is_some(), "excluded inbound source redirected");
+            let _c = common::as_uid(&peer, None, || {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                s.bind(&SocketAddr::from(([10, 77, 0, 1], 0)).into()).unwrap();
+                s.connect_timeout(&dest.into(), WAIT).unwrap();
+                s
+            });
+            assert!(accept_within(&inbound, WAIT).is_some(), "a source not excluded is redirected");
+        }
+    }
+}
+
+#[test]
+fn the_loopback_paths_of_kuma_sidecar_to_self_inbound_and_passthrough() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::new();
+    let topo = Topology::new("ebl", true);
+    let pod = topo.pod.open();
+    node.registry().register("c1", &pod, &Config::default(), &pod_addrs(&topo)).unwrap();
+    for v6 in [false, true] {
+        let inbound = listen_tcp(&pod, v6, 15006);
+        let outbound = listen_tcp(&pod, v6, 15001);
+        let app = listen_tcp(&pod, v6, 8080);
+        let dest = SocketAddr::new(topo.pod_addr(v6), 8080);
+        // The sidecar to the pod's own address: to the inbound listener.
+        let _c = connect(&pod, Some(SIDECAR), dest, b"s").unwrap();
+        let s = accept_within(&inbound, WAIT).unwrap_or_else(|| panic!("sidecar to self not redirected (v6 {v6})"));
+        assert_eq!(validator::original_destination(&s).unwrap(), dest);
+        // The sidecar forwarding inbound traffic from the passthrough address: straight in.
+        let passthrough: IpAddr = if v6 { "::6".parse().unwrap() } else { "127.0.0.6".parse().unwrap() };
+        let _c = common::as_uid(&pod, Some(SIDECAR), || {
+            let domain = if v6 { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+            let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+            s.bind(&SocketAddr::new(passthrough, 0).into()).unwrap();
+            s.connect_timeout(&dest.into(), WAIT).unwrap();
+            s
+        });
+        assert!(accept_within(&app, WAIT).is_some(), "passthrough redirected (v6 {v6})");
+        // An application to its own pod address: not redirected.
+        let _c = connect(&pod, None, dest, b"a").unwrap();
+        assert!(accept_within(&app, WAIT).is_some(), "application to self redirected (v6 {v6})");
+        assert!(accept_within(&inbound, Duration::from_millis(50)).is_none());
+        assert!(accept_within(&outbound, Duration::from_millis(50)).is_none());
+    }
+}
