@@ -268,8 +268,7 @@ mod tests {
 
     #[test]
     fn settings_the_mode_cannot_honour_are_named() {
-        let mut cfg = Config::default();
-        cfg.drop_invalid_packets = true;
+        let cfg = Config { drop_invalid_packets: true, ..Config::default() };
         let err = pod(&cfg, &[]).unwrap_err().to_string();
         assert!(err.contains("drop-invalid-packets"), "{err}");
         let mut cfg = Config::default();

@@ -218,16 +218,24 @@ pub fn status(paths: &Paths) -> Result<Status, EbpfError> {
     Ok(Status { attached, registered_pods })
 }
 
-/// Detaches and unpins everything of ours (uninstall, never upgrade): removing a link's
-/// last pin detaches it; the maps go with their pins once no program holds them.
+/// Detaches and unpins everything of ours (uninstall, never upgrade): links are
+/// detached at once, then every pin removed; maps go once no program holds them.
 pub fn uninstall(paths: &Paths) -> Result<(), EbpfError> {
     let dir = paths.pin_dir();
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {
-            tracing::info!(dir = %dir.display(), "eBPF programs detached and unpinned");
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(EbpfError::io("cannot remove", dir)(e)),
+    if !dir.exists() {
+        return Ok(());
     }
+    let pods = dir.join(PODS_DIR);
+    let pod_pins = std::fs::read_dir(&pods).into_iter().flatten().filter_map(Result::ok).map(|e| e.path());
+    for pin in CGROUP_PROGRAMS.iter().map(|p| link_pin(&dir, p)).chain(pod_pins) {
+        match sys::detach_and_unpin(&pin) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(EbpfError::io("cannot detach and unpin", pin)(e));
+            }
+            _ => {}
+        }
+    }
+    std::fs::remove_dir_all(&dir).map_err(EbpfError::io("cannot remove", &dir))?;
+    tracing::info!(dir = %dir.display(), "eBPF programs detached and unpinned");
+    Ok(())
 }

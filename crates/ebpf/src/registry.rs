@@ -142,7 +142,7 @@ impl Registry {
     /// Removes a pod's pin (detaching its sk_lookup), configuration and addresses.
     fn remove(&mut self, pin: Option<&Path>, cookie: u64) -> Result<(), EbpfError> {
         if let Some(pin) = pin {
-            std::fs::remove_file(pin).map_err(EbpfError::io("cannot unpin", pin))?;
+            crate::sys::detach_and_unpin(pin).map_err(EbpfError::io("cannot detach and unpin", pin))?;
         }
         let stale: Vec<AddrKey> =
             self.addrs.iter().filter_map(Result::ok).filter(|(_, owner)| *owner == cookie).map(|(k, _)| k).collect();

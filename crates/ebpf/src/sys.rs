@@ -1,10 +1,10 @@
-//! The three bpf(2) commands aya does not offer for every program type we use:
+//! The bpf(2) commands aya does not offer for every program type we use:
 //! BPF_LINK_CREATE on a cgroup, BPF_LINK_UPDATE (the atomic program swap of an
-//! attached link) and BPF_OBJ_PIN/BPF_OBJ_GET of a link.
+//! attached link), BPF_LINK_DETACH and BPF_OBJ_PIN/BPF_OBJ_GET of a link.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -12,6 +12,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `enum bpf_attach_type` values of linux/bpf.h.
 #[derive(Debug, Clone, Copy)]
@@ -79,4 +80,18 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     attr[0] = ptr as u32;
     attr[1] = (ptr >> 32) as u32;
     bpf(BPF_OBJ_GET, &attr).map(owned)
+}
+
+/// Detaches a link at once. Dropping its last pin detaches it too, but later, from a
+/// kernel work queue; uninstall and unregister must be done when they return.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr: Attr = [0; 38];
+    attr[0] = link.as_raw_fd() as u32;
+    bpf(BPF_LINK_DETACH, &attr).map(drop)
+}
+
+/// Detaches the link pinned at `pin` and removes the pin.
+pub fn detach_and_unpin(pin: &Path) -> io::Result<()> {
+    link_detach(obj_get(pin)?.as_fd())?;
+    std::fs::remove_file(pin)
 }

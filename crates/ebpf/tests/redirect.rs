@@ -254,11 +254,10 @@ fn inbound_tcp_goes_to_the_inbound_listener_with_its_original_destination() {
         let from_peer =
             |dest: SocketAddr| common::as_uid(&peer, None, || std::net::TcpStream::connect_timeout(&dest, WAIT));
         let _c = from_peer(dest).unwrap();
-        let mut s = accept_within(&inbound, WAIT).unwrap_or_else(|| panic!("inbound not redirected (v6 {v6})"));
+        let s = accept_within(&inbound, WAIT).unwrap_or_else(|| panic!("inbound not redirected (v6 {v6})"));
         assert_eq!(validator::original_destination(&s).unwrap(), dest);
         assert_eq!(s.local_addr().unwrap(), dest, "the destination stays visible");
         assert!(accept_within(&app, Duration::from_millis(50)).is_none());
-        s.set_nonblocking(false).unwrap();
         // Excluded port: straight to the application.
         let _c = from_peer(SocketAddr::new(topo.pod_addr(v6), 9901)).unwrap();
         assert!(accept_within(&admin, WAIT).is_some(), "excluded inbound port redirected (v6 {v6})");
