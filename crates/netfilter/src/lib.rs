@@ -17,8 +17,8 @@ use rules::Family;
 
 pub use error::FirewallError;
 pub use facts::{NsFacts, has_ipv6};
-pub use netlink::add_ipv6_host_address;
 pub use iptables::{ExecContext, Iptables};
+pub use netlink::add_ipv6_host_address;
 pub use ops::{ApplyReport, Options, RemoveReport, VerifyReport, apply, plan, remove, verify};
 pub use select::{BackendChoice, Selection, select};
 
