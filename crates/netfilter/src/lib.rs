@@ -18,6 +18,7 @@ use rules::Family;
 pub use error::FirewallError;
 pub use facts::NsFacts;
 pub use iptables::{ExecContext, Iptables};
+pub use netlink::add_ipv6_host_address;
 pub use ops::{ApplyReport, Options, RemoveReport, VerifyReport, apply, plan, remove, verify};
 pub use select::{BackendChoice, Selection, select};
 

@@ -1,0 +1,195 @@
+//! Pod registration: what the plugin does in eBPF mode instead of iptables. A pod is
+//! its network namespace cookie in `kmc_pods` (its configuration), its addresses in
+//! `kmc_addrs`, and the sk_lookup program attached to its namespace, pinned as
+//! `pods/<container id>_<cookie>`.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData};
+use aya::programs::SkLookup;
+use aya::programs::links::FdLink;
+use kuma::Config;
+use netns::NetNs;
+
+use crate::abi::{self, AddrKey, POD_IPV6, Pod};
+use crate::loader::{PODS_DIR, SK_LOOKUP};
+use crate::{EbpfError, Paths};
+
+/// `SO_NETNS_COOKIE` from asm-generic/socket.h (kernel 5.14).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of a network namespace: the key programs see from bpf_get_netns_cookie.
+pub fn netns_cookie(netns: &NetNs) -> Result<u64, EbpfError> {
+    let read = || -> std::io::Result<u64> {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+            .or_else(|_| std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)))?;
+        let mut cookie = 0u64;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `cookie`.
+        let rc = unsafe {
+            libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(cookie)
+    };
+    netns.run(read)?.map_err(EbpfError::io("cannot read the namespace cookie of", netns.path()))
+}
+
+/// A registered pod, as [`Registry::register`] left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub netns_cookie: u64,
+    pub ipv6: bool,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The node's registration maps, opened from their pins.
+pub struct Registry {
+    dir: PathBuf,
+    pods: HashMap<MapData, u64, Pod>,
+    addrs: HashMap<MapData, AddrKey, u64>,
+}
+
+fn open_map(dir: &Path, name: &'static str) -> Result<Map, EbpfError> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Err(EbpfError::NotLoaded { path });
+    }
+    let data = MapData::from_pin(&path).map_err(EbpfError::map(name))?;
+    Ok(Map::HashMap(data))
+}
+
+fn check_id(id: &str) -> Result<(), EbpfError> {
+    if id.is_empty() || id.contains(['/', '.']) {
+        return Err(EbpfError::ContainerId { id: id.to_owned() });
+    }
+    Ok(())
+}
+
+impl Registry {
+    pub fn open(paths: &Paths) -> Result<Self, EbpfError> {
+        let dir = paths.pin_dir();
+        let pods = HashMap::try_from(open_map(&dir, "kmc_pods")?).map_err(EbpfError::map("kmc_pods"))?;
+        let addrs = HashMap::try_from(open_map(&dir, "kmc_addrs")?).map_err(EbpfError::map("kmc_addrs"))?;
+        Ok(Registry { dir, pods, addrs })
+    }
+
+    /// The pin of a pod's sk_lookup link and the cookie its name carries.
+    fn find(&self, id: &str) -> Result<Option<(PathBuf, u64)>, EbpfError> {
+        let pods = self.dir.join(PODS_DIR);
+        let entries = std::fs::read_dir(&pods).map_err(EbpfError::io("cannot list", &pods))?;
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some((pin_id, cookie)) = name.to_str().and_then(|n| n.rsplit_once('_')) else { continue };
+            if pin_id == id
+                && let Ok(cookie) = cookie.parse()
+            {
+                return Ok(Some((entry.path(), cookie)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Registers the pod of container `id`, whose namespace is `netns`, with its
+    /// configuration and addresses. Idempotent; on failure nothing stays registered.
+    pub fn register(
+        &mut self,
+        id: &str,
+        netns: &NetNs,
+        cfg: &Config,
+        addresses: &[IpAddr],
+    ) -> Result<Registration, EbpfError> {
+        check_id(id)?;
+        let value = abi::pod(cfg, addresses)?;
+        let cookie = netns_cookie(netns)?;
+        let ipv6 = value.flags & POD_IPV6 != 0;
+        if ipv6 {
+            // Kuma's inbound passthrough source (::6) must be an address of the pod.
+            netns
+                .run(|| netfilter::add_ipv6_host_address(1, Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)))?
+                .map_err(EbpfError::io("cannot add ::6 to lo in", netns.path()))?;
+        }
+        self.unregister(id)?;
+        let result = self.write(id, netns, cookie, &value, addresses);
+        if result.is_err() {
+            let _ = self.remove(None, cookie);
+        }
+        result?;
+        tracing::info!(id, netns = %netns.path().display(), cookie, ipv6, "pod registered for the eBPF redirect");
+        Ok(Registration { netns_cookie: cookie, ipv6, addresses: addresses.to_vec() })
+    }
+
+    fn write(&mut self, id: &str, netns: &NetNs, cookie: u64, value: &Pod, addrs: &[IpAddr]) -> Result<(), EbpfError> {
+        for ip in addrs {
+            self.addrs.insert(AddrKey::new(*ip), cookie, 0).map_err(EbpfError::map("kmc_addrs"))?;
+        }
+        self.pods.insert(cookie, value, 0).map_err(EbpfError::map("kmc_pods"))?;
+        let prog_pin = self.dir.join(SK_LOOKUP);
+        let mut prog = SkLookup::from_pin(&prog_pin).map_err(EbpfError::program(SK_LOOKUP))?;
+        let ns = File::open(netns.path()).map_err(EbpfError::io("cannot open", netns.path()))?;
+        let link_id = prog.attach(&ns).map_err(EbpfError::program(SK_LOOKUP))?;
+        let link: FdLink = prog.take_link(link_id).map_err(EbpfError::program(SK_LOOKUP))?.into();
+        let pin = self.dir.join(PODS_DIR).join(format!("{id}_{cookie}"));
+        link.pin(&pin).map_err(|source| EbpfError::Pin { path: pin, source: Box::new(source) })?;
+        Ok(())
+    }
+
+    /// Removes a pod's pin (detaching its sk_lookup), configuration and addresses.
+    fn remove(&mut self, pin: Option<&Path>, cookie: u64) -> Result<(), EbpfError> {
+        if let Some(pin) = pin {
+            crate::sys::detach_and_unpin(pin).map_err(EbpfError::io("cannot detach and unpin", pin))?;
+        }
+        let stale: Vec<AddrKey> =
+            self.addrs.iter().filter_map(Result::ok).filter(|(_, owner)| *owner == cookie).map(|(k, _)| k).collect();
+        for key in stale {
+            let _ = self.addrs.remove(&key);
+        }
+        match self.pods.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(EbpfError::map("kmc_pods")(e)),
+        }
+    }
+
+    /// Unregisters container `id`; `false` when it was not registered (DEL is idempotent).
+    pub fn unregister(&mut self, id: &str) -> Result<bool, EbpfError> {
+        check_id(id)?;
+        let Some((pin, cookie)) = self.find(id)? else { return Ok(false) };
+        self.remove(Some(&pin), cookie)?;
+        tracing::info!(id, cookie, "pod unregistered from the eBPF redirect");
+        Ok(true)
+    }
+
+    /// Verifies that container `id` is registered for `netns` exactly as `cfg` and
+    /// `addresses` say (CHECK).
+    pub fn check(&self, id: &str, netns: &NetNs, cfg: &Config, addresses: &[IpAddr]) -> Result<(), EbpfError> {
+        check_id(id)?;
+        let mismatch = |what: String| EbpfError::Mismatch { id: id.to_owned(), what };
+        let expected = abi::pod(cfg, addresses)?;
+        let cookie = netns_cookie(netns)?;
+        match self.find(id)? {
+            Some((_, pinned)) if pinned == cookie => {}
+            Some(_) => {
+                return Err(mismatch(format!(
+                    "registered for another network namespace than {}",
+                    netns.path().display()
+                )));
+            }
+            None => return Err(mismatch("no sk_lookup link pinned".to_owned())),
+        }
+        let actual = self.pods.get(&cookie, 0).map_err(|_| mismatch("no configuration in kmc_pods".to_owned()))?;
+        if actual != *expected {
+            return Err(mismatch("its configuration in kmc_pods differs".to_owned()));
+        }
+        for ip in addresses {
+            if self.addrs.get(&AddrKey::new(*ip), 0).ok() != Some(cookie) {
+                return Err(mismatch(format!("address {ip} is not registered to it")));
+            }
+        }
+        Ok(())
+    }
+}

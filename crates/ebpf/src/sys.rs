@@ -1,0 +1,97 @@
+//! The bpf(2) commands aya does not offer for every program type we use:
+//! BPF_LINK_CREATE on a cgroup, BPF_LINK_UPDATE (the atomic program swap of an
+//! attached link), BPF_LINK_DETACH and BPF_OBJ_PIN/BPF_OBJ_GET of a link.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `enum bpf_attach_type` values of linux/bpf.h.
+#[derive(Debug, Clone, Copy)]
+pub enum AttachType {
+    SockOps = 3,
+    Inet4Connect = 10,
+    Inet6Connect = 11,
+    Udp4Sendmsg = 14,
+    Udp6Sendmsg = 15,
+    Udp4Recvmsg = 19,
+    Udp6Recvmsg = 20,
+    Getsockopt = 21,
+}
+
+/// `union bpf_attr`, as words: every command we use fits in its first 32 bytes, and the
+/// kernel wants the rest zero.
+type Attr = [u32; 38];
+
+fn bpf(cmd: libc::c_long, attr: &Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, fully initialised bpf_attr of the size we pass.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), size_of::<Attr>()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+fn owned(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel just returned this new descriptor to us.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Attaches `prog` to the cgroup `target` with a BPF link (multi-attach by nature).
+pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: AttachType) -> io::Result<OwnedFd> {
+    let mut attr: Attr = [0; 38];
+    attr[0] = prog.as_raw_fd() as u32;
+    attr[1] = target.as_raw_fd() as u32;
+    attr[2] = attach as u32;
+    bpf(BPF_LINK_CREATE, &attr).map(owned)
+}
+
+/// Swaps the program of an attached link in one step: no moment without either.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr: Attr = [0; 38];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = prog.as_raw_fd() as u32;
+    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+}
+
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = c_path(path)?;
+    let mut attr: Attr = [0; 38];
+    let ptr = path.as_ptr() as u64;
+    attr[0] = ptr as u32;
+    attr[1] = (ptr >> 32) as u32;
+    attr[2] = fd.as_raw_fd() as u32;
+    bpf(BPF_OBJ_PIN, &attr).map(drop)
+}
+
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let mut attr: Attr = [0; 38];
+    let ptr = path.as_ptr() as u64;
+    attr[0] = ptr as u32;
+    attr[1] = (ptr >> 32) as u32;
+    bpf(BPF_OBJ_GET, &attr).map(owned)
+}
+
+/// Detaches a link at once. Dropping its last pin detaches it too, but later, from a
+/// kernel work queue; uninstall and unregister must be done when they return.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr: Attr = [0; 38];
+    attr[0] = link.as_raw_fd() as u32;
+    bpf(BPF_LINK_DETACH, &attr).map(drop)
+}
+
+/// Detaches the link pinned at `pin` and removes the pin.
+pub fn detach_and_unpin(pin: &Path) -> io::Result<()> {
+    link_detach(obj_get(pin)?.as_fd())?;
+    std::fs::remove_file(pin)
+}

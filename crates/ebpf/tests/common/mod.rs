@@ -1,0 +1,171 @@
+//! A private node for each test: its own bpffs mount (so pins never clash with other
+//! tests or sessions, and unmounting frees whatever a failed test left) and its own
+//! threaded child cgroup holding the test's thread, where the programs are attached
+//! instead of the root. Threads the test thread starts (netns::NetNs::run) inherit the
+//! cgroup, so only the test's own sockets see the programs.
+
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::ffi::CString;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ebpf::Paths;
+use netns::NetNs;
+
+/// Whether the eBPF tests may run: root, cgroup2 and bpf(2). Under CI anything missing
+/// is a failure, never a skip.
+pub fn require_ebpf() -> bool {
+    if !testkit::net::require_root() {
+        return false;
+    }
+    match cgroup2_mount() {
+        Some(_) => true,
+        None => {
+            assert!(std::env::var_os("CI").is_none(), "CI is set but no cgroup2 is mounted: the eBPF tests cannot run");
+            eprintln!("skipping: no cgroup2 mounted");
+            false
+        }
+    }
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount_point))
+    })
+}
+
+fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// A threaded child of this process's cgroup2 cgroup, holding the calling thread.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    parent: PathBuf,
+    tid: libc::pid_t,
+}
+
+impl TestCgroup {
+    pub fn new() -> Self {
+        let mount = cgroup2_mount().expect("cgroup2 is mounted");
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let own = own.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup2 line in /proc/self/cgroup");
+        let parent = mount.join(own.trim_start_matches('/'));
+        let path = parent.join(testkit::net::unique_name("ebpf"));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        let cg = TestCgroup { path, parent, tid: gettid() };
+        std::fs::write(cg.path.join("cgroup.type"), "threaded").expect("make the test cgroup threaded");
+        std::fs::write(cg.path.join("cgroup.threads"), cg.tid.to_string()).expect("move the test thread in");
+        cg
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.parent.join("cgroup.threads"), self.tid.to_string());
+        // Threads the test started may take a moment to exit.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove cgroup {}", self.path.display());
+    }
+}
+
+/// A bpffs mounted on a fresh directory, unmounted (freeing every pin) on drop.
+pub struct BpfFs {
+    pub path: PathBuf,
+}
+
+impl BpfFs {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(testkit::net::unique_name("bpffs"));
+        std::fs::create_dir(&path).unwrap();
+        let target = CString::new(path.to_str().unwrap()).unwrap();
+        let fstype = CString::new("bpf").unwrap();
+        // SAFETY: plain mount(2) with NUL-terminated strings we own.
+        let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+        assert_eq!(rc, 0, "mount a bpffs on {}: {}", path.display(), io::Error::last_os_error());
+        BpfFs { path }
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let target = CString::new(self.path.to_str().unwrap()).unwrap();
+        // SAFETY: umount2 with a path we mounted.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Programs attached to this test's own cgroup, pinned in its own bpffs.
+pub struct TestNode {
+    pub paths: Paths,
+    // Dropped in this order: the cgroup (detaching everything), then the bpffs.
+    pub cgroup: TestCgroup,
+    pub bpffs: BpfFs,
+}
+
+impl TestNode {
+    /// Installs the programs; the test thread is inside the cgroup from here on.
+    pub fn new() -> Self {
+        let node = Self::bare();
+        ebpf::install(&node.paths).expect("install the eBPF programs");
+        node
+    }
+
+    /// The cgroup and bpffs only.
+    pub fn bare() -> Self {
+        let bpffs = BpfFs::new();
+        let cgroup = TestCgroup::new();
+        let paths = Paths { bpffs: bpffs.path.clone(), cgroup: cgroup.path.clone() };
+        TestNode { paths, cgroup, bpffs }
+    }
+
+    pub fn registry(&self) -> ebpf::Registry {
+        ebpf::Registry::open(&self.paths).expect("open the registry")
+    }
+}
+
+/// Runs `work` inside `ns` on a thread whose real UID (what bpf_get_current_uid_gid
+/// reports) and filesystem UID (what the iptables owner match sees) are `uid`; the
+/// thread keeps root's effective UID. The raw syscall changes only this thread.
+pub fn as_uid<T: Send>(ns: &NetNs, uid: Option<u32>, work: impl FnOnce() -> T + Send) -> T {
+    ns.run(|| {
+        if let Some(uid) = uid {
+            // SAFETY: setresuid/setfsuid on this short-lived thread only.
+            unsafe {
+                assert_eq!(libc::syscall(libc::SYS_setresuid, uid, -1i32, -1i32), 0, "setresuid");
+                libc::setfsuid(uid);
+            }
+        }
+        work()
+    })
+    .unwrap()
+}
+
+/// Connects (as `uid`) and sends `payload`.
+pub fn connect(ns: &NetNs, uid: Option<u32>, dest: SocketAddr, payload: &[u8]) -> io::Result<std::net::TcpStream> {
+    as_uid(ns, uid, || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect_timeout(&dest, Duration::from_secs(2))?;
+        s.write_all(payload)?;
+        Ok(s)
+    })
+}
+
+pub fn pin_dir_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,139 @@
+//! Loading, reloading and uninstalling on the real kernel.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{TestNode, pin_dir_entries, require_ebpf};
+use ebpf::{EbpfError, Paths};
+use kuma::Config;
+use testkit::net::{Topology, accept_within, listen_tcp};
+
+#[test]
+fn a_second_install_replaces_the_programs_without_a_gap() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::new();
+    let topo = Topology::new("ebr", false);
+    let pod = topo.pod.open();
+    node.registry().register("c1", &pod, &Config::default(), &[topo.pod_addr(false)]).unwrap();
+    let outbound = listen_tcp(&pod, false, 15001);
+    let direct = listen_tcp(&topo.peer.open(), false, 8080);
+    let dest = SocketAddr::new(topo.peer_addr(false), 8080);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (redirected, escaped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    std::thread::scope(|scope| {
+        // Drains both listeners while the loop connects.
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) || accept_within(&outbound, Duration::from_millis(100)).is_some() {
+                while accept_within(&outbound, Duration::from_millis(1)).is_some() {
+                    redirected.fetch_add(1, Ordering::Relaxed);
+                }
+                while accept_within(&direct, Duration::from_millis(1)).is_some() {
+                    escaped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let connector = scope.spawn(|| {
+            pod.run(|| {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    std::net::TcpStream::connect_timeout(&dest, Duration::from_secs(2)).expect("connect");
+                    n += 1;
+                }
+                n
+            })
+            .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        for _ in 0..3 {
+            let installed = ebpf::install(&node.paths).expect("reinstall");
+            assert!(installed.replaced);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        let made = connector.join().unwrap();
+        eprintln!("{made} connections during three reloads");
+        assert!(made > 50, "the loop made only {made} connections");
+    });
+    while accept_within(&direct, Duration::from_millis(50)).is_some() {
+        escaped.fetch_add(1, Ordering::Relaxed);
+    }
+    assert_eq!(escaped.load(Ordering::Relaxed), 0, "connections escaped the redirect during the reload");
+    assert!(redirected.load(Ordering::Relaxed) > 50);
+    // The registration survived, and the pod's sk_lookup link runs the new program.
+    node.registry().check("c1", &pod, &Config::default(), &[topo.pod_addr(false)]).unwrap();
+    assert_eq!(ebpf::status(&node.paths).unwrap().registered_pods, 1);
+}
+
+#[test]
+fn uninstall_detaches_and_leaves_nothing_in_bpffs() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::new();
+    let topo = Topology::new("ebz", false);
+    let pod = topo.pod.open();
+    node.registry().register("c1", &pod, &Config::default(), &[topo.pod_addr(false)]).unwrap();
+    let status = ebpf::status(&node.paths).unwrap();
+    assert_eq!(status.attached.len(), 8, "{status:?}");
+    ebpf::uninstall(&node.paths).unwrap();
+    // The kernel's own iterators (maps.debug, progs.debug) have a dot, which bpffs
+    // refuses in any name we could pin.
+    let ours: Vec<String> = pin_dir_entries(&node.paths.bpffs).into_iter().filter(|n| !n.contains('.')).collect();
+    assert_eq!(ours, Vec::<String>::new(), "left in bpffs");
+    // Detached: the pod's connections go straight out.
+    let outbound = listen_tcp(&pod, false, 15001);
+    let direct = listen_tcp(&topo.peer.open(), false, 8080);
+    let _c = common::connect(&pod, None, SocketAddr::new(topo.peer_addr(false), 8080), b"x").unwrap();
+    assert!(accept_within(&direct, Duration::from_secs(2)).is_some());
+    assert!(accept_within(&outbound, Duration::from_millis(50)).is_none());
+    assert!(matches!(ebpf::Registry::open(&node.paths), Err(EbpfError::NotLoaded { .. })));
+    ebpf::uninstall(&node.paths).expect("uninstall twice is fine");
+}
+
+#[test]
+fn preflight_names_what_is_missing() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::bare();
+    ebpf::preflight(&node.paths).expect("this node has everything");
+    let tmp = std::env::temp_dir();
+    let err = ebpf::install(&Paths { bpffs: tmp.clone(), cgroup: tmp.clone() }).unwrap_err().to_string();
+    assert!(err.contains("no bpffs mounted at") && err.contains("no cgroup2 mounted at"), "{err}");
+    assert!(err.contains(tmp.to_str().unwrap()), "{err}");
+    assert!(!tmp.join(ebpf::PIN_DIR).exists(), "nothing half-loaded");
+}
+
+fn validator_args(timeout: Duration) -> validator::ValidateArgs {
+    validator::ValidateArgs {
+        outbound_port: 15001,
+        inbound_port: 15006,
+        sidecar_uid: 5678,
+        probe_ipv4: "10.255.255.254".parse().unwrap(),
+        probe_ipv6: "fd00:6b6d:6300::fe".parse().unwrap(),
+        timeout,
+        family: validator::FamilyChoice::Auto,
+    }
+}
+
+#[test]
+fn the_validator_passes_unchanged_and_fails_once_the_programs_are_detached() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::new();
+    let topo = Topology::new("ebval", true);
+    let pod = topo.pod.open();
+    node.registry().register("c1", &pod, &Config::default(), &[topo.pod_addr(false), topo.pod_addr(true)]).unwrap();
+    let validated = pod.run(|| validator::validate(&validator_args(Duration::from_secs(5)))).unwrap().unwrap();
+    assert_eq!(validated.len(), 2, "both families validated: {validated:?}");
+    ebpf::uninstall(&node.paths).unwrap();
+    let err = pod.run(|| validator::validate(&validator_args(Duration::from_millis(600)))).unwrap().unwrap_err();
+    assert!(err.to_string().contains("not redirected"), "{err}");
+}
