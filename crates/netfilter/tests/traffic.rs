@@ -151,7 +151,7 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
         let cfg = config(&[
             ("traffic.kuma.io/exclude-outbound-ips", "10.77.0.3"),
             ("traffic.kuma.io/exclude-inbound-ips", "10.77.0.0/24"),
-            ("traffic.kuma.io/exclude-outbound-ports-for-uids", "tcp:8080:1000"),
+            ("traffic.kuma.io/exclude-outbound-ports-for-uids", "tcp:8080:1000;tcp:7000,7100-7200:1001-1010"),
             ("traffic.kuma.io/exclude-outbound-ports", "7000"),
         ]);
         let report = apply(&pod, &cfg, &options(kind)).unwrap();
@@ -162,7 +162,26 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
         let pod_app = listen_tcp(&pod, false, 8080);
         let peer_app = listen_tcp(&peer, false, 8080);
         let peer_7000 = listen_tcp(&peer, false, 7000);
+        let peer_7150 = listen_tcp(&peer, false, 7150);
         let peer = &peer;
+
+        // A UID range and a port range (the native backend: byteorder + range).
+        assert_lands(
+            &pod,
+            Some(1005),
+            "10.77.0.1:7150".parse().unwrap(),
+            &peer_7150,
+            Some(&outbound),
+            &format!("{tag}: UID in the range, port in the range"),
+        );
+        assert_lands(
+            &pod,
+            Some(1011),
+            "10.77.0.1:7150".parse().unwrap(),
+            &outbound,
+            Some(&peer_7150),
+            &format!("{tag}: UID past the range"),
+        );
 
         assert_lands(
             &pod,
@@ -186,7 +205,7 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
             "10.77.0.1:8080".parse().unwrap(),
             &outbound,
             Some(&peer_app),
-            &format!("{tag}: other UID"),
+            &format!("{tag}: other UID, or a port outside the UID's ports"),
         );
         assert_lands(
             &pod,

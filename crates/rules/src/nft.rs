@@ -205,13 +205,20 @@ fn hook_name(hook: u32) -> &'static str {
     if hook == PREROUTING { "prerouting" } else { "output" }
 }
 
-fn priority_name(p: i32) -> String {
-    match p {
-        PRIORITY_RAW => "raw".into(),
-        PRIORITY_MANGLE => "mangle".into(),
-        PRIORITY_DSTNAT => "dstnat".into(),
-        p if p < PRIORITY_DSTNAT && p > PRIORITY_MANGLE => format!("dstnat - {}", PRIORITY_DSTNAT - p),
-        p => p.to_string(),
+/// nft names a priority only where the name is defined for the hook (`dstnat` is a
+/// prerouting name; a NAT output chain prints the number).
+fn priority_name(hook: Hook) -> String {
+    match (hook.priority, hook.nat) {
+        (PRIORITY_RAW, false) => "raw".into(),
+        (PRIORITY_MANGLE, false) => "mangle".into(),
+        (p, true) if hook.hook == PREROUTING && p <= PRIORITY_DSTNAT && p > PRIORITY_MANGLE => {
+            if p == PRIORITY_DSTNAT {
+                "dstnat".into()
+            } else {
+                format!("dstnat - {}", PRIORITY_DSTNAT - p)
+            }
+        }
+        (p, _) => p.to_string(),
     }
 }
 
@@ -303,7 +310,7 @@ impl fmt::Display for NftTable {
                     f,
                     "\t\ttype {kind} hook {} priority {}; policy accept;",
                     hook_name(h.hook),
-                    priority_name(h.priority)
+                    priority_name(h)
                 )?;
             }
             for r in &c.rules {

@@ -361,23 +361,6 @@ fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, bool, &[u8])> {
     })
 }
 
-fn canon_value(nested: bool, value: &[u8], out: &mut String) {
-    use std::fmt::Write;
-    if nested {
-        out.push('{');
-        for (k, n, v) in attrs(value) {
-            write!(out, "{k}=").ok();
-            canon_value(n, v, out);
-            out.push(';');
-        }
-        out.push('}');
-    } else {
-        for b in value {
-            write!(out, "{b:02x}").ok();
-        }
-    }
-}
-
 /// Attributes of an expression that both we and the kernel's dump always carry (the
 /// kernel adds defaults of its own, such as bitwise's operation or redir's flags).
 fn compared(name: &str, kind: u16) -> bool {
@@ -408,14 +391,14 @@ pub fn canonical(list: &[u8]) -> (String, Vec<String>) {
         out.push_str(&name);
         out.push('(');
         let mut parts: Vec<(u16, String)> = Vec::new();
-        for (k, n, v) in attrs(data) {
+        for (k, _, v) in attrs(data) {
             // The kernel leaves out a log level of 0; so do we, to compare.
             if !compared(&name, k) || (name == "log" && k == NFTA_LOG_LEVEL && v == [0, 0, 0, 0]) {
                 continue;
             }
-            let mut s = String::new();
-            canon_value(n, v, &mut s);
-            parts.push((k, s));
+            // Raw bytes: the crate re-emits what it parsed, and drops NLA_F_NESTED from
+            // the attributes it does not type, so nesting flags are not compared.
+            parts.push((k, v.iter().map(|b| format!("{b:02x}")).collect()));
         }
         parts.sort();
         for (k, s) in parts {
