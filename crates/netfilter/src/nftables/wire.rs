@@ -443,9 +443,9 @@ mod tests {
         buf
     }
 
-    /// Byte-exact golden messages; the figures were checked against what the kernel
-    /// accepts (the traffic tests) and against libnftnl's encoding of the same rule
-    /// (`nft --debug=netlink`).
+    /// Byte-exact golden messages (`UPDATE_GOLDEN=1` rewrites newrule.hex); that the
+    /// kernel accepts such messages and lists them back as rendered is checked by
+    /// tests/native.rs.
     #[test]
     fn golden_bytes() {
         let rule = NftRule {
