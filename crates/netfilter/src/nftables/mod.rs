@@ -200,3 +200,41 @@ impl Backend for Native {
         Ok(delete)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rules::nft::{Action, Chain, Hook, NftRule};
+    use testkit::net::{NamedNetns, require_root};
+
+    use super::*;
+
+    /// A real refusal (a jump to a chain that does not exist: no config produces one):
+    /// the error names the refused message, and nothing of the batch is committed.
+    #[test]
+    fn a_refused_message_is_named_and_nothing_is_committed() {
+        if !require_root() {
+            return;
+        }
+        let named = NamedNetns::new("nfrf");
+        let ns = named.open();
+        let rule = |action| NftRule { conds: vec![], action, comment: None };
+        let table = NftTable {
+            family: Family::V4,
+            chains: vec![Chain {
+                name: "nat_output".into(),
+                hook: Some(Hook { nat: true, hook: 3, priority: -100 }),
+                rules: vec![rule(Action::Return), rule(Action::Jump("NOPE".into())), rule(Action::Return)],
+            }],
+        };
+        let err = ns.run(|| commit(&[], std::slice::from_ref(&table))).unwrap().unwrap_err().to_string();
+        assert!(err.contains("cannot add rule ip kuma_mesh nat_output jump NOPE:"), "{err}");
+        assert!(err.contains("No such file or directory"), "{err}");
+        let tables = ns.run(crate::netlink::nft_tables).unwrap().unwrap();
+        assert!(tables.is_empty(), "the batch was committed in part: {tables:?}");
+        // The same batch without the bad rule goes in whole.
+        let mut good = table;
+        good.chains[0].rules.remove(1);
+        ns.run(|| commit(&[], &[good])).unwrap().unwrap();
+        assert_eq!(ns.run(crate::netlink::nft_tables).unwrap().unwrap(), vec![(2, TABLE.to_owned())]);
+    }
+}
