@@ -527,7 +527,9 @@ async fn the_native_backend_needs_no_iptables_binary() {
     rt.add(&web).expect("ADD with the native backend and no iptables anywhere");
     let pod_ns = web_ns.open();
     let outbound = listen_tcp(&pod_ns, false, 15001);
-    let dest = "192.0.2.1:443".parse().unwrap();
+    // An address the pod can route to (the bridge network has no default route).
+    let ip = rt_ip(&web_ns);
+    let dest = format!("{}.250:443", ip.rsplit_once('.').unwrap().0).parse().unwrap();
     let _c = connect_tcp(&pod_ns, None, dest, b"out");
     let mut conn = accept_within(&outbound, Duration::from_secs(2)).expect("outbound redirected");
     assert_eq!(read_exact(&mut conn, 3), b"out");
