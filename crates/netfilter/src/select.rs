@@ -116,3 +116,23 @@ fn by_state(facts: &NsFacts, nft: &Iptables, legacy: &Iptables, ctx: &ExecContex
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_backend_name() {
+        for (text, want) in [
+            ("", BackendChoice::Auto),
+            ("auto", BackendChoice::Auto),
+            ("nft", BackendChoice::Forced(BackendKind::Nft)),
+            ("iptables-legacy", BackendChoice::Forced(BackendKind::Legacy)),
+            ("nftables", BackendChoice::Forced(BackendKind::Native)),
+        ] {
+            assert_eq!(text.parse::<BackendChoice>().unwrap(), want, "{text:?}");
+        }
+        let err = "ipfw".parse::<BackendChoice>().unwrap_err().to_string();
+        assert!(err.contains("\"ipfw\"") && err.contains("nftables"), "{err}");
+    }
+}
