@@ -39,7 +39,7 @@ async fn main() {
 
     println!("ADD of a mesh pod through libcni, {rounds} rounds per backend (bridge + host-local + portmap [+ ours])");
     println!("{:<8} {:<14} {:>9} {:>9}", "backend", "chain", "p50 ms", "p99 ms");
-    for backend in ["nft", "legacy"] {
+    for backend in ["nft", "legacy", "nftables"] {
         let without = CniRuntime::bridge(Plugins::Upstream);
         let mut with = CniRuntime::bridge(Plugins::Upstream);
         with.prepend_plugin_dir(Path::new(BIN).parent().unwrap());

@@ -8,7 +8,7 @@ use clap::{ArgAction, Args};
 use k8s_openapi::api::core::v1::Pod;
 use kuma::Config;
 use kuma::pod::Decision;
-use netfilter::{BackendChoice, NsFacts, Options};
+use netfilter::{BackendChoice, BackendKind, NsFacts, Options};
 use netns::NetNs;
 
 /// Exit codes: the contract for scripts.
@@ -32,7 +32,7 @@ pub struct RulesArgs {
     /// Remove every chain and rule of ours from --netns.
     #[arg(long, requires = "netns")]
     remove: bool,
-    /// iptables backend: auto, nft or legacy.
+    /// Firewall backend: auto, nft, legacy (iptables) or nftables (native, over netlink).
     #[arg(long, env = "KMC_IPTABLES_BACKEND", default_value = "auto")]
     iptables_backend: String,
     /// Directory for per-namespace xtables lock files (legacy backend).
@@ -87,7 +87,7 @@ fn execute(args: &RulesArgs) -> Result<(), Failure> {
     };
     println!("pod {name}: intercept");
     let ns = match &args.netns {
-        None => return print_plan(&cfg, &NsFacts { has_ipv6: args.ipv6, ..Default::default() }),
+        None => return print_plan(&cfg, &NsFacts { has_ipv6: args.ipv6, ..Default::default() }, backend),
         Some(path) => NetNs::open(path).map_err(|e| invalid(e.to_string()))?,
     };
     let opts = Options { backend, lock_dir: args.run_dir.clone(), ..Options::default() };
@@ -95,10 +95,10 @@ fn execute(args: &RulesArgs) -> Result<(), Failure> {
         let r = netfilter::apply(&ns, &cfg, &opts).map_err(failed)?;
         let families: Vec<&str> = r.families.iter().map(|f| f.as_str()).collect();
         println!(
-            "applied {} rules ({}) with iptables-{} ({})",
+            "applied {} rules ({}) with {} ({})",
             r.rules,
             families.join(", "),
-            r.backend.as_str(),
+            r.backend.label(),
             r.backend_reason
         );
     } else if args.verify {
@@ -109,23 +109,31 @@ fn execute(args: &RulesArgs) -> Result<(), Failure> {
             }
             return Err(failed(format!("{} expected rules are missing from {}", r.missing.len(), ns.path().display())));
         }
-        println!("all rules present (iptables-{})", r.backend.as_str());
+        println!("all rules present ({})", r.backend.label());
     } else if args.remove {
         let r = netfilter::remove(&ns, Some(&cfg), &opts).map_err(failed)?;
-        let what: Vec<String> = r.removed.iter().map(|(b, f)| format!("{f} (iptables-{})", b.as_str())).collect();
+        let what: Vec<String> = r.removed.iter().map(|(b, f)| format!("{f} ({})", b.label())).collect();
         match what.is_empty() {
             true => println!("nothing of ours was there"),
             false => println!("removed our rules: {}", what.join(", ")),
         }
     } else {
         let facts = ns.run(NsFacts::read).map_err(|e| failed(e.to_string()))?;
-        return print_plan(&cfg, &facts);
+        return print_plan(&cfg, &facts, backend);
     }
     Ok(())
 }
 
-fn print_plan(cfg: &Config, facts: &NsFacts) -> Result<(), Failure> {
+/// The rules as iptables-restore input, or for the native backend as `nft list table`
+/// prints our tables.
+fn print_plan(cfg: &Config, facts: &NsFacts, backend: BackendChoice) -> Result<(), Failure> {
     for set in netfilter::plan(cfg, facts, &Options::default()).map_err(failed)? {
+        if backend == BackendChoice::Forced(BackendKind::Native) {
+            let table = rules::nft::translate(&set);
+            println!("# {}: {} rules", set.family, table.rule_count());
+            print!("{table}");
+            continue;
+        }
         println!("# {}: {} rules", set.family, set.rule_count());
         print!("{}", rules::restore::install_payload(&set));
     }

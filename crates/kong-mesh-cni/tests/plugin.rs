@@ -2,7 +2,7 @@
 //! of real reference plugins with ours last, pods in a real API server read through a
 //! service account that may only `get` pods, and real traffic in the pod's namespace.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -445,4 +445,71 @@ fn malformed_stdin_is_a_decode_or_config_error() {
     let (out, code, _) = invoke("VERSION", "", b"");
     assert_eq!(code, Some(0));
     assert_eq!(out["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+}
+
+/// Our plugin behind a wrapper that hides every iptables/nft binary (bind-mounting
+/// /dev/null over each, in a private mount namespace) and empties PATH: a node with no
+/// iptables at all, as Talos is.
+fn without_iptables(dir: &Path) -> PathBuf {
+    let wrapper_dir = dir.join("no-iptables");
+    std::fs::create_dir_all(&wrapper_dir).unwrap();
+    let script = format!(
+        "#!/bin/sh\nexec unshare --mount --propagation private sh -c '\
+         for f in /usr/sbin/*tables* /usr/sbin/nft /sbin/*tables* /sbin/nft /usr/bin/*tables* /usr/bin/nft; do \
+         [ -e \"$f\" ] && mount --bind /dev/null \"$f\"; done; PATH=/nonexistent exec \"$0\" \"$@\"' {BIN} \"$@\"\n"
+    );
+    let wrapper = wrapper_dir.join("kong-mesh-cni");
+    std::fs::write(&wrapper, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper_dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_native_backend_needs_no_iptables_binary() {
+    if skip("native backend through libcni") {
+        return;
+    }
+    let f = fixture().await;
+    mesh_pod(&f.ns, "web", &[]).await;
+    let entry = our_entry(&f.kubeconfig, f.scratch.path(), json!({"iptables_backend": "nftables"}));
+    let mut rt = chain(Plugins::Upstream, entry);
+    let wrapper_dir = without_iptables(f.scratch.path());
+    rt.prepend_plugin_dir(&wrapper_dir);
+    // The hiding works: behind the same wrapper, iptables cannot run.
+    let probe = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "sed 's|exec \"$0\" \"$@\"|iptables-nft-save; /usr/sbin/iptables-nft-save|' {0}/kong-mesh-cni > {0}/probe && sh {0}/probe",
+            wrapper_dir.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!probe.status.success(), "iptables still runs behind the wrapper");
+
+    let web_ns = NamedNetns::new("plnf");
+    let web = Attachment::new(&web_ns, f.ns.name(), "web");
+    rt.add(&web).expect("ADD with the native backend and no iptables anywhere");
+    let pod_ns = web_ns.open();
+    let outbound = listen_tcp(&pod_ns, false, 15001);
+    // An address the pod can route to (the bridge network has no default route).
+    let ip = rt_ip(&web_ns);
+    let dest = format!("{}.250:443", ip.rsplit_once('.').unwrap().0).parse().unwrap();
+    let _c = connect_tcp(&pod_ns, None, dest, b"out");
+    let mut conn = accept_within(&outbound, Duration::from_secs(2)).expect("outbound redirected");
+    assert_eq!(read_exact(&mut conn, 3), b"out");
+    assert_eq!(original_destination(&conn).unwrap(), dest);
+    assert_eq!(saved_rules(&web_ns), "", "no iptables rule of ours: the rules are native");
+
+    rt.check(&web).expect("CHECK passes with every rule in place");
+    web_ns.exec("nft", &["flush", "chain", "ip", "kuma_mesh", "KUMA_MESH_OUTBOUND_REDIRECT"]);
+    let err = rt.check(&web).unwrap_err();
+    assert_eq!(err.code, Some(101), "{err}");
+    assert!(err.details.contains("KUMA_MESH_OUTBOUND_REDIRECT meta l4proto tcp redirect to :15001"), "{err}");
+
+    rt.del(&web).expect("DEL");
+    assert!(!web_ns.exec("nft", &["list", "tables"]).contains("kuma_mesh"), "DEL deleted our tables");
+    let log = std::fs::read_to_string(f.scratch.path().join("cni.log")).unwrap();
+    let add_line = log.lines().find(|l| l.contains("redirect programmed")).expect("ADD logged");
+    assert!(add_line.contains("nftables"), "{add_line}");
 }

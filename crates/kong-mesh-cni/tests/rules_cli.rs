@@ -183,3 +183,31 @@ fn a_pass_through_pod_leaves_the_namespace_alone() {
     assert!(text(&out.stdout).contains("pass through"), "{}", text(&out.stdout));
     assert_eq!(saved_rules(&ns), "");
 }
+
+#[test]
+fn prints_the_native_tables_as_nft_lists_them_and_acts_with_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pod = fixture("mesh-pod.yaml");
+    let args = ["rules", "--pod", pod.to_str().unwrap(), "--iptables-backend", "nftables"];
+    let out = run(&args, tmp.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    check_golden("rules-mesh-pod.nft.txt", &text(&out.stdout));
+    assert_eq!(run(&args, tmp.path()).stdout, out.stdout, "the output is deterministic");
+    if !require_root() {
+        return;
+    }
+    let ns = NamedNetns::new("clnf");
+    let path = ns.path();
+    let act = |action: &str| run(&[&args[..], &["--netns", &path, action]].concat(), tmp.path());
+    let applied = act("--apply");
+    assert!(applied.status.success(), "{}", text(&applied.stderr));
+    assert!(text(&applied.stdout).contains("with nftables"), "{}", text(&applied.stdout));
+    assert!(act("--verify").status.success());
+    ns.exec("nft", &["flush", "chain", "ip", "kuma_mesh", "KUMA_MESH_INBOUND_REDIRECT"]);
+    let verified = act("--verify");
+    assert_eq!(verified.status.code(), Some(1));
+    assert!(text(&verified.stdout).contains("missing ipv4: rule ip kuma_mesh KUMA_MESH_INBOUND_REDIRECT"));
+    let removed = act("--remove");
+    assert!(text(&removed.stdout).contains("ipv4 (nftables)"), "{}", text(&removed.stdout));
+    assert!(!ns.exec("nft", &["list", "tables"]).contains("kuma_mesh"));
+}

@@ -1,8 +1,11 @@
 //! Apply of the default rule set into fresh pod-like namespaces (lo + a veth with IPv4
-//! and an IPv6 link-local address, so both families get rules), per backend: ours
-//! (`netfilter::apply`) against the way the Go implementation does it (per family, one
-//! after the other: iptables-save, iptables-restore --test, iptables-restore), side by
-//! side, interleaved, in one run. Needs root. Prints figures; asserts nothing.
+//! and an IPv6 link-local address, so both families get rules): ours
+//! (`netfilter::apply`) with the native nf_tables backend, with iptables-nft and with
+//! iptables-legacy, and the way the Go implementation does it (per family, one after
+//! the other: iptables-save, iptables-restore --test, iptables-restore) with each
+//! iptables flavour; side by side, interleaved (every round applies each method once,
+//! in a rotating order, each into its own fresh namespace), in one run. Needs root.
+//! Prints figures; asserts nothing.
 //!
 //! `cargo bench -p netfilter --bench apply` (ROUNDS=N to change the 200 rounds).
 
@@ -63,6 +66,21 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
+#[derive(Clone, Copy)]
+enum Method {
+    Ours(BackendKind),
+    Go(BackendKind),
+}
+
+impl Method {
+    fn name(self) -> String {
+        match self {
+            Method::Ours(k) => format!("ours, {}", k.label()),
+            Method::Go(k) => format!("Go way, {}", k.label()),
+        }
+    }
+}
+
 fn main() {
     if !testkit::net::require_root() {
         return;
@@ -70,42 +88,48 @@ fn main() {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let cfg = Config::default();
     let lock_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-locks");
-    println!("apply of the default rule set into a fresh namespace, {rounds} rounds per backend (both families)");
-    println!("{:<8} {:<22} {:>10} {:>10} {:>10}", "backend", "method", "p50", "p99", "mean");
-    for kind in [BackendKind::Nft, BackendKind::Legacy] {
-        let opts = Options { backend: BackendChoice::Forced(kind), lock_dir: lock_dir.clone(), ..Options::default() };
-        let (mut ours, mut go) = (Vec::new(), Vec::new());
-        for round in 0..rounds {
-            // Alternate which goes first, so neither always runs on a warmer machine.
-            for which in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
-                let named = pod_namespace();
-                let ns = named.open();
-                let start = Instant::now();
-                if which == 0 {
+    let methods = [
+        Method::Ours(BackendKind::Native),
+        Method::Ours(BackendKind::Nft),
+        Method::Ours(BackendKind::Legacy),
+        Method::Go(BackendKind::Nft),
+        Method::Go(BackendKind::Legacy),
+    ];
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); methods.len()];
+    for round in 0..rounds {
+        // Rotate which goes first, so none always runs on a warmer machine.
+        for i in (0..methods.len()).map(|i| (i + round) % methods.len()) {
+            let named = pod_namespace();
+            let ns = named.open();
+            let start = Instant::now();
+            match methods[i] {
+                Method::Ours(kind) => {
+                    let opts = Options {
+                        backend: BackendChoice::Forced(kind),
+                        lock_dir: lock_dir.clone(),
+                        ..Options::default()
+                    };
                     let report = apply(&ns, &cfg, &opts).unwrap();
                     assert_eq!(report.families.len(), 2);
-                    ours.push(start.elapsed());
-                } else {
-                    go_way(&ns, kind, &cfg);
-                    go.push(start.elapsed());
                 }
+                Method::Go(kind) => go_way(&ns, kind, &cfg),
             }
+            times[i].push(start.elapsed());
         }
-        for v in [&mut ours, &mut go] {
-            v.sort();
-        }
-        let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
-        for (name, v) in [("kong-mesh-cni", &ours), ("save+test+restore (Go)", &go)] {
-            println!(
-                "{:<8} {:<22} {:>10} {:>10} {:>10}",
-                kind.as_str(),
-                name,
-                ms(percentile(v, 0.5)),
-                ms(percentile(v, 0.99)),
-                ms(mean(v))
-            );
-        }
-        let ratio = percentile(&ours, 0.5).as_secs_f64() / percentile(&go, 0.5).as_secs_f64();
-        println!("{:<8} p50 ratio ours/Go-way: {ratio:.2} (target <= 0.33)", kind.as_str());
     }
+    for v in &mut times {
+        v.sort();
+    }
+    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
+    println!("apply of the default rule set into a fresh namespace (both families), {rounds} rounds, interleaved");
+    println!("{:<28} {:>10} {:>10} {:>10}", "method", "p50", "p99", "mean");
+    for (m, v) in methods.iter().zip(&times) {
+        println!("{:<28} {:>10} {:>10} {:>10}", m.name(), ms(percentile(v, 0.5)), ms(percentile(v, 0.99)), ms(mean(v)));
+    }
+    let p50 = |i: usize| percentile(&times[i], 0.5).as_secs_f64();
+    println!("p50 ratio native / ours iptables-nft:    {:.2} (target <= 0.33)", p50(0) / p50(1));
+    println!("p50 ratio native / ours iptables-legacy: {:.2}", p50(0) / p50(2));
+    println!("p50 ratio ours / Go way, iptables-nft:    {:.2} (target <= 0.33)", p50(1) / p50(3));
+    println!("p50 ratio ours / Go way, iptables-legacy: {:.2} (target <= 0.33)", p50(2) / p50(4));
+    println!("native p50 {} (target <= 1 ms)", ms(percentile(&times[0], 0.5)));
 }

@@ -22,6 +22,8 @@ pub enum FirewallError {
     TooManyRules { family: Family, count: usize },
     #[error("cannot add ::6/128 to lo for the IPv6 inbound passthrough: {0}")]
     LoopbackAddress(io::Error),
-    #[error("invalid iptables backend {0:?}: expected auto, nft or legacy")]
+    #[error("nf_tables: cannot {what}: {error}")]
+    Netlink { what: String, error: String },
+    #[error("invalid iptables backend {0:?}: expected auto, nft, legacy or nftables")]
     BadChoice(String),
 }

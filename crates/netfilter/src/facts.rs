@@ -25,6 +25,8 @@ pub struct NsFacts {
     pub legacy: [BTreeSet<String>; 2],
     /// iptables-nft tables, per family.
     pub nft: [BTreeSet<String>; 2],
+    /// Our native table (`kuma_mesh`), per family.
+    pub native: [bool; 2],
 }
 
 pub fn index(family: Family) -> usize {
@@ -51,7 +53,9 @@ impl NsFacts {
                         NFPROTO_IPV6 => 1,
                         _ => continue,
                     };
-                    if IPTABLES_TABLES.contains(&name.as_str()) {
+                    if name == rules::nft::TABLE {
+                        facts.native[i] = true;
+                    } else if IPTABLES_TABLES.contains(&name.as_str()) {
                         facts.nft[i].insert(name);
                     }
                 }

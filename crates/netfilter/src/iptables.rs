@@ -7,7 +7,7 @@ use std::time::Duration;
 use rules::Family;
 
 use crate::facts::{NsFacts, OUR_TABLES, index};
-use crate::{Backend, BackendKind, FirewallError, exec};
+use crate::{BackendKind, FirewallError, exec};
 
 /// Where iptables lives on the distributions we meet, after `$PATH`.
 const SEARCH_DIRS: [&str; 6] = ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin", "/bin", "/usr/local/bin"];
@@ -47,6 +47,7 @@ fn links_to(path: &Path, kind: BackendKind) -> bool {
     let multi = match kind {
         BackendKind::Nft => "xtables-nft-multi",
         BackendKind::Legacy => "xtables-legacy-multi",
+        BackendKind::Native => return false,
     };
     std::fs::canonicalize(path).is_ok_and(|p| p.file_name().is_some_and(|n| n == multi))
 }
@@ -107,20 +108,26 @@ impl Iptables {
     }
 }
 
-impl Backend for Iptables {
-    fn kind(&self) -> BackendKind {
+/// The two primitives the iptables operations are built on; both run in the calling
+/// thread's network namespace.
+impl Iptables {
+    pub fn kind(&self) -> BackendKind {
         self.kind
     }
 
-    fn has_tables(&self, facts: &NsFacts, family: Family) -> bool {
+    /// Whether the namespace described by `facts` has tables of this backend that our
+    /// rules could be in; when not, a plain install needs no `save` first.
+    pub(crate) fn has_tables(&self, facts: &NsFacts, family: Family) -> bool {
         let tables = match self.kind {
             BackendKind::Nft => &facts.nft[index(family)],
             BackendKind::Legacy => &facts.legacy[index(family)],
+            BackendKind::Native => return false,
         };
         OUR_TABLES.iter().any(|t| tables.contains(*t))
     }
 
-    fn restore(&self, family: Family, payload: &str, ctx: &ExecContext) -> Result<(), FirewallError> {
+    /// Applies `payload` (iptables-restore syntax, `--noflush`) as one transaction.
+    pub(crate) fn restore(&self, family: Family, payload: &str, ctx: &ExecContext) -> Result<(), FirewallError> {
         let tools = &self.tools[index(family)];
         let mut cmd = self.command(&tools.restore, ctx);
         cmd.arg("--noflush").arg(format!("--wait={}", ctx.wait_seconds));
@@ -130,7 +137,8 @@ impl Backend for Iptables {
         exec::run(cmd, payload, ctx.timeout).map(drop)
     }
 
-    fn save(&self, family: Family, ctx: &ExecContext) -> Result<String, FirewallError> {
+    /// The current rules of the family, as iptables-save prints them.
+    pub(crate) fn save(&self, family: Family, ctx: &ExecContext) -> Result<String, FirewallError> {
         let tools = &self.tools[index(family)];
         let output = exec::run(self.command(&tools.save, ctx), "", ctx.timeout)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())

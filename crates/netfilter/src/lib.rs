@@ -1,31 +1,38 @@
 //! Programs transparent-proxy rule sets into a pod's network namespace.
 //!
-//! A backend offers two primitives, both run inside the target namespace: one atomic
-//! `restore` transaction per family, and `save`. The operations (`apply`, `verify`,
-//! `remove`) are built on them and on the pure functions of `rules`, so every
-//! backend gets the same idempotence and the same "touch only ours" guarantee.
+//! The operations (`apply`, `verify`, `remove`) choose a [`Backend`] and hand it the
+//! rule sets of `rules`: the iptables backends (nft and legacy: one atomic `*-restore`
+//! transaction per family, `*-save` to read back) or the native one (nf_tables over
+//! netlink: one batch per pod, our own tables). Each keeps the same idempotence and the
+//! same "touch only ours" guarantee.
 
 mod error;
 mod exec;
 mod facts;
 mod iptables;
 mod netlink;
+mod nftables;
 mod ops;
 mod select;
 
-use rules::Family;
+use rules::{Family, RuleSet};
+
+use crate::ops::Env;
 
 pub use error::FirewallError;
 pub use facts::NsFacts;
 pub use iptables::{ExecContext, Iptables};
 pub use netlink::add_ipv6_host_address;
+pub use nftables::expression_names;
 pub use ops::{ApplyReport, Options, RemoveReport, VerifyReport, apply, plan, remove, verify};
-pub use select::{BackendChoice, Selection, select};
+pub use select::BackendChoice;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     Nft,
     Legacy,
+    /// nf_tables over netlink, no iptables at all.
+    Native,
 }
 
 impl BackendKind {
@@ -33,19 +40,29 @@ impl BackendKind {
         match self {
             BackendKind::Nft => "nft",
             BackendKind::Legacy => "legacy",
+            BackendKind::Native => "nftables",
+        }
+    }
+
+    /// The backend's name for people: `iptables-nft`, `iptables-legacy`, `nftables`.
+    pub fn label(self) -> String {
+        match self {
+            BackendKind::Native => "nftables".into(),
+            k => format!("iptables-{}", k.as_str()),
         }
     }
 }
 
-/// A firewall backend. `restore` and `save` run in the calling thread's network
-/// namespace (callers enter the pod's through `netns::NetNs::run`).
-pub trait Backend: Send + Sync {
+/// A firewall backend. Each operation enters the pod's namespace itself (through
+/// `env.ns`), so a backend decides how many namespace hops and transactions it needs.
+pub(crate) trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
-    /// Whether the namespace described by `facts` has tables of this backend that our
-    /// rules could be in; when not, a plain install needs no `save` first.
-    fn has_tables(&self, facts: &NsFacts, family: Family) -> bool;
-    /// Applies `payload` (iptables-restore syntax, `--noflush`) as one transaction.
-    fn restore(&self, family: Family, payload: &str, ctx: &ExecContext) -> Result<(), FirewallError>;
-    /// The current rules of the family, as iptables-save prints them.
-    fn save(&self, family: Family, ctx: &ExecContext) -> Result<String, FirewallError>;
+    /// Installs `sets`, replacing ours and leaving others' rules alone. Returns whether
+    /// existing state had to be merged with.
+    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError>;
+    /// Each expected chain or rule that is absent, prefixed with its family.
+    fn missing(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError>;
+    /// Removes everything of ours (`expected`, when known, also recognises our rules that
+    /// carry no comment). Returns the families where something was removed.
+    fn remove(&self, env: &Env<'_>, expected: &[RuleSet]) -> Result<Vec<Family>, FirewallError>;
 }

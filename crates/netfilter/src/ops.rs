@@ -1,5 +1,6 @@
-//! apply / verify / remove: the operations on a pod namespace, built on the backend's
-//! primitives (restore, save) and the pure rule functions.
+//! apply / verify / remove: the operations on a pod namespace, through the chosen
+//! backend; and the iptables backends' side of them, built on their primitives
+//! (restore, save) and the pure rule functions.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use rules::restore::{install_payload, missing, parse_save, replace_payload};
 use rules::{Family, RuleSet, dns, families, generate};
 
 use crate::facts::NsFacts;
-use crate::iptables::ExecContext;
+use crate::iptables::{ExecContext, Iptables};
 use crate::select::{BackendChoice, Selection, select};
 use crate::{Backend, BackendKind, FirewallError, netlink};
 
@@ -72,6 +73,22 @@ pub struct RemoveReport {
 
 /// resolv.conf files are a few lines; anything this large is not one.
 const MAX_RESOLV_CONF: u64 = 64 * 1024;
+
+/// What a backend operation works with.
+pub(crate) struct Env<'a> {
+    pub ns: &'a NetNs,
+    pub facts: &'a NsFacts,
+    pub ctx: &'a ExecContext,
+    /// Retries come from it; `None` (remove without a config) means no retries.
+    pub cfg: Option<&'a Config>,
+    pub opts: &'a Options,
+}
+
+/// Envoy's inbound passthrough connects from ::6, which must be a local address; run
+/// in the pod's namespace before IPv6 rules go in.
+pub(crate) fn add_passthrough_address() -> Result<(), FirewallError> {
+    netlink::add_ipv6_host_address(1, Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)).map_err(FirewallError::LoopbackAddress)
+}
 
 /// The rule sets a config yields for a namespace with these facts.
 pub fn plan(cfg: &Config, facts: &NsFacts, opts: &Options) -> Result<Vec<RuleSet>, FirewallError> {
@@ -140,30 +157,21 @@ impl Drop for LockGuard {
 fn choose(ns: &NetNs, facts: &NsFacts, opts: &Options, ctx: &ExecContext) -> Result<Selection, FirewallError> {
     // The host's facts are read on this thread, which is in the host namespace.
     let selection = select(opts.backend, facts, NsFacts::read, ctx)?;
-    tracing::debug!(netns = %ns.path().display(), backend = selection.backend.kind().as_str(), reason = %selection.reason, "iptables backend");
+    tracing::debug!(netns = %ns.path().display(), backend = selection.backend.kind().as_str(), reason = %selection.reason, "firewall backend");
     Ok(selection)
 }
 
-/// Programs the config's rules into the namespace: all rules of a family in one
-/// restore transaction, both families at once. Idempotent: rules of ours already there
-/// are replaced in the same transaction, and nothing of others is touched.
+/// Programs the config's rules into the namespace. Idempotent: rules of ours already
+/// there are replaced in the same transaction, and nothing of others is touched.
 pub fn apply(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<ApplyReport, FirewallError> {
     let facts = ns.run(NsFacts::read)?;
     let ctx = exec_context(ns, Some(cfg), opts);
     let Selection { backend, reason } = choose(ns, &facts, opts, &ctx)?;
     let sets = plan(cfg, &facts, opts)?;
-    let _lock = LockGuard::new(&ctx, backend.kind());
-
-    let results: Vec<Result<bool, FirewallError>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = sets
-            .iter()
-            .map(|set| scope.spawn(|| with_retries(cfg, opts, || apply_family(ns, &backend, &facts, set, &ctx))))
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-    });
-    let mut replaced_existing = false;
-    for result in results {
-        replaced_existing |= result?;
+    let env = Env { ns, facts: &facts, ctx: &ctx, cfg: Some(cfg), opts };
+    let replaced_existing = backend.apply(&env, &sets)?;
+    if backend.kind() == BackendKind::Native {
+        take_over_from_iptables(&env, &sets);
     }
     Ok(ApplyReport {
         backend: backend.kind(),
@@ -174,19 +182,99 @@ pub fn apply(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<ApplyReport, Fi
     })
 }
 
+/// Once the native rules are in, our iptables rules of an older version (if the
+/// namespace has iptables tables at all) go: the redirect never lapses, and nothing
+/// is spawned in the common case of a namespace without iptables tables.
+fn take_over_from_iptables(env: &Env<'_>, sets: &[RuleSet]) {
+    for kind in [BackendKind::Nft, BackendKind::Legacy] {
+        let present = match kind {
+            BackendKind::Nft => env.facts.any_nft(),
+            _ => env.facts.any_legacy(),
+        };
+        if !present {
+            continue;
+        }
+        let removed = Iptables::discover(kind).and_then(|b| b.remove(env, sets));
+        match removed {
+            Ok(families) if !families.is_empty() => {
+                tracing::info!(backend = kind.as_str(), ?families, "removed our iptables rules of an older version")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(backend = kind.as_str(), %error, "cannot clean up our old iptables rules"),
+        }
+    }
+}
+
+impl Backend for Iptables {
+    fn kind(&self) -> BackendKind {
+        Iptables::kind(self)
+    }
+
+    /// All rules of a family in one restore transaction, both families at once.
+    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError> {
+        let _lock = LockGuard::new(env.ctx, self.kind());
+        let results: Vec<Result<bool, FirewallError>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = sets
+                .iter()
+                .map(|set| scope.spawn(|| with_retries(env, || apply_family(env.ns, self, env.facts, set, env.ctx))))
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        let mut replaced_existing = false;
+        for result in results {
+            replaced_existing |= result?;
+        }
+        Ok(replaced_existing)
+    }
+
+    fn missing(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {
+        let _lock = LockGuard::new(env.ctx, self.kind());
+        let mut out = Vec::new();
+        for set in sets {
+            let saved = if self.has_tables(env.facts, set.family) {
+                env.ns.run(|| self.save(set.family, env.ctx))??
+            } else {
+                String::new()
+            };
+            out.extend(missing(&parse_save(&saved), set).into_iter().map(|m| format!("{}: {m}", set.family)));
+        }
+        Ok(out)
+    }
+
+    fn remove(&self, env: &Env<'_>, expected: &[RuleSet]) -> Result<Vec<Family>, FirewallError> {
+        let _lock = LockGuard::new(env.ctx, self.kind());
+        let mut removed = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            if !self.has_tables(env.facts, family) {
+                continue;
+            }
+            let old = expected.iter().find(|s| s.family == family);
+            let done = env.ns.run(|| -> Result<bool, FirewallError> {
+                let saved = parse_save(&self.save(family, env.ctx)?);
+                match replace_payload(&saved, old, None) {
+                    Some(payload) => self.restore(family, &payload, env.ctx).map(|()| true),
+                    None => Ok(false),
+                }
+            })??;
+            if done {
+                removed.push(family);
+            }
+        }
+        Ok(removed)
+    }
+}
+
 /// Returns whether existing tables had to be merged with.
 fn apply_family(
     ns: &NetNs,
-    backend: &dyn Backend,
+    backend: &Iptables,
     facts: &NsFacts,
     set: &RuleSet,
     ctx: &ExecContext,
 ) -> Result<bool, FirewallError> {
     ns.run(|| {
         if set.family == Family::V6 {
-            // Envoy's inbound passthrough connects from ::6, which must be local.
-            netlink::add_ipv6_host_address(1, Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))
-                .map_err(FirewallError::LoopbackAddress)?;
+            add_passthrough_address()?;
         }
         if !backend.has_tables(facts, set.family) {
             // A fresh namespace (the common case): one transaction, no save first.
@@ -200,18 +288,15 @@ fn apply_family(
     })?
 }
 
-fn with_retries<T>(
-    cfg: &Config,
-    opts: &Options,
-    mut attempt: impl FnMut() -> Result<T, FirewallError>,
-) -> Result<T, FirewallError> {
+fn with_retries<T>(env: &Env<'_>, mut attempt: impl FnMut() -> Result<T, FirewallError>) -> Result<T, FirewallError> {
     let mut tries = 0;
     loop {
         match attempt() {
             Ok(v) => return Ok(v),
             Err(e) => {
+                let Some(cfg) = env.cfg else { return Err(e) };
                 let sleep = cfg.retry.sleep_between_retries;
-                let out_of_time = opts.deadline.is_some_and(|d| Instant::now() + sleep >= d);
+                let out_of_time = env.opts.deadline.is_some_and(|d| Instant::now() + sleep >= d);
                 let retriable = matches!(e, FirewallError::Failed { .. } | FirewallError::Timeout { .. });
                 if tries >= cfg.retry.max_retries || out_of_time || !retriable {
                     return Err(e);
@@ -230,18 +315,9 @@ pub fn verify(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<VerifyReport, 
     let ctx = exec_context(ns, Some(cfg), opts);
     let Selection { backend, .. } = choose(ns, &facts, opts, &ctx)?;
     let sets = plan(cfg, &facts, opts)?;
-    let _lock = LockGuard::new(&ctx, backend.kind());
-    let mut report = VerifyReport { backend: backend.kind(), families: vec![], missing: vec![] };
-    for set in &sets {
-        report.families.push(set.family);
-        let saved = if backend.has_tables(&facts, set.family) {
-            ns.run(|| backend.save(set.family, &ctx))??
-        } else {
-            String::new()
-        };
-        report.missing.extend(missing(&parse_save(&saved), set).into_iter().map(|m| format!("{}: {m}", set.family)));
-    }
-    Ok(report)
+    let env = Env { ns, facts: &facts, ctx: &ctx, cfg: Some(cfg), opts };
+    let missing = backend.missing(&env, &sets)?;
+    Ok(VerifyReport { backend: backend.kind(), families: sets.iter().map(|s| s.family).collect(), missing })
 }
 
 /// Removes every chain and rule of ours, with whichever backend holds them, leaving the
@@ -253,35 +329,23 @@ pub fn remove(ns: &NetNs, cfg: Option<&Config>, opts: &Options) -> Result<Remove
         Some(cfg) => plan(cfg, &NsFacts { has_ipv6: true, ..facts.clone() }, opts)?,
         None => Vec::new(),
     };
+    let env = Env { ns, facts: &facts, ctx: &ctx, cfg, opts };
     let mut report = RemoveReport::default();
     let kinds: Vec<BackendKind> = match opts.backend {
         BackendChoice::Forced(kind) => vec![kind],
-        BackendChoice::Auto => [BackendKind::Nft, BackendKind::Legacy]
+        BackendChoice::Auto => [BackendKind::Native, BackendKind::Nft, BackendKind::Legacy]
             .into_iter()
             .filter(|k| match k {
                 BackendKind::Nft => facts.any_nft(),
                 BackendKind::Legacy => facts.any_legacy(),
+                BackendKind::Native => facts.native.iter().any(|n| *n),
             })
             .collect(),
     };
     for kind in kinds {
-        let backend = crate::iptables::Iptables::discover(kind)?;
-        let _lock = LockGuard::new(&ctx, kind);
-        for family in [Family::V4, Family::V6] {
-            if !backend.has_tables(&facts, family) {
-                continue;
-            }
-            let old = expected.iter().find(|s| s.family == family);
-            let removed = ns.run(|| -> Result<bool, FirewallError> {
-                let saved = parse_save(&backend.save(family, &ctx)?);
-                match replace_payload(&saved, old, None) {
-                    Some(payload) => backend.restore(family, &payload, &ctx).map(|()| true),
-                    None => Ok(false),
-                }
-            })??;
-            if removed {
-                report.removed.push((kind, family));
-            }
+        let backend = crate::select::backend(kind)?;
+        for family in backend.remove(&env, &expected)? {
+            report.removed.push((kind, family));
         }
     }
     Ok(report)

@@ -1,7 +1,14 @@
-//! Which iptables backend to use, decided the same way on every call so that the
-//! choice cannot flap: the pod namespace's own state first (rules already there must be
-//! managed where they are), then the host's (our rules should live where kube-proxy's
-//! do), then the documented default, nft.
+//! Which backend to use, decided the same way on every call so that the choice cannot
+//! flap: the pod namespace's own state first (rules already there must be managed
+//! where they are), then the host's (our rules should live where kube-proxy's do), then
+//! the documented default, iptables-nft.
+//!
+//! `auto` picks the native nf_tables backend when the pod namespace already holds our
+//! native table, or when no iptables tools are installed at all (nodes such as Talos,
+//! where every iptables-based CNI fails). It does not yet prefer it over installed
+//! iptables tools: Kuma's contract is rules that `iptables-save` shows, which node
+//! tooling and people debugging a pod rely on; `nftables` is one setting away and is
+//! the fastest path (one netlink batch, no process).
 
 use std::str::FromStr;
 
@@ -9,6 +16,7 @@ use rules::Family;
 
 use crate::facts::NsFacts;
 use crate::iptables::{ExecContext, Iptables};
+use crate::nftables::Native;
 use crate::{Backend, BackendKind, FirewallError};
 
 /// The backend asked for: `auto` detects, the others force.
@@ -26,44 +34,62 @@ impl FromStr for BackendChoice {
             "" | "auto" => Ok(BackendChoice::Auto),
             "nft" | "iptables-nft" => Ok(BackendChoice::Forced(BackendKind::Nft)),
             "legacy" | "iptables-legacy" => Ok(BackendChoice::Forced(BackendKind::Legacy)),
+            "nftables" | "native" => Ok(BackendChoice::Forced(BackendKind::Native)),
             other => Err(FirewallError::BadChoice(other.to_owned())),
         }
     }
 }
 
 /// The backend to use and why, for the log.
-pub struct Selection {
-    pub backend: Iptables,
+pub(crate) struct Selection {
+    pub backend: Box<dyn Backend>,
     pub reason: String,
+}
+
+/// The backend of a kind (for iptables: its tools found).
+pub(crate) fn backend(kind: BackendKind) -> Result<Box<dyn Backend>, FirewallError> {
+    Ok(match kind {
+        BackendKind::Native => Box::new(Native),
+        kind => Box::new(Iptables::discover(kind)?),
+    })
+}
+
+fn chosen(backend: impl Backend + 'static, reason: impl Into<String>) -> Selection {
+    Selection { backend: Box::new(backend), reason: reason.into() }
 }
 
 /// Decides from the pod namespace's facts and, when they say nothing, the host's
 /// (read lazily: most pod namespaces are fresh, so the host decides).
-pub fn select(
+pub(crate) fn select(
     choice: BackendChoice,
     pod: &NsFacts,
     host: impl FnOnce() -> NsFacts,
     ctx: &ExecContext,
 ) -> Result<Selection, FirewallError> {
     if let BackendChoice::Forced(kind) = choice {
-        return Ok(Selection { backend: Iptables::discover(kind)?, reason: "configured".into() });
+        return Ok(Selection { backend: backend(kind)?, reason: "configured".into() });
+    }
+    if pod.native.iter().any(|n| *n) {
+        return Ok(chosen(Native, "the pod namespace has our nftables table"));
     }
     let nft = Iptables::discover(BackendKind::Nft);
     let legacy = Iptables::discover(BackendKind::Legacy);
     let (nft, legacy) = match (nft, legacy) {
         (Ok(n), Ok(l)) => (n, l),
-        (Ok(n), Err(_)) => return Ok(Selection { backend: n, reason: "only the nft tools are installed".into() }),
-        (Err(_), Ok(l)) => return Ok(Selection { backend: l, reason: "only the legacy tools are installed".into() }),
-        (Err(e), Err(_)) => return Err(e),
+        (Ok(n), Err(_)) => return Ok(chosen(n, "only the nft tools are installed")),
+        (Err(_), Ok(l)) => return Ok(chosen(l, "only the legacy tools are installed")),
+        (Err(_), Err(_)) => {
+            return Ok(chosen(Native, "no iptables tools are installed: native nftables, which needs none"));
+        }
     };
     if let Some((backend, why)) = by_state(pod, &nft, &legacy, ctx) {
-        return Ok(Selection { backend, reason: format!("the pod namespace {why}") });
+        return Ok(chosen(backend, format!("the pod namespace {why}")));
     }
     let host = host();
     if let Some((backend, why)) = by_state(&host, &nft, &legacy, ctx) {
-        return Ok(Selection { backend, reason: format!("the host {why}") });
+        return Ok(chosen(backend, format!("the host {why}")));
     }
-    Ok(Selection { backend: nft, reason: "no iptables state on the host or in the pod: the default".into() })
+    Ok(chosen(nft, "no iptables state on the host or in the pod: the default"))
 }
 
 fn by_state(facts: &NsFacts, nft: &Iptables, legacy: &Iptables, ctx: &ExecContext) -> Option<(Iptables, String)> {
@@ -88,5 +114,25 @@ fn by_state(facts: &NsFacts, nft: &Iptables, legacy: &Iptables, ctx: &ExecContex
                 (nft.clone(), format!("has at least as many iptables-nft rules ({n}) as iptables-legacy rules ({l})"))
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_backend_name() {
+        for (text, want) in [
+            ("", BackendChoice::Auto),
+            ("auto", BackendChoice::Auto),
+            ("nft", BackendChoice::Forced(BackendKind::Nft)),
+            ("iptables-legacy", BackendChoice::Forced(BackendKind::Legacy)),
+            ("nftables", BackendChoice::Forced(BackendKind::Native)),
+        ] {
+            assert_eq!(text.parse::<BackendChoice>().unwrap(), want, "{text:?}");
+        }
+        let err = "ipfw".parse::<BackendChoice>().unwrap_err().to_string();
+        assert!(err.contains("\"ipfw\"") && err.contains("nftables"), "{err}");
     }
 }

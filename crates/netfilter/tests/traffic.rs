@@ -1,6 +1,6 @@
 //! Real rules in real namespaces, checked with real traffic: where each connection or
 //! datagram lands, and the original destination conntrack reports. Every test runs
-//! for both iptables backends.
+//! for both iptables backends and the native nf_tables one.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +13,8 @@ use testkit::net::{
 };
 use validator::original_destination;
 
-const BACKENDS: [BackendKind; 2] = [BackendKind::Nft, BackendKind::Legacy];
+const BACKENDS: [BackendKind; 3] = [BackendKind::Nft, BackendKind::Legacy, BackendKind::Native];
+const IPTABLES: [BackendKind; 2] = [BackendKind::Nft, BackendKind::Legacy];
 const SIDECAR: u32 = 5678;
 
 fn config(pairs: &[(&str, &str)]) -> Config {
@@ -150,7 +151,7 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
         let cfg = config(&[
             ("traffic.kuma.io/exclude-outbound-ips", "10.77.0.3"),
             ("traffic.kuma.io/exclude-inbound-ips", "10.77.0.0/24"),
-            ("traffic.kuma.io/exclude-outbound-ports-for-uids", "tcp:8080:1000"),
+            ("traffic.kuma.io/exclude-outbound-ports-for-uids", "tcp:8080:1000;tcp:7000,7100-7200:1001-1010"),
             ("traffic.kuma.io/exclude-outbound-ports", "7000"),
         ]);
         let report = apply(&pod, &cfg, &options(kind)).unwrap();
@@ -161,7 +162,26 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
         let pod_app = listen_tcp(&pod, false, 8080);
         let peer_app = listen_tcp(&peer, false, 8080);
         let peer_7000 = listen_tcp(&peer, false, 7000);
+        let peer_7150 = listen_tcp(&peer, false, 7150);
         let peer = &peer;
+
+        // A UID range and a port range (the native backend: byteorder + range).
+        assert_lands(
+            &pod,
+            Some(1005),
+            "10.77.0.1:7150".parse().unwrap(),
+            &peer_7150,
+            Some(&outbound),
+            &format!("{tag}: UID in the range, port in the range"),
+        );
+        assert_lands(
+            &pod,
+            Some(1011),
+            "10.77.0.1:7150".parse().unwrap(),
+            &outbound,
+            Some(&peer_7150),
+            &format!("{tag}: UID past the range"),
+        );
 
         assert_lands(
             &pod,
@@ -185,7 +205,7 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
             "10.77.0.1:8080".parse().unwrap(),
             &outbound,
             Some(&peer_app),
-            &format!("{tag}: other UID"),
+            &format!("{tag}: other UID, or a port outside the UID's ports"),
         );
         assert_lands(
             &pod,
@@ -206,7 +226,20 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
     }
 }
 
+/// Every chain and rule of the family, as the backend's own tool lists them (for the
+/// native backend every nf_tables table of the family, ours and others').
 fn rules_of(topo: &Topology, kind: BackendKind, v6: bool) -> Vec<String> {
+    if kind == BackendKind::Native {
+        let family = if v6 { "ip6" } else { "ip" };
+        return topo
+            .pod
+            .exec("nft", &["list", "ruleset", family])
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && *l != "}")
+            .map(str::to_owned)
+            .collect();
+    }
     let tool = format!("{}-{}-save", if v6 { "ip6tables" } else { "iptables" }, kind.as_str());
     topo.pod
         .exec(&tool, &[])
@@ -214,6 +247,30 @@ fn rules_of(topo: &Topology, kind: BackendKind, v6: bool) -> Vec<String> {
         .filter(|l| l.starts_with("-A ") || (l.starts_with(':') && l.contains(" - ")))
         .map(str::to_owned)
         .collect()
+}
+
+/// Rules of others, in the backend's own terms: a chain and rules in nat and raw.
+fn add_others_rules(topo: &Topology, kind: BackendKind) {
+    if kind == BackendKind::Native {
+        for family in ["ip", "ip6"] {
+            let script = format!(
+                "add table {family} others\n\
+                 add chain {family} others out {{ type nat hook output priority -100; }}\n\
+                 add chain {family} others mine\n\
+                 add rule {family} others out tcp dport 4444 jump mine\n\
+                 add chain {family} others raw {{ type filter hook output priority -300; }}\n\
+                 add rule {family} others raw udp dport 5555 accept\n"
+            );
+            topo.pod.exec("sh", &["-c", &format!("printf '{script}' | nft -f -")]);
+        }
+        return;
+    }
+    for tool in ["iptables", "ip6tables"] {
+        let tool = format!("{tool}-{}", kind.as_str());
+        topo.pod.exec(&tool, &["-t", "nat", "-N", "OTHERS"]);
+        topo.pod.exec(&tool, &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "4444", "-j", "OTHERS"]);
+        topo.pod.exec(&tool, &["-t", "raw", "-A", "OUTPUT", "-p", "udp", "--dport", "5555", "-j", "ACCEPT"]);
+    }
 }
 
 #[test]
@@ -224,17 +281,13 @@ fn apply_twice_leaves_one_copy_and_remove_restores_the_rest() {
     for kind in BACKENDS {
         let topo = Topology::new("fwid", true);
         let pod = topo.pod.open();
-        for tool in ["iptables", "ip6tables"] {
-            let tool = format!("{tool}-{}", kind.as_str());
-            topo.pod.exec(&tool, &["-t", "nat", "-N", "OTHERS"]);
-            topo.pod.exec(&tool, &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "4444", "-j", "OTHERS"]);
-            topo.pod.exec(&tool, &["-t", "raw", "-A", "OUTPUT", "-p", "udp", "--dport", "5555", "-j", "ACCEPT"]);
-        }
+        add_others_rules(&topo, kind);
         let before = [rules_of(&topo, kind, false), rules_of(&topo, kind, true)];
 
         let cfg = config(&[("kuma.io/builtin-dns", "enabled"), ("traffic.kuma.io/drop-invalid-packets", "true")]);
         let first = apply(&pod, &cfg, &options(kind)).unwrap();
-        assert!(first.replaced_existing, "others' tables were there, so the merge path ran");
+        // The native backend has a table of its own: others' tables are no merge.
+        assert_eq!(first.replaced_existing, kind != BackendKind::Native, "{kind:?}: the merge path");
         let second = apply(&pod, &cfg, &options(kind)).unwrap();
         assert!(second.replaced_existing);
         for (i, v6) in [false, true].into_iter().enumerate() {
@@ -268,6 +321,16 @@ fn verify_names_a_deleted_rule() {
         apply(&pod, &cfg, &options(kind)).unwrap();
         let victim = rules_of(&topo, kind, false).into_iter().find(|l| l.contains("localhost not redirected")).unwrap();
         // Through a shell, so the quoted comment stays one argument.
+        if kind == BackendKind::Native {
+            // With nft, by handle; the rule is listed without it.
+            let listing = topo.pod.exec("nft", &["-a", "list", "chain", "ip", "kuma_mesh", "KUMA_MESH_OUTBOUND"]);
+            let line = listing.lines().find(|l| l.contains("localhost not redirected")).unwrap();
+            let handle = line.rsplit("# handle ").next().unwrap().trim();
+            topo.pod.exec("nft", &["delete", "rule", "ip", "kuma_mesh", "KUMA_MESH_OUTBOUND", "handle", handle]);
+            let report = verify(&pod, &cfg, &options(kind)).unwrap();
+            assert_eq!(report.missing, vec![format!("ipv4: rule ip kuma_mesh KUMA_MESH_OUTBOUND {victim}")]);
+            continue;
+        }
         let delete = format!("iptables-{} -t nat {}", kind.as_str(), victim.replacen("-A ", "-D ", 1));
         topo.pod.exec("sh", &["-c", &delete]);
         let report = verify(&pod, &cfg, &options(kind)).unwrap();
@@ -280,7 +343,7 @@ fn auto_detection_follows_the_namespace_then_the_host() {
     if !require_root() {
         return;
     }
-    for kind in BACKENDS {
+    for kind in IPTABLES {
         let topo = Topology::new("fwsel", false);
         topo.pod.exec(&format!("iptables-{}", kind.as_str()), &["-t", "filter", "-N", "SOMEONE"]);
         let auto = Options { backend: BackendChoice::Auto, ..options(kind) };

@@ -6,6 +6,7 @@
 
 pub mod dns;
 mod generate;
+pub mod nft;
 pub mod restore;
 pub mod rule;
 

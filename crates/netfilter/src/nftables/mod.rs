@@ -1,0 +1,240 @@
+//! The native backend: our rules as nf_tables tables of our own (`table ip kuma_mesh`,
+//! `table ip6 kuma_mesh`) with native expressions only, programmed over netlink from
+//! the pod namespace's thread. No process runs, so no NSS lookup and no x_tables.
+//! apply is one batch (the kernel commits it whole or not at all) that deletes our old
+//! tables and creates the new ones; remove is one batch deleting them.
+
+mod wire;
+
+use std::collections::HashMap;
+use std::io;
+
+use netlink_packet_netfilter::nftables::{ChainAttribute, ChainMessage, NfTablesMessage, RuleAttribute, RuleMessage};
+use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
+use netlink_sys::protocols::NETLINK_NETFILTER;
+use rules::nft::{NftTable, TABLE, translate};
+use rules::{Family, RuleSet};
+
+use crate::netlink::{Conn, NlError, netfilter_message};
+use crate::ops::Env;
+use crate::{Backend, BackendKind, FirewallError};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Native;
+
+/// Which message of a batch the kernel refused, for people.
+fn describe(tables: &[NftTable], delete: &[Family], index: usize) -> String {
+    let mut what = vec!["batch begin".to_owned()];
+    for f in delete {
+        what.push(format!("delete table {} {TABLE}", family_name(*f)));
+    }
+    for t in tables {
+        what.push(format!("add table {} {TABLE}", t.family_name()));
+        for c in &t.chains {
+            what.push(format!("add chain {} {TABLE} {}", t.family_name(), c.name));
+        }
+        for c in &t.chains {
+            for r in &c.rules {
+                what.push(format!("add rule {} {TABLE} {} {r}", t.family_name(), c.name));
+            }
+        }
+    }
+    what.push("batch end".to_owned());
+    what.get(index).cloned().unwrap_or_else(|| format!("message {index}"))
+}
+
+fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn netlink_error(what: String, e: NlError) -> FirewallError {
+    FirewallError::Netlink { what, error: e.to_string() }
+}
+
+/// One transaction: delete our tables of `delete`, create `create`.
+fn commit(delete: &[Family], create: &[NftTable]) -> Result<(), FirewallError> {
+    let mut conn = Conn::open(NETLINK_NETFILTER)
+        .map_err(|e| FirewallError::Netlink { what: "open a netfilter netlink socket".into(), error: e.to_string() })?;
+    conn.transact(wire::batch(delete, create)).map_err(|e| match e {
+        NlError::Refused(ref r) => netlink_error(describe(create, delete, r.index), e),
+        e => netlink_error("nf_tables batch".into(), e),
+    })
+}
+
+/// A rule of ours as the kernel lists it: chain, canonical expressions, comment.
+type Listed = (String, String, Option<String>);
+
+/// Our table of `family` as the kernel has it: chain names and rules.
+fn list(family: Family) -> Result<(Vec<String>, Vec<Listed>), FirewallError> {
+    let fail = |e: NlError| netlink_error(format!("list table {} {TABLE}", family_name(family)), e);
+    let mut conn = Conn::open(NETLINK_NETFILTER).map_err(|e| fail(e.into()))?;
+    let nfproto = wire::nfproto(family);
+    let chains_req = netfilter_message(
+        nfproto,
+        NfTablesMessage::GetChain(ChainMessage { attributes: vec![ChainAttribute::Table(TABLE.into())] }),
+    );
+    let mut chains = Vec::new();
+    for m in conn.dump(chains_req).map_err(fail)? {
+        if let NetfilterMessageInner::NfTables(NfTablesMessage::NewChain(c)) = m.inner {
+            let table = c.attributes.iter().any(|a| matches!(a, ChainAttribute::Table(t) if t == TABLE));
+            let name = c.attributes.into_iter().find_map(|a| match a {
+                ChainAttribute::Name(n) => Some(n),
+                _ => None,
+            });
+            if let (true, Some(name)) = (table, name) {
+                chains.push(name);
+            }
+        }
+    }
+    let rules = dump_rules(&mut conn, nfproto, Some(TABLE))
+        .map_err(fail)?
+        .into_iter()
+        .filter_map(|r| {
+            let (mut chain, mut canon, mut comment) = (None, String::new(), None);
+            for a in r.attributes {
+                match a {
+                    RuleAttribute::Chain(c) => chain = Some(c),
+                    RuleAttribute::Expressions(list) => canon = wire::canonical(&wire::list_bytes(&list)).0,
+                    RuleAttribute::UserData(d) => comment = wire::userdata_comment(&d),
+                    _ => {}
+                }
+            }
+            Some((chain?, canon, comment))
+        })
+        .collect();
+    Ok((chains, rules))
+}
+
+fn dump_rules(conn: &mut Conn, nfproto: u8, table: Option<&str>) -> Result<Vec<RuleMessage>, NlError> {
+    let attributes = table.map(|t| vec![RuleAttribute::Table(t.into())]).unwrap_or_default();
+    let req: NetfilterMessage = netfilter_message(nfproto, NfTablesMessage::GetRule(RuleMessage { attributes }));
+    Ok(conn
+        .dump(req)?
+        .into_iter()
+        .filter_map(|m| match m.inner {
+            NetfilterMessageInner::NfTables(NfTablesMessage::NewRule(r)) => Some(r),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The expression names of every nf_tables rule of the calling thread's namespace, in
+/// every table and family (ours and others'), for checks such as "no xt compat".
+pub fn expression_names() -> io::Result<Vec<String>> {
+    let mut conn = Conn::open(NETLINK_NETFILTER)?;
+    let mut names = Vec::new();
+    for r in dump_rules(&mut conn, 0, None)? {
+        for a in r.attributes {
+            if let RuleAttribute::Expressions(list) = a {
+                names.extend(wire::canonical(&wire::list_bytes(&list)).1);
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// What the rule sets become in nf_tables, one table per family.
+pub fn tables(sets: &[RuleSet]) -> Vec<NftTable> {
+    sets.iter().map(translate).collect()
+}
+
+fn ours(env: &Env<'_>) -> Vec<Family> {
+    [Family::V4, Family::V6].into_iter().filter(|f| env.facts.native[crate::facts::index(*f)]).collect()
+}
+
+impl Backend for Native {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Native
+    }
+
+    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError> {
+        let create = tables(sets);
+        let delete = ours(env);
+        env.ns.run(|| {
+            if sets.iter().any(|s| s.family == Family::V6) {
+                crate::ops::add_passthrough_address()?;
+            }
+            commit(&delete, &create)
+        })??;
+        Ok(!delete.is_empty())
+    }
+
+    fn missing(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {
+        let mut missing = Vec::new();
+        for table in tables(sets) {
+            let family = table.family;
+            let (chains, rules) = if env.facts.native[crate::facts::index(family)] {
+                env.ns.run(|| list(family))??
+            } else {
+                Default::default()
+            };
+            let mut present: HashMap<Listed, usize> = HashMap::new();
+            for rule in rules {
+                *present.entry(rule).or_default() += 1;
+            }
+            let fam = table.family_name();
+            for chain in &table.chains {
+                if !chains.contains(&chain.name) {
+                    missing.push(format!("{family}: chain {fam} {TABLE} {}", chain.name));
+                }
+                for rule in &chain.rules {
+                    let canon = wire::canonical(&wire::list_bytes(&wire::expressions(family, rule))).0;
+                    match present.get_mut(&(chain.name.clone(), canon, rule.comment.clone())) {
+                        Some(n) if *n > 0 => *n -= 1,
+                        _ => missing.push(format!("{family}: rule {fam} {TABLE} {} {rule}", chain.name)),
+                    }
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    fn remove(&self, env: &Env<'_>, _expected: &[RuleSet]) -> Result<Vec<Family>, FirewallError> {
+        let delete = ours(env);
+        if !delete.is_empty() {
+            env.ns.run(|| commit(&delete, &[]))??;
+        }
+        Ok(delete)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rules::nft::{Action, Chain, Hook, NftRule};
+    use testkit::net::{NamedNetns, require_root};
+
+    use super::*;
+
+    /// A real refusal (a jump to a chain that does not exist: no config produces one):
+    /// the error names the refused message, and nothing of the batch is committed.
+    #[test]
+    fn a_refused_message_is_named_and_nothing_is_committed() {
+        if !require_root() {
+            return;
+        }
+        let named = NamedNetns::new("nfrf");
+        let ns = named.open();
+        let rule = |action| NftRule { conds: vec![], action, comment: None };
+        let table = NftTable {
+            family: Family::V4,
+            chains: vec![Chain {
+                name: "nat_output".into(),
+                hook: Some(Hook { nat: true, hook: 3, priority: -100 }),
+                rules: vec![rule(Action::Return), rule(Action::Jump("NOPE".into())), rule(Action::Return)],
+            }],
+        };
+        let err = ns.run(|| commit(&[], std::slice::from_ref(&table))).unwrap().unwrap_err().to_string();
+        assert!(err.contains("cannot add rule ip kuma_mesh nat_output jump NOPE:"), "{err}");
+        assert!(err.contains("No such file or directory"), "{err}");
+        let tables = ns.run(crate::netlink::nft_tables).unwrap().unwrap();
+        assert!(tables.is_empty(), "the batch was committed in part: {tables:?}");
+        // The same batch without the bad rule goes in whole.
+        let mut good = table;
+        good.chains[0].rules.remove(1);
+        ns.run(|| commit(&[], &[good])).unwrap().unwrap();
+        assert_eq!(ns.run(crate::netlink::nft_tables).unwrap().unwrap(), vec![(2, TABLE.to_owned())]);
+    }
+}
