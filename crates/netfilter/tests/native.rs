@@ -58,7 +58,7 @@ fn the_kernel_lists_every_golden_rule_set_as_we_render_it() {
         let report = apply(&pod, &cfg, &native()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(report.backend, BackendKind::Native);
         let facts = pod.run(NsFacts::read).unwrap();
-        for set in plan(&cfg, &facts).unwrap() {
+        for set in plan(&cfg, &facts, &Options::default()).unwrap() {
             let table = translate(&set);
             let listed = topo.pod.exec("nft", &["list", "table", table.family_name(), "kuma_mesh"]);
             if listed != table.to_string() {
