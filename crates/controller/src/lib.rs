@@ -12,7 +12,6 @@
 
 mod args;
 mod error;
-mod http;
 mod leader;
 mod nad;
 mod nad_controller;
@@ -34,7 +33,6 @@ pub use status::{Part, Status};
 pub use taint::{TAINT_EFFECT, TAINT_KEY};
 
 use kube::Client;
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info};
 
 /// The `controller` subcommand: runs until SIGTERM or SIGINT.
@@ -51,7 +49,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
         args.validate()?;
         let client = Client::try_default().await.map_err(Error::ClientConfig)?;
         let status = Arc::new(Status::new(&parts(&args)));
-        serve(client, args, status, terminated()).await
+        serve(client, args, status, ops::shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,7 +84,7 @@ pub async fn serve(
     args.validate()?;
     let listener = match args.metrics_port {
         0 => None,
-        port => Some(http::bind(port).await?),
+        port => Some(ops::bind(None, port).await?),
     };
     let identity = args.identity();
     info!(
@@ -109,7 +107,7 @@ pub async fn serve(
         let repair = repair_controller::run(client.clone(), &args, identity, leadership.clone(), status.clone());
         let http = async {
             if let Some(listener) = listener {
-                http::serve(listener, status.clone()).await;
+                ops::serve(listener, status.clone(), ops::ServeOptions::default()).await;
             }
         };
         futures::join!(taint, nad, repair, http);
@@ -125,17 +123,6 @@ pub async fn serve(
     }
     info!("controller stopped");
     Ok(())
-}
-
-async fn terminated() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        error!("cannot listen for SIGTERM/SIGINT; stopping only when killed");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
-    }
 }
 
 /// Drives a controller's run stream to its end. Besides successes it yields failures:

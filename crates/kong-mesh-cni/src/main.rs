@@ -1,7 +1,6 @@
 //! `kong-mesh-cni`: every role of the Kong Mesh CNI in one static binary. Each
 //! subcommand lives in its own module or crate; this file only dispatches.
 
-mod logging;
 mod rules_cmd;
 
 use std::process::ExitCode;
@@ -47,7 +46,7 @@ fn main() -> ExitCode {
         return cni::plugin::main();
     }
     let cli = Cli::parse_from(installer::entrypoint_args(std::env::args_os()));
-    logging::init(&cli.log_level);
+    ops::init_logging(&cli.log_level);
     match cli.command {
         Command::Rules(args) => rules_cmd::run(args),
         Command::Validate(args) => validator::run(args),

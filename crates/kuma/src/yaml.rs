@@ -5,7 +5,7 @@
 //! the exact field path and value, and unknown keys (newer Kuma versions add some) are
 //! tolerated and reported at debug level.
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::error::ConfigError;
 use crate::model::{Config, IpFamilyMode, TrafficFlow, VnetNetwork};
@@ -13,7 +13,7 @@ use crate::{TRANSPARENT_PROXY_CONFIG, values};
 
 /// Parses the annotation's YAML over `Config::default()`.
 pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-    let doc: Value = serde_yaml::from_str(text)
+    let doc: Value = serde_norway::from_str(text)
         .map_err(|e| ConfigError::new(TRANSPARENT_PROXY_CONFIG, "(document)", text, format!("malformed YAML: {e}")))?;
     let mut cfg = Config::default();
     let root = Node { value: &doc, path: String::new() };
@@ -244,6 +244,6 @@ fn scalar_text(value: &Value) -> String {
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Null => "null".to_owned(),
-        other => serde_yaml::to_string(other).unwrap_or_default().trim_end().to_owned(),
+        other => serde_norway::to_string(other).unwrap_or_default().trim_end().to_owned(),
     }
 }

@@ -162,7 +162,7 @@ impl Harness {
 pub fn rbac_file<T: k8s_openapi::serde::de::DeserializeOwned>(file: &str) -> T {
     let path = testkit::repo_root().join("crates/controller/rbac").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
 /// One controller instance running in this process.
