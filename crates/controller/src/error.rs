@@ -23,6 +23,8 @@ pub enum Error {
     ClientConfig(#[source] kube::Error),
     #[error(transparent)]
     Listen(#[from] ops::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 impl Error {

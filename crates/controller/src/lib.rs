@@ -22,7 +22,6 @@ mod taint;
 mod taint_controller;
 
 use std::future::Future;
-use std::process::ExitCode;
 use std::sync::Arc;
 
 pub use args::{ControllerArgs, RepairAction};
@@ -36,28 +35,15 @@ use kube::Client;
 use tracing::{debug, error, info};
 
 /// The `controller` subcommand: runs until SIGTERM or SIGINT.
-pub fn run(args: ControllerArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+pub fn run(args: ControllerArgs) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+    runtime.block_on(async {
         // Before the client: a bad flag is the first thing to report.
         args.validate()?;
         let client = Client::try_default().await.map_err(Error::ClientConfig)?;
         let status = Arc::new(Status::new(&parts(&args)));
         serve(client, args, status, ops::shutdown_signal()).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!(error = %e, "controller stopped");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// The parts readiness waits for, given what is enabled.

@@ -4,7 +4,7 @@
 
 use base64::Engine;
 use kube::config::{AuthInfo, Cluster, Context, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 /// Text that must never reach a log: the token, and the kubeconfig holding it.
 #[derive(Clone, PartialEq, Eq)]
@@ -80,6 +80,7 @@ pub fn render(server: &str, ca_pem: &[u8], token: &Secret) -> Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
 
     #[test]
     fn ipv6_hosts_are_bracketed() {

@@ -25,7 +25,6 @@ pub mod throttle;
 
 use std::ffi::OsString;
 use std::path::Path;
-use std::process::ExitCode;
 use std::sync::Arc;
 
 pub use args::{InstallArgs, Settings};
@@ -47,23 +46,9 @@ pub fn entrypoint_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString
     args
 }
 
-/// Runs the installer; the one place its errors are reported.
-pub fn run(args: InstallArgs) -> ExitCode {
-    match Settings::from_args(args).and_then(run_with) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            match e {
-                InstallError::Setting(_) | InstallError::Template(_) => ExitCode::from(2),
-                _ => ExitCode::FAILURE,
-            }
-        }
-    }
-}
-
 /// One thread is plenty for a loop that mostly sleeps, and keeps the resident memory
 /// of a process that runs on every node small.
-fn run_with(settings: Settings) -> Result<(), InstallError> {
+pub fn run(settings: Settings) -> Result<(), InstallError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -24,7 +24,6 @@
 //! whether they were quoted). Output documents are split and ordered as Helm orders them (by kind for
 //! install, then by template file).
 
-mod cli;
 mod exec;
 mod funcs;
 mod lex;
@@ -33,7 +32,6 @@ mod render;
 pub mod strvals;
 pub mod value;
 
-pub use cli::{ManifestsArgs, run};
 pub use render::{Chart, Manifest, Options, to_stream};
 
 #[derive(Debug, thiserror::Error)]
