@@ -202,3 +202,51 @@ fn connect_from(bind: SocketAddr, target: SocketAddr, timeout: Duration) -> io::
     socket.connect_timeout(&target.into(), timeout)?;
     Ok(socket.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            sidecar_uid: 5678,
+            probe_ipv4: Ipv4Addr::new(10, 255, 255, 254),
+            probe_ipv6: "fd00::fe".parse().unwrap(),
+            timeout: Duration::from_secs(1),
+            family: FamilyChoice::Auto,
+        }
+    }
+
+    fn plan(as_sidecar: bool, families: &[bool]) -> Vec<(&'static str, String, Option<String>, String)> {
+        probes(&settings(), as_sidecar, families)
+            .into_iter()
+            .map(|p| (p.family, p.listen.to_string(), p.bind.map(|b| b.to_string()), p.target.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_application_probes_the_outbound_redirect_to_the_unroutable_address() {
+        let want = |family, listen: &str, target: &str| (family, listen.to_owned(), None, target.to_owned());
+        assert_eq!(
+            plan(false, &[false, true]),
+            [want("ipv4", "0.0.0.0:15001", "10.255.255.254"), want("ipv6", "[::]:15001", "fd00::fe")]
+        );
+    }
+
+    #[test]
+    fn the_sidecar_probes_the_inbound_redirect_of_its_own_local_traffic() {
+        let want = |family, listen: &str, bind: &str, target: &str| {
+            (family, listen.to_owned(), Some(bind.to_owned()), target.to_owned())
+        };
+        assert_eq!(
+            plan(true, &[false, true]),
+            [
+                want("ipv4", "127.0.0.1:15006", "127.0.0.1:0", "127.0.0.6"),
+                want("ipv6", "[::1]:15006", "[::1]:0", "::6")
+            ]
+        );
+        assert_eq!(plan(true, &[true]).len(), 1);
+    }
+}
