@@ -59,7 +59,8 @@ fn refs<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> 
 fn version_needs_no_configuration() {
     let (out, code) = run(&[("CNI_COMMAND", "VERSION")], b"");
     assert_eq!(code, 0);
-    let supported: Vec<&str> = out["supportedVersions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let supported: Vec<&str> =
+        out["supportedVersions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(supported.contains(&"0.3.1") && supported.contains(&"1.1.0"), "{out}");
 }
 
@@ -96,7 +97,8 @@ fn del_never_fails_over_the_namespace() {
     let file = s.0.path().join("not-a-netns");
     std::fs::write(&file, "").unwrap();
     for netns in ["", "/nonexistent/netns", file.to_str().unwrap()] {
-        let vars = [("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c0ffee"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", netns)];
+        let vars =
+            [("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c0ffee"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", netns)];
         let (out, code) = run(&vars, &s.conf(json!({})));
         assert_eq!((code, out), (0, Value::Null), "DEL with CNI_NETNS={netns:?}");
     }

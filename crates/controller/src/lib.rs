@@ -10,6 +10,8 @@
 //! and an edge that watches and writes (`*_controller`). Every API call is bounded in
 //! time; every error is logged and counted in one place ([`Status::report`]).
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod error;
 mod leader;

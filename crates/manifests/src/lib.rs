@@ -24,6 +24,8 @@
 //! whether they were quoted). Output documents are split and ordered as Helm orders them (by kind for
 //! install, then by template file).
 
+#![forbid(unsafe_code)]
+
 mod exec;
 mod funcs;
 mod lex;
