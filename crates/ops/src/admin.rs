@@ -70,7 +70,7 @@ impl Heartbeat {
 /// How the listener protects itself.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
-    /// A connection (keep-alive included) is closed after this long.
+    /// A connection that has not been answered is closed after this long.
     pub connection_deadline: Duration,
     /// At most this many connections at once.
     pub max_connections: usize,
@@ -163,7 +163,11 @@ pub async fn serve(listener: TcpListener, report: Arc<dyn Report>, options: Serv
                 let response = respond(req.method(), req.uri().path(), &*report);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // One request per connection: probes and scrapes come seconds apart, and a
+            // connection closed after its answer frees its slot at once.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 result = tokio::time::timeout(options.connection_deadline, conn) => match result {
                     Ok(Ok(())) => {}

@@ -85,6 +85,19 @@ fn two_thousand_idle_connections_neither_spin_nor_lock_the_probes_out() {
 }
 
 #[test]
+fn each_answer_closes_its_connection() {
+    let addr = start(ops::ServeOptions::default());
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // No `Connection: close` asked for: the answer ends the connection anyway.
+    write!(stream, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.ends_with("ready\n") && started.elapsed() < Duration::from_secs(1), "{answer}");
+}
+
+#[test]
 fn connections_past_the_deadline_are_closed() {
     let addr = start(ops::ServeOptions { connection_deadline: Duration::from_millis(200), max_connections: 16 });
     let mut stream = TcpStream::connect(addr).unwrap();
