@@ -98,8 +98,8 @@ fn mount_path(container: &Value, volume: &str) -> String {
 /// The rules of one of the chart's controller RBAC files (those the controller's tests
 /// run the controller bound to).
 fn rules_of(file: &str) -> Value {
-    let text = &Chart::embedded().files()[&format!("files/controller-rbac/{file}")];
-    let v: Value = serde_norway::from_str(text).unwrap();
+    let chart = Chart::embedded();
+    let v: Value = serde_norway::from_str(&chart.files()[&format!("files/controller-rbac/{file}")]).unwrap();
     v["rules"].clone()
 }
 
