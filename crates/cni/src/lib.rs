@@ -1,5 +1,7 @@
 //! The CNI side of kong-mesh-cni: the protocol as a plugin sees it ([`proto`], pure) and
 //! the plugin itself ([`plugin`]), which the container runtime runs for every pod.
 
+#![forbid(unsafe_code)]
+
 pub mod plugin;
 pub mod proto;

@@ -30,7 +30,8 @@ fn main() -> ExitCode {
         let filter = tracing_subscriber::EnvFilter::try_from_env("KMC_SCALE_LOG").unwrap_or_else(|_| "warn".into());
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
         let flags: Vec<String> = std::env::args().skip(1).collect();
-        return controller::run(ControllerArgs::from_flags(flags).expect("controller flags"));
+        let run = controller::run(ControllerArgs::from_flags(flags).expect("controller flags"));
+        return run.map_or_else(|e| panic!("controller stopped: {e}"), |()| ExitCode::SUCCESS);
     }
     if std::env::args().any(|a| a == "--list") {
         // `cargo bench -- --list` and the like: nothing to enumerate.

@@ -45,20 +45,20 @@ pub struct ControllerArgs {
     pub leader_identity: Option<String>,
 
     /// How long a leader's claim holds without renewal (whole seconds).
-    #[arg(long, env = "KMC_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KMC_LEASE_DURATION", default_value = "15s", value_parser = ops::duration)]
     pub lease_duration: Duration,
 
     /// A leader that could not renew for this long stops acting.
-    #[arg(long, env = "KMC_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KMC_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = ops::duration)]
     pub renew_deadline: Duration,
 
     /// Interval between attempts to acquire or renew the Lease.
-    #[arg(long, env = "KMC_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KMC_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = ops::duration)]
     pub retry_period: Duration,
 
     /// Upper bound of every single API call (watches excepted: the server ends them).
     /// At most the lease duration minus the renew deadline.
-    #[arg(long, env = "KMC_API_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KMC_API_TIMEOUT", default_value = "5s", value_parser = ops::duration)]
     pub api_timeout: Duration,
 
     /// Port of /metrics, /healthz and /readyz on all addresses; 0 disables them.

@@ -21,12 +21,10 @@ pub enum Error {
     Settings(String),
     #[error("kube client configuration: {0}")]
     ClientConfig(#[source] kube::Error),
-    #[error("/metrics listener on port {port}: {source}")]
-    Listen {
-        port: u16,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ops::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 impl Error {

@@ -10,9 +10,10 @@
 //! and an edge that watches and writes (`*_controller`). Every API call is bounded in
 //! time; every error is logged and counted in one place ([`Status::report`]).
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod error;
-mod http;
 mod leader;
 mod nad;
 mod nad_controller;
@@ -23,7 +24,6 @@ mod taint;
 mod taint_controller;
 
 use std::future::Future;
-use std::process::ExitCode;
 use std::sync::Arc;
 
 pub use args::{ControllerArgs, RepairAction};
@@ -34,32 +34,18 @@ pub use status::{Part, Status};
 pub use taint::{TAINT_EFFECT, TAINT_KEY};
 
 use kube::Client;
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info};
 
 /// The `controller` subcommand: runs until SIGTERM or SIGINT.
-pub fn run(args: ControllerArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+pub fn run(args: ControllerArgs) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+    runtime.block_on(async {
         // Before the client: a bad flag is the first thing to report.
         args.validate()?;
         let client = Client::try_default().await.map_err(Error::ClientConfig)?;
         let status = Arc::new(Status::new(&parts(&args)));
-        serve(client, args, status, terminated()).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!(error = %e, "controller stopped");
-            ExitCode::FAILURE
-        }
-    }
+        serve(client, args, status, ops::shutdown_signal()).await
+    })
 }
 
 /// The parts readiness waits for, given what is enabled.
@@ -86,7 +72,7 @@ pub async fn serve(
     args.validate()?;
     let listener = match args.metrics_port {
         0 => None,
-        port => Some(http::bind(port).await?),
+        port => Some(ops::bind(None, port).await?),
     };
     let identity = args.identity();
     info!(
@@ -109,7 +95,7 @@ pub async fn serve(
         let repair = repair_controller::run(client.clone(), &args, identity, leadership.clone(), status.clone());
         let http = async {
             if let Some(listener) = listener {
-                http::serve(listener, status.clone()).await;
+                ops::serve(listener, status.clone(), ops::ServeOptions::default()).await;
             }
         };
         futures::join!(taint, nad, repair, http);
@@ -125,17 +111,6 @@ pub async fn serve(
     }
     info!("controller stopped");
     Ok(())
-}
-
-async fn terminated() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        error!("cannot listen for SIGTERM/SIGINT; stopping only when killed");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
-    }
 }
 
 /// Drives a controller's run stream to its end. Besides successes it yields failures:

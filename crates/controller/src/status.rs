@@ -3,11 +3,11 @@
 
 use std::sync::Mutex;
 
+use ops::Registry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use tracing::{debug, info, warn};
 
 use crate::Error;
@@ -166,9 +166,20 @@ impl Status {
 
     /// The metrics in the Prometheus text format.
     pub fn render(&self) -> String {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
-        text
+        ops::render(&self.registry)
+    }
+}
+
+impl ops::Report for Status {
+    fn readiness(&self) -> Result<(), String> {
+        match self.pending() {
+            pending if pending.is_empty() => Ok(()),
+            pending => Err(format!("waiting for {pending:?}")),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.render()
     }
 }
 

@@ -38,7 +38,7 @@ async fn label(admin: &Client, ns: &str, value: Option<&str>) {
 
 async fn install_crd(admin: &Client) {
     let path = repo_root().join("testenv/crds/network-attachment-definition.yaml");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let crd: CustomResourceDefinition = serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     Api::<CustomResourceDefinition>::all(admin.clone())
         .create(&PostParams::default(), &crd)
         .await

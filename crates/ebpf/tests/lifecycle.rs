@@ -110,8 +110,8 @@ fn preflight_names_what_is_missing() {
     assert!(!tmp.join(ebpf::PIN_DIR).exists(), "nothing half-loaded");
 }
 
-fn validator_args(timeout: Duration) -> validator::ValidateArgs {
-    validator::ValidateArgs {
+fn validator_settings(timeout: Duration) -> validator::Settings {
+    validator::Settings {
         outbound_port: 15001,
         inbound_port: 15006,
         sidecar_uid: 5678,
@@ -131,9 +131,9 @@ fn the_validator_passes_unchanged_and_fails_once_the_programs_are_detached() {
     let topo = Topology::new("ebval", true);
     let pod = topo.pod.open();
     node.registry().register("c1", &pod, &Config::default(), &[topo.pod_addr(false), topo.pod_addr(true)]).unwrap();
-    let validated = pod.run(|| validator::validate(&validator_args(Duration::from_secs(5)))).unwrap().unwrap();
+    let validated = pod.run(|| validator::validate(&validator_settings(Duration::from_secs(5)))).unwrap().unwrap();
     assert_eq!(validated.len(), 2, "both families validated: {validated:?}");
     ebpf::uninstall(&node.paths).unwrap();
-    let err = pod.run(|| validator::validate(&validator_args(Duration::from_millis(600)))).unwrap().unwrap_err();
+    let err = pod.run(|| validator::validate(&validator_settings(Duration::from_millis(600)))).unwrap().unwrap_err();
     assert!(err.to_string().contains("not redirected"), "{err}");
 }

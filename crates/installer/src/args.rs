@@ -2,6 +2,7 @@
 //! installer's contract (DESIGN.md), so the chart's DaemonSet works unchanged; the
 //! `KMC_*` ones are ours.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -62,10 +63,10 @@ pub struct InstallArgs {
     #[arg(long, env = "KUBERNETES_SERVICE_PROTOCOL", default_value = "https")]
     pub kubernetes_service_protocol: String,
     /// Backstop check of everything, in seconds (or `500ms`), besides the file watch.
-    #[arg(long, env = "CFGCHECK_INTERVAL", default_value = "1", value_parser = parse_interval)]
+    #[arg(long, env = "CFGCHECK_INTERVAL", default_value = "1", value_parser = ops::duration)]
     pub cfgcheck_interval: Duration,
     /// Re-read the service-account token this often (seconds), besides watching it.
-    #[arg(long, env = "REFRESH_SA_TOKEN_INTERVAL", default_value = "60", value_parser = parse_interval)]
+    #[arg(long, env = "REFRESH_SA_TOKEN_INTERVAL", default_value = "60", value_parser = ops::duration)]
     pub refresh_sa_token_interval: Duration,
     /// Keep running, watching and repairing, until SIGTERM (false: install once, exit).
     #[arg(long, env = "SLEEP", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
@@ -76,6 +77,9 @@ pub struct InstallArgs {
     /// Port of /healthz, /readyz and /metrics; 0 disables them.
     #[arg(long, env = "KMC_HEALTH_PORT", default_value_t = 9081)]
     pub health_port: u16,
+    /// The address they listen on; empty: every address (IPv6 and IPv4).
+    #[arg(long, env = "KMC_HEALTH_ADDRESS", default_value = "", value_parser = parse_address)]
+    pub health_address: Address,
     /// Unix socket the plugin sends its log lines to; they are copied to our stderr.
     /// Must be the path the plugin's `log_socket` names, on a dir shared with the host.
     /// Empty: no relay (the plugin then logs to its file on the host).
@@ -85,7 +89,7 @@ pub struct InstallArgs {
     /// reverting us: repairs are spaced out and a warning names the file.
     #[arg(long, env = "KMC_REPAIR_LIMIT", default_value_t = 10)]
     pub repair_limit: usize,
-    #[arg(long, env = "KMC_REPAIR_WINDOW", default_value = "30", value_parser = parse_interval)]
+    #[arg(long, env = "KMC_REPAIR_WINDOW", default_value = "30", value_parser = ops::duration)]
     pub repair_window: Duration,
 }
 
@@ -116,6 +120,8 @@ pub struct Settings {
     pub sleep: bool,
     pub ready_file: PathBuf,
     pub health_port: u16,
+    /// `None`: every address.
+    pub health_address: Option<IpAddr>,
     pub log_socket: Option<PathBuf>,
     pub repair_limit: usize,
     pub repair_window: Duration,
@@ -176,6 +182,7 @@ impl Settings {
             sleep: args.sleep,
             ready_file: args.cni_ready_file,
             health_port: args.health_port,
+            health_address: args.health_address.0,
             log_socket: Some(args.log_socket).filter(|p| !p.as_os_str().is_empty()),
             repair_limit: args.repair_limit,
             repair_window: args.repair_window,
@@ -183,18 +190,14 @@ impl Settings {
     }
 }
 
-/// Whole seconds, as the Go installer takes them, or a number with `ms`, `s` or `m`.
-fn parse_interval(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 =
-        number.parse().map_err(|_| format!("{text:?} is not a number of seconds (or a number with ms, s or m)"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+/// An IP address, or none (empty).
+#[derive(Debug, Clone, Copy)]
+pub struct Address(pub Option<IpAddr>);
+
+fn parse_address(text: &str) -> Result<Address, String> {
+    match text.trim() {
+        "" => Ok(Address(None)),
+        ip => ip.parse().map(|ip| Address(Some(ip))).map_err(|_| format!("{ip:?} is not an IP address")),
     }
 }
 
@@ -232,11 +235,19 @@ mod tests {
 
     #[test]
     fn intervals_take_seconds_or_units() {
-        assert_eq!(parse_interval("5").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_interval("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_interval("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_interval("1h").is_err() && parse_interval("x").is_err());
-        assert!(parse(&["--cfgcheck-interval", "0"]).is_err());
+        let interval = |v: &str| parse(&["--cfgcheck-interval", v]).map(|s| s.cfgcheck_interval);
+        assert_eq!(interval("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(interval("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(interval("2m").unwrap(), Duration::from_secs(120));
+        assert!(interval("x").is_err() && interval("0").is_err());
+    }
+
+    #[test]
+    fn health_address_is_every_address_or_one_ip() {
+        assert_eq!(parse(&[]).unwrap().health_address, None);
+        let s = parse(&["--health-address", "127.0.0.1"]).unwrap();
+        assert_eq!(s.health_address, Some(IpAddr::from([127, 0, 0, 1])));
+        assert!(InstallArgs::try_parse_from(["install", "--health-address", "localhost"]).is_err());
     }
 
     #[test]

@@ -21,7 +21,10 @@ pub enum InstallError {
         #[source]
         source: io::Error,
     },
-    /// The tokio runtime, a watch, a signal handler or the health listener.
+    /// The admin endpoints' listener.
+    #[error(transparent)]
+    Listen(#[from] ops::Error),
+    /// The tokio runtime, a watch or a signal handler.
     #[error("{what}: {source}")]
     Runtime {
         what: &'static str,

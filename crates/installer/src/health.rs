@@ -1,14 +1,15 @@
-//! What the installer reports about itself: readiness (also as the ready file), and
-//! `/healthz`, `/readyz`, `/metrics` over a minimal HTTP/1.1 listener. Each connection
-//! is bounded in time; a slow or silent client is dropped.
+//! What the installer reports about itself: readiness (also as the ready file), a
+//! heartbeat of the event loop, and metrics; served on `/readyz`, `/healthz` and
+//! `/metrics` by [`ops::admin`].
 
-use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use ops::Heartbeat;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// The install state, one of these at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,35 +35,81 @@ const STATES: [(State, &str); 6] = [
     (State::Removing, "removing"),
 ];
 
-/// Shared between the event loop (writer) and the HTTP listener (reader).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// Probes and scrapes are quick; a client still connected after this is dropped.
+pub const SERVE_OPTIONS: ops::ServeOptions =
+    ops::ServeOptions { connection_deadline: Duration::from_secs(2), max_connections: 512 };
+
+/// A loop that has not beaten for this long is stuck, unless told otherwise ([`Status::new`]).
+const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(10);
+
+/// Shared between the event loop (writer) and the admin endpoints (reader).
 #[derive(Debug)]
 pub struct Status {
     state: Mutex<(State, String)>,
-    repairs: AtomicU64,
-    last_repair: AtomicU64,
-    fighting: AtomicBool,
-    heartbeat: AtomicU64,
+    heartbeat: Heartbeat,
+    registry: ops::Registry,
+    repairs: Counter,
+    last_repair: Gauge,
+    ready: Gauge,
+    fighting: Gauge,
+    states: Family<StateLabel, Gauge>,
 }
 
 impl Default for Status {
     fn default() -> Status {
-        Status {
-            state: Mutex::new((State::Starting, "starting".into())),
-            repairs: AtomicU64::new(0),
-            last_repair: AtomicU64::new(0),
-            fighting: AtomicBool::new(false),
-            heartbeat: AtomicU64::new(unix_now()),
-        }
+        Status::new(DEFAULT_STALE_AFTER)
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 impl Status {
+    /// `/healthz` fails once the event loop has not beaten for `stale_after`.
+    pub fn new(stale_after: Duration) -> Status {
+        let mut registry = ops::Registry::with_prefix("kong_mesh_cni_installer");
+        let (repairs, last_repair, ready, fighting) = <(Counter, Gauge, Gauge, Gauge)>::default();
+        let states = Family::<StateLabel, Gauge>::default();
+        registry.register("repairs", "Times our entry was put back after something else took it out.", repairs.clone());
+        registry.register(
+            "last_repair_timestamp_seconds",
+            "Unix time of the last repair (0: none yet).",
+            last_repair.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 while the binary, the kubeconfig and our CNI configuration are in place.",
+            ready.clone(),
+        );
+        registry.register(
+            "fighting",
+            "1 while repairs are spaced out because another agent keeps reverting our entry.",
+            fighting.clone(),
+        );
+        registry.register("state", "Install state: 1 for the current one.", states.clone());
+        let status = Status {
+            state: Mutex::new((State::Starting, "starting".into())),
+            heartbeat: Heartbeat::new(stale_after),
+            registry,
+            repairs,
+            last_repair,
+            ready,
+            fighting,
+            states,
+        };
+        status.set(State::Starting, "starting");
+        status
+    }
+
     pub fn set(&self, state: State, detail: impl Into<String>) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (state, detail.into());
+        self.ready.set(i64::from(state == State::Ready));
+        // Every state is shown, the current one as 1.
+        for (s, name) in STATES {
+            self.states.get_or_create(&StateLabel { state: name }).set(i64::from(s == state));
+        }
     }
 
     pub fn state(&self) -> (State, String) {
@@ -70,131 +117,47 @@ impl Status {
     }
 
     pub fn repaired(&self) {
-        self.repairs.fetch_add(1, Ordering::Relaxed);
-        self.last_repair.store(unix_now(), Ordering::Relaxed);
+        self.repairs.inc();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.last_repair.set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
     pub fn set_fighting(&self, fighting: bool) {
-        self.fighting.store(fighting, Ordering::Relaxed);
+        self.fighting.set(i64::from(fighting));
     }
 
     /// The event loop is alive (it beats at least every `CFGCHECK_INTERVAL`).
     pub fn beat(&self) {
-        self.heartbeat.store(unix_now(), Ordering::Relaxed);
+        self.heartbeat.beat();
     }
 
-    /// Prometheus text exposition.
+    /// The metrics in the Prometheus text format.
     pub fn metrics(&self) -> String {
-        let (state, _) = self.state();
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(
-                out,
-                "# HELP kong_mesh_cni_installer_{name} {help}\n# TYPE kong_mesh_cni_installer_{name} {kind}"
-            );
-            for (labels, value) in samples {
-                let _ = writeln!(out, "kong_mesh_cni_installer_{name}{labels} {value}");
-            }
-        };
-        metric(
-            "repairs_total",
-            "counter",
-            "Times our entry was put back after something else took it out.",
-            &[("", self.repairs.load(Ordering::Relaxed))],
-        );
-        metric(
-            "last_repair_timestamp_seconds",
-            "gauge",
-            "Unix time of the last repair (0: none yet).",
-            &[("", self.last_repair.load(Ordering::Relaxed))],
-        );
-        metric(
-            "ready",
-            "gauge",
-            "1 while the binary, the kubeconfig and our CNI configuration are in place.",
-            &[("", (state == State::Ready) as u64)],
-        );
-        metric(
-            "fighting",
-            "gauge",
-            "1 while repairs are spaced out because another agent keeps reverting our entry.",
-            &[("", self.fighting.load(Ordering::Relaxed) as u64)],
-        );
-        let labels: Vec<(String, u64)> =
-            STATES.iter().map(|(s, name)| (format!("{{state=\"{name}\"}}"), (*s == state) as u64)).collect();
-        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric("state", "gauge", "Install state: 1 for the current one.", &samples);
-        out
-    }
-
-    /// Status code and body for a request path.
-    pub fn respond(&self, path: &str, stale_after: Duration) -> (u16, String) {
-        let (state, detail) = self.state();
-        match path {
-            "/healthz" => {
-                match unix_now().saturating_sub(self.heartbeat.load(Ordering::Relaxed)) > stale_after.as_secs() {
-                    true => (500, "event loop stalled\n".into()),
-                    false => (200, "ok\n".into()),
-                }
-            }
-            "/readyz" if state == State::Ready => (200, "ready\n".into()),
-            "/readyz" => (503, format!("not ready: {detail}\n")),
-            "/metrics" => (200, self.metrics()),
-            _ => (404, "not found\n".into()),
-        }
+        ops::render(&self.registry)
     }
 }
 
-/// How long one connection may take, end to end.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Serves the endpoints until the process ends.
-pub async fn serve(listener: TcpListener, status: std::sync::Arc<Status>, stale_after: Duration) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let status = status.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &status, stale_after)).await;
-        });
-    }
-}
-
-async fn handle(mut stream: TcpStream, status: &Status, stale_after: Duration) -> std::io::Result<()> {
-    let mut buf = [0u8; 1024];
-    let mut len = 0;
-    // Only the request line matters; read until it is complete.
-    while !buf[..len].contains(&b'\n') && len < buf.len() {
-        match stream.read(&mut buf[len..]).await? {
-            0 => break,
-            n => len += n,
+impl ops::Report for Status {
+    fn readiness(&self) -> Result<(), String> {
+        match self.state() {
+            (State::Ready, _) => Ok(()),
+            (_, detail) => Err(format!("not ready: {detail}")),
         }
     }
-    let line = String::from_utf8_lossy(&buf[..len]);
-    let (code, body) = match line.split_whitespace().collect::<Vec<_>>()[..] {
-        ["GET", path, ..] => status.respond(path, stale_after),
-        _ => (405, "only GET\n".into()),
-    };
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+
+    fn liveness(&self) -> Result<(), String> {
+        self.heartbeat.check("event loop")
+    }
+
+    fn metrics(&self) -> String {
+        Status::metrics(self)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ops::Report;
 
     #[test]
     fn metrics_show_repairs_and_one_state() {
@@ -206,22 +169,21 @@ mod tests {
         assert!(m.contains("kong_mesh_cni_installer_ready 1\n"));
         assert!(m.contains("kong_mesh_cni_installer_state{state=\"ready\"} 1\n"));
         assert!(m.contains("kong_mesh_cni_installer_state{state=\"waiting\"} 0\n"));
+        assert!(m.contains("kong_mesh_cni_installer_fighting 0\n"));
         assert!(!m.contains("kong_mesh_cni_installer_last_repair_timestamp_seconds 0\n"));
     }
 
     #[test]
     fn readyz_follows_state_and_healthz_the_heartbeat() {
-        let s = Status::default();
+        let s = Status::new(Duration::from_millis(30));
         s.set(State::Waiting, "10-calico.conflist does not exist yet");
-        assert_eq!(
-            s.respond("/readyz", Duration::from_secs(10)),
-            (503, "not ready: 10-calico.conflist does not exist yet\n".into())
-        );
-        assert_eq!(s.respond("/healthz", Duration::from_secs(10)).0, 200);
-        s.heartbeat.store(0, Ordering::Relaxed);
-        assert_eq!(s.respond("/healthz", Duration::from_secs(10)).0, 500);
+        assert_eq!(s.readiness(), Err("not ready: 10-calico.conflist does not exist yet".into()));
+        assert!(s.liveness().is_ok());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(s.liveness().unwrap_err().contains("event loop stalled"));
+        s.beat();
+        assert!(s.liveness().is_ok());
         s.set(State::Ready, "");
-        assert_eq!(s.respond("/readyz", Duration::from_secs(10)).0, 200);
-        assert_eq!(s.respond("/nope", Duration::from_secs(10)).0, 404);
+        assert_eq!(s.readiness(), Ok(()));
     }
 }

@@ -24,9 +24,7 @@ pub mod template;
 pub mod throttle;
 
 use std::ffi::OsString;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::process::ExitCode;
 use std::sync::Arc;
 
 pub use args::{InstallArgs, Settings};
@@ -48,34 +46,20 @@ pub fn entrypoint_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString
     args
 }
 
-/// Runs the installer; the one place its errors are reported.
-pub fn run(args: InstallArgs) -> ExitCode {
-    match Settings::from_args(args).and_then(run_with) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            match e {
-                InstallError::Setting(_) | InstallError::Template(_) => ExitCode::from(2),
-                _ => ExitCode::FAILURE,
-            }
-        }
-    }
-}
-
 /// One thread is plenty for a loop that mostly sleeps, and keeps the resident memory
 /// of a process that runs on every node small.
-fn run_with(settings: Settings) -> Result<(), InstallError> {
+pub fn run(settings: Settings) -> Result<(), InstallError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(InstallError::runtime("starting the runtime"))?;
     runtime.block_on(async {
-        let status = Arc::new(health::Status::default());
+        // A loop that misses several backstop ticks is stuck.
+        let stale_after = (settings.cfgcheck_interval * 5).max(std::time::Duration::from_secs(10));
+        let status = Arc::new(health::Status::new(stale_after));
         if settings.health_port != 0 {
-            let listener = bind(settings.health_port).await?;
-            // A loop that misses several backstop ticks is stuck.
-            let stale_after = (settings.cfgcheck_interval * 5).max(std::time::Duration::from_secs(10));
-            tokio::spawn(health::serve(listener, status.clone(), stale_after));
+            let listener = ops::bind(settings.health_address, settings.health_port).await?;
+            tokio::spawn(ops::serve(listener, status.clone(), health::SERVE_OPTIONS));
         }
         // Plugin logs matter only while we run; without the relay the plugin writes
         // them to a file on the host, so a failure here does not stop the install.
@@ -93,16 +77,6 @@ fn run_with(settings: Settings) -> Result<(), InstallError> {
         }
         result
     })
-}
-
-/// Every address, IPv6 and IPv4 (or IPv4 only where IPv6 is off).
-async fn bind(port: u16) -> Result<tokio::net::TcpListener, InstallError> {
-    match tokio::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).await {
-        Ok(listener) => Ok(listener),
-        Err(_) => tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-            .await
-            .map_err(InstallError::runtime("listening for /healthz, /readyz and /metrics")),
-    }
 }
 
 #[cfg(test)]

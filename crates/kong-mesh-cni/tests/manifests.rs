@@ -56,7 +56,7 @@ fn helm_template(helm: &Path, args: &[&str]) -> String {
 }
 
 /// Documents in order, parsed (comments and formatting are not compared).
-fn docs(stream: &str) -> Vec<serde_yaml::Value> {
+fn docs(stream: &str) -> Vec<serde_norway::Value> {
     let mut docs = vec![String::new()];
     for line in stream.lines() {
         if line == "---" {
@@ -65,11 +65,11 @@ fn docs(stream: &str) -> Vec<serde_yaml::Value> {
             docs.last_mut().unwrap().push_str(&format!("{line}\n"));
         }
     }
-    docs.iter().map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).unwrap()).filter(|v| !v.is_null()).collect()
+    docs.iter().map(|d| serde_norway::from_str::<serde_norway::Value>(d).unwrap()).filter(|v| !v.is_null()).collect()
 }
 
-fn key(v: &serde_yaml::Value) -> String {
-    let s = |v: &serde_yaml::Value| v.as_str().unwrap_or_default().to_owned();
+fn key(v: &serde_norway::Value) -> String {
+    let s = |v: &serde_norway::Value| v.as_str().unwrap_or_default().to_owned();
     format!("{}/{}/{}", s(&v["kind"]), s(&v["metadata"]["namespace"]), s(&v["metadata"]["name"]))
 }
 
@@ -77,19 +77,19 @@ fn key(v: &serde_yaml::Value) -> String {
 /// in any order: Helm's order among them carries no meaning.
 fn assert_same(cli_out: &str, helm_out: &str, what: &str) {
     let (a, b) = (docs(cli_out), docs(helm_out));
-    let kinds = |d: &[serde_yaml::Value]| {
+    let kinds = |d: &[serde_norway::Value]| {
         d.iter().map(|v| v["kind"].as_str().unwrap_or_default().to_owned()).collect::<Vec<_>>()
     };
     assert_eq!(kinds(&a), kinds(&b), "{what}: kinds or their order differ");
-    let by_key = |d: Vec<serde_yaml::Value>| d.into_iter().map(|v| (key(&v), v)).collect::<BTreeMap<_, _>>();
+    let by_key = |d: Vec<serde_norway::Value>| d.into_iter().map(|v| (key(&v), v)).collect::<BTreeMap<_, _>>();
     let (a, b) = (by_key(a), by_key(b));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: objects differ");
     for (k, v) in &a {
         assert!(
             v == &b[k],
             "{what}: {k} differs\nkong-mesh-cni manifests:\n{}\nhelm template:\n{}",
-            serde_yaml::to_string(v).unwrap(),
-            serde_yaml::to_string(&b[k]).unwrap()
+            serde_norway::to_string(v).unwrap(),
+            serde_norway::to_string(&b[k]).unwrap()
         );
     }
 }

@@ -53,7 +53,7 @@ fn prints_the_decision_and_payloads_deterministically() {
     // The same pod as JSON (what `kubectl get pod -o json` prints) gives the same output.
     let yaml: serde_json::Value = {
         let text = std::fs::read_to_string(fixture("mesh-pod.yaml")).unwrap();
-        let pod: k8s_openapi::api::core::v1::Pod = serde_yaml::from_str(&text).unwrap();
+        let pod: k8s_openapi::api::core::v1::Pod = serde_norway::from_str(&text).unwrap();
         serde_json::to_value(pod).unwrap()
     };
     let json_path = tmp.path().join("pod.json");

@@ -5,6 +5,8 @@
 //! legacy per-key annotations (Kuma 2.x). Invalid values are errors that name the
 //! annotation, the field and the value; nothing falls back to a default.
 
+#![forbid(unsafe_code)]
+
 mod error;
 pub mod legacy;
 mod model;

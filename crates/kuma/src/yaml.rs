@@ -5,7 +5,7 @@
 //! the exact field path and value, and unknown keys (newer Kuma versions add some) are
 //! tolerated and reported at debug level.
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::error::ConfigError;
 use crate::model::{Config, IpFamilyMode, TrafficFlow, VnetNetwork};
@@ -54,7 +54,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     if flow_depth(text) > MAX_DEPTH {
         return Err(refuse(format!("collections nested deeper than {MAX_DEPTH} levels")));
     }
-    let doc: Value = serde_yaml::from_str(text)
+    let doc: Value = serde_norway::from_str(text)
         .map_err(|e| ConfigError::new(TRANSPARENT_PROXY_CONFIG, "(document)", text, format!("malformed YAML: {e}")))?;
     let mut cfg = Config::default();
     let root = Node { value: &doc, path: String::new() };
@@ -285,7 +285,7 @@ fn scalar_text(value: &Value) -> String {
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Null => "null".to_owned(),
-        other => serde_yaml::to_string(other).unwrap_or_default().trim_end().to_owned(),
+        other => serde_norway::to_string(other).unwrap_or_default().trim_end().to_owned(),
     }
 }
 

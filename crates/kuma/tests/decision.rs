@@ -2,7 +2,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kuma::pod::{Decision, PassReason, decide, pre_lookup};
 
 fn pod(yaml: &str) -> Pod {
-    serde_yaml::from_str(yaml).unwrap()
+    serde_norway::from_str(yaml).unwrap()
 }
 
 const MESH: &str = r#"

@@ -54,7 +54,7 @@ pub fn call(name: &str, args: Vec<Value>) -> Result<Value> {
         }
         "toYaml" => {
             arity(name, &args, 1)?;
-            let yaml = serde_yaml::to_string(&args[0].to_yaml()).unwrap_or_default();
+            let yaml = serde_norway::to_string(&args[0].to_yaml()).unwrap_or_default();
             s(yaml.strip_suffix('\n').unwrap_or(&yaml).to_owned())
         }
         "toJson" => {
@@ -64,7 +64,7 @@ pub fn call(name: &str, args: Vec<Value>) -> Result<Value> {
         "fromYaml" => {
             arity(name, &args, 1)?;
             let text = string(&args[0])?;
-            if let Some(word) = serde_yaml::from_str(text).ok().as_ref().and_then(crate::value::yaml11_ambiguity) {
+            if let Some(word) = serde_norway::from_str(text).ok().as_ref().and_then(crate::value::yaml11_ambiguity) {
                 return Err(bad(crate::value::yaml11_message(&word)));
             }
             Ok(from_yaml(text))
@@ -144,9 +144,9 @@ fn go_eq(a: &Value, b: &Value) -> Result<bool> {
 
 /// Helm's fromYaml: a map, or {"Error": message} when the text is not one.
 fn from_yaml(text: &str) -> Value {
-    match serde_yaml::from_str::<serde_yaml::Value>(text) {
-        Ok(serde_yaml::Value::Null) => Value::Map(Default::default()),
-        Ok(v @ serde_yaml::Value::Mapping(_)) => Value::from_yaml(v),
+    match serde_norway::from_str::<serde_norway::Value>(text) {
+        Ok(serde_norway::Value::Null) => Value::Map(Default::default()),
+        Ok(v @ serde_norway::Value::Mapping(_)) => Value::from_yaml(v),
         Ok(_) => Value::Map(
             [("Error".to_string(), Value::Str("cannot unmarshal a non-map into map[string]interface {}".into()))]
                 .into(),

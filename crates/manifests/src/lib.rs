@@ -20,11 +20,12 @@
 //! then `--set`/`--set-string` (Helm's syntax, [`strvals`]), a null removing a default.
 //! Numbers from files are float64 and from `--set` int64, as in Helm, so they print the
 //! same. YAML 1.1's boolean spellings (y/n/yes/no/on/off), which Helm reads as booleans
-//! unless quoted, are refused in values files and `fromYaml` (serde_yaml cannot tell
+//! unless quoted, are refused in values files and `fromYaml` (serde_norway cannot tell
 //! whether they were quoted). Output documents are split and ordered as Helm orders them (by kind for
 //! install, then by template file).
 
-mod cli;
+#![forbid(unsafe_code)]
+
 mod exec;
 mod funcs;
 mod lex;
@@ -33,7 +34,6 @@ mod render;
 pub mod strvals;
 pub mod value;
 
-pub use cli::{ManifestsArgs, run};
 pub use render::{Chart, Manifest, Options, to_stream};
 
 #[derive(Debug, thiserror::Error)]

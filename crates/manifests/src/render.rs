@@ -110,9 +110,9 @@ impl Chart {
 
     /// A chart from its files (paths relative to the chart dir).
     pub fn from_files(files: BTreeMap<String, String>) -> Result<Chart, Error> {
-        let meta: serde_yaml::Value = serde_yaml::from_str(files.get("Chart.yaml").map_or("", String::as_str))
+        let meta: serde_norway::Value = serde_norway::from_str(files.get("Chart.yaml").map_or("", String::as_str))
             .map_err(|e| Error::Values(format!("Chart.yaml: {e}")))?;
-        let field = |k: &str| meta.get(k).and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+        let field = |k: &str| meta.get(k).and_then(serde_norway::Value::as_str).unwrap_or_default().to_owned();
         let (name, version, app_version) = (field("name"), field("version"), field("appVersion"));
         if name.is_empty() || version.is_empty() {
             return Err(Error::Values("Chart.yaml: name and version are required".into()));
@@ -204,10 +204,10 @@ impl Chart {
         for (file, body) in &bodies {
             let data = self.top_level(&values, opts, file);
             for content in split(&exec.run(file, body, &data)?) {
-                let head: serde_yaml::Value =
-                    serde_yaml::from_str(&content).map_err(|e| Error::Manifest(file.clone(), e.to_string()))?;
-                let get = |v: Option<&serde_yaml::Value>| {
-                    v.and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned()
+                let head: serde_norway::Value =
+                    serde_norway::from_str(&content).map_err(|e| Error::Manifest(file.clone(), e.to_string()))?;
+                let get = |v: Option<&serde_norway::Value>| {
+                    v.and_then(serde_norway::Value::as_str).unwrap_or_default().to_owned()
                 };
                 let kind = get(head.get("kind"));
                 let name = get(head.get("metadata").and_then(|m| m.get("name")));
@@ -256,12 +256,12 @@ pub fn to_stream(manifests: &[Manifest]) -> String {
 }
 
 fn yaml_map(text: &str) -> Result<Map, String> {
-    match serde_yaml::from_str::<serde_yaml::Value>(text).map_err(|e| e.to_string())? {
-        serde_yaml::Value::Null => Ok(Map::new()),
-        v @ serde_yaml::Value::Mapping(_) if crate::value::yaml11_ambiguity(&v).is_some() => {
+    match serde_norway::from_str::<serde_norway::Value>(text).map_err(|e| e.to_string())? {
+        serde_norway::Value::Null => Ok(Map::new()),
+        v @ serde_norway::Value::Mapping(_) if crate::value::yaml11_ambiguity(&v).is_some() => {
             Err(crate::value::yaml11_message(&crate::value::yaml11_ambiguity(&v).unwrap_or_default()))
         }
-        v @ serde_yaml::Value::Mapping(_) => match Value::from_yaml(v) {
+        v @ serde_norway::Value::Mapping(_) => match Value::from_yaml(v) {
             Value::Map(m) => Ok(m),
             _ => unreachable!("a mapping converts to a map"),
         },

@@ -203,7 +203,7 @@ mod tests {
                 v => v,
             }
         }
-        ints(Value::from_yaml(serde_yaml::from_str(text).unwrap()))
+        ints(Value::from_yaml(serde_norway::from_str(text).unwrap()))
     }
 
     #[test]
@@ -217,7 +217,7 @@ mod tests {
         );
         let mut m = Map::new();
         parse_into("a=1,b=true", &mut m, true).unwrap();
-        assert_eq!(Value::Map(m), Value::from_yaml(serde_yaml::from_str("{a: '1', b: 'true'}").unwrap()));
+        assert_eq!(Value::Map(m), Value::from_yaml(serde_norway::from_str("{a: '1', b: 'true'}").unwrap()));
     }
 
     #[test]

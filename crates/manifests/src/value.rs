@@ -89,31 +89,31 @@ impl Value {
 
     /// A value read from YAML the way Helm reads values files and `fromYaml`: every
     /// number becomes a float64.
-    pub fn from_yaml(yaml: serde_yaml::Value) -> Value {
+    pub fn from_yaml(yaml: serde_norway::Value) -> Value {
         match yaml {
-            serde_yaml::Value::Null => Value::Nil,
-            serde_yaml::Value::Bool(b) => Value::Bool(b),
-            serde_yaml::Value::Number(n) => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
-            serde_yaml::Value::String(s) => Value::Str(s),
-            serde_yaml::Value::Sequence(items) => Value::List(items.into_iter().map(Value::from_yaml).collect()),
-            serde_yaml::Value::Mapping(map) => Value::Map(
+            serde_norway::Value::Null => Value::Nil,
+            serde_norway::Value::Bool(b) => Value::Bool(b),
+            serde_norway::Value::Number(n) => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            serde_norway::Value::String(s) => Value::Str(s),
+            serde_norway::Value::Sequence(items) => Value::List(items.into_iter().map(Value::from_yaml).collect()),
+            serde_norway::Value::Mapping(map) => Value::Map(
                 map.into_iter()
                     .map(|(k, v)| {
                         let key = match k {
-                            serde_yaml::Value::String(s) => s,
+                            serde_norway::Value::String(s) => s,
                             other => Value::from_yaml(other).print(),
                         };
                         (key, Value::from_yaml(v))
                     })
                     .collect(),
             ),
-            serde_yaml::Value::Tagged(tagged) => Value::from_yaml(tagged.value),
+            serde_norway::Value::Tagged(tagged) => Value::from_yaml(tagged.value),
         }
     }
 
     /// YAML as sigs.k8s.io/yaml writes it: integral floats as integers, keys sorted.
-    pub fn to_yaml(&self) -> serde_yaml::Value {
-        use serde_yaml::Value as Y;
+    pub fn to_yaml(&self) -> serde_norway::Value {
+        use serde_norway::Value as Y;
         match self {
             Value::Nil | Value::Files => Y::Null,
             Value::Bool(b) => Y::Bool(*b),
@@ -144,20 +144,20 @@ impl Value {
 }
 
 /// Spellings that Helm's YAML reader (YAML 1.1) takes as booleans when unquoted, and
-/// as strings when quoted; serde_yaml (YAML 1.2) takes them as strings either way.
+/// as strings when quoted; serde_norway (YAML 1.2) takes them as strings either way.
 const YAML11_BOOLS: &[&str] =
     &["y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF"];
 
 /// The first string (key or value) in `yaml` that Helm may read differently: one of
 /// YAML 1.1's boolean spellings. Refusing it beats rendering something else than Helm.
-pub fn yaml11_ambiguity(yaml: &serde_yaml::Value) -> Option<String> {
+pub fn yaml11_ambiguity(yaml: &serde_norway::Value) -> Option<String> {
     match yaml {
-        serde_yaml::Value::String(s) if YAML11_BOOLS.contains(&s.as_str()) => Some(s.clone()),
-        serde_yaml::Value::Sequence(items) => items.iter().find_map(yaml11_ambiguity),
-        serde_yaml::Value::Mapping(map) => {
+        serde_norway::Value::String(s) if YAML11_BOOLS.contains(&s.as_str()) => Some(s.clone()),
+        serde_norway::Value::Sequence(items) => items.iter().find_map(yaml11_ambiguity),
+        serde_norway::Value::Mapping(map) => {
             map.iter().find_map(|(k, v)| yaml11_ambiguity(k).or_else(|| yaml11_ambiguity(v)))
         }
-        serde_yaml::Value::Tagged(t) => yaml11_ambiguity(&t.value),
+        serde_norway::Value::Tagged(t) => yaml11_ambiguity(&t.value),
         _ => None,
     }
 }
@@ -213,7 +213,7 @@ mod tests {
 
     #[test]
     fn yaml_numbers_are_floats_and_print_like_helm() {
-        let v = Value::from_yaml(serde_yaml::from_str("{a: 1, b: [x, true], c: null}").unwrap());
+        let v = Value::from_yaml(serde_norway::from_str("{a: 1, b: [x, true], c: null}").unwrap());
         let Value::Map(m) = &v else { panic!() };
         assert_eq!(m["a"], Value::Float(1.0));
         assert_eq!(v.print(), "map[a:1 b:[x true] c:<nil>]");

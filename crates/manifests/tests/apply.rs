@@ -117,7 +117,7 @@ async fn the_kind_preset_is_accepted_by_a_real_api_server() {
     let mut created = Vec::new();
     for m in &manifests {
         let obj: DynamicObject =
-            serde_yaml::from_str(&m.content).unwrap_or_else(|e| panic!("{} {}: {e}", m.kind, m.name));
+            serde_norway::from_str(&m.content).unwrap_or_else(|e| panic!("{} {}: {e}", m.kind, m.name));
         let types = obj.types.clone().expect("apiVersion and kind");
         let gvk = GroupVersionKind::try_from(&types).unwrap();
         let (resource, caps) =

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use manifests::{Chart, Options};
-use serde_yaml::Value;
+use serde_norway::Value;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -42,7 +42,7 @@ fn kind_manifests() -> Vec<Value> {
             ..Options::default()
         })
         .unwrap();
-    manifests.iter().map(|m| serde_yaml::from_str(&m.content).unwrap()).collect()
+    manifests.iter().map(|m| serde_norway::from_str(&m.content).unwrap()).collect()
 }
 
 fn pod_spec<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
@@ -93,18 +93,18 @@ fn binary_path_entrypoint_and_commands_match_the_chart() {
 
     let objects = kind_manifests();
     let ds = pod_spec(&objects, "DaemonSet");
-    let installer: Vec<String> = serde_yaml::from_value(ds["containers"][0]["command"].clone()).unwrap();
+    let installer: Vec<String> = serde_norway::from_value(ds["containers"][0]["command"].clone()).unwrap();
     assert_eq!(installer, entrypoint, "the DaemonSet runs the image's entrypoint");
     // Called by that name, the binary runs the installer.
     let argv = installer::entrypoint_args(installer.iter().map(Into::into));
     assert_eq!(argv[1], "install");
     let controller: Vec<String> =
-        serde_yaml::from_value(pod_spec(&objects, "Deployment")["containers"][0]["command"].clone()).unwrap();
+        serde_norway::from_value(pod_spec(&objects, "Deployment")["containers"][0]["command"].clone()).unwrap();
     assert_eq!(controller[0], "/opt/cni/bin/kong-mesh-cni");
     // The other commands the chart runs in the image are there.
     let probe: Vec<String> =
-        serde_yaml::from_value(ds["containers"][0]["readinessProbe"]["exec"]["command"].clone()).unwrap();
-    let sleep: Vec<String> = serde_yaml::from_value(ds["initContainers"][0]["command"].clone()).unwrap();
+        serde_norway::from_value(ds["containers"][0]["readinessProbe"]["exec"]["command"].clone()).unwrap();
+    let sleep: Vec<String> = serde_norway::from_value(ds["initContainers"][0]["command"].clone()).unwrap();
     for cmd in [&probe[0], &sleep[0]] {
         let name = cmd.strip_prefix("/bin/").unwrap_or_else(|| panic!("{cmd} is not in /bin"));
         assert!(joined.contains(&format!("ln -s busybox /rootfs/bin/{name}")), "the image provides {cmd}");
@@ -117,7 +117,7 @@ fn binary_path_entrypoint_and_commands_match_the_chart() {
 fn versions_agree() {
     let workspace: toml_like::Manifest = toml_like::read(&root().join("Cargo.toml"));
     let chart = Chart::embedded();
-    let meta: Value = serde_yaml::from_str(&chart.files()["Chart.yaml"]).unwrap();
+    let meta: Value = serde_norway::from_str(&chart.files()["Chart.yaml"]).unwrap();
     assert_eq!(
         meta["appVersion"],
         workspace.version.as_str(),

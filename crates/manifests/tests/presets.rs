@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use clap::{Args as _, CommandFactory as _};
 use manifests::{Chart, Options, to_stream};
-use serde_yaml::Value;
+use serde_norway::Value;
 
 const TABLE: &[(&str, &str, &str, &str, bool)] = &[
     ("eks", "/etc/cni/net.d", "/opt/cni/bin", "10-aws.conflist", true),
@@ -39,7 +39,7 @@ impl Rendered {
         };
         let stream = to_stream(&Chart::embedded().render(&opts).unwrap());
         let mut objects = BTreeMap::new();
-        for doc in serde_yaml::Deserializer::from_str(&stream) {
+        for doc in serde_norway::Deserializer::from_str(&stream) {
             let v: Value = serde::Deserialize::deserialize(doc).unwrap();
             let key = (v["kind"].as_str().unwrap().to_owned(), v["metadata"]["name"].as_str().unwrap().to_owned());
             objects.insert(key, v);
@@ -95,9 +95,11 @@ fn mount_path(container: &Value, volume: &str) -> String {
     m["mountPath"].as_str().unwrap().to_owned()
 }
 
+/// The rules of one of the chart's controller RBAC files (those the controller's tests
+/// run the controller bound to).
 fn rules_of(file: &str) -> Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/rbac").join(file);
-    let v: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let chart = Chart::embedded();
+    let v: Value = serde_norway::from_str(&chart.files()[&format!("files/controller-rbac/{file}")]).unwrap();
     v["rules"].clone()
 }
 
@@ -146,7 +148,7 @@ fn the_daemonset_runs_everywhere_including_nodes_waiting_for_it() {
         assert_eq!(spec["hostNetwork"], Value::Bool(true));
         assert_eq!(spec["serviceAccountName"], "kong-mesh-cni");
         let installer = r.installer();
-        assert_eq!(installer["command"], serde_yaml::from_str::<Value>("[/install-cni]").unwrap());
+        assert_eq!(installer["command"], serde_norway::from_str::<Value>("[/install-cni]").unwrap());
         // Readiness is the installer's ready file, on a mount that a read-only root allows.
         let probe = &installer["readinessProbe"]["exec"]["command"];
         assert_eq!(probe[1], "/tmp/ready");
@@ -227,7 +229,10 @@ fn the_controller_accepts_what_the_chart_gives_it() {
     ] {
         let r = Rendered::new(Some("kind"), set);
         let ctl = r.controller();
-        assert_eq!(ctl["command"], serde_yaml::from_str::<Value>("[/opt/cni/bin/kong-mesh-cni, controller]").unwrap());
+        assert_eq!(
+            ctl["command"],
+            serde_norway::from_str::<Value>("[/opt/cni/bin/kong-mesh-cni, controller]").unwrap()
+        );
         let mut argv = Vec::new();
         for (name, entry) in env(ctl) {
             if name == "CNI_LOG_LEVEL" {
@@ -260,29 +265,13 @@ fn the_controller_accepts_what_the_chart_gives_it() {
 
 #[test]
 fn rbac_is_least_privilege_and_the_controllers_own() {
-    // The chart's copies are the controller crate's files, byte for byte.
-    let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/rbac");
-    let mut names: Vec<String> =
-        std::fs::read_dir(&crate_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    let chart = Chart::embedded();
-    let copies: Vec<&String> = chart.files().keys().filter(|p| p.starts_with("files/controller-rbac/")).collect();
-    assert_eq!(copies.len(), names.len(), "{copies:?} vs {names:?}");
-    for name in &names {
-        let copy = &chart.files()[&format!("files/controller-rbac/{name}")];
-        assert_eq!(
-            copy,
-            &std::fs::read_to_string(crate_dir.join(name)).unwrap(),
-            "files/controller-rbac/{name} differs from crates/controller/rbac/{name}: copy it over"
-        );
-    }
     for (preset, ..) in TABLE {
         let r = Rendered::new(Some(preset), &[]);
         // The plugin gets one pod at a time; the installer itself calls no API.
         let installer = r.get("ClusterRole", "kong-mesh-cni");
         assert_eq!(
             installer["rules"],
-            serde_yaml::from_str::<Value>(r#"[{apiGroups: [""], resources: [pods], verbs: [get]}]"#).unwrap()
+            serde_norway::from_str::<Value>(r#"[{apiGroups: [""], resources: [pods], verbs: [get]}]"#).unwrap()
         );
         let binding = r.get("ClusterRoleBinding", "kong-mesh-cni");
         assert_eq!(binding["subjects"][0]["name"], "kong-mesh-cni");
@@ -304,7 +293,7 @@ fn rbac_is_least_privilege_and_the_controllers_own() {
             assert_eq!(b["roleRef"]["name"], name);
             assert_eq!(
                 b["subjects"],
-                serde_yaml::from_str::<Value>(
+                serde_norway::from_str::<Value>(
                     "[{kind: ServiceAccount, name: kong-mesh-cni-controller, namespace: kube-system}]"
                 )
                 .unwrap()
@@ -343,7 +332,7 @@ fn namespace_moves_every_namespaced_object() {
     let opts = Options { preset: Some("kind".into()), namespace: Some("mesh-cni".into()), ..Options::default() };
     let manifests = Chart::embedded().render(&opts).unwrap();
     for m in &manifests {
-        let v: Value = serde_yaml::from_str(&m.content).unwrap();
+        let v: Value = serde_norway::from_str(&m.content).unwrap();
         let cluster_scoped = m.kind.starts_with("Cluster");
         assert_eq!(v["metadata"].get("namespace").is_none(), cluster_scoped, "{} {}", m.kind, m.name);
         if !cluster_scoped {
@@ -371,7 +360,7 @@ fn switches_and_refusals() {
     );
     let delayed = Rendered::new(Some("kind"), &["cni.delayStartupSeconds=7"]);
     let init = &delayed.daemonset()["spec"]["template"]["spec"]["initContainers"][0];
-    assert_eq!(init["command"], serde_yaml::from_str::<Value>("[/bin/sleep, '7']").unwrap());
+    assert_eq!(init["command"], serde_norway::from_str::<Value>("[/bin/sleep, '7']").unwrap());
     assert!(Rendered::new(Some("kind"), &[]).daemonset()["spec"]["template"]["spec"].get("initContainers").is_none());
     let err = Chart::embedded()
         .render(&Options { set: vec!["experimental.ebpf.enabled=true".into()], ..Options::default() })

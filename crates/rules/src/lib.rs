@@ -4,6 +4,8 @@
 //! `restore` renders rule sets as `iptables-restore` input and compares them with
 //! `iptables-save` output. Nothing here touches the system.
 
+#![forbid(unsafe_code)]
+
 pub mod dns;
 mod generate;
 pub mod nft;

@@ -10,9 +10,9 @@ use std::path::Path;
 
 use rules::{families, generate, restore};
 
-fn render(case: &serde_yaml::Value) -> String {
+fn render(case: &serde_norway::Value) -> String {
     let annotations: BTreeMap<String, String> =
-        serde_yaml::from_value(case["annotations"].clone()).expect("annotations map");
+        serde_norway::from_value(case["annotations"].clone()).expect("annotations map");
     let ipv6 = case["ipv6"].as_bool().unwrap_or(false);
     let nameservers: Vec<IpAddr> = case["nameservers"]
         .as_sequence()
@@ -41,7 +41,7 @@ fn golden_rule_sets() {
     assert!(cases.len() >= 10, "the golden cases are missing from {}", dir.display());
     let mut failures = Vec::new();
     for case_path in cases {
-        let case: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&case_path).unwrap()).unwrap();
+        let case: serde_norway::Value = serde_norway::from_str(&std::fs::read_to_string(&case_path).unwrap()).unwrap();
         let got = render(&case);
         let golden = case_path.with_extension("rules");
         if update {

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use rules::rule::COMMENT_PREFIX;
 use rules::{families, generate};
-use serde_yaml::Value;
+use serde_norway::Value;
 
 /// What the reference README says `@RESOLV@` holds.
 const RESOLV: &str = "nameserver 10.96.0.10\nnameserver fd00:96::a\nnameserver 1.1.1.1\n\
@@ -60,14 +60,14 @@ fn generated_rules_are_kumas() {
     let mut compared = 0;
     for path in paths.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let doc: Value = serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let (case, kuma) = (&doc["case"], &doc["kuma_v2.14.3"]);
         let excluded = case["namespace"].as_str() == Some("kube-system");
         if kuma["add"].as_str() != Some("ok") || excluded || case["no_pod"].as_bool() == Some(true) {
             continue;
         }
         let annotations: BTreeMap<String, String> =
-            serde_yaml::from_value(case["pod"]["metadata"]["annotations"].clone()).unwrap();
+            serde_norway::from_value(case["pod"]["metadata"]["annotations"].clone()).unwrap();
         let uses_resolv = annotations.values().any(|v| v.contains("@RESOLV@"));
         let cfg = match kuma::from_annotations(&annotations) {
             Ok(cfg) => cfg,

@@ -11,16 +11,13 @@
 //! - as any other UID: traffic to an unroutable address must land on the outbound
 //!   port, as an application's would.
 //!
-//! The exit code is the contract with the repair controller:
-//! [`kuma::pod::VALIDATOR_EXIT_NOT_REDIRECTED`] when the redirect is missing, 1 for any
-//! other trouble.
+//! The exit code is the contract with the repair controller: `kong-mesh-cni validate`
+//! exits with `kuma::pod::VALIDATOR_EXIT_NOT_REDIRECTED` on
+//! [`ValidateError::NotRedirected`], 1 for any other trouble.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
-
-use clap::{Args, ValueEnum};
 
 /// Where a redirected TCP connection was originally headed: after a nat `REDIRECT` the
 /// accepted socket's local address is the listener's, while conntrack keeps the address
@@ -36,7 +33,7 @@ pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not an IP address"))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FamilyChoice {
     /// IPv4, and IPv6 when IPv6 is enabled in the pod (as the plugin decides).
     Auto,
@@ -44,27 +41,20 @@ pub enum FamilyChoice {
     Ipv6,
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct ValidateArgs {
+/// What to probe (the `validate` command's flags, in `kong-mesh-cni`).
+#[derive(Debug, Clone)]
+pub struct Settings {
     /// Where the outbound redirect lands (the sidecar's outbound listener).
-    #[arg(long, env = "KMC_VALIDATE_OUTBOUND_PORT", default_value_t = 15001)]
     pub outbound_port: u16,
     /// Where the inbound redirect lands (the sidecar's inbound listener).
-    #[arg(long, env = "KMC_VALIDATE_INBOUND_PORT", default_value_t = 15006)]
     pub inbound_port: u16,
     /// The sidecar's UID: running as it selects the sidecar probe.
-    #[arg(long, env = "KMC_VALIDATE_SIDECAR_UID", default_value_t = 5678)]
     pub sidecar_uid: u32,
-    /// The IPv4 address the outbound probe connects to; nothing must answer there.
-    #[arg(long, env = "KMC_VALIDATE_PROBE_IPV4", default_value = "10.255.255.254")]
+    /// The address the outbound probe connects to; nothing must answer there.
     pub probe_ipv4: Ipv4Addr,
-    /// The IPv6 address the outbound probe connects to.
-    #[arg(long, env = "KMC_VALIDATE_PROBE_IPV6", default_value = "fd00:6b6d:6300::fe")]
     pub probe_ipv6: Ipv6Addr,
-    /// Give up (exit 97) when no probe succeeded within this time (e.g. 10s, 500ms).
-    #[arg(long, env = "KMC_VALIDATE_TIMEOUT", default_value = "10s", value_parser = kuma::values::duration)]
+    /// Give up when no probe succeeded within this time.
     pub timeout: Duration,
-    #[arg(long, env = "KMC_VALIDATE_FAMILY", value_enum, default_value = "auto")]
     pub family: FamilyChoice,
 }
 
@@ -97,7 +87,7 @@ struct Probe {
     target: IpAddr,
 }
 
-fn probes(args: &ValidateArgs, as_sidecar: bool, families: &[bool]) -> Vec<Probe> {
+fn probes(args: &Settings, as_sidecar: bool, families: &[bool]) -> Vec<Probe> {
     families
         .iter()
         .map(|&v6| {
@@ -123,7 +113,7 @@ fn probes(args: &ValidateArgs, as_sidecar: bool, families: &[bool]) -> Vec<Probe
 }
 
 /// Runs every probe; the first failure ends the validation.
-pub fn validate(args: &ValidateArgs) -> Result<Vec<Validated>, ValidateError> {
+pub fn validate(args: &Settings) -> Result<Vec<Validated>, ValidateError> {
     // SAFETY: getuid has no preconditions.
     let as_sidecar = unsafe { libc::getuid() } == args.sidecar_uid;
     let families: Vec<bool> = match args.family {
@@ -213,25 +203,50 @@ fn connect_from(bind: SocketAddr, target: SocketAddr, timeout: Duration) -> io::
     Ok(socket.into())
 }
 
-/// The subcommand: prints what was validated, or why not, and exits with the contract's code.
-pub fn run(args: ValidateArgs) -> ExitCode {
-    match validate(&args) {
-        Ok(done) => {
-            for v in done {
-                println!(
-                    "{}: redirected to {} (original destination {})",
-                    v.family, v.listener, v.original_destination
-                );
-            }
-            ExitCode::SUCCESS
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            sidecar_uid: 5678,
+            probe_ipv4: Ipv4Addr::new(10, 255, 255, 254),
+            probe_ipv6: "fd00::fe".parse().unwrap(),
+            timeout: Duration::from_secs(1),
+            family: FamilyChoice::Auto,
         }
-        Err(e @ ValidateError::NotRedirected { .. }) => {
-            eprintln!("error: {e}");
-            ExitCode::from(kuma::pod::VALIDATOR_EXIT_NOT_REDIRECTED as u8)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+    }
+
+    fn plan(as_sidecar: bool, families: &[bool]) -> Vec<(&'static str, String, Option<String>, String)> {
+        probes(&settings(), as_sidecar, families)
+            .into_iter()
+            .map(|p| (p.family, p.listen.to_string(), p.bind.map(|b| b.to_string()), p.target.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_application_probes_the_outbound_redirect_to_the_unroutable_address() {
+        let want = |family, listen: &str, target: &str| (family, listen.to_owned(), None, target.to_owned());
+        assert_eq!(
+            plan(false, &[false, true]),
+            [want("ipv4", "0.0.0.0:15001", "10.255.255.254"), want("ipv6", "[::]:15001", "fd00::fe")]
+        );
+    }
+
+    #[test]
+    fn the_sidecar_probes_the_inbound_redirect_of_its_own_local_traffic() {
+        let want = |family, listen: &str, bind: &str, target: &str| {
+            (family, listen.to_owned(), Some(bind.to_owned()), target.to_owned())
+        };
+        assert_eq!(
+            plan(true, &[false, true]),
+            [
+                want("ipv4", "127.0.0.1:15006", "127.0.0.1:0", "127.0.0.6"),
+                want("ipv6", "[::1]:15006", "[::1]:0", "::6")
+            ]
+        );
+        assert_eq!(plan(true, &[true]).len(), 1);
     }
 }

@@ -1,5 +1,5 @@
 //! The controller in-process against the real API server, with the identity of a
-//! ServiceAccount bound to exactly the RBAC files of `crates/controller/rbac/`.
+//! ServiceAccount bound to exactly the chart's RBAC files (`deployments/charts/kong-mesh-cni/files/controller-rbac/`).
 //!
 //! Also compiled (by path) into `crates/kong-mesh-cni/tests/controller.rs`, which runs
 //! the real binary with the same grants, and into the scale benchmark.
@@ -160,9 +160,9 @@ impl Harness {
 }
 
 pub fn rbac_file<T: k8s_openapi::serde::de::DeserializeOwned>(file: &str) -> T {
-    let path = testkit::repo_root().join("crates/controller/rbac").join(file);
+    let path = testkit::repo_root().join("deployments/charts/kong-mesh-cni/files/controller-rbac").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
 /// One controller instance running in this process.

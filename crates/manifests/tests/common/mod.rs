@@ -70,17 +70,17 @@ pub fn helm_template(helm: &Path, preset: Option<&str>, args: &[&str]) -> Result
 
 /// The objects of a multi-document stream keyed by kind/namespace/name (their order in
 /// a stream carries no meaning beyond Helm's install order, checked separately).
-pub fn objects(stream: &str) -> BTreeMap<String, serde_yaml::Value> {
+pub fn objects(stream: &str) -> BTreeMap<String, serde_norway::Value> {
     let mut out = BTreeMap::new();
-    for doc in serde_yaml::Deserializer::from_str(stream) {
-        let v = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).expect("valid YAML");
+    for doc in serde_norway::Deserializer::from_str(stream) {
+        let v = <serde_norway::Value as serde::Deserialize>::deserialize(doc).expect("valid YAML");
         if v.is_null() {
             continue;
         }
         let s = |path: &[&str]| {
             let mut cur = &v;
             for p in path {
-                cur = cur.get(p).unwrap_or(&serde_yaml::Value::Null);
+                cur = cur.get(p).unwrap_or(&serde_norway::Value::Null);
             }
             cur.as_str().unwrap_or_default().to_owned()
         };
@@ -95,9 +95,9 @@ pub fn kinds(stream: &str) -> Vec<String> {
     objects_in_order(stream).into_iter().map(|v| v["kind"].as_str().unwrap_or_default().to_owned()).collect()
 }
 
-pub fn objects_in_order(stream: &str) -> Vec<serde_yaml::Value> {
-    serde_yaml::Deserializer::from_str(stream)
-        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+pub fn objects_in_order(stream: &str) -> Vec<serde_norway::Value> {
+    serde_norway::Deserializer::from_str(stream)
+        .map(|d| <serde_norway::Value as serde::Deserialize>::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -111,8 +111,8 @@ pub fn assert_same_objects(ours: &str, helm: &str, what: &str) {
         if v != &b[k] {
             panic!(
                 "{what}: {k} differs\n--- ours\n{}\n--- helm\n{}",
-                serde_yaml::to_string(v).unwrap(),
-                serde_yaml::to_string(&b[k]).unwrap()
+                serde_norway::to_string(v).unwrap(),
+                serde_norway::to_string(&b[k]).unwrap()
             );
         }
     }

@@ -4,8 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::Error;
-use crate::render::{Chart, Options, to_stream};
+use manifests::{Chart, Error, Options, to_stream};
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(about = "Print the CNI's Kubernetes manifests (the Helm chart, rendered) for an environment preset")]

@@ -68,7 +68,7 @@ fn read_pod(path: &Path) -> Result<Pod, Failure> {
     let text =
         std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read pod file {}: {e}", path.display())))?;
     // JSON is YAML too, so one parser reads both.
-    serde_yaml::from_str(&text).map_err(|e| invalid(format!("pod file {} is not a Pod object: {e}", path.display())))
+    serde_norway::from_str(&text).map_err(|e| invalid(format!("pod file {} is not a Pod object: {e}", path.display())))
 }
 
 fn execute(args: &RulesArgs) -> Result<(), Failure> {

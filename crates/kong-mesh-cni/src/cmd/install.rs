@@ -1,0 +1,23 @@
+//! `kong-mesh-cni install` (the image's `/install-cni`): its exit codes. The flags are
+//! [`installer::InstallArgs`], which the installer's own tests parse too.
+
+use std::process::ExitCode;
+
+use installer::{InstallArgs, InstallError, Settings};
+
+/// Exit code for settings the installer cannot work with (a flag or variable names it).
+const EXIT_BAD_SETTING: u8 = 2;
+
+pub fn run(args: InstallArgs) -> ExitCode {
+    super::raise_fd_limit();
+    match Settings::from_args(args).and_then(installer::run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            match e {
+                InstallError::Setting(_) | InstallError::Template(_) => ExitCode::from(EXIT_BAD_SETTING),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Every subcommand's flags and exit codes; the work is done by the library crates.
+
+mod controller;
+mod install;
+mod manifests;
+mod rules;
+mod validate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "kong-mesh-cni",
+    version,
+    about = "The Kong Mesh CNI: transparent-proxy redirect for mesh pods, programmed from the node"
+)]
+struct Cli {
+    /// Log level: off, error, warn, info, debug or trace.
+    #[arg(long, global = true, env = "CNI_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show, apply, verify or remove the redirect rules of a pod.
+    Rules(rules::RulesArgs),
+    /// Prove from inside a pod that its traffic is redirected (the kuma-validation init
+    /// container); exits 97 when it is not.
+    Validate(validate::ValidateArgs),
+    /// Install the plugin on this node and keep it chained until SIGTERM (the
+    /// DaemonSet's container; also what the binary runs when invoked as `install-cni`).
+    Install(Box<installer::InstallArgs>),
+    /// Print the Kubernetes manifests (the Helm chart, rendered) for an environment
+    /// preset: `kong-mesh-cni manifests --preset kind | kubectl apply -f -`.
+    Manifests(manifests::ManifestsArgs),
+    /// Run the control-plane controllers until SIGTERM: node taint until the CNI is
+    /// ready, NetworkAttachmentDefinitions for Multus, repair of pods that raced the CNI.
+    Controller(Box<::controller::ControllerArgs>),
+}
+
+/// Parses the command line (as `install` when invoked as `install-cni`) and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse_from(installer::entrypoint_args(std::env::args_os()));
+    ops::init_logging(&cli.log_level);
+    match cli.command {
+        Command::Rules(args) => rules::run(args),
+        Command::Validate(args) => validate::run(args),
+        Command::Install(args) => install::run(*args),
+        Command::Manifests(args) => manifests::run(args),
+        Command::Controller(args) => controller::run(*args),
+    }
+}
+
+/// The long-running roles hold a watch, a listener and connections: allow them every
+/// descriptor the process may have.
+fn raise_fd_limit() {
+    if let Err(e) = ops::raise_fd_limit() {
+        tracing::warn!("cannot raise the open-files limit: {e}");
+    }
+}

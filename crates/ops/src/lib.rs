@@ -1,0 +1,115 @@
+//! What every long-running role of the binary shares (the installer and the controller):
+//! the admin endpoints `/healthz`, `/readyz` and `/metrics` ([`admin`]), one metrics
+//! [`Registry`] type, logging set-up, the shutdown signals, the one duration syntax of
+//! our flags, and the file-descriptor limit.
+
+pub mod admin;
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+pub use admin::{Heartbeat, Report, ServeOptions, bind, serve};
+/// The one metrics registry type: each role registers its metrics in its own.
+pub use prometheus_client::registry::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("listening for /healthz, /readyz and /metrics on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The metrics of `registry` in the text exposition format.
+pub fn render(registry: &Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String cannot fail; a metric that cannot encode is a bug caught by tests.
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text
+}
+
+/// Logs go to stderr (stdout carries command output), as plain text lines.
+/// `off|error|warn|info|debug|trace` or a filter directive; an unknown level falls
+/// back to info rather than failing the command over its logging.
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
+    // Colours only for a person at a terminal: `kubectl logs` shows escape codes raw.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+/// Resolves on the first SIGTERM or SIGINT. Without signal handlers (which only fails
+/// when the runtime has no signal driver) it never resolves: the process then stops
+/// only when killed.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stopping only when killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
+/// The duration syntax of every flag: a bare number is whole seconds (the Go
+/// installer's variables are), otherwise humantime's (`500ms`, `2m`, `1h 30m`).
+pub fn duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration such as 10, 500ms or 2m: {e}"))
+}
+
+/// Raises the soft limit on open files to the hard one and returns it: an admin port
+/// or a watch must not fail for want of descriptors the process is allowed anyway.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own; no other memory is touched.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit only reads the struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_seconds_or_units() {
+        assert_eq!(duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(duration(" 250ms "), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "x", "-1", "5 parsecs", "1.5.5s"] {
+            let e = duration(bad).unwrap_err();
+            assert!(e.contains(&format!("{:?}", bad.trim())), "{e}");
+        }
+    }
+
+    #[test]
+    fn fd_limit_is_raised_to_the_hard_limit() {
+        let hard = raise_fd_limit().unwrap();
+        let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: as in raise_fd_limit.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) }, 0);
+        assert_eq!((now.rlim_cur, now.rlim_max), (hard, hard));
+    }
+}
