@@ -6,8 +6,8 @@
 #
 #   scripts/image-build.sh [--binary PATH] [--out DIR]
 #
-#   --binary  the kong-mesh-cni binary to put in (default: cargo build --release, once;
-#             cargo reuses the build when nothing changed)
+#   --binary  the kong-mesh-cni binary to put in (default: cargo build --release into
+#             target/image/cargo, once; cargo reuses the build when nothing changed)
 #   --out     the layout's dir (default: target/image/kong-mesh-cni); replaced
 #
 # Prints the layout's dir last. Load it with `skopeo copy oci:DIR docker-daemon:...` or
@@ -28,8 +28,11 @@ while (($#)); do
 done
 
 if [[ -z $binary ]]; then
-	cargo build --release --locked -p kong-mesh-cni >&2
-	binary=$root/target/x86_64-unknown-linux-gnu/release/kong-mesh-cni
+	# A target dir of its own: the tests run this script while `cargo test` holds the
+	# lock of target/ (and a release build shares nothing with the debug one anyway).
+	target_dir=${KMC_IMAGE_TARGET_DIR:-$root/target/image/cargo}
+	cargo build --release --locked -p kong-mesh-cni --target-dir "$target_dir" >&2
+	binary=$target_dir/x86_64-unknown-linux-gnu/release/kong-mesh-cni
 fi
 [[ -x $binary ]] || { echo "image-build: $binary is not an executable" >&2; exit 1; }
 

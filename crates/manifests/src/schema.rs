@@ -193,10 +193,12 @@ fn equal(option: &Json, value: &Value) -> bool {
     }
 }
 
-/// An enum option as Helm's validator quotes it: strings in single quotes, the rest as JSON.
+/// An enum option as Helm's validator prints it: strings in single quotes, null as Go's
+/// `<nil>`, the rest as JSON.
 fn show(option: &Json) -> String {
     match option {
         Json::String(s) => format!("'{s}'"),
+        Json::Null => "<nil>".into(),
         other => other.to_string(),
     }
 }
@@ -229,7 +231,7 @@ mod tests {
     fn the_messages_are_helms() {
         let schema = parse(
             r#"{"type":"object","additionalProperties":false,"properties":{
-                "a":{"type":["string","null"]},"e":{"enum":["A","B",3]},"one":{"enum":["Always"]},
+                "a":{"type":["string","null"]},"e":{"enum":["A","B",3,null]},"one":{"enum":["Always"]},
                 "n":{"type":"integer","minimum":0,"maximum":65535},"m":{"type":"object","additionalProperties":{"type":"string"}},
                 "l":{"type":"array","items":{"type":"string"}}}}"#,
         )
@@ -241,7 +243,7 @@ mod tests {
             [
                 "at '': additional properties 'x', 'y' not allowed",
                 "at '/a': got number, want null or string",
-                "at '/e': value must be one of 'A', 'B', 3",
+                "at '/e': value must be one of 'A', 'B', 3, <nil>",
                 "at '/l/1': got number, want string",
                 "at '/m/x~1y': got number, want string",
                 "at '/n': maximum: got 70,000, want 65,535",
