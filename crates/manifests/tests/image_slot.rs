@@ -22,9 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_yaml::Value;
-use testkit::cni::{Attachment, CniRuntime, Plugins};
-use testkit::net::NamedNetns;
-use testkit::{ApiServer, pod, policy_rule};
+use testkit::{ApiServer, Attachment, CniRuntime, NamedNetns, Plugins, pod, policy_rule};
 
 const NODE: &str = "KMC_IMAGE_SLOT_NODE";
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -41,6 +39,7 @@ fn our_image_runs_in_the_slot_of_kumas_daemonset() {
     let layout = common::image().to_owned();
     let bin = testkit::bin_dir().to_owned();
     let node = tempfile::tempdir().unwrap();
+    std::fs::create_dir(node.path().join("mnt")).unwrap();
     let script = r#"set -e
         mount -t tmpfs node "$KMC_IMAGE_SLOT_NODE"
         for d in etc opt var/lib; do
@@ -58,7 +57,6 @@ fn our_image_runs_in_the_slot_of_kumas_daemonset() {
         .stdin(Stdio::null())
         .output()
         .expect("running unshare");
-    std::fs::create_dir_all(node.path().join("mnt")).ok();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{text}");
     assert!(out.status.success() && text.contains("1 passed"), "the run on the node failed");
@@ -141,7 +139,9 @@ impl Container {
     /// `chroot`, then `argv` with exactly `env`.
     fn command(&self, argv: &[String]) -> Command {
         let root = self.root.path().display().to_string();
-        let mut script = format!("set -e\nmount --bind {root} {root}\nmount -t proc proc {root}/proc\n");
+        // As a container runtime does: /proc and /dev are made, not part of the image.
+        let mut script = format!("set -e\nmkdir -p {root}/proc {root}/dev\nmount --bind {root} {root}\n");
+        script += &format!("mount -t proc proc {root}/proc\n");
         script += &format!("mount --rbind /dev {root}/dev\n");
         for (source, target) in &self.mounts {
             script += &format!("mount --bind {} {root}{target}\n", source.display());
@@ -286,10 +286,11 @@ fn run_slot(
     }
 
     let log = node.join(format!("{what}.log"));
+    let out = std::fs::File::create(&log).unwrap();
     let child = container
         .command(&argv)
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
         .spawn()
         .expect("starting the container");
     let mut installer = Running { child, log };
