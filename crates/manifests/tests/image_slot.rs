@@ -287,12 +287,8 @@ fn run_slot(
 
     let log = node.join(format!("{what}.log"));
     let out = std::fs::File::create(&log).unwrap();
-    let child = container
-        .command(&argv)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("starting the container");
+    let child =
+        container.command(&argv).stdout(out.try_clone().unwrap()).stderr(out).spawn().expect("starting the container");
     let mut installer = Running { child, log };
 
     // The DaemonSet's readiness probe, run in the container the same way.
@@ -318,6 +314,7 @@ fn run_slot(
     let netns = NamedNetns::new("slot");
     let ours = CniRuntime::net_dir(&net_dir, vec![bin_dir.clone(), Plugins::Upstream.dir()]);
     let pod = Attachment::new(&netns, namespace, "app");
+    let extra = Attachment { ifname: "net1".into(), ..pod.clone() };
     if chained {
         let list: serde_json::Value =
             serde_json::from_slice(&std::fs::read(net_dir.join(&conf_name)).unwrap()).unwrap();
@@ -327,7 +324,6 @@ fn run_slot(
         // Multus: the primary network first, then ours as the pod's extra attachment.
         assert!(net_dir.join(&conf_name).is_file(), "{what}: our own {conf_name}");
         primary.add(&pod).expect("the primary network");
-        let extra = Attachment { ifname: "net1".into(), ..pod.clone() };
         ours.add(&extra).unwrap_or_else(|e| panic!("{what}: ADD: {e}\ninstaller log:\n{}", installer.log()));
     }
     // Whichever backend the plugin chose.
@@ -341,6 +337,14 @@ fn run_slot(
         "{what}: the mesh pod has no redirect:\n{rules}"
     );
 
+    // DEL while the configuration is still there (the pod goes before the CNI).
+    match chained {
+        true => ours.del(&pod).unwrap_or_else(|e| panic!("{what}: DEL: {e}")),
+        false => {
+            ours.del(&extra).unwrap_or_else(|e| panic!("{what}: DEL: {e}"));
+            primary.del(&pod).expect("the primary network's DEL");
+        }
+    }
     let status = installer.terminate();
     assert!(status.success(), "{what}: installer exit {status}:\n{}", installer.log());
     if chained {
