@@ -1,11 +1,14 @@
-//! The taint controller at the edge: caches of nodes and CNI pods, reconcile per node
-//! (from a node event, from an event of a CNI pod on it, or on gaining leadership), and
-//! the patch with conflict retries.
+//! The taint controller at the edge: caches of nodes, CNI pods and the CNI DaemonSet(s),
+//! reconcile per node (from a node event, from an event of a CNI pod on it, on gaining
+//! leadership, or of every node when a CNI DaemonSet changes), and the patch with
+//! conflict retries.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus, PodTemplateSpec};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -30,6 +33,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 struct Ctx {
     nodes: Api<Node>,
     cni_pods: Store<Pod>,
+    /// The CNI DaemonSets (labelled like the CNI pods, in their namespace): which nodes
+    /// they target.
+    daemonsets: Store<DaemonSet>,
     /// True once both caches are complete. Reconcile tasks wait on this, not on
     /// `Store::wait_until_ready`, which wakes only one of several waiting tasks.
     synced: watch::Receiver<bool>,
@@ -53,16 +59,27 @@ pub async fn run(client: Client, args: &ControllerArgs, leader: Leadership, stat
         .any_semantic()
         .labels(&format!("app={}", args.cni_app))
         .fields(&format!("metadata.namespace={}", args.cni_namespace));
-    let pod_events = watcher(Api::<Pod>::all(client), pod_config)
+    let pod_events = watcher(Api::<Pod>::all(client.clone()), pod_config)
         .default_backoff()
         .modify(trim_pod)
         .reflect(pod_writer)
         .touched_objects();
 
+    // Read from the DaemonSet itself: its nodeSelector, affinity and tolerations.
+    let (ds_reader, ds_writer) = reflector::store();
+    let ds_config = watcher::Config::default().any_semantic().labels(&format!("app={}", args.cni_app));
+    let ds_changes = watcher(Api::<DaemonSet>::namespaced(client, &args.cni_namespace), ds_config)
+        .default_backoff()
+        .modify(trim_daemonset)
+        .reflect(ds_writer)
+        .touched_objects()
+        .map(|_| ());
+
     let (synced_tx, synced) = watch::channel(false);
     let ctx = Arc::new(Ctx {
         nodes,
         cni_pods: pod_reader.clone(),
+        daemonsets: ds_reader.clone(),
         synced,
         leader: leader.clone(),
         status: status.clone(),
@@ -71,13 +88,15 @@ pub async fn run(client: Client, args: &ControllerArgs, leader: Leadership, stat
     let synced = async {
         // Never fails: the writers live as long as the controller below. Polled in the
         // controller's task, so the single wake-up the stores give reaches it.
-        let _ = futures::join!(node_reader.wait_until_ready(), pod_reader.wait_until_ready());
+        let _ =
+            futures::join!(node_reader.wait_until_ready(), pod_reader.wait_until_ready(), ds_reader.wait_until_ready());
         synced_tx.send_replace(true);
         status.synced(Part::Taint);
     };
     let controller = Controller::for_stream(node_events, node_reader.clone())
         .watches_stream(pod_events, |pod| taint::pod_node(&pod).map(ObjectRef::new))
         .reconcile_all_on(leader.gained())
+        .reconcile_all_on(ds_changes)
         .with_config(Config::default().concurrency(CONCURRENCY))
         .run(reconcile, error_policy, ctx);
     let controller = drain_runs(controller, &status, "taint");
@@ -95,7 +114,10 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     for _ in 0..ATTEMPTS {
         let cni_ready =
             ctx.cni_pods.find(|p| taint::pod_node(p) == Some(name.as_str()) && taint::cni_pod_ready(p)).is_some();
-        let Some(change) = taint::decide(&node, cni_ready) else {
+        let daemonsets = ctx.daemonsets.state();
+        let specs = daemonsets.iter().filter_map(|d| d.spec.template.spec.as_ref());
+        let targeted = taint::targeted_by_any(specs, &node);
+        let Some(change) = taint::decide(&node, cni_ready, targeted) else {
             return Ok(Action::await_change());
         };
         if !ctx.leader.is_leader() {
@@ -106,10 +128,10 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         match bounded(ctx.timeout, what, ctx.nodes.patch(&name, &PatchParams::default(), &patch)).await {
             Ok(_) => {
                 ctx.status.taint_changed(change.as_str());
-                let done = if change == Change::Add {
-                    "tainted: no Ready CNI pod on it"
-                } else {
-                    "untainted: its CNI pod is Ready"
+                let done = match (change, targeted) {
+                    (Change::Add, _) => "tainted: no Ready CNI pod on it",
+                    (Change::Remove, true) => "untainted: its CNI pod is Ready",
+                    (Change::Remove, false) => "untainted: the CNI DaemonSet does not run on it",
                 };
                 info!(node = %name, taint = taint::TAINT_KEY, "{done}");
                 return Ok(Action::await_change());
@@ -145,6 +167,22 @@ fn trim_node(node: &mut Node) {
     node.metadata.annotations = None;
     node.status = None;
     node.spec = Some(NodeSpec { taints: node.spec.take().and_then(|s| s.taints), ..Default::default() });
+}
+
+/// Keeps what decides placement: the template's nodeSelector, affinity and tolerations.
+fn trim_daemonset(ds: &mut DaemonSet) {
+    ds.metadata.managed_fields = None;
+    ds.metadata.annotations = None;
+    ds.status = None;
+    let pod = std::mem::take(&mut ds.spec).template.spec.unwrap_or_default();
+    let pod = PodSpec {
+        node_selector: pod.node_selector,
+        affinity: pod.affinity,
+        tolerations: pod.tolerations,
+        ..Default::default()
+    };
+    let template = PodTemplateSpec { spec: Some(pod), ..Default::default() };
+    ds.spec = DaemonSetSpec { template, ..Default::default() };
 }
 
 /// Keeps the node name, the phase and the conditions.

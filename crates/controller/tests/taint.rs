@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::{Harness, Running, eventually, metric, tainted, taints, throughout};
 use controller::{RepairAction, TAINT_KEY};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, Taint};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -168,4 +169,101 @@ async fn nodes_registered_with_the_taint_are_untainted_when_their_cni_pod_is_rea
     ctl.stop().await;
     delete_node(admin, &early).await;
     delete_node(admin, &late).await;
+}
+
+/// A CNI DaemonSet in the harness's namespace (no controller-manager runs: it only
+/// exists to be read), placed on nodes labelled `kmc-test/pool=<pool>`.
+fn cni_daemonset(pool: &str) -> DaemonSet {
+    serde_json::from_value(json!({
+        "metadata": {"name": "kong-mesh-cni", "labels": {"app": "kong-mesh-cni"}},
+        "spec": {
+            "selector": {"matchLabels": {"app": "kong-mesh-cni"}},
+            "template": {
+                "metadata": {"labels": {"app": "kong-mesh-cni"}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/os": "linux"},
+                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchExpressions": [{"key": "kmc-test/pool", "operator": "In", "values": [pool]}]}]
+                    }}},
+                    "tolerations": [{"key": "NodeReadiness", "operator": "Exists", "effect": "NoSchedule"}],
+                    "containers": [{"name": "install-cni", "image": "kong-mesh-cni:test"}]
+                }
+            }
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_nodes_the_cni_daemonset_targets_are_tainted() {
+    if testkit::skip_heavy("taint controller") {
+        return;
+    }
+    let server = ApiServer::shared();
+    let h = Harness::new(server).await;
+    let admin = &h.admin;
+    let (pool, other_pool) = (format!("p{}", unique_suffix()), format!("q{}", unique_suffix()));
+    let daemonsets = Api::<DaemonSet>::namespaced(admin.clone(), h.ns.name());
+    daemonsets.create(&PostParams::default(), &cni_daemonset(&pool)).await.expect("creating the DaemonSet");
+    let client = h.controller_client(server, RepairAction::Off).await;
+    let ctl = Running::start(client, &h.flags("only", RepairAction::Off)).await;
+
+    let linux = ("kubernetes.io/os", "linux");
+    let in_pool = server.node("kmc-target", &[linux, ("kmc-test/pool", &pool)]).await;
+    let outside = server.node("kmc-target", &[linux]).await;
+    let windows = server.node("kmc-target", &[("kubernetes.io/os", "windows"), ("kmc-test/pool", &pool)]).await;
+    let dedicated = server.node("kmc-target", &[linux, ("kmc-test/pool", &pool)]).await;
+    let untolerated = json!([{"op": "add", "path": "/spec/taints/-", "value": {"key": "example.com/dedicated", "value": "db", "effect": "NoSchedule"}}]);
+    let untolerated: json_patch::Patch = serde_json::from_value(untolerated).unwrap();
+    Api::<Node>::all(admin.clone())
+        .patch(dedicated.name(), &PatchParams::default(), &Patch::Json::<()>(untolerated))
+        .await
+        .expect("adding a taint the DaemonSet does not tolerate");
+    // Registered with our taint by its kubelet, but the CNI never comes there.
+    let registered = register_tainted_node(admin).await;
+
+    eventually("the targeted node to be tainted", Duration::from_secs(5), || tainted(admin, in_pool.name())).await;
+    eventually("our taint off the node the DaemonSet skips", Duration::from_secs(5), || async {
+        !tainted(admin, &registered).await
+    })
+    .await;
+    throughout("no taint where the DaemonSet never runs", Duration::from_secs(1), || async {
+        !tainted(admin, outside.name()).await
+            && !tainted(admin, windows.name()).await
+            && !tainted(admin, dedicated.name()).await
+    })
+    .await;
+
+    // The node joins the pool: now targeted, so tainted until a CNI pod is Ready there.
+    let label = json!({"metadata": {"labels": {"kmc-test/pool": pool}}});
+    Api::<Node>::all(admin.clone())
+        .patch(outside.name(), &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .expect("labelling the node");
+    eventually("the node that joined the pool to be tainted", Duration::from_secs(5), || {
+        tainted(admin, outside.name())
+    })
+    .await;
+    cni_pod(&h.ns, "cni", outside.name(), true).await;
+    eventually("its taint to go once its CNI pod is Ready", Duration::from_secs(5), || async {
+        !tainted(admin, outside.name()).await
+    })
+    .await;
+
+    // The DaemonSet moves to another pool: the nodes it left lose the taint (a change of
+    // the DaemonSet reconciles every node).
+    let moved = json!({"spec": {"template": {"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "kmc-test/pool", "operator": "In", "values": [other_pool]}]}]
+    }}}}}}});
+    daemonsets
+        .patch("kong-mesh-cni", &PatchParams::default(), &Patch::Merge(&moved))
+        .await
+        .expect("moving the DaemonSet");
+    eventually("the taint off the node the DaemonSet left", Duration::from_secs(5), || async {
+        !tainted(admin, in_pool.name()).await
+    })
+    .await;
+    assert_eq!(copies_of_ours(admin, dedicated.name()).await, 0);
+    delete_node(admin, &registered).await;
+    ctl.stop().await;
 }

@@ -31,6 +31,7 @@ mod funcs;
 mod lex;
 mod parse;
 mod render;
+mod schema;
 pub mod strvals;
 pub mod value;
 

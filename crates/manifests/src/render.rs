@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::Error;
 use crate::exec::{Define, Exec};
 use crate::parse;
+use crate::schema;
 use crate::strvals;
 use crate::value::Value;
 
@@ -185,6 +186,7 @@ impl Chart {
     /// Renders every template: the manifests in Helm's order.
     pub fn render(&self, opts: &Options) -> Result<Vec<Manifest>, Error> {
         let values = self.values(opts)?;
+        self.validate(&values)?;
         let mut defines = HashMap::new();
         let mut bodies = Vec::new();
         for (path, text) in self.files.iter().filter(|(p, _)| p.starts_with("templates/")) {
@@ -221,6 +223,16 @@ impl Chart {
                 .then_with(|| if ra == INSTALL_ORDER.len() { a.kind.cmp(&b.kind) } else { std::cmp::Ordering::Equal })
         });
         Ok(manifests)
+    }
+
+    /// Helm's check of the values against `values.schema.json` (when the chart has one).
+    pub fn validate(&self, values: &Value) -> Result<(), Error> {
+        let Some(text) = self.files.get("values.schema.json") else { return Ok(()) };
+        let schema = schema::parse(text).map_err(Error::Values)?;
+        match schema::validate(&schema, values).as_slice() {
+            [] => Ok(()),
+            failures => Err(Error::Values(schema::message(&self.name, failures))),
+        }
     }
 
     fn top_level(&self, values: &Value, opts: &Options, file: &str) -> Value {

@@ -149,9 +149,16 @@ fn the_daemonset_runs_everywhere_including_nodes_waiting_for_it() {
         assert_eq!(spec["serviceAccountName"], "kong-mesh-cni");
         let installer = r.installer();
         assert_eq!(installer["command"], serde_norway::from_str::<Value>("[/install-cni]").unwrap());
-        // Readiness is the installer's ready file, on a mount that a read-only root allows.
-        let probe = &installer["readinessProbe"]["exec"]["command"];
-        assert_eq!(probe[1], "/tmp/ready");
+        // Readiness is the installer's /readyz on its declared host port; the ready file
+        // it mirrors is on a mount that a read-only root allows.
+        assert_eq!(installer["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(installer["readinessProbe"]["httpGet"]["port"], "health");
+        let port = &installer["ports"][0];
+        assert_eq!(
+            (&port["name"], &port["containerPort"], &port["hostPort"]),
+            (&"health".into(), &9081.into(), &9081.into())
+        );
+        assert_eq!(env_value(installer, "KMC_HEALTH_PORT"), "9081");
         assert_eq!(mount_path(installer, "tmp"), "/tmp");
         // The controller must run on tainted nodes to untaint them.
         let ctl = &r.get("Deployment", "kong-mesh-cni-controller")["spec"]["template"]["spec"]["tolerations"];

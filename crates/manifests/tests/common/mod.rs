@@ -147,3 +147,56 @@ pub fn kubernetes_validate() -> Option<PathBuf> {
     }
     found
 }
+
+/// The image's OCI layout: `KMC_IMAGE` (a layout dir), else built once by
+/// scripts/image-build.sh (which builds the release binary; cargo reuses it).
+pub fn image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("KMC_IMAGE") {
+            return PathBuf::from(dir);
+        }
+        let script = repo_root().join("scripts/image-build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/image-build.sh");
+        assert!(out.status.success(), "{} failed", script.display());
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().expect("a path").trim())
+    })
+}
+
+/// A blob of the layout by digest (`sha256:...`), checked against its digest.
+pub fn blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").unwrap_or_else(|| panic!("{digest}: not sha256"));
+    let data = std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap_or_else(|e| panic!("blob {digest}: {e}"));
+    let actual: String =
+        ring::digest::digest(&ring::digest::SHA256, &data).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(actual, hex, "blob {digest} does not match its digest");
+    data
+}
+
+/// The layout's only manifest, its config and its layer (compressed), as JSON / bytes.
+pub fn image_parts(layout: &Path) -> (serde_json::Value, serde_json::Value, Vec<u8>) {
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"].as_array().map(Vec::len), Some(1), "one image in the layout");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(layout, index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&blob(layout, manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    assert_eq!(manifest["layers"].as_array().map(Vec::len), Some(1), "one layer");
+    let layer = blob(layout, manifest["layers"][0]["digest"].as_str().unwrap());
+    (manifest, config, layer)
+}
+
+/// Unpacks the image's filesystem into `dest` (as a container runtime would).
+pub fn unpack_image(layout: &Path, dest: &Path) {
+    let (_, _, layer) = image_parts(layout);
+    let file = dest.with_extension("layer.tar.gz");
+    std::fs::write(&file, layer).unwrap();
+    let out = Command::new("tar").arg("-xzf").arg(&file).arg("-C").arg(dest).output().expect("running tar");
+    std::fs::remove_file(&file).unwrap();
+    assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+}

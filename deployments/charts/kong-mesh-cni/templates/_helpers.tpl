@@ -5,6 +5,8 @@ Template subset. These templates are also rendered by `kong-mesh-cni manifests`
     `$k, $v :=`), define/include, variables ($x := / $x =, $), parenthesized pipelines;
   objects: .Values, .Chart.{Name,Version,AppVersion}, .Release.{Name,Namespace,Service},
     .Files.Get;
+  values: checked against values.schema.json first, which uses only type, properties,
+    additionalProperties, items, enum, minimum, maximum (and description);
   functions: default, quote, toYaml, toJson, fromYaml, nindent, indent, required, fail,
     eq, ne, and, or, not, list, printf (%s %d %v %q), trimSuffix, sha256sum, include.
 Use nothing else here: crates/manifests's tests render every preset with both and compare.
@@ -18,15 +20,35 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: kong-mesh
 {{- end }}
 
-{{/* The image of both the installer and the controller. */}}
+{{/*
+The image of both the installer and the controller. As in Kuma's chart: registry and
+tag fall back to global.image.*, the tag then to the chart's appVersion.
+*/}}
 {{- define "kong-mesh-cni.image" -}}
 {{- $image := .Values.cni.image -}}
 {{- $repository := required "cni.image.repository is required" $image.repository -}}
-{{- if $image.registry -}}
-{{- printf "%s/%s:%s" (trimSuffix "/" $image.registry) $repository (default .Chart.AppVersion $image.tag) -}}
+{{- $registry := default .Values.global.image.registry $image.registry -}}
+{{- $tag := default (default .Chart.AppVersion .Values.global.image.tag) $image.tag -}}
+{{- if $registry -}}
+{{- printf "%s/%s:%s" (trimSuffix "/" $registry) $repository $tag -}}
 {{- else -}}
-{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) -}}
+{{- printf "%s:%s" $repository $tag -}}
 {{- end -}}
+{{- end }}
+
+{{/* Kuma's key (imagePullPolicy) wins over ours (pullPolicy) when set. */}}
+{{- define "kong-mesh-cni.pullPolicy" -}}
+{{- default .Values.cni.image.pullPolicy .Values.cni.image.imagePullPolicy -}}
+{{- end }}
+
+{{/* The service accounts' imagePullSecrets (global.imagePullSecrets: names). */}}
+{{- define "kong-mesh-cni.imagePullSecrets" -}}
+{{- with .Values.global.imagePullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . | quote }}
+  {{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -64,6 +86,12 @@ __KUBECONFIG_FILEPATH__ with the host path of the kubeconfig it writes.
 {{- fail "experimental.ebpf.enabled=true: the eBPF mode is not available in this CNI yet; install without it (the iptables mode of this chart) or keep the Go CNI for eBPF" -}}
 {{- end -}}
 {{- if .Values.cni.enabled -}}
+{{- with .Values.cni.image.repository -}}
+{{- $path := printf "/%s" . -}}
+{{- if ne (trimSuffix "/kuma-cni" $path) $path -}}
+{{- fail (printf "cni.image.repository=%q is the image of Kuma's Go CNI: this chart runs the kong-mesh-cni image (the Go image does not install the plugin type this chart's configuration names, so every pod on a chained node would fail to start); set cni.image.repository=kong-mesh-cni" .) -}}
+{{- end -}}
+{{- end -}}
 {{- $conf := .Values.cni.confName -}}
 {{- if and .Values.cni.chained $conf (eq (trimSuffix ".conf" $conf) $conf) (eq (trimSuffix ".conflist" $conf) $conf) -}}
 {{- fail (printf "cni.confName=%q: with cni.chained=true it must name the primary CNI's .conf or .conflist file (or be empty to pick the first one)" $conf) -}}
