@@ -10,4 +10,5 @@ eval "$(scripts/helm-build.sh --env)"
 # kubernetes-validate, for the chart tests (a venv from requirements-ci.txt, cached).
 eval "$(scripts/pytools-build.sh --env)"
 cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace "$@"
