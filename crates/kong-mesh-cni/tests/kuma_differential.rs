@@ -229,7 +229,10 @@ async fn run_case(
     if excluded.is_none() && case["no_pod"].as_bool() != Some(true) {
         f.ns.create_pod(pod).await;
     }
-    let mut extra = json!({"iptables_backend": backend});
+    // Kuma reads any host file a pod names; we read only the files the node allows, so
+    // the node allows the case's resolv.conf as an operator would (docs/kuma-compat.md).
+    let allowed = [resolv.display().to_string(), "/etc/resolv.conf".to_owned()];
+    let mut extra = json!({"iptables_backend": backend, "dns_resolv_conf_paths": allowed});
     for (k, v) in case["conf"]["ours"].as_object().into_iter().flatten() {
         extra[k] = v.clone();
     }
