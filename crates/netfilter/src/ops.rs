@@ -94,7 +94,13 @@ pub(crate) fn add_passthrough_address() -> Result<(), FirewallError> {
 pub fn plan(cfg: &Config, facts: &NsFacts, opts: &Options) -> Result<Vec<RuleSet>, FirewallError> {
     let nameservers = nameservers(cfg, &opts.resolv_conf_paths)?;
     let ipv6 = facts.has_ipv6 || opts.ipv6;
-    let sets: Vec<RuleSet> = families(cfg, ipv6).into_iter().map(|f| generate(cfg, f, &nameservers)).collect();
+    let families = families(cfg, ipv6);
+    // The one part whose size multiplies: refused before any rule is built.
+    let uid_rules = rules::uid_exclusion_rule_count(cfg);
+    if let (true, Some(&family)) = (uid_rules > rules::MAX_RULES, families.first()) {
+        return Err(FirewallError::TooManyRules { family, count: uid_rules });
+    }
+    let sets: Vec<RuleSet> = families.into_iter().map(|f| generate(cfg, f, &nameservers)).collect();
     match sets.iter().find(|s| s.rule_count() > rules::MAX_RULES) {
         Some(set) => Err(FirewallError::TooManyRules { family: set.family, count: set.rule_count() }),
         None => Ok(sets),

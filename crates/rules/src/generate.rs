@@ -372,6 +372,14 @@ impl<'a> Generator<'a> {
 }
 
 /// Splits port ranges into groups that fit one multiport match.
+/// How many rules the port-for-UID exclusions yield, counted without building them: their
+/// lists multiply (entries times port groups), so an oversized config is refused before
+/// its rules take memory.
+pub fn uid_exclusion_rule_count(cfg: &Config) -> usize {
+    let flow = &cfg.outbound;
+    flow.exclude_ports_for_uids.iter().map(|e| e.protocols.len() * multiport_groups(&e.ports).len().max(1)).sum()
+}
+
 fn multiport_groups(ports: &[Range16]) -> Vec<Vec<Range16>> {
     let mut groups: Vec<Vec<Range16>> = Vec::new();
     let mut slots = 0;

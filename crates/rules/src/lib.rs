@@ -22,7 +22,9 @@ use ipnet::IpNet;
 /// program (or hold) hundreds of thousands of rules.
 pub const MAX_RULES: usize = 20_000;
 
-pub use generate::{INBOUND, INBOUND_REDIRECT, OUTBOUND, OUTBOUND_REDIRECT, families, generate};
+pub use generate::{
+    INBOUND, INBOUND_REDIRECT, OUTBOUND, OUTBOUND_REDIRECT, families, generate, uid_exclusion_rule_count,
+};
 pub use rule::{Rule, Spec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
