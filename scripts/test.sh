@@ -11,4 +11,8 @@ eval "$(scripts/helm-build.sh --env)"
 eval "$(scripts/pytools-build.sh --env)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# Unused dependencies (cargo-machete, built once into the cache).
+machete=${XDG_CACHE_HOME:-$HOME/.cache}/kong-mesh-cni/cargo-machete-0.9.2
+[[ -x $machete/bin/cargo-machete ]] || cargo install --quiet --locked cargo-machete@0.9.2 --root "$machete"
+"$machete/bin/cargo-machete"
 cargo test --workspace "$@"
