@@ -1,35 +1,20 @@
 //! Golden files of the generated rules: each case under `golden/` is a YAML file with
 //! the pod's `annotations`, whether the namespace has IPv6 (`ipv6`) and the resolv.conf
-//! `nameservers`; the expected iptables-restore payload per family is in the `.rules`
-//! file beside it. `UPDATE_GOLDEN=1 cargo test -p rules` rewrites them after an
-//! intended change (review the diff).
+//! `nameservers`. Beside it, per family: the iptables-restore payload (`.rules`) and the
+//! native nf_tables form as `nft list table` prints it (`.nft`; that the kernel lists
+//! exactly this is checked by the netfilter crate's tests/native.rs).
+//! `UPDATE_GOLDEN=1 cargo test -p rules` rewrites them after an intended change (review
+//! the diff).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
-use rules::{families, generate, restore};
+use rules::{Family, RuleSet, families, generate, nft, restore};
 
-fn render(case: &serde_norway::Value) -> String {
-    let annotations: BTreeMap<String, String> =
-        serde_norway::from_value(case["annotations"].clone()).expect("annotations map");
-    let ipv6 = case["ipv6"].as_bool().unwrap_or(false);
-    let nameservers: Vec<IpAddr> = case["nameservers"]
-        .as_sequence()
-        .map(|s| s.iter().map(|v| v.as_str().unwrap().parse().unwrap()).collect())
-        .unwrap_or_default();
-    let cfg = kuma::from_annotations(&annotations).expect("valid config");
-    let mut out = String::new();
-    for family in families(&cfg, ipv6) {
-        let set = generate(&cfg, family, &nameservers);
-        out.push_str(&format!("# {family}: {} rules\n", set.rule_count()));
-        out.push_str(&restore::install_payload(&set));
-    }
-    out
-}
-
-#[test]
-fn golden_rule_sets() {
+/// Every case rendered by `render` (one family's rule set at a time) against its
+/// golden file with extension `ext`.
+fn check_goldens(ext: &str, render: impl Fn(Family, &RuleSet) -> String) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let mut cases: Vec<_> = std::fs::read_dir(&dir)
@@ -42,8 +27,19 @@ fn golden_rule_sets() {
     let mut failures = Vec::new();
     for case_path in cases {
         let case: serde_norway::Value = serde_norway::from_str(&std::fs::read_to_string(&case_path).unwrap()).unwrap();
-        let got = render(&case);
-        let golden = case_path.with_extension("rules");
+        let annotations: BTreeMap<String, String> =
+            serde_norway::from_value(case["annotations"].clone()).expect("annotations map");
+        let ipv6 = case["ipv6"].as_bool().unwrap_or(false);
+        let nameservers: Vec<IpAddr> = case["nameservers"]
+            .as_sequence()
+            .map(|s| s.iter().map(|v| v.as_str().unwrap().parse().unwrap()).collect())
+            .unwrap_or_default();
+        let cfg = kuma::from_annotations(&annotations).expect("valid config");
+        let got: String = families(&cfg, ipv6)
+            .into_iter()
+            .map(|family| render(family, &generate(&cfg, family, &nameservers)))
+            .collect();
+        let golden = case_path.with_extension(ext);
         if update {
             std::fs::write(&golden, &got).unwrap();
             continue;
@@ -54,4 +50,19 @@ fn golden_rule_sets() {
         }
     }
     assert!(failures.is_empty(), "golden mismatch (UPDATE_GOLDEN=1 to accept):\n{}", failures.join("\n"));
+}
+
+#[test]
+fn golden_rule_sets() {
+    check_goldens("rules", |family, set| {
+        format!("# {family}: {} rules\n{}", set.rule_count(), restore::install_payload(set))
+    });
+}
+
+#[test]
+fn golden_nft_tables() {
+    check_goldens("nft", |family, set| {
+        let table = nft::translate(set);
+        format!("# {family}: {} rules\n{table}", table.rule_count())
+    });
 }
