@@ -6,14 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use installer::logsock::LogSocket;
-
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) }, 0);
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
+use testkit::process::{cpu_time, set_open_files_soft_limit};
 
 fn open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd").unwrap().count() as u64
@@ -35,15 +28,11 @@ fn out_of_descriptors_the_accept_loop_backs_off() {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(clients.stdout.take().unwrap()), &mut up).unwrap();
     assert_eq!(up.trim(), "up");
     // No descriptor left for an accepted connection.
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit read and write the struct given.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-    let lowered = libc::rlimit { rlim_cur: open_fds(), rlim_max: limit.rlim_max };
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+    let previous = set_open_files_soft_limit(open_fds());
     let before = cpu_time();
     runtime.block_on(async { tokio::time::sleep(Duration::from_secs(3)).await });
     let used = cpu_time() - before;
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    set_open_files_soft_limit(previous);
     // With descriptors back, the queued connections are served.
     runtime.block_on(async { tokio::time::sleep(Duration::from_secs(3)).await });
     let _ = clients.kill();

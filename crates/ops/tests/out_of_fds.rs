@@ -8,6 +8,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use testkit::process::{cpu_time, set_open_files_soft_limit};
+
 struct Alive;
 
 impl ops::Report for Alive {
@@ -16,27 +18,6 @@ impl ops::Report for Alive {
     }
     fn metrics(&self) -> String {
         String::new()
-    }
-}
-
-fn cpu_time() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct we pass; it is plain data, valid when zeroed.
-    let usage = unsafe {
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
-        usage.assume_init()
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
-fn set_soft_limit(soft: u64) {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit read and write only the struct we own.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = soft;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
     }
 }
 
@@ -61,7 +42,7 @@ fn accept_errors_pause_and_the_waiting_connection_is_served_after() {
     });
     let addr = rx.recv().unwrap();
     let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
-    set_soft_limit(open + 64);
+    set_open_files_soft_limit(open + 64);
     // Use up every descriptor but one, which the client's socket takes: the listener
     // then has none for accepting it.
     let mut fillers = Vec::new();
@@ -75,7 +56,7 @@ fn accept_errors_pause_and_the_waiting_connection_is_served_after() {
     std::thread::sleep(Duration::from_secs(1));
     let cpu = cpu_time() - before;
     drop(fillers);
-    set_soft_limit(open + 4096);
+    set_open_files_soft_limit(open + 4096);
     assert!(cpu < Duration::from_millis(100), "{cpu:?} of CPU in one second of failing accepts");
     let answer = request(&mut waiting, "/healthz");
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");

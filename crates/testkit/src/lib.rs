@@ -21,6 +21,7 @@ mod node_image;
 mod node_pki;
 mod node_state;
 mod objects;
+pub mod process;
 
 pub use apiserver::{ApiServer, ProjectedServiceAccount};
 pub use builders::{PodBuilder, pod, policy_rule};
