@@ -5,21 +5,12 @@
 //!
 //! `cargo bench -p kong-mesh-cni --bench plugin_add` (ROUNDS=N, default 200).
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+mod common;
 
-use serde_json::json;
-use testkit::{ApiServer, Attachment, CniRuntime, NamedNetns, Plugins, pod, policy_rule};
+use std::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
+use common::{MeshPod, ms, percentile};
+use testkit::{Attachment, CniRuntime, NamedNetns, Plugins};
 
 #[tokio::main]
 async fn main() {
@@ -27,33 +18,14 @@ async fn main() {
         return;
     }
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let api = ApiServer::shared();
-    let ns = api.namespace("kmc-bench").await;
-    let kubeconfig = api.service_account_kubeconfig(ns.name(), "kong-mesh-cni").await;
-    ns.grant("kong-mesh-cni", "plugin", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
-    ns.create_pod(
-        pod("web").container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true").build(),
-    )
-    .await;
-    let scratch = tempfile::tempdir().unwrap();
+    let mesh = MeshPod::new("kmc-bench").await;
+    let ns = &mesh.ns;
 
     println!("ADD of a mesh pod through libcni, {rounds} rounds per backend (bridge + host-local + portmap [+ ours])");
     println!("{:<8} {:<14} {:>9} {:>9}", "backend", "chain", "p50 ms", "p99 ms");
     for backend in ["nft", "legacy", "nftables"] {
         let without = CniRuntime::bridge(Plugins::Upstream);
-        let mut with = CniRuntime::bridge(Plugins::Upstream);
-        with.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
-        let mut conflist = with.conflist();
-        conflist["plugins"].as_array_mut().unwrap().push(json!({
-            "type": "kong-mesh-cni",
-            "log_level": "info",
-            "log_file": scratch.path().join("cni.log"),
-            "log_socket": scratch.path().join("none.sock"),
-            "run_dir": scratch.path().join("run"),
-            "iptables_backend": backend,
-            "kubernetes": {"kubeconfig": kubeconfig},
-        }));
-        with.set_conflist(&conflist);
+        let with = mesh.chain_with_ours(backend);
         let (mut t_with, mut t_without) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             for first in if round % 2 == 0 { [true, false] } else { [false, true] } {

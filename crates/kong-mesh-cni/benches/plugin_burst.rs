@@ -7,21 +7,12 @@
 //!
 //! `cargo bench -p kong-mesh-cni --bench plugin_burst` (PODS=N, default 100).
 
-use std::path::Path;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use testkit::{ApiServer, Attachment, CniRuntime, NamedNetns, Plugins, pod, policy_rule};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
+use common::{MeshPod, ms, percentile};
+use testkit::{Attachment, NamedNetns};
 
 /// Whether the namespace holds our outbound chain for the family, with either backend.
 fn has_rules(netns: &NamedNetns, v6: bool) -> bool {
@@ -39,15 +30,8 @@ async fn main() {
         return;
     }
     let pods: usize = std::env::var("PODS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-    let api = ApiServer::shared();
-    let ns = api.namespace("kmc-burst").await;
-    let kubeconfig = api.service_account_kubeconfig(ns.name(), "kong-mesh-cni").await;
-    ns.grant("kong-mesh-cni", "plugin", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
-    ns.create_pod(
-        pod("web").container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true").build(),
-    )
-    .await;
-    let scratch = tempfile::tempdir().unwrap();
+    let mesh = MeshPod::new("kmc-burst").await;
+    let ns = &mesh.ns;
 
     println!("{pods} concurrent ADDs of mesh pods through libcni per backend (bridge + host-local + portmap + ours)");
     println!(
@@ -55,19 +39,7 @@ async fn main() {
         "backend", "missing family", "failed", "p50 ms", "p99 ms", "wall s"
     );
     for backend in ["nft", "legacy"] {
-        let mut rt = CniRuntime::bridge(Plugins::Upstream);
-        rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
-        let mut conflist = rt.conflist();
-        conflist["plugins"].as_array_mut().unwrap().push(json!({
-            "type": "kong-mesh-cni",
-            "log_level": "info",
-            "log_file": scratch.path().join("cni.log"),
-            "log_socket": scratch.path().join("none.sock"),
-            "run_dir": scratch.path().join("run"),
-            "iptables_backend": backend,
-            "kubernetes": {"kubeconfig": kubeconfig},
-        }));
-        rt.set_conflist(&conflist);
+        let rt = mesh.chain_with_ours(backend);
         let netnses: Vec<NamedNetns> = (0..pods).map(|_| NamedNetns::new("burst")).collect();
         let attachments: Vec<Attachment> = netnses.iter().map(|n| Attachment::new(n, ns.name(), "web")).collect();
         let started = Instant::now();
