@@ -66,6 +66,15 @@ impl Leadership {
     }
 }
 
+#[cfg(test)]
+impl Leadership {
+    /// Leadership held for an hour: for tests of what a leader does.
+    pub(crate) fn held() -> Leadership {
+        let (_, rx) = watch::channel(State::Leader { until: Instant::now() + Duration::from_secs(3600), term: 1 });
+        Leadership { rx }
+    }
+}
+
 /// The record of someone else's claim, and when we saw it change.
 struct Observed {
     record: (Option<String>, Option<MicroTime>, Option<i32>),
@@ -245,5 +254,131 @@ impl Elector {
         bounded(self.timeout, what, self.api.replace(&self.name, &PostParams::default(), &lease)).await?;
         info!(lease = %self.name, identity = %self.identity, "released the lease");
         Ok(())
+    }
+}
+
+/// The elector against a mocked API (tower-test): answers the real API server gives only
+/// by chance (a 409 from a concurrent writer) or never (a call that hangs), on cue.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::{Method, Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock::{self, Handle, SendResponse};
+
+    use super::*;
+
+    type Api = Handle<Request<Body>, Response<Body>>;
+
+    fn elector() -> (Elector, Leadership, Arc<Status>, Api) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let flags = ["--lease-namespace=kmc", "--lease-duration=15s", "--renew-deadline=10s", "--retry-period=2s"];
+        let args = ControllerArgs::from_flags(flags).expect("valid flags");
+        let status = Arc::new(Status::new(&[Part::Leadership]));
+        let (elector, leadership) = Elector::new(client, &args, "me".into(), status.clone());
+        (elector, leadership, status, handle)
+    }
+
+    async fn next(api: &mut Api) -> (Method, String, Value, SendResponse<Response<Body>>) {
+        let (request, send) = api.next_request().await.expect("the elector makes another call");
+        let (parts, body) = request.into_parts();
+        let body = body.collect_bytes().await.expect("a request body");
+        let body = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).expect("JSON") };
+        (parts.method, parts.uri.path().to_owned(), body, send)
+    }
+
+    fn answer(send: SendResponse<Response<Body>>, code: u16, body: Value) {
+        let response = Response::builder().status(StatusCode::from_u16(code).expect("a status code"));
+        send.send_response(response.body(Body::from(serde_json::to_vec(&body).expect("JSON"))).expect("a response"));
+    }
+
+    fn lease(holder: Option<&str>, version: &str) -> Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "kong-mesh-cni-controller", "namespace": "kmc", "resourceVersion": version},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15},
+        })
+    }
+
+    fn status_body(code: u16, reason: &str) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": reason})
+    }
+
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/kmc/leases/kong-mesh-cni-controller";
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_race_is_a_follower_round_and_the_next_read_wins() {
+        let (elector, leadership, status, mut api) = elector();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(elector.run(async {
+            let _ = stopped.await;
+        }));
+
+        let (method, path, _, send) = next(&mut api).await;
+        assert_eq!((method, path.as_str()), (Method::GET, LEASE));
+        answer(send, 200, lease(None, "1"));
+        let (method, _, body, send) = next(&mut api).await;
+        assert_eq!(method, Method::PUT);
+        assert_eq!(body["metadata"]["resourceVersion"], "1", "the write is conditional on what was read");
+        answer(send, 409, status_body(409, "Conflict"));
+        // Someone else wrote first: not an error, and not leadership.
+        let (method, _, _, send) = next(&mut api).await;
+        assert_eq!(method, Method::GET);
+        assert!(!leadership.is_leader());
+        assert!(!status.render().contains("errors_total{"), "a conflict is no error:\n{}", status.render());
+
+        answer(send, 200, lease(None, "2"));
+        let (_, _, body, send) = next(&mut api).await;
+        assert_eq!(
+            (&body["metadata"]["resourceVersion"], &body["spec"]["holderIdentity"]),
+            (&json!("2"), &json!("me"))
+        );
+        answer(send, 200, lease(Some("me"), "3"));
+        // The renewal after the win shows leadership was taken.
+        let (method, _, _, send) = next(&mut api).await;
+        assert_eq!(method, Method::GET);
+        assert!(leadership.is_leader());
+
+        // Stopping gives the Lease up: read it, then write it with no holder.
+        let _ = stop.send(());
+        answer(send, 200, lease(Some("me"), "3"));
+        let (_, _, _, send) = next(&mut api).await;
+        answer(send, 200, lease(Some("me"), "4"));
+        let (method, _, _, send) = next(&mut api).await;
+        assert_eq!(method, Method::GET, "release reads the Lease first");
+        answer(send, 200, lease(Some("me"), "4"));
+        let (method, _, body, send) = next(&mut api).await;
+        assert_eq!((method, &body["spec"]["holderIdentity"]), (Method::PUT, &Value::Null));
+        answer(send, 200, lease(None, "5"));
+        task.await.expect("the elector ends");
+        assert!(!leadership.is_leader());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_api_hangs_stops_acting_at_the_renew_deadline() {
+        let (elector, leadership, status, mut api) = elector();
+        let started = Instant::now();
+        let _task = tokio::spawn(elector.run(std::future::pending()));
+
+        let (_, _, _, send) = next(&mut api).await;
+        answer(send, 404, status_body(404, "NotFound"));
+        let (method, _, body, send) = next(&mut api).await;
+        assert_eq!((method, &body["spec"]["holderIdentity"]), (Method::POST, &json!("me")));
+        answer(send, 201, lease(Some("me"), "1"));
+
+        // From here every call hangs: each is cut off at the call bound (5 s, half the
+        // renew deadline), and leadership lapses 10 s after the last successful renewal.
+        let (_, _, _, hung) = next(&mut api).await;
+        tokio::time::sleep_until(started + Duration::from_secs(8)).await;
+        let timeout = "kong_mesh_cni_controller_errors_total{controller=\"leader\",kind=\"timeout\"} 1";
+        assert!(status.render().lines().any(|l| l == timeout), "{}", status.render());
+        assert!(leadership.is_leader(), "still within the renew deadline");
+        let (_, _, _, hung_again) = next(&mut api).await;
+        tokio::time::sleep_until(started + Duration::from_secs(11)).await;
+        assert!(!leadership.is_leader(), "acting past the renew deadline without a renewal");
+        drop((hung, hung_again));
     }
 }

@@ -193,3 +193,149 @@ fn trim_pod(pod: &mut Pod) {
     let status = pod.status.take().unwrap_or_default();
     pod.status = Some(PodStatus { phase: status.phase, conditions: status.conditions, ..Default::default() });
 }
+
+/// Reconcile against a mocked API (tower-test): the conflicts a concurrent writer causes
+/// and a patch that never returns, on cue.
+#[cfg(test)]
+mod tests {
+    use http::{Method, Request, Response};
+    use k8s_openapi::api::core::v1::{PodCondition, Taint};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock::{self, Handle, SendResponse};
+
+    use super::*;
+
+    type Mock = Handle<Request<Body>, Response<Body>>;
+
+    fn node(version: &str, taints: &[&str]) -> Node {
+        let taints =
+            taints.iter().map(|k| Taint { key: (*k).into(), effect: "NoSchedule".into(), ..Default::default() });
+        Node {
+            metadata: ObjectMeta {
+                name: Some("n1".into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec { taints: Some(taints.collect()), ..Default::default() }),
+            status: None,
+        }
+    }
+
+    /// A leader whose caches hold a Ready CNI pod on `n1`, no DaemonSet (so every node is
+    /// targeted), and whose API is the mock.
+    fn ctx() -> (Arc<Ctx>, Arc<Status>, Mock) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (cni_pods, mut pods) = reflector::store();
+        let condition = PodCondition { type_: "Ready".into(), status: "True".into(), ..Default::default() };
+        pods.apply_watcher_event(&watcher::Event::Apply(Pod {
+            metadata: ObjectMeta { name: Some("cni-x".into()), ..Default::default() },
+            spec: Some(PodSpec { node_name: Some("n1".into()), ..Default::default() }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                conditions: Some(vec![condition]),
+                ..Default::default()
+            }),
+        }));
+        let (daemonsets, _) = reflector::store();
+        let (_, synced) = watch::channel(true);
+        let status = Arc::new(Status::new(&[]));
+        let ctx = Ctx {
+            nodes: Api::all(client),
+            cni_pods,
+            daemonsets,
+            synced,
+            leader: Leadership::held(),
+            status: status.clone(),
+            timeout: Duration::from_secs(5),
+        };
+        (Arc::new(ctx), status, handle)
+    }
+
+    async fn next(api: &mut Mock) -> (Method, Value, SendResponse<Response<Body>>) {
+        let (request, send) = api.next_request().await.expect("another call");
+        let (parts, body) = request.into_parts();
+        let body = body.collect_bytes().await.expect("a request body");
+        let body = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).expect("JSON") };
+        assert!(parts.uri.path().ends_with("/api/v1/nodes/n1"), "{}", parts.uri);
+        (parts.method, body, send)
+    }
+
+    fn answer(send: SendResponse<Response<Body>>, code: u16, body: &impl k8s_openapi::serde::Serialize) {
+        let response = Response::builder().status(code).body(Body::from(serde_json::to_vec(body).expect("JSON")));
+        send.send_response(response.expect("a response"));
+    }
+
+    fn refusal(code: u16) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": "changed"})
+    }
+
+    fn metric(status: &Status, line: &str) -> bool {
+        status.render().lines().any(|l| l == line)
+    }
+
+    #[tokio::test]
+    async fn a_node_changed_under_the_patch_is_decided_again_on_a_fresh_read() {
+        let (ctx, status, mut api) = ctx();
+        let reconcile = tokio::spawn(reconcile(Arc::new(node("1", &[taint::TAINT_KEY])), ctx));
+
+        let (method, body, send) = next(&mut api).await;
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(body[0], json!({"op": "test", "path": "/metadata/resourceVersion", "value": "1"}));
+        assert_eq!(body[1], json!({"op": "remove", "path": "/spec/taints/0"}));
+        answer(send, 422, &refusal(422));
+        // Someone added a taint in front of ours meanwhile: the fresh read moves our index.
+        let (method, _, send) = next(&mut api).await;
+        assert_eq!(method, Method::GET);
+        answer(send, 200, &node("2", &["other.example/x", taint::TAINT_KEY]));
+        let (_, body, send) = next(&mut api).await;
+        assert_eq!(body[0]["value"], "2");
+        assert_eq!(body[1], json!({"op": "remove", "path": "/spec/taints/1"}), "{body}");
+        answer(send, 200, &node("3", &["other.example/x"]));
+
+        reconcile.await.expect("joins").expect("reconciled");
+        assert!(
+            metric(&status, "kong_mesh_cni_controller_conflicts_total{controller=\"taint\"} 1"),
+            "{}",
+            status.render()
+        );
+        assert!(metric(&status, "kong_mesh_cni_controller_taint_changes_total{change=\"remove\"} 1"));
+    }
+
+    #[tokio::test]
+    async fn endless_conflicts_give_the_node_back_to_the_queue() {
+        let (ctx, status, mut api) = ctx();
+        let reconcile = tokio::spawn(reconcile(Arc::new(node("1", &[taint::TAINT_KEY])), ctx));
+        for version in 2..=(1 + ATTEMPTS) {
+            let (_, _, send) = next(&mut api).await;
+            answer(send, 409, &refusal(409));
+            let (_, _, send) = next(&mut api).await;
+            answer(send, 200, &node(&version.to_string(), &[taint::TAINT_KEY]));
+        }
+        let error = reconcile.await.expect("joins").expect_err("gives up");
+        assert!(matches!(error, Error::Conflicts { attempts: ATTEMPTS, .. }), "{error}");
+        assert_eq!(error.kind(), "conflicts");
+        assert!(metric(
+            &status,
+            &format!("kong_mesh_cni_controller_conflicts_total{{controller=\"taint\"}} {ATTEMPTS}")
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_patch_that_never_returns_is_cut_off() {
+        let (ctx, status, mut api) = ctx();
+        let started = tokio::time::Instant::now();
+        let reconcile = tokio::spawn(reconcile(Arc::new(node("1", &[taint::TAINT_KEY])), ctx.clone()));
+        let (_, _, hung) = next(&mut api).await;
+        let error = reconcile.await.expect("joins").expect_err("times out");
+        assert!(matches!(error, Error::Timeout { .. }), "{error}");
+        assert_eq!(started.elapsed(), Duration::from_secs(5), "cut off at the call bound");
+        // The controller's error policy counts it and retries later.
+        let action = error_policy(Arc::new(node("1", &[])), &error, ctx);
+        assert_eq!(action, Action::requeue(RETRY_AFTER));
+        assert!(metric(&status, "kong_mesh_cni_controller_errors_total{controller=\"taint\",kind=\"timeout\"} 1"));
+        drop(hung);
+    }
+}
