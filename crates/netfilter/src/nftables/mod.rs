@@ -12,7 +12,7 @@ use std::io;
 use netlink_packet_netfilter::nftables::{ChainAttribute, ChainMessage, NfTablesMessage, RuleAttribute, RuleMessage};
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
 use netlink_sys::protocols::NETLINK_NETFILTER;
-use rules::nft::{NftTable, TABLE, translate};
+use rules::nft::{NftTable, TABLE, family_name, translate};
 use rules::{Family, RuleSet};
 
 use crate::netlink::{Conn, NlError, netfilter_message};
@@ -22,34 +22,6 @@ use crate::{Backend, BackendKind, FirewallError};
 #[derive(Debug, Clone, Copy)]
 pub struct Native;
 
-/// Which message of a batch the kernel refused, for people.
-fn describe(tables: &[NftTable], delete: &[Family], index: usize) -> String {
-    let mut what = vec!["batch begin".to_owned()];
-    for f in delete {
-        what.push(format!("delete table {} {TABLE}", family_name(*f)));
-    }
-    for t in tables {
-        what.push(format!("add table {} {TABLE}", t.family_name()));
-        for c in &t.chains {
-            what.push(format!("add chain {} {TABLE} {}", t.family_name(), c.name));
-        }
-        for c in &t.chains {
-            for r in &c.rules {
-                what.push(format!("add rule {} {TABLE} {} {r}", t.family_name(), c.name));
-            }
-        }
-    }
-    what.push("batch end".to_owned());
-    what.get(index).cloned().unwrap_or_else(|| format!("message {index}"))
-}
-
-fn family_name(f: Family) -> &'static str {
-    match f {
-        Family::V4 => "ip",
-        Family::V6 => "ip6",
-    }
-}
-
 fn netlink_error(what: String, e: NlError) -> FirewallError {
     FirewallError::Netlink { what, error: e.to_string() }
 }
@@ -58,8 +30,11 @@ fn netlink_error(what: String, e: NlError) -> FirewallError {
 fn commit(delete: &[Family], create: &[NftTable]) -> Result<(), FirewallError> {
     let mut conn = Conn::open(NETLINK_NETFILTER)
         .map_err(|e| FirewallError::Netlink { what: "open a netfilter netlink socket".into(), error: e.to_string() })?;
-    conn.transact(wire::batch(delete, create)).map_err(|e| match e {
-        NlError::Refused(ref r) => netlink_error(describe(create, delete, r.index), e),
+    let wire::Batch { messages, what } = wire::batch(delete, create);
+    conn.transact(messages).map_err(|e| match e {
+        NlError::Refused(ref r) => {
+            netlink_error(what.get(r.index).cloned().unwrap_or_else(|| format!("message {}", r.index)), e)
+        }
         e => netlink_error("nf_tables batch".into(), e),
     })
 }
@@ -67,7 +42,8 @@ fn commit(delete: &[Family], create: &[NftTable]) -> Result<(), FirewallError> {
 /// A rule of ours as the kernel lists it: chain, canonical expressions, comment.
 type Listed = (String, String, Option<String>);
 
-/// Our table of `family` as the kernel has it: chain names and rules.
+/// Our table of `family` as the kernel has it: chain names and rules (their sets by
+/// content).
 fn list(family: Family) -> Result<(Vec<String>, Vec<Listed>), FirewallError> {
     let fail = |e: NlError| netlink_error(format!("list table {} {TABLE}", family_name(family)), e);
     let mut conn = Conn::open(NETLINK_NETFILTER).map_err(|e| fail(e.into()))?;
@@ -89,6 +65,19 @@ fn list(family: Family) -> Result<(Vec<String>, Vec<Listed>), FirewallError> {
             }
         }
     }
+    let mut sets: HashMap<String, String> = HashMap::new();
+    for m in conn.dump(wire::get_sets(family)).map_err(fail)? {
+        let NetfilterMessageInner::NfTables(NfTablesMessage::NewSet(s)) = m.inner else { continue };
+        let Some((name, flags, key_len)) = wire::set_of(s) else { continue };
+        let mut keys = Vec::new();
+        for m in conn.dump(wire::get_elements(family, &name)).map_err(fail)? {
+            if let NetfilterMessageInner::NfTables(NfTablesMessage::NewSetElement(e)) = m.inner {
+                keys.extend(wire::keys_of(e));
+            }
+        }
+        sets.insert(name, wire::set_canonical(flags, key_len, keys));
+    }
+    let by_name = |name: &str, _: Option<u32>| sets.get(name).cloned();
     let rules = dump_rules(&mut conn, nfproto, Some(TABLE))
         .map_err(fail)?
         .into_iter()
@@ -97,7 +86,7 @@ fn list(family: Family) -> Result<(Vec<String>, Vec<Listed>), FirewallError> {
             for a in r.attributes {
                 match a {
                     RuleAttribute::Chain(c) => chain = Some(c),
-                    RuleAttribute::Expressions(list) => canon = wire::canonical(&wire::list_bytes(&list)).0,
+                    RuleAttribute::Expressions(list) => canon = wire::canonical(&wire::list_bytes(&list), &by_name).0,
                     RuleAttribute::UserData(d) => comment = wire::userdata_comment(&d),
                     _ => {}
                 }
@@ -129,7 +118,7 @@ pub fn expression_names() -> io::Result<Vec<String>> {
     for r in dump_rules(&mut conn, 0, None)? {
         for a in r.attributes {
             if let RuleAttribute::Expressions(list) = a {
-                names.extend(wire::canonical(&wire::list_bytes(&list)).1);
+                names.extend(wire::canonical(&wire::list_bytes(&list), &|_, _| None).1);
             }
         }
     }
@@ -181,8 +170,11 @@ impl Backend for Native {
                     missing.push(format!("{family}: chain {fam} {TABLE} {}", chain.name));
                 }
                 for rule in &chain.rules {
-                    let canon = wire::canonical(&wire::list_bytes(&wire::expressions(family, rule))).0;
-                    match present.get_mut(&(chain.name.clone(), canon, rule.comment.clone())) {
+                    match present.get_mut(&(
+                        chain.name.clone(),
+                        wire::rule_canonical(family, rule),
+                        rule.comment.clone(),
+                    )) {
                         Some(n) if *n > 0 => *n -= 1,
                         _ => missing.push(format!("{family}: rule {fam} {TABLE} {} {rule}", chain.name)),
                     }
