@@ -14,7 +14,7 @@ fn the_node_demo_shows_every_behaviour() {
         every_behaviour(&report);
         if let Some(backend) = backend {
             let programmed = report.relayed_log_lines.iter().find(|l| l.contains("redirect programmed")).unwrap();
-            assert!(programmed.contains(backend), "{programmed}");
+            assert!(programmed.contains(&format!("backend=\"{backend}\"")), "{programmed}");
         }
     }
 }
