@@ -229,4 +229,36 @@ mod tests {
         ns.run(|| commit(&[], &[good])).unwrap().unwrap();
         assert_eq!(ns.run(crate::netlink::nft_tables).unwrap().unwrap(), vec![(2, TABLE.to_owned())]);
     }
+
+    /// A set the kernel refuses (overlapping intervals: `port_set` joins them, so no
+    /// config yields one): the error names the element message and its set, and
+    /// nothing is committed. The same set, joined, goes in.
+    #[test]
+    fn a_refused_set_is_named_and_nothing_is_committed() {
+        if !require_root() {
+            return;
+        }
+        use kuma::{Protocol, Range16};
+        use rules::nft::Cond;
+        let named = NamedNetns::new("nfrs");
+        let ns = named.open();
+        let table = |ports: Vec<Range16>| NftTable {
+            family: Family::V4,
+            chains: vec![Chain {
+                name: "nat_output".into(),
+                hook: Some(Hook { nat: true, hook: 3, priority: -100 }),
+                rules: vec![NftRule {
+                    conds: vec![Cond::L4proto(Protocol::Tcp), Cond::DportIn { protocol: Protocol::Tcp, ports }],
+                    action: Action::Return,
+                    comment: None,
+                }],
+            }],
+        };
+        let overlapping = vec![Range16 { first: 1, last: 10 }, Range16 { first: 5, last: 20 }];
+        let err = ns.run(|| commit(&[], &[table(overlapping.clone())])).unwrap().unwrap_err().to_string();
+        assert!(err.contains("cannot add elements to set ip kuma_mesh { 1-10, 5-20 }:"), "{err}");
+        assert!(ns.run(crate::netlink::nft_tables).unwrap().unwrap().is_empty(), "committed in part");
+        ns.run(|| commit(&[], &[table(rules::nft::port_set(&overlapping))])).unwrap().unwrap();
+        assert_eq!(ns.run(crate::netlink::nft_tables).unwrap().unwrap(), vec![(2, TABLE.to_owned())]);
+    }
 }
