@@ -25,8 +25,9 @@ const SUBNET: &str = "198.19.250.0/24";
 const SERVICE: &str = "10.96.0.10:80";
 const SIDECAR_UID: &str = "5678";
 
-/// Runs the whole demo with `binary` (the kong-mesh-cni release or test build).
-pub fn run(binary: &Path) -> Result<Report> {
+/// Runs the whole demo with `binary` (the kong-mesh-cni release or test build), the
+/// plugin configured with `iptables_backend` when given (else its default, `auto`).
+pub fn run(binary: &Path, iptables_backend: Option<&str>) -> Result<Report> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let started = Instant::now();
     let api = ApiServer::shared();
@@ -49,7 +50,7 @@ pub fn run(binary: &Path) -> Result<Report> {
         ca_file: sa.ca_file.clone(),
         token_file: sa.token_file.clone(),
     };
-    let installer_ready = node.start_installer(binary, &access)?;
+    let installer_ready = node.start_installer(binary, &access, iptables_backend)?;
     let chained = node.primary_conf()?["plugins"]
         .as_array()
         .map(|p| p.iter().map(|x| x["type"].as_str().unwrap_or("?").to_owned()).collect())
@@ -103,6 +104,7 @@ pub fn run(binary: &Path) -> Result<Report> {
     let web_rules_after_del = saved_rules(&web_ns);
     node.stop_installer()?;
     Ok(Report {
+        iptables_backend: iptables_backend.unwrap_or("auto (default)").to_owned(),
         api_server_up,
         node_dir: node.dir.path().to_owned(),
         installer_ready,
@@ -135,19 +137,46 @@ fn attach(cni: &CniRuntime, a: &Attachment, netns: &NamedNetns) -> Result<Attach
     let took = t.elapsed();
     let address = result["ips"][0]["address"].as_str().context("an address in the result")?.to_owned();
     let rules = saved_rules(netns);
-    Ok(Attached { add: took, address, rules: rules.lines().filter(|l| l.starts_with("-A")).count() })
+    let rules = rules.lines().filter(|l| l.starts_with("-A") || l.starts_with("nft rule")).count();
+    Ok(Attached { add: took, address, rules })
 }
 
-/// Every rule in the namespace, from both iptables backends and both families.
+/// Every chain and rule of ours in the namespace: from both iptables backends and both
+/// families (`-A ...`, `:KUMA...`), and from our native tables (`nft chain ...`,
+/// `nft rule ...`).
 fn saved_rules(netns: &NamedNetns) -> String {
-    ["iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"]
+    let iptables = ["iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"]
         .iter()
         .map(|tool| netns.exec(tool, &[]))
-        .collect::<String>()
-        .lines()
-        .filter(|l| l.starts_with("-A") || l.starts_with(":KUMA"))
-        .map(|l| format!("{l}\n"))
-        .collect()
+        .collect::<String>();
+    let saved = iptables.lines().filter(|l| l.starts_with("-A") || l.starts_with(":KUMA")).map(|l| format!("{l}\n"));
+    saved.chain(native_rules(&netns.exec("nft", &["list", "ruleset"]))).collect()
+}
+
+/// The chains and rules of our `kuma_mesh` tables in an `nft list ruleset` listing.
+fn native_rules(listing: &str) -> Vec<String> {
+    let (mut table, mut chain) = (None, "");
+    let mut out = Vec::new();
+    for line in listing.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["table", family, "kuma_mesh", "{"] => table = Some(*family),
+            ["table", ..] => table = None,
+            ["chain", name, "{"] => {
+                chain = name;
+                if let Some(family) = table {
+                    out.push(format!("nft chain {family} {chain}\n"));
+                }
+            }
+            ["}"] | [] | ["type", ..] => {}
+            _ => {
+                if let Some(family) = table {
+                    out.push(format!("nft rule {family} {chain} {}\n", line.trim()));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The validator as the injector runs it: in the pod, as the sidecar's UID.
@@ -181,4 +210,22 @@ fn land(from: &netns::NetNs, dest: SocketAddr, listener: &std::net::TcpListener)
         .with_context(|| format!("the connection to {dest} did not arrive"))?;
     ensure!(read_exact(&mut conn, payload.len()) == payload.as_bytes(), "the request arrived changed");
     Ok(validator::original_destination(&conn)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn native_rules_are_read_from_our_tables_only() {
+        let listing = "table ip nat {\n\tchain OUTPUT {\n\t\ttype nat hook output priority -100; policy accept;\n\t\tcounter\n\t}\n}\n\
+                       table ip6 kuma_mesh {\n\tchain nat_output {\n\t\ttype nat hook output priority -100; policy accept;\n\
+                       \t\tmeta l4proto tcp jump KUMA_MESH_OUTBOUND comment \"x\"\n\t}\n\n\tchain KUMA_MESH_OUTBOUND {\n\t}\n}\n";
+        assert_eq!(
+            super::native_rules(listing),
+            [
+                "nft chain ip6 nat_output\n",
+                "nft rule ip6 nat_output meta l4proto tcp jump KUMA_MESH_OUTBOUND comment \"x\"\n",
+                "nft chain ip6 KUMA_MESH_OUTBOUND\n",
+            ]
+        );
+    }
 }

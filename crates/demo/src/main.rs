@@ -1,19 +1,33 @@
-//! `kmc-demo [BINARY]`: runs the node demo and prints its report. BINARY defaults to
-//! the kong-mesh-cni built next to this program. Needs root.
+//! `kmc-demo [--iptables-backend B] [BINARY]`: runs the node demo and prints its report.
+//! BINARY defaults to the kong-mesh-cni built next to this program. Needs root.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Parser;
+
+/// Runs the node demo and prints its report (needs root).
+#[derive(Parser)]
+struct Args {
+    /// The plugin's iptables_backend: auto, nft, legacy or nftables (the native
+    /// nf_tables backend); unset, the plugin's default (auto).
+    #[arg(long, env = "KMC_IPTABLES_BACKEND")]
+    iptables_backend: Option<String>,
+    /// The kong-mesh-cni binary; defaults to the one built next to this program.
+    binary: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
+    let args = Args::parse();
     if !testkit::net::require_root() {
         eprintln!("the demo creates network namespaces and bridges: run it as root");
         return ExitCode::FAILURE;
     }
-    let binary = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| {
+    let binary = args.binary.unwrap_or_else(|| {
         let me = std::env::current_exe().expect("the demo's own path");
         me.with_file_name("kong-mesh-cni")
     });
-    match demo::run(&binary) {
+    match demo::run(&binary, args.iptables_backend.as_deref()) {
         Ok(report) => {
             print!("{report}");
             ExitCode::SUCCESS

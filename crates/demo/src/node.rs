@@ -53,9 +53,15 @@ impl Node {
     }
 
     /// Starts `kong-mesh-cni install` with the DaemonSet's environment, pointed at this
-    /// node, and waits for its ready file.
-    pub fn start_installer(&mut self, binary: &Path, api: &ApiAccess) -> Result<Duration> {
-        let template = json!({
+    /// node, and waits for its ready file. The plugin's entry names `iptables_backend`
+    /// when given.
+    pub fn start_installer(
+        &mut self,
+        binary: &Path,
+        api: &ApiAccess,
+        iptables_backend: Option<&str>,
+    ) -> Result<Duration> {
+        let mut template = json!({
             "cniVersion": "0.3.1",
             "name": "kong-mesh-cni",
             "type": "kong-mesh-cni",
@@ -65,6 +71,9 @@ impl Node {
             "run_dir": self.run_dir(),
             "kubernetes": {"kubeconfig": "__KUBECONFIG_FILEPATH__", "exclude_namespaces": ["kube-system"]},
         });
+        if let Some(backend) = iptables_backend {
+            template["iptables_backend"] = backend.into();
+        }
         let started = Instant::now();
         let child = Command::new(binary)
             .arg("install")

@@ -16,6 +16,8 @@ pub struct Attached {
 
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// The plugin's `iptables_backend` setting.
+    pub iptables_backend: String,
     pub api_server_up: Duration,
     pub node_dir: PathBuf,
     pub installer_ready: Duration,
@@ -52,6 +54,7 @@ impl fmt::Display for Report {
         writeln!(f, "  node                                           {}", self.node_dir.display())?;
         writeln!(f, "  installer ready (binary, kubeconfig, chain)    in {}", ms(self.installer_ready))?;
         writeln!(f, "  primary conflist now chains                    {}", self.chained.join(" -> "))?;
+        writeln!(f, "  plugin's iptables_backend                      {}", self.iptables_backend)?;
         writeln!(f, "pods, created through the API, ADD through libcni from the node's net dir")?;
         writeln!(f, "  web     mesh      ADD {:>9}  {}  {} rules", ms(self.web.add), self.web.address, self.web.rules)?;
         for line in self.validator.lines() {

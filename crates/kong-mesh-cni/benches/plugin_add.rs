@@ -45,6 +45,10 @@ async fn main() {
         }
         let overhead = ms(percentile(&t_with, 0.5)) - ms(percentile(&t_without, 0.5));
         let overhead99 = ms(percentile(&t_with, 0.99)) - ms(percentile(&t_without, 0.99));
-        println!("{backend:<8} our overhead: p50 {overhead:.2} ms, p99 {overhead99:.2} ms (target: p50 <= 25 ms)");
+        // The native backend spawns nothing: one netlink batch (issue 17).
+        let target = if backend == "nftables" { 5 } else { 25 };
+        println!(
+            "{backend:<8} our overhead: p50 {overhead:.2} ms, p99 {overhead99:.2} ms (target: p50 <= {target} ms)"
+        );
     }
 }

@@ -1,14 +1,25 @@
 //! The README's main job, run as a test: the node demo end to end, with its report's
-//! checks asserted (not just "it ran").
+//! checks asserted (not just "it ran"); once with the plugin's default backend, once
+//! with the native nf_tables one (one after the other: each brings up a node).
 
 #[test]
 fn the_node_demo_shows_every_behaviour() {
     if testkit::skip_heavy("the node demo") || !testkit::require_root() {
         return;
     }
-    let report = demo::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni"))).expect("the demo runs");
-    println!("{report}");
+    for backend in [None, Some("nftables")] {
+        let report = demo::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")), backend)
+            .unwrap_or_else(|e| panic!("the demo runs with backend {backend:?}: {e:#}"));
+        println!("{report}");
+        every_behaviour(&report);
+        if let Some(backend) = backend {
+            let programmed = report.relayed_log_lines.iter().find(|l| l.contains("redirect programmed")).unwrap();
+            assert!(programmed.contains(&format!("backend=\"{backend}\"")), "{programmed}");
+        }
+    }
+}
 
+fn every_behaviour(report: &demo::Report) {
     assert_eq!(report.chained.last().map(String::as_str), Some("kong-mesh-cni"), "chained last: {:?}", report.chained);
     assert_eq!(report.chained.len(), 3, "bridge, portmap, ours: {:?}", report.chained);
 

@@ -91,7 +91,9 @@ fn only_native_expressions_are_used() {
     let pod = topo.pod.open();
     apply(&pod, &rich_config(), &native()).unwrap();
     let names = pod.run(expression_names).unwrap().unwrap();
-    for wanted in ["ct", "redir", "log", "range", "byteorder", "bitwise", "payload", "meta", "cmp", "immediate"] {
+    let wanted =
+        ["ct", "redir", "log", "range", "byteorder", "bitwise", "payload", "meta", "cmp", "immediate", "lookup"];
+    for wanted in wanted {
         assert!(names.iter().any(|n| n == wanted), "expected a {wanted} expression among {names:?}");
     }
     assert!(!names.iter().any(|n| n == "match" || n == "target"), "xt compat expression in {names:?}");
@@ -181,6 +183,40 @@ fn verify_lists_a_changed_rule_and_a_missing_chain() {
     let missing = verify(&pod, &cfg, &native()).unwrap().missing;
     assert!(missing.iter().any(|m| m == "ipv4: chain ip kuma_mesh KUMA_MESH_INBOUND"), "{missing:?}");
     // Applying again repairs everything, in one transaction.
+    apply(&pod, &cfg, &native()).unwrap();
+    assert!(verify(&pod, &cfg, &native()).unwrap().missing.is_empty());
+}
+
+/// A port list is one rule looking up an anonymous set; verify compares the set's
+/// elements. The kernel refuses to change an anonymous set in place, so the tamperer
+/// replaces the rule with one whose set lacks a port.
+#[test]
+fn verify_lists_a_port_set_missing_an_element() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new("nfst", false);
+    let pod = topo.pod.open();
+    let cfg = config(&[("traffic.kuma.io/exclude-outbound-ports-for-uids", "tcp:7000,7100-7200:1001-1010")]);
+    apply(&pod, &cfg, &native()).unwrap();
+    assert!(verify(&pod, &cfg, &native()).unwrap().missing.is_empty());
+    let listing = topo.pod.exec("nft", &["-a", "list", "chain", "ip", "kuma_mesh", "nat_output"]);
+    let line = listing.lines().find(|l| l.contains("dport {")).unwrap_or_else(|| panic!("no set in\n{listing}"));
+    let (rule, handle) = line.trim().rsplit_once(" # handle ").unwrap();
+    assert!(rule.starts_with("tcp dport { 7000, 7100-7200 } meta skuid 1001-1010 return comment"), "{rule}");
+
+    // The kernel names the first anonymous set of a new table __set0.
+    let refused = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.pod.name, "nft", "delete", "element", "ip", "kuma_mesh", "__set0", "{ 7000 }"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("Operation not supported"), "{stderr}");
+
+    let tampered = rule.replace("{ 7000, 7100-7200 }", "{ 7100-7200 }");
+    topo.pod.exec("nft", &["replace", "rule", "ip", "kuma_mesh", "nat_output", "handle", handle, &tampered]);
+    let missing = verify(&pod, &cfg, &native()).unwrap().missing;
+    assert_eq!(missing, vec![format!("ipv4: rule ip kuma_mesh nat_output {rule}")]);
     apply(&pod, &cfg, &native()).unwrap();
     assert!(verify(&pod, &cfg, &native()).unwrap().missing.is_empty());
 }

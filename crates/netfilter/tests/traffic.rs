@@ -163,6 +163,7 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
         let peer_app = listen_tcp(&peer, false, 8080);
         let peer_7000 = listen_tcp(&peer, false, 7000);
         let peer_7150 = listen_tcp(&peer, false, 7150);
+        let peer_7201 = listen_tcp(&peer, false, 7201);
         let peer = &peer;
 
         // A UID range and a port range (the native backend: byteorder + range).
@@ -181,6 +182,14 @@ fn exclusions_by_ip_uid_and_port_are_not_redirected() {
             &outbound,
             Some(&peer_7150),
             &format!("{tag}: UID past the range"),
+        );
+        assert_lands(
+            &pod,
+            Some(1005),
+            "10.77.0.1:7201".parse().unwrap(),
+            &outbound,
+            Some(&peer_7201),
+            &format!("{tag}: the port past the port range (native: the interval's end in the set)"),
         );
 
         assert_lands(

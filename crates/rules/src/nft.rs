@@ -36,12 +36,28 @@ pub struct Chain {
 pub enum Cond {
     L4proto(Protocol),
     Saddr(IpNet),
-    Daddr { net: IpNet, negated: bool },
+    Daddr {
+        net: IpNet,
+        negated: bool,
+    },
     Iifname(String),
     Oifname(String),
     Sport(Protocol, u16),
-    Dport { protocol: Protocol, ports: Range16, negated: bool },
-    SkUid { uids: Uids, negated: bool },
+    Dport {
+        protocol: Protocol,
+        ports: Range16,
+        negated: bool,
+    },
+    /// The destination port in an anonymous constant set: at least two ranges, sorted,
+    /// none overlapping or touching another (see [`port_set`]).
+    DportIn {
+        protocol: Protocol,
+        ports: Vec<Range16>,
+    },
+    SkUid {
+        uids: Uids,
+        negated: bool,
+    },
     CtStateInvalid,
 }
 
@@ -93,8 +109,8 @@ fn base_chain(table: IptTable, chain: &str, inserted: bool) -> Option<(String, H
     Some((format!("{}_{}", table.as_str(), chain.to_lowercase()), Hook { nat, hook, priority }))
 }
 
-/// The native form of a rule set: same chains, same rules, same order. A multiport
-/// match becomes one rule per port or range (no multiport limit, same verdicts).
+/// The native form of a rule set: same chains, same rules, same order, so the same
+/// rule count. A multiport match becomes a port test against an anonymous set.
 pub fn translate(set: &RuleSet) -> NftTable {
     fn chain_of(chains: &mut Vec<Chain>, name: String, hook: Option<Hook>) -> &mut Chain {
         let i = match chains.iter().position(|c| c.name == name) {
@@ -116,7 +132,7 @@ pub fn translate(set: &RuleSet) -> NftTable {
                 Some((name, hook)) => chain_of(&mut chains, name, Some(hook)),
                 None => chain_of(&mut chains, rule.chain.clone(), None),
             };
-            chain.rules.extend(translate_rule(&rule.spec));
+            chain.rules.push(translate_rule(&rule.spec));
         }
     }
     // Base chains first (in hook order, as the kernel runs them), then ours by name.
@@ -127,7 +143,7 @@ pub fn translate(set: &RuleSet) -> NftTable {
     NftTable { family: set.family, chains }
 }
 
-fn translate_rule(spec: &crate::Spec) -> Vec<NftRule> {
+fn translate_rule(spec: &crate::Spec) -> NftRule {
     let mut conds = Vec::new();
     if let Some(net) = spec.source {
         conds.push(Cond::Saddr(net));
@@ -145,7 +161,6 @@ fn translate_rule(spec: &crate::Spec) -> Vec<NftRule> {
         conds.push(Cond::L4proto(p));
     }
     let mut comment = None;
-    let mut alternatives: Vec<Cond> = Vec::new();
     for m in &spec.matches {
         match m {
             Match::Port { protocol, sport, dport, not_dport } => {
@@ -158,7 +173,10 @@ fn translate_rule(spec: &crate::Spec) -> Vec<NftRule> {
             }
             Match::Multiport(ports) => {
                 let protocol = spec.protocol.unwrap_or(Protocol::Tcp);
-                alternatives = ports.iter().map(|r| Cond::Dport { protocol, ports: *r, negated: false }).collect();
+                match port_set(ports).as_slice() {
+                    [one] => conds.push(Cond::Dport { protocol, ports: *one, negated: false }),
+                    set => conds.push(Cond::DportIn { protocol, ports: set.to_vec() }),
+                }
             }
             Match::Owner { uids, negated } => conds.push(Cond::SkUid { uids: *uids, negated: *negated }),
             Match::CtStateInvalid => conds.push(Cond::CtStateInvalid),
@@ -173,27 +191,36 @@ fn translate_rule(spec: &crate::Spec) -> Vec<NftRule> {
         Some(Target::CtZone(zone)) => Action::CtZone(zone),
         Some(Target::Log { prefix, level }) => Action::Log { prefix, level },
     };
-    if alternatives.is_empty() {
-        return vec![NftRule { conds, action, comment }];
+    NftRule { conds, action, comment }
+}
+
+/// Port ranges as an interval set holds them, and as `nft` merges an anonymous set:
+/// sorted, overlapping or adjacent ranges joined (the kernel refuses overlapping
+/// intervals; the ports matched are the same).
+pub fn port_set(ports: &[Range16]) -> Vec<Range16> {
+    let mut sorted = ports.to_vec();
+    sorted.sort();
+    let mut out: Vec<Range16> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match out.last_mut() {
+            Some(prev) if u32::from(r.first) <= u32::from(prev.last) + 1 => prev.last = prev.last.max(r.last),
+            _ => out.push(r),
+        }
     }
-    alternatives
-        .into_iter()
-        .map(|alt| {
-            // The port goes where multiport was: after the protocol, before the owner.
-            let mut c = conds.clone();
-            let at = c.iter().position(|x| matches!(x, Cond::SkUid { .. })).unwrap_or(c.len());
-            c.insert(at, alt);
-            NftRule { conds: c, action: action.clone(), comment: comment.clone() }
-        })
-        .collect()
+    out
+}
+
+/// The nf_tables family of our table: `ip` or `ip6`.
+pub fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
 }
 
 impl NftTable {
     pub fn family_name(&self) -> &'static str {
-        match self.family {
-            Family::V4 => "ip",
-            Family::V6 => "ip6",
-        }
+        family_name(self.family)
     }
 
     pub fn rule_count(&self) -> usize {
@@ -248,7 +275,7 @@ impl fmt::Display for NftRule {
                     let implied = self
                         .conds
                         .get(i + 1)
-                        .is_some_and(|n| matches!(n, Cond::Sport(q, _) | Cond::Dport { protocol: q, .. } if q == p));
+                        .is_some_and(|n| matches!(n, Cond::Sport(q, _) | Cond::Dport { protocol: q, .. } | Cond::DportIn { protocol: q, .. } if q == p));
                     if implied {
                         continue;
                     }
@@ -264,6 +291,10 @@ impl fmt::Display for NftRule {
                 Cond::Dport { protocol, ports, negated } => {
                     let r = crate::rule::format_range(*ports, '-');
                     format!("{} dport {}{r}", protocol.as_str(), neg(*negated))
+                }
+                Cond::DportIn { protocol, ports } => {
+                    let list: Vec<String> = ports.iter().map(|r| crate::rule::format_range(*r, '-')).collect();
+                    format!("{} dport {{ {} }}", protocol.as_str(), list.join(", "))
                 }
                 Cond::SkUid { uids, negated } => format!("meta skuid {}{uids}", neg(*negated)),
                 Cond::CtStateInvalid => "ct state invalid".into(),
@@ -319,5 +350,43 @@ impl fmt::Display for NftTable {
             writeln!(f, "\t}}")?;
         }
         writeln!(f, "}}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(first: u16, last: u16) -> Range16 {
+        Range16 { first, last }
+    }
+
+    #[test]
+    fn port_sets_are_sorted_and_joined_as_nft_joins_them() {
+        assert_eq!(port_set(&[r(443, 443), r(80, 80)]), [r(80, 80), r(443, 443)]);
+        // Overlapping, adjacent, duplicate.
+        assert_eq!(port_set(&[r(17, 18), r(16, 16), r(1, 1), r(2, 2), r(2, 2)]), [r(1, 2), r(16, 18)]);
+        assert_eq!(port_set(&[r(100, 200), r(150, 160), r(201, 65535)]), [r(100, 65535)]);
+        assert_eq!(port_set(&[r(0, 0), r(65535, 65535)]), [r(0, 0), r(65535, 65535)]);
+    }
+
+    #[test]
+    fn a_multiport_match_is_one_rule_with_a_set_and_one_port_no_set() {
+        use crate::rule::{Match, Spec, Target};
+        let rule = |ports: Vec<Range16>| {
+            translate_rule(
+                &Spec::new()
+                    .protocol(Protocol::Udp)
+                    .matching(Match::Multiport(ports))
+                    .uid(Uids::one(7))
+                    .jump(Target::Return),
+            )
+            .to_string()
+        };
+        assert_eq!(
+            rule(vec![r(5353, 5353), r(53, 53), r(1000, 2000)]),
+            "udp dport { 53, 1000-2000, 5353 } meta skuid 7 return"
+        );
+        assert_eq!(rule(vec![r(53, 53), r(54, 60)]), "udp dport 53-60 meta skuid 7 return");
     }
 }

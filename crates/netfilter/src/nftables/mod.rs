@@ -12,7 +12,7 @@ use std::io;
 use netlink_packet_netfilter::nftables::{ChainAttribute, ChainMessage, NfTablesMessage, RuleAttribute, RuleMessage};
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
 use netlink_sys::protocols::NETLINK_NETFILTER;
-use rules::nft::{NftTable, TABLE, translate};
+use rules::nft::{NftTable, TABLE, family_name, translate};
 use rules::{Family, RuleSet};
 
 use crate::netlink::{Conn, NlError, netfilter_message};
@@ -22,34 +22,6 @@ use crate::{Backend, BackendKind, FirewallError};
 #[derive(Debug, Clone, Copy)]
 pub struct Native;
 
-/// Which message of a batch the kernel refused, for people.
-fn describe(tables: &[NftTable], delete: &[Family], index: usize) -> String {
-    let mut what = vec!["batch begin".to_owned()];
-    for f in delete {
-        what.push(format!("delete table {} {TABLE}", family_name(*f)));
-    }
-    for t in tables {
-        what.push(format!("add table {} {TABLE}", t.family_name()));
-        for c in &t.chains {
-            what.push(format!("add chain {} {TABLE} {}", t.family_name(), c.name));
-        }
-        for c in &t.chains {
-            for r in &c.rules {
-                what.push(format!("add rule {} {TABLE} {} {r}", t.family_name(), c.name));
-            }
-        }
-    }
-    what.push("batch end".to_owned());
-    what.get(index).cloned().unwrap_or_else(|| format!("message {index}"))
-}
-
-fn family_name(f: Family) -> &'static str {
-    match f {
-        Family::V4 => "ip",
-        Family::V6 => "ip6",
-    }
-}
-
 fn netlink_error(what: String, e: NlError) -> FirewallError {
     FirewallError::Netlink { what, error: e.to_string() }
 }
@@ -58,8 +30,11 @@ fn netlink_error(what: String, e: NlError) -> FirewallError {
 fn commit(delete: &[Family], create: &[NftTable]) -> Result<(), FirewallError> {
     let mut conn = Conn::open(NETLINK_NETFILTER)
         .map_err(|e| FirewallError::Netlink { what: "open a netfilter netlink socket".into(), error: e.to_string() })?;
-    conn.transact(wire::batch(delete, create)).map_err(|e| match e {
-        NlError::Refused(ref r) => netlink_error(describe(create, delete, r.index), e),
+    let wire::Batch { messages, what } = wire::batch(delete, create);
+    conn.transact(messages).map_err(|e| match e {
+        NlError::Refused(ref r) => {
+            netlink_error(what.get(r.index).cloned().unwrap_or_else(|| format!("message {}", r.index)), e)
+        }
         e => netlink_error("nf_tables batch".into(), e),
     })
 }
@@ -67,7 +42,8 @@ fn commit(delete: &[Family], create: &[NftTable]) -> Result<(), FirewallError> {
 /// A rule of ours as the kernel lists it: chain, canonical expressions, comment.
 type Listed = (String, String, Option<String>);
 
-/// Our table of `family` as the kernel has it: chain names and rules.
+/// Our table of `family` as the kernel has it: chain names and rules (their sets by
+/// content).
 fn list(family: Family) -> Result<(Vec<String>, Vec<Listed>), FirewallError> {
     let fail = |e: NlError| netlink_error(format!("list table {} {TABLE}", family_name(family)), e);
     let mut conn = Conn::open(NETLINK_NETFILTER).map_err(|e| fail(e.into()))?;
@@ -89,6 +65,19 @@ fn list(family: Family) -> Result<(Vec<String>, Vec<Listed>), FirewallError> {
             }
         }
     }
+    let mut sets: HashMap<String, String> = HashMap::new();
+    for m in conn.dump(wire::get_sets(family)).map_err(fail)? {
+        let NetfilterMessageInner::NfTables(NfTablesMessage::NewSet(s)) = m.inner else { continue };
+        let Some((name, flags, key_len)) = wire::set_of(s) else { continue };
+        let mut keys = Vec::new();
+        for m in conn.dump(wire::get_elements(family, &name)).map_err(fail)? {
+            if let NetfilterMessageInner::NfTables(NfTablesMessage::NewSetElement(e)) = m.inner {
+                keys.extend(wire::keys_of(e));
+            }
+        }
+        sets.insert(name, wire::set_canonical(flags, key_len, keys));
+    }
+    let by_name = |name: &str, _: Option<u32>| sets.get(name).cloned();
     let rules = dump_rules(&mut conn, nfproto, Some(TABLE))
         .map_err(fail)?
         .into_iter()
@@ -97,7 +86,7 @@ fn list(family: Family) -> Result<(Vec<String>, Vec<Listed>), FirewallError> {
             for a in r.attributes {
                 match a {
                     RuleAttribute::Chain(c) => chain = Some(c),
-                    RuleAttribute::Expressions(list) => canon = wire::canonical(&wire::list_bytes(&list)).0,
+                    RuleAttribute::Expressions(list) => canon = wire::canonical(&wire::list_bytes(&list), &by_name).0,
                     RuleAttribute::UserData(d) => comment = wire::userdata_comment(&d),
                     _ => {}
                 }
@@ -129,7 +118,7 @@ pub fn expression_names() -> io::Result<Vec<String>> {
     for r in dump_rules(&mut conn, 0, None)? {
         for a in r.attributes {
             if let RuleAttribute::Expressions(list) = a {
-                names.extend(wire::canonical(&wire::list_bytes(&list)).1);
+                names.extend(wire::canonical(&wire::list_bytes(&list), &|_, _| None).1);
             }
         }
     }
@@ -181,8 +170,11 @@ impl Backend for Native {
                     missing.push(format!("{family}: chain {fam} {TABLE} {}", chain.name));
                 }
                 for rule in &chain.rules {
-                    let canon = wire::canonical(&wire::list_bytes(&wire::expressions(family, rule))).0;
-                    match present.get_mut(&(chain.name.clone(), canon, rule.comment.clone())) {
+                    match present.get_mut(&(
+                        chain.name.clone(),
+                        wire::rule_canonical(family, rule),
+                        rule.comment.clone(),
+                    )) {
                         Some(n) if *n > 0 => *n -= 1,
                         _ => missing.push(format!("{family}: rule {fam} {TABLE} {} {rule}", chain.name)),
                     }
@@ -235,6 +227,38 @@ mod tests {
         let mut good = table;
         good.chains[0].rules.remove(1);
         ns.run(|| commit(&[], &[good])).unwrap().unwrap();
+        assert_eq!(ns.run(crate::netlink::nft_tables).unwrap().unwrap(), vec![(2, TABLE.to_owned())]);
+    }
+
+    /// A set the kernel refuses (overlapping intervals: `port_set` joins them, so no
+    /// config yields one): the error names the element message and its set, and
+    /// nothing is committed. The same set, joined, goes in.
+    #[test]
+    fn a_refused_set_is_named_and_nothing_is_committed() {
+        if !require_root() {
+            return;
+        }
+        use kuma::{Protocol, Range16};
+        use rules::nft::Cond;
+        let named = NamedNetns::new("nfrs");
+        let ns = named.open();
+        let table = |ports: Vec<Range16>| NftTable {
+            family: Family::V4,
+            chains: vec![Chain {
+                name: "nat_output".into(),
+                hook: Some(Hook { nat: true, hook: 3, priority: -100 }),
+                rules: vec![NftRule {
+                    conds: vec![Cond::L4proto(Protocol::Tcp), Cond::DportIn { protocol: Protocol::Tcp, ports }],
+                    action: Action::Return,
+                    comment: None,
+                }],
+            }],
+        };
+        let overlapping = vec![Range16 { first: 1, last: 10 }, Range16 { first: 5, last: 20 }];
+        let err = ns.run(|| commit(&[], &[table(overlapping.clone())])).unwrap().unwrap_err().to_string();
+        assert!(err.contains("cannot add elements to set ip kuma_mesh { 1-10, 5-20 }:"), "{err}");
+        assert!(ns.run(crate::netlink::nft_tables).unwrap().unwrap().is_empty(), "committed in part");
+        ns.run(|| commit(&[], &[table(rules::nft::port_set(&overlapping))])).unwrap().unwrap();
         assert_eq!(ns.run(crate::netlink::nft_tables).unwrap().unwrap(), vec![(2, TABLE.to_owned())]);
     }
 }
