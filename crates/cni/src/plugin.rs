@@ -6,7 +6,7 @@
 //! server cannot say what a pod is, `on_api_error` decides (default: let it start).
 
 mod applied;
-mod ask;
+pub mod ask;
 mod conf;
 mod logging;
 mod lookup;
