@@ -47,10 +47,10 @@ async fn main() {
                 rt.del(&a).expect("DEL");
             }
         }
-        let p = |i: usize, q: f64| {
-            times[i].sort();
-            ms(percentile(&times[i], q))
-        };
+        for t in &mut times {
+            t.sort();
+        }
+        let p = |i: usize, q: f64| ms(percentile(&times[i], q));
         for (i, (name, _)) in chains.iter().enumerate() {
             println!("{backend:<9} {name:<18} {:>9.2} {:>9.2}", p(i, 0.5), p(i, 0.99));
         }
