@@ -6,6 +6,7 @@
 //! server cannot say what a pod is, `on_api_error` decides (default: let it start).
 
 mod applied;
+pub mod ask;
 mod conf;
 mod logging;
 mod lookup;
@@ -22,7 +23,7 @@ use netfilter::Options;
 use netns::{NetNs, NetNsError};
 use serde_json::Value;
 
-pub use conf::{OnApiError, PluginConf};
+pub use conf::{DEFAULT_RUN_DIR, OnApiError, PluginConf};
 use lookup::Lookup;
 
 /// Retries of a failed rule transaction stop starting after this long.
@@ -131,12 +132,27 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
             ));
         }
     }
-    let found = match &plugin.kubeconfig {
-        Some(path) if path.exists() => runtime().block_on(lookup::pod(path, namespace, name, plugin.lookup_timeout)),
-        Some(path) => {
-            Lookup::Unavailable(format!("kubeconfig {} does not exist (is the installer running?)", path.display()))
+    // The node agent first: it answers from its watch of this node's pods, in
+    // microseconds and while the API server is away; the API server when it cannot.
+    let uid = Some(env.arg("K8S_POD_UID")).filter(|u| !u.is_empty());
+    let found = match ask::pod(&plugin.run_dir.join(crate::agent::SOCKET_NAME), namespace, name, uid) {
+        ask::Asked::Found(pod) => {
+            tracing::debug!("pod answered by the node agent");
+            Lookup::Found(pod)
         }
-        None => Lookup::Unavailable("the configuration has no kubernetes.kubeconfig".to_owned()),
+        ask::Asked::Miss(why) => {
+            tracing::debug!(reason = %why, "the node agent did not answer with the pod; asking the API server");
+            match &plugin.kubeconfig {
+                Some(path) if path.exists() => {
+                    runtime().block_on(lookup::pod(path, namespace, name, plugin.lookup_timeout))
+                }
+                Some(path) => Lookup::Unavailable(format!(
+                    "kubeconfig {} does not exist (is the installer running?)",
+                    path.display()
+                )),
+                None => Lookup::Unavailable("the configuration has no kubernetes.kubeconfig".to_owned()),
+            }
+        }
     };
     let pod = match found {
         Lookup::Found(pod) => pod,

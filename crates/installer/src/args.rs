@@ -3,7 +3,7 @@
 //! `KMC_*` ones are ours.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
@@ -91,6 +91,15 @@ pub struct InstallArgs {
     pub repair_limit: usize,
     #[arg(long, env = "KMC_REPAIR_WINDOW", default_value = "30", value_parser = ops::duration)]
     pub repair_window: Duration,
+    /// This node's name (the chart passes `spec.nodeName` through the downward API).
+    /// Set: the installer is also the node agent, watching this node's pods and
+    /// answering the plugin's lookups from them. Empty: the plugin asks the API server.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// The node agent's socket; empty: `agent.sock` in the plugin's run dir (the
+    /// template's `run_dir`, default /run/kong-mesh-cni), where the plugin looks.
+    #[arg(long, env = "KMC_AGENT_SOCKET", default_value = "")]
+    pub agent_socket: String,
 }
 
 /// What to maintain in the net dir.
@@ -125,6 +134,9 @@ pub struct Settings {
     pub log_socket: Option<PathBuf>,
     pub repair_limit: usize,
     pub repair_window: Duration,
+    /// This node's name: the node agent runs when it is known.
+    pub node_name: Option<String>,
+    pub agent_socket: PathBuf,
 }
 
 impl Settings {
@@ -151,6 +163,16 @@ impl Settings {
         }
         let host_kubeconfig = args.cni_net_dir.join(&args.kubecfg_file_name);
         let ours = Ours::render(&args.cni_network_config, &host_kubeconfig.to_string_lossy())?;
+        let agent_socket = match args.agent_socket.is_empty() {
+            true => agent_socket_of(&ours)?,
+            false => PathBuf::from(args.agent_socket),
+        };
+        let node_name = Some(args.node_name.trim().to_owned()).filter(|n| !n.is_empty());
+        if let Some(node) = &node_name
+            && (node.len() > 253 || node.contains(['/', ',', '=', ' ']))
+        {
+            return Err(bad(&format!("NODE_NAME={node:?} is not a node name")));
+        }
         let conf_name = Some(args.cni_conf_name).filter(|n| !n.is_empty());
         let mode = match args.chained_cni_plugin {
             true if conf_name.as_deref().is_some_and(|n| !crate::conflist::is_conf_name(n)) => {
@@ -186,8 +208,33 @@ impl Settings {
             log_socket: Some(args.log_socket).filter(|p| !p.as_os_str().is_empty()),
             repair_limit: args.repair_limit,
             repair_window: args.repair_window,
+            node_name,
+            agent_socket,
         })
     }
+
+    /// The node agent's settings, when it is to run.
+    pub fn agent(&self) -> Option<crate::agent::AgentSettings> {
+        Some(crate::agent::AgentSettings {
+            node_name: self.node_name.clone()?,
+            socket: self.agent_socket.clone(),
+            server: self.server.clone(),
+            ca_file: self.ca_file.clone(),
+            token_file: self.token_file.clone(),
+        })
+    }
+}
+
+/// Where the plugin rendered from `ours` looks for the agent: in its `run_dir`.
+fn agent_socket_of(ours: &Ours) -> Result<PathBuf, InstallError> {
+    let run_dir = match ours.conf.get("run_dir") {
+        None | Some(serde_json::Value::Null) => cni::plugin::DEFAULT_RUN_DIR,
+        Some(serde_json::Value::String(dir)) if dir.starts_with('/') => dir.as_str(),
+        Some(other) => {
+            return Err(InstallError::Template(format!("field run_dir must be an absolute path, not {other}")));
+        }
+    };
+    Ok(Path::new(run_dir).join(cni::agent::SOCKET_NAME))
 }
 
 /// An IP address, or none (empty).
@@ -262,5 +309,23 @@ mod tests {
         assert!(e.contains(".conflist"), "{e}");
         let e = parse(&["--cni-network-config", "{}"]).unwrap_err().to_string();
         assert!(e.contains("CNI_NETWORK_CONFIG"), "{e}");
+        let e = parse(&["--node-name", "a/b"]).unwrap_err().to_string();
+        assert!(e.contains("NODE_NAME"), "{e}");
+        let e =
+            parse(&["--cni-network-config", r#"{"type":"kong-mesh-cni","run_dir":"run"}"#]).unwrap_err().to_string();
+        assert!(e.contains("run_dir"), "{e}");
+    }
+
+    #[test]
+    fn the_agent_runs_with_a_node_name_on_the_socket_where_the_plugin_looks() {
+        assert!(parse(&[]).unwrap().agent().is_none());
+        let agent = parse(&["--node-name", "node-1"]).unwrap().agent().unwrap();
+        assert_eq!(agent.node_name, "node-1");
+        assert_eq!(agent.socket, PathBuf::from("/run/kong-mesh-cni/agent.sock"));
+        let template = r#"{"type":"kong-mesh-cni","run_dir":"/var/run/kmc"}"#;
+        let s = parse(&["--node-name", "n", "--cni-network-config", template]).unwrap();
+        assert_eq!(s.agent().unwrap().socket, PathBuf::from("/var/run/kmc/agent.sock"));
+        let s = parse(&["--node-name", "n", "--agent-socket", "/tmp/a.sock"]).unwrap();
+        assert_eq!(s.agent().unwrap().socket, PathBuf::from("/tmp/a.sock"));
     }
 }

@@ -6,8 +6,11 @@
 //! Pure parts: [`template`], [`conflist`] and [`plan`] (what to write), [`kubeconfig`],
 //! [`throttle`] and [`machine`] (what to do after which events). I/O edges: [`fsio`],
 //! [`sources`] (inotify, timers, signals), [`health`], the plugin's log relay
-//! ([`logsock`]), and the loop in [`daemon`].
+//! ([`logsock`]), and the loop in [`daemon`]. With `NODE_NAME` set it is also the node
+//! agent ([`agent`], deciding with [`podcache`]): the plugin's pod lookups are answered
+//! from a watch of this node's pods.
 
+pub mod agent;
 pub mod args;
 pub mod conflist;
 pub mod daemon;
@@ -19,6 +22,7 @@ pub mod kubeconfig;
 pub mod logsock;
 pub mod machine;
 pub mod plan;
+pub mod podcache;
 mod sources;
 pub mod template;
 pub mod throttle;
@@ -69,11 +73,21 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
                 .ok(),
             _ => None,
         };
+        // Like the relay: without the agent the plugin asks the API server itself.
+        let agent = match settings.agent() {
+            Some(agent) if settings.sleep => agent::Agent::start(agent)
+                .inspect_err(|e| tracing::warn!("{e}; the plugin asks the API server for every pod"))
+                .ok(),
+            _ => None,
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         sources::spawn(&settings, tx)?;
         let result = Installer::new(settings, status).run(rx).await;
         if let Some(socket) = log_socket {
             socket.close();
+        }
+        if let Some(agent) = agent {
+            agent.close();
         }
         result
     })

@@ -200,9 +200,10 @@ fn the_installer_accepts_what_the_chart_gives_it() {
                 continue;
             }
             let long = flags.get(&name).unwrap_or_else(|| panic!("{preset}: the installer has no variable {name}"));
-            let value = match entry["value"].as_str() {
-                Some(v) => v.to_owned(),
-                None => r.network_config(),
+            let value = match (entry["value"].as_str(), entry["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+                (Some(v), _) => v.to_owned(),
+                (None, Some("spec.nodeName")) => "node-1".to_owned(),
+                (None, _) => r.network_config(),
             };
             argv.extend([format!("--{long}"), value]);
         }
@@ -220,7 +221,21 @@ fn the_installer_accepts_what_the_chart_gives_it() {
             "Kuma's injector annotates mesh pods with networks: kuma-cni"
         );
         assert_eq!(settings.ours.conf["kubernetes"]["exclude_namespaces"], serde_json::json!(["kube-system"]));
+        let agent = settings.agent().unwrap_or_else(|| panic!("{preset}: the installer is the node agent"));
+        assert_eq!(agent.node_name, "node-1", "{preset}");
     }
+}
+
+#[test]
+fn the_node_agent_knows_its_node_and_listens_where_the_plugin_looks() {
+    let r = Rendered::new(Some("kind"), &[]);
+    let node = &env(r.installer())["NODE_NAME"];
+    assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName", "from the downward API");
+    let conf: serde_json::Value = serde_json::from_str(&r.network_config()).unwrap();
+    // The plugin looks in its run_dir (default /run/kong-mesh-cni), on the host.
+    let run_dir = conf["run_dir"].as_str().unwrap_or("/run/kong-mesh-cni");
+    assert_eq!(host_path(r.daemonset(), "cni-run-dir"), run_dir);
+    assert_eq!(mount_path(r.installer(), "cni-run-dir"), run_dir, "same path inside and outside");
 }
 
 #[test]
@@ -274,11 +289,12 @@ fn the_controller_accepts_what_the_chart_gives_it() {
 fn rbac_is_least_privilege_and_the_controllers_own() {
     for (preset, ..) in TABLE {
         let r = Rendered::new(Some(preset), &[]);
-        // The plugin gets one pod at a time; the installer itself calls no API.
+        // The plugin gets one pod at a time; the node agent lists and watches pods.
         let installer = r.get("ClusterRole", "kong-mesh-cni");
         assert_eq!(
             installer["rules"],
-            serde_norway::from_str::<Value>(r#"[{apiGroups: [""], resources: [pods], verbs: [get]}]"#).unwrap()
+            serde_norway::from_str::<Value>(r#"[{apiGroups: [""], resources: [pods], verbs: [get, list, watch]}]"#)
+                .unwrap()
         );
         let binding = r.get("ClusterRoleBinding", "kong-mesh-cni");
         assert_eq!(binding["subjects"][0]["name"], "kong-mesh-cni");

@@ -14,6 +14,7 @@
 
 mod apiserver;
 mod builders;
+mod cluster;
 mod cni;
 pub mod net;
 pub mod node;
@@ -25,6 +26,7 @@ pub mod process;
 
 pub use apiserver::{ApiServer, ProjectedServiceAccount};
 pub use builders::{PodBuilder, pod, policy_rule};
+pub use cluster::{ClusterGrant, request_count};
 pub use cni::{Attachment, CniError, CniRuntime, Plugins};
 pub use net::{NamedNetns, require_root};
 pub use node::{Node, NodeError, NodeOptions};

@@ -111,40 +111,50 @@ impl TestNamespace {
             .create(&PostParams::default(), &binding)
             .await
             .unwrap_or_else(|e| panic!("creating RoleBinding {role}: {e}"));
-        // The RBAC authorizer reads through an informer: a new binding takes effect a
-        // moment later. Wait until a SubjectAccessReview says the first verb of each
-        // rule is allowed, so the caller's next request sees the grant.
         let user = format!("system:serviceaccount:{}:{sa}", self.name);
-        let reviews = Api::<SubjectAccessReview>::all(self.client.clone());
-        for rule in &rules_copy {
-            let first = |v: &Option<Vec<String>>| v.as_ref().and_then(|v| v.first().cloned());
-            let review = SubjectAccessReview {
-                spec: SubjectAccessReviewSpec {
-                    user: Some(user.clone()),
-                    resource_attributes: Some(ResourceAttributes {
-                        namespace: Some(self.name.clone()),
-                        group: first(&rule.api_groups),
-                        resource: first(&rule.resources),
-                        verb: rule.verbs.first().cloned(),
-                        ..Default::default()
-                    }),
+        wait_allowed(&self.client, &user, Some(&self.name), &rules_copy, role).await;
+    }
+}
+
+/// Returns once a SubjectAccessReview says `user` may use the first verb of each rule
+/// (in `namespace`, or cluster-wide): the RBAC authorizer reads through an informer, so
+/// a new binding takes effect a moment later. Panics after 10 s.
+pub(crate) async fn wait_allowed(
+    client: &Client,
+    user: &str,
+    namespace: Option<&str>,
+    rules: &[PolicyRule],
+    what: &str,
+) {
+    let reviews = Api::<SubjectAccessReview>::all(client.clone());
+    for rule in rules {
+        let first = |v: &Option<Vec<String>>| v.as_ref().and_then(|v| v.first().cloned());
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.to_owned()),
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: namespace.map(str::to_owned),
+                    group: first(&rule.api_groups),
+                    resource: first(&rule.resources),
+                    verb: rule.verbs.first().cloned(),
                     ..Default::default()
-                },
+                }),
                 ..Default::default()
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let allowed = reviews
-                    .create(&PostParams::default(), &review)
-                    .await
-                    .map(|r| r.status.is_some_and(|s| s.allowed))
-                    .unwrap_or(false);
-                if allowed {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "grant {role} to {user}: not effective after 10s");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            },
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let allowed = reviews
+                .create(&PostParams::default(), &review)
+                .await
+                .map(|r| r.status.is_some_and(|s| s.allowed))
+                .unwrap_or(false);
+            if allowed {
+                break;
             }
+            assert!(Instant::now() < deadline, "grant {what} to {user}: not effective after 10s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

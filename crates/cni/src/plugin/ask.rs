@@ -1,0 +1,79 @@
+//! Asking the node agent for the pod: plain blocking I/O on a unix socket, every step
+//! bounded, no runtime and no TLS. Any trouble is a miss, and the plugin asks the API
+//! server as it would without an agent.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::agent::{Answer, MAX_ANSWER, Request, Status, WAIT};
+
+/// The agent's own wait plus room for a loaded node; past it the API server is asked.
+const ANSWER_TIMEOUT: Duration = Duration::from_millis(WAIT.as_millis() as u64 + 700);
+
+#[derive(Debug)]
+pub enum Asked {
+    Found(Box<Pod>),
+    /// Why the agent did not answer with the pod, for the log.
+    Miss(String),
+}
+
+pub fn pod(socket: &Path, namespace: &str, name: &str, uid: Option<&str>) -> Asked {
+    let request = Request::new(namespace, name, uid);
+    match exchange(socket, &request) {
+        Ok(line) => match Answer::parse(&line, &request) {
+            Ok(Answer { status: Status::Found, pod: Some(pod), .. }) => Asked::Found(pod),
+            Ok(answer) => Asked::Miss(format!("{:?}: {}", answer.status, answer.detail.unwrap_or_default())),
+            Err(e) => Asked::Miss(e.to_string()),
+        },
+        Err(e) => Asked::Miss(format!("{}: {e}", socket.display())),
+    }
+}
+
+/// Sends the request and reads the answer line, within [`ANSWER_TIMEOUT`] in all.
+fn exchange(socket: &Path, request: &Request) -> std::io::Result<Vec<u8>> {
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let stream = connect(socket)?;
+    stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+    (&stream).write_all(&request.to_line())?;
+    let mut answer = Vec::with_capacity(4096);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(ErrorKind::TimedOut, format!("no answer within {ANSWER_TIMEOUT:?}")));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match (&stream).read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "the agent closed before a whole answer"));
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if let Some(end) = answer.iter().position(|&b| b == b'\n') {
+            answer.truncate(end);
+            return Ok(answer);
+        }
+        if answer.len() > MAX_ANSWER {
+            return Err(std::io::Error::new(ErrorKind::InvalidData, format!("answer longer than {MAX_ANSWER} bytes")));
+        }
+    }
+}
+
+/// A unix-socket connect either completes at once or fails; non-blocking, a full
+/// backlog (an agent that stopped accepting) fails too, instead of blocking ADD.
+/// (socket2 sets close-on-exec: the iptables children do not inherit it.)
+fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&SockAddr::unix(path)?)?;
+    socket.set_nonblocking(false)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,283 @@
+//! The node agent: the installer watches the pods of its own node and answers the
+//! plugin's lookups from that cache over a root-only unix socket in the plugin's run
+//! dir ([`cni::agent`] is the protocol, [`crate::podcache`] the decisions). ADD then
+//! needs no runtime, no TLS and no API request, and pods the agent knows are decided
+//! while the API server is away.
+//!
+//! Nothing here may hurt the installer or a pod: the plugin falls back to its own GET
+//! whenever the socket is missing or does not answer; each connection has a deadline
+//! and a bounded request, and connections are capped, so a slow or hung client stalls
+//! nobody; a watch that fails is re-listed with a backoff, and the cache keeps
+//! answering what it can answer correctly meanwhile.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use cni::agent::{Answer, MAX_REQUEST, Request, Status, WAIT, decision_view};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::config::{
+    AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
+};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, sleep, timeout_at};
+
+use crate::InstallError;
+use crate::podcache::{Lookup, PodCache};
+
+/// A plugin sends its request at once; one that has not within this is dropped. The
+/// answer is written within the same deadline plus the wait for the pod.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Concurrent lookups; more wait in the listen backlog (the plugin gives up on its own
+/// deadline and asks the API server).
+pub const MAX_CONNECTIONS: usize = 256;
+/// The API server ends each watch after this; the watcher then resumes it.
+const WATCH_TIMEOUT_SECS: u32 = 55;
+/// A connection silent for longer than a whole watch is dead.
+const READ_TIMEOUT: Duration = Duration::from_secs(WATCH_TIMEOUT_SECS as u64 + 15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+
+/// Where and whose pods to watch, and with which identity.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub node_name: String,
+    pub socket: PathBuf,
+    pub server: String,
+    pub ca_file: PathBuf,
+    pub token_file: PathBuf,
+}
+
+/// The cache, and a counter bumped on every change (lookups waiting for a pod wake up).
+struct Shared {
+    cache: Mutex<PodCache>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    fn cache(&self) -> MutexGuard<'_, PodCache> {
+        // The cache holds no invariant a panicked writer could break halfway.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, change: impl FnOnce(&mut PodCache)) {
+        change(&mut self.cache());
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// The bound socket; [`Agent::close`] removes its file if it is still ours.
+pub struct Agent {
+    path: PathBuf,
+    inode: u64,
+}
+
+impl Agent {
+    /// Binds the socket (replacing one a previous installer left: during a rollout the
+    /// newest takes over, as the plugin connects anew on every call) and starts the
+    /// watch and the server on the current runtime.
+    pub fn start(settings: AgentSettings) -> Result<Agent, InstallError> {
+        let path = settings.socket.clone();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(InstallError::io("creating the agent socket's dir", dir))?;
+        }
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(InstallError::io("listening for pod lookups on", &path))?;
+        // Root only, whatever the umask; a connection in between is refused by its credentials.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(InstallError::io("setting the mode of", &path))?;
+        let inode = std::fs::metadata(&path).map_err(InstallError::io("reading", &path))?.ino();
+        let shared =
+            Arc::new(Shared { cache: Mutex::new(PodCache::default()), changed: tokio::sync::watch::channel(0).0 });
+        tracing::info!(node = %settings.node_name, socket = %path.display(), "node agent: answering pod lookups from a watch of this node's pods");
+        tokio::spawn(watch(settings, shared.clone()));
+        tokio::spawn(serve(listener, shared));
+        Ok(Agent { path, inode })
+    }
+
+    /// Removes the socket file, unless another installer has bound its own there since.
+    pub fn close(self) {
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A client with the installer's own identity: the token file is re-read as it
+/// rotates (kube does that for `tokenFile`), every request bounded.
+pub async fn client(server: &str, ca_file: &Path, token_file: &Path) -> Result<Client, String> {
+    let name = "kong-mesh-cni";
+    let kubeconfig = Kubeconfig {
+        clusters: vec![NamedCluster {
+            name: name.into(),
+            cluster: Some(Cluster {
+                server: Some(server.into()),
+                certificate_authority: Some(ca_file.to_string_lossy().into_owned()),
+                ..Cluster::default()
+            }),
+            ..NamedCluster::default()
+        }],
+        auth_infos: vec![NamedAuthInfo {
+            name: name.into(),
+            auth_info: Some(AuthInfo {
+                token_file: Some(token_file.to_string_lossy().into_owned()),
+                ..AuthInfo::default()
+            }),
+            ..NamedAuthInfo::default()
+        }],
+        contexts: vec![NamedContext {
+            name: name.into(),
+            context: Some(Context { cluster: name.into(), user: Some(name.into()), ..Context::default() }),
+            ..NamedContext::default()
+        }],
+        current_context: Some(name.into()),
+        ..Kubeconfig::default()
+    };
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| format!("API client for {server}: {e}"))?;
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    config.read_timeout = Some(READ_TIMEOUT);
+    config.write_timeout = Some(CONNECT_TIMEOUT);
+    Client::try_from(config).map_err(|e| format!("API client for {server}: {e}"))
+}
+
+/// Keeps the cache current, forever: after any error the watch starts over with a
+/// list, which also tells when the API server is back.
+async fn watch(settings: AgentSettings, shared: Arc<Shared>) {
+    let mut backoff = BACKOFF.0;
+    let mut last_error = String::new();
+    let client = loop {
+        match client(&settings.server, &settings.ca_file, &settings.token_file).await {
+            Ok(client) => break client,
+            Err(e) => failed(&shared, &mut last_error, e),
+        }
+        sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF.1);
+    };
+    let selector = format!("spec.nodeName={}", settings.node_name);
+    loop {
+        let config = watcher::Config::default().fields(&selector).timeout(WATCH_TIMEOUT_SECS);
+        let mut events = watcher(Api::<Pod>::all(client.clone()), config).boxed();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => {
+                    let was_connected = shared.cache().connected();
+                    shared.update(|cache| apply(cache, event));
+                    let cache = shared.cache();
+                    if cache.connected() && !was_connected {
+                        tracing::info!(pods = cache.len(), node = %settings.node_name, "node agent: watching this node's pods");
+                        last_error.clear();
+                        backoff = BACKOFF.0;
+                    }
+                }
+                Err(e) => {
+                    failed(&shared, &mut last_error, e.to_string());
+                    break;
+                }
+            }
+        }
+        sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}
+
+/// Marks the cache behind; logs an error once, not on every retry.
+fn failed(shared: &Shared, last_error: &mut String, error: String) {
+    shared.update(PodCache::disconnected);
+    if error != *last_error {
+        tracing::warn!(%error, "node agent: the watch of this node's pods failed; lookups it cannot answer go to the API server");
+        *last_error = error;
+    }
+}
+
+fn apply(cache: &mut PodCache, event: watcher::Event<Pod>) {
+    match event {
+        watcher::Event::Init => cache.list_started(),
+        watcher::Event::InitApply(pod) => cache.listed(decision_view(&pod)),
+        watcher::Event::InitDone => cache.list_done(),
+        watcher::Event::Apply(pod) => cache.applied(decision_view(&pod)),
+        watcher::Event::Delete(pod) => cache.deleted(&pod),
+    }
+}
+
+async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = BACKOFF.0;
+    loop {
+        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = BACKOFF.0;
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    answer(stream, &shared).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: the connection stays queued; retrying at once spins.
+                tracing::warn!(error = %e, retry_in = ?backoff, "node agent: cannot accept a lookup connection");
+                sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF.1);
+            }
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, shared: &Shared) {
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 => {}
+        Ok(cred) => {
+            return tracing::warn!(
+                uid = cred.uid(),
+                pid = cred.pid(),
+                "node agent: refused a lookup from a non-root user"
+            );
+        }
+        Err(e) => return tracing::warn!(error = %e, "node agent: cannot tell who connected"),
+    }
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    // One byte past the limit tells an oversized request from one at the limit.
+    let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
+    let reply = match timeout_at(deadline, limited.read_until(b'\n', &mut line)).await {
+        Ok(Ok(_)) => match Request::parse(line.strip_suffix(b"\n").unwrap_or(&line)) {
+            Ok(request) => lookup(shared, &request).await,
+            Err(e) => Answer::not(Status::Refused, e.to_string()),
+        },
+        Ok(Err(_)) | Err(_) => return,
+    };
+    let _ = timeout_at(deadline + WAIT, reader.get_mut().write_all(&reply.to_line())).await;
+}
+
+/// The cache's answer, waiting up to [`WAIT`] for a pod whose watch event may be on
+/// its way (the runtime can call ADD as soon as the pod is bound to this node).
+async fn lookup(shared: &Shared, request: &Request) -> Answer {
+    let deadline = Instant::now() + WAIT;
+    let mut changes = shared.changed.subscribe();
+    let found = loop {
+        changes.mark_unchanged();
+        match shared.cache().lookup(request) {
+            Lookup::Pending => {}
+            other => break other,
+        }
+        if !matches!(timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
+            break shared.cache().give_up(request);
+        }
+    };
+    match found {
+        Lookup::Found(pod) => Answer::found(Pod::clone(&pod)),
+        Lookup::NotFound(why) => Answer::not(Status::NotFound, why),
+        Lookup::NotSynced(why) => Answer::not(Status::NotSynced, why),
+        // give_up never leaves it pending.
+        Lookup::Pending => Answer::not(Status::NotFound, "not found"),
+    }
+}

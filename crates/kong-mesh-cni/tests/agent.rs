@@ -1,0 +1,377 @@
+//! The installer as the node agent, and the plugin asking it: the real binary as both,
+//! the real API server, the reference libcni runtime with real plugins. Which lookups
+//! reached the API server is read from the server's own request counter
+//! (`apiserver_request_total`), so the tests of this file run one at a time.
+//!
+//! The agent reaches the API server through a TCP relay of the test's own, which can
+//! hold back traffic (a watch event delayed in the network) or cut it (an outage of the
+//! API server as this node sees it); TLS passes through it untouched.
+
+mod agent_node;
+mod installer_host;
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_node::NodeAgent;
+use cni::plugin::ask::Asked;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::{Value, json};
+use testkit::net::NamedNetns;
+use testkit::{
+    ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod, request_count, require_root, skip_heavy,
+};
+
+use support::{BIN, Fixture, fixture, our_entry, saved_rules};
+
+/// The agent's first list of a fresh node; generous for a loaded two-core machine.
+const SYNC: Duration = Duration::from_secs(30);
+
+/// The request counter is server-wide: one test at a time in this binary.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn skip(what: &str) -> bool {
+    skip_heavy(what) || !require_root()
+}
+
+fn chain(entry: Value) -> CniRuntime {
+    let mut rt = CniRuntime::bridge(Plugins::Upstream);
+    rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
+    let mut conflist = rt.conflist();
+    conflist["plugins"].as_array_mut().unwrap().push(entry);
+    rt.set_conflist(&conflist);
+    rt
+}
+
+fn node_name() -> String {
+    format!("kmc-node-{}", testkit::unique_suffix())
+}
+
+fn mesh(name: &str, node: &str) -> Pod {
+    pod(name)
+        .container("app")
+        .container("kuma-sidecar")
+        .annotation("kuma.io/sidecar-injected", "true")
+        .node_name(node)
+        .build()
+}
+
+fn plain(name: &str, node: &str) -> Pod {
+    pod(name).container("app").node_name(node).build()
+}
+
+/// The runtime's view of the pod: its netns, and CNI_ARGS with the pod's real UID.
+fn attachment(netns: &NamedNetns, created: &Pod) -> Attachment {
+    let mut a = Attachment::new(
+        netns,
+        created.metadata.namespace.as_deref().unwrap(),
+        created.metadata.name.as_deref().unwrap(),
+    );
+    a.pod_uid = created.metadata.uid.clone().unwrap();
+    a
+}
+
+fn uid(p: &Pod) -> &str {
+    p.metadata.uid.as_deref().unwrap()
+}
+
+fn redirected(netns: &NamedNetns) -> bool {
+    saved_rules(netns).contains("-A KUMA_MESH_OUTBOUND ")
+}
+
+async fn pod_gets(ns: &TestNamespace) -> u64 {
+    request_count(&ns.client(), "GET", "pods").await
+}
+
+/// The plugin's chain entry with its run dir where the agent listens, reading pods
+/// directly from the API server with a `get pods`-only identity when it falls back.
+fn plugin_entry(f: &Fixture, extra: Value) -> Value {
+    our_entry(&f.kubeconfig, f.scratch.path(), extra)
+}
+
+async fn agent_for(f: &Fixture, node: &str, via: Option<u16>) -> NodeAgent {
+    NodeAgent::start(ApiServer::shared(), f.ns.name(), node, &f.scratch.path().join("run"), via).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_is_answered_by_the_agent_without_a_request_to_the_api_server() {
+    if skip("ADD answered by the node agent") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fixture().await;
+    let node = node_name();
+    let agent = agent_for(&f, &node, None).await;
+    let web = f.ns.create_pod(mesh("web", &node)).await;
+    let db = f.ns.create_pod(plain("db", &node)).await;
+    agent.wait_known(f.ns.name(), "web", uid(&web), SYNC);
+    agent.wait_known(f.ns.name(), "db", uid(&db), SYNC);
+    let rt = chain(plugin_entry(&f, json!({})));
+    let (web_ns, db_ns) = (NamedNetns::new("agw"), NamedNetns::new("agd"));
+
+    let before = pod_gets(&f.ns).await;
+    rt.add(&attachment(&web_ns, &web)).expect("ADD of the mesh pod");
+    rt.add(&attachment(&db_ns, &db)).expect("ADD of the plain pod");
+    let after = pod_gets(&f.ns).await;
+
+    assert!(redirected(&web_ns), "the mesh pod is redirected: {}", saved_rules(&web_ns));
+    assert_eq!(saved_rules(&db_ns), "", "the plain pod is untouched");
+    assert_eq!(after - before, 0, "pod GETs during the two ADDs; the agent should have answered both");
+    // The socket is root's only.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(agent.socket()).unwrap().permissions().mode() & 0o777, 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_agent_the_plugin_asks_the_api_server() {
+    if skip("fallback when the node agent is stopped") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fixture().await;
+    let node = node_name();
+    let mut agent = agent_for(&f, &node, None).await;
+    let web = f.ns.create_pod(mesh("web", &node)).await;
+    agent.wait_known(f.ns.name(), "web", uid(&web), SYNC);
+    let rt = chain(plugin_entry(&f, json!({})));
+
+    // Stopped cleanly: the socket is gone.
+    assert!(agent.installer.terminate().success(), "{}", agent.installer.log());
+    assert!(!agent.socket().exists(), "SIGTERM removes the agent's socket");
+    let netns = NamedNetns::new("agf");
+    let before = pod_gets(&f.ns).await;
+    rt.add(&attachment(&netns, &web)).expect("ADD with the agent stopped");
+    assert!(pod_gets(&f.ns).await > before, "the plugin asked the API server");
+    assert!(redirected(&netns));
+
+    // Killed: its socket file is left, and nobody listens on it.
+    let mut agent = agent_for(&f, &node, None).await;
+    agent.wait_known(f.ns.name(), "web", uid(&web), SYNC);
+    agent.installer.signal(libc::SIGKILL);
+    agent.installer.wait(Duration::from_secs(10)).expect("killed");
+    assert!(agent.socket().exists(), "a killed agent leaves its socket file");
+    let netns = NamedNetns::new("agk");
+    let before = pod_gets(&f.ns).await;
+    let started = Instant::now();
+    rt.add(&attachment(&netns, &web)).expect("ADD with a dead agent's socket");
+    assert!(pod_gets(&f.ns).await > before, "the plugin asked the API server");
+    assert!(redirected(&netns));
+    assert!(started.elapsed() < Duration::from_secs(3), "a dead socket is refused at once: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_created_just_before_its_add_is_answered_by_the_agent() {
+    if skip("a pod created milliseconds before its ADD") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fixture().await;
+    let node = node_name();
+    let agent = agent_for(&f, &node, None).await;
+    // The agent has listed this node's pods once (the first one is there).
+    let first = f.ns.create_pod(plain("first", &node)).await;
+    agent.wait_known(f.ns.name(), "first", uid(&first), SYNC);
+    let rt = chain(plugin_entry(&f, json!({})));
+    let netns = NamedNetns::new("agn");
+
+    let before = pod_gets(&f.ns).await;
+    let created_at = Instant::now();
+    let web = f.ns.create_pod(mesh("web", &node)).await;
+    let created = created_at.elapsed();
+    rt.add(&attachment(&netns, &web)).expect("ADD right after the pod was created");
+    let after = pod_gets(&f.ns).await;
+
+    assert!(redirected(&netns));
+    eprintln!("pod created in {created:?}, ADD started right after");
+    assert_eq!(
+        after - before,
+        0,
+        "the agent waited for the watch event instead of sending the plugin to the API server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_pod_is_not_answered_from_the_stale_entry() {
+    if skip("pod deleted and recreated under the same name") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fixture().await;
+    let node = node_name();
+    let relay = Relay::start(api_port());
+    let agent = agent_for(&f, &node, Some(relay.port)).await;
+    let old = f.ns.create_pod(mesh("web", &node)).await;
+    agent.wait_known(f.ns.name(), "web", uid(&old), SYNC);
+
+    // The agent's watch stalls (its connection holds), and meanwhile the mesh pod is
+    // replaced by a plain pod of the same name: the agent still has the old one.
+    relay.hold(true);
+    let pods = f.ns.api::<Pod>();
+    pods.delete("web", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    let new = pods.create(&PostParams::default(), &plain("web", &node)).await.unwrap();
+    assert_ne!(uid(&old), uid(&new));
+    assert!(matches!(agent.ask(f.ns.name(), "web", Some(uid(&old))), Asked::Found(_)), "the stale entry is there");
+
+    let rt = chain(plugin_entry(&f, json!({})));
+    let netns = NamedNetns::new("agr");
+    let before = pod_gets(&f.ns).await;
+    rt.add(&attachment(&netns, &new)).expect("ADD of the recreated pod");
+    let after = pod_gets(&f.ns).await;
+    relay.hold(false);
+
+    assert_eq!(saved_rules(&netns), "", "decided from the new (plain) pod, not the cached mesh pod");
+    assert!(after > before, "the UID mismatch sent the plugin to the API server");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_the_agent_knows_are_decided_while_the_api_server_is_unreachable() {
+    if skip("pods decided from the agent's cache during an API outage") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fixture().await;
+    let node = node_name();
+    let relay = Relay::start(api_port());
+    let agent = agent_for(&f, &node, Some(relay.port)).await;
+    let web = f.ns.create_pod(mesh("web", &node)).await;
+    let db = f.ns.create_pod(plain("db", &node)).await;
+    agent.wait_known(f.ns.name(), "web", uid(&web), SYNC);
+    agent.wait_known(f.ns.name(), "db", uid(&db), SYNC);
+    // The plugin uses the kubeconfig the installer wrote: the API server through the
+    // relay, as the whole node sees it.
+    let lookup_timeout = Duration::from_secs(2);
+    let entry = our_entry(
+        &agent.plugin_kubeconfig(),
+        f.scratch.path(),
+        json!({"kubernetes": {"kubeconfig": agent.plugin_kubeconfig(), "lookup_timeout_ms": lookup_timeout.as_millis() as u64}}),
+    );
+    let rt = chain(entry);
+
+    relay.cut();
+    // The agent notices: an unknown pod is no longer waited for.
+    let noticed = Instant::now() + SYNC;
+    while !matches!(agent.ask(f.ns.name(), "nobody", None), Asked::Miss(why) if why.starts_with("NotSynced")) {
+        assert!(Instant::now() < noticed, "the agent did not notice the outage; log:\n{}", agent.installer.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    for (created, mesh_pod) in [(&web, true), (&db, false)] {
+        let netns = NamedNetns::new("ago");
+        let started = Instant::now();
+        rt.add(&attachment(&netns, created)).expect("ADD during the outage");
+        let took = started.elapsed();
+        assert_eq!(redirected(&netns), mesh_pod, "{:?}", created.metadata.name);
+        eprintln!("{:?} during the outage: ADD in {took:?}", created.metadata.name);
+        assert!(took < lookup_timeout / 4, "decided from the cache, not after the API lookup: {took:?}");
+    }
+    // A pod the agent does not know waits for the API server's retries (which stop
+    // short of the lookup timeout), as without the agent.
+    let stranger = f.ns.create_pod(mesh("stranger", &node)).await;
+    let netns = NamedNetns::new("agu");
+    let started = Instant::now();
+    rt.add(&attachment(&netns, &stranger)).expect("pass-through (on_api_error)");
+    let took = started.elapsed();
+    eprintln!("unknown pod during the outage: ADD in {took:?}");
+    assert!(took >= lookup_timeout / 2, "the unknown pod was looked up at the API server: {took:?}");
+    assert_eq!(saved_rules(&netns), "", "let through without a redirect");
+}
+
+/// The shared API server's port (its address is 127.0.0.1).
+fn api_port() -> u16 {
+    let admin = kube::config::Kubeconfig::read_from(ApiServer::shared().kubeconfig_path()).unwrap();
+    let server = admin.clusters[0].cluster.as_ref().and_then(|c| c.server.clone()).unwrap();
+    server.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A TCP relay on 127.0.0.1 to the API server's port: `hold` keeps what each side sends
+/// until released (connections stay up: a stalled path); `cut` closes every connection
+/// and every later one at once (the server unreachable).
+struct Relay {
+    port: u16,
+    state: Arc<RelayState>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    held: AtomicBool,
+    cut: AtomicBool,
+    /// The relay is dropped: its accept loop ends.
+    closed: AtomicBool,
+    streams: Mutex<Vec<TcpStream>>,
+}
+
+impl Relay {
+    fn start(upstream: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(RelayState::default());
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if shared.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                if shared.cut.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                {
+                    let mut streams = shared.streams.lock().unwrap();
+                    streams.push(client.try_clone().unwrap());
+                    streams.push(server.try_clone().unwrap());
+                }
+                for (from, to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let shared = shared.clone();
+                    std::thread::spawn(move || pump(from, to, &shared));
+                }
+            }
+        });
+        Relay { port, state }
+    }
+
+    fn hold(&self, held: bool) {
+        self.state.held.store(held, Ordering::SeqCst);
+    }
+
+    fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+        for s in self.state.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.hold(false);
+        self.cut();
+        self.state.closed.store(true, Ordering::SeqCst);
+        // Wakes the accept loop, which then sees `closed`.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, state: &RelayState) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while state.held.load(Ordering::SeqCst) && !state.cut.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if state.cut.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
