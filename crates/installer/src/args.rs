@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::InstallError;
 use crate::kubeconfig::server_url;
@@ -91,6 +91,31 @@ pub struct InstallArgs {
     pub repair_limit: usize,
     #[arg(long, env = "KMC_REPAIR_WINDOW", default_value = "30", value_parser = ops::duration)]
     pub repair_window: Duration,
+    /// The plugin's run dir as mounted in this container, where it leaves records of pods
+    /// it let through without a redirect (programmed in place once the API answers).
+    /// Empty: the `run_dir` of CNI_NETWORK_CONFIG, or the plugin's default.
+    #[arg(long, env = "KMC_RUN_DIR", default_value = "")]
+    pub run_dir: String,
+    /// What SIGTERM removes. auto: everything on an uninstall (our DaemonSet is gone or
+    /// being deleted), nothing on a rolling update (it is still there: the next pod
+    /// takes over), nothing when the API server cannot tell. always / never: no question.
+    #[arg(long, env = "KMC_UNINSTALL_ON_SIGTERM", value_enum, default_value = "auto")]
+    pub uninstall_on_sigterm: Uninstall,
+    /// Our DaemonSet's name (the chart's), asked about at SIGTERM.
+    #[arg(long, env = "KMC_DAEMONSET_NAME", default_value = "kong-mesh-cni")]
+    pub daemonset_name: String,
+    /// Its namespace (the chart passes the pod's own); empty: the `namespace` file next to
+    /// the service-account token.
+    #[arg(long, env = "KMC_DAEMONSET_NAMESPACE", default_value = "")]
+    pub daemonset_namespace: String,
+}
+
+/// `KMC_UNINSTALL_ON_SIGTERM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Uninstall {
+    Auto,
+    Always,
+    Never,
 }
 
 /// What to maintain in the net dir.
@@ -125,6 +150,11 @@ pub struct Settings {
     pub log_socket: Option<PathBuf>,
     pub repair_limit: usize,
     pub repair_window: Duration,
+    /// The plugin's run dir, as mounted here.
+    pub run_dir: PathBuf,
+    pub uninstall: Uninstall,
+    /// Our DaemonSet: (namespace, name); no namespace when none was given or found.
+    pub daemonset: (Option<String>, String),
 }
 
 impl Settings {
@@ -159,6 +189,17 @@ impl Settings {
             true => Mode::Chained { conf_name },
             false => Mode::Standalone { conf_name: conf_name.unwrap_or_else(|| DEFAULT_STANDALONE_NAME.into()) },
         };
+        let run_dir = match args.run_dir.is_empty() {
+            false => PathBuf::from(args.run_dir),
+            true => match ours.conf.get("run_dir").and_then(serde_json::Value::as_str) {
+                Some(dir) => PathBuf::from(dir),
+                None => cni::plugin::PluginConf::default().run_dir,
+            },
+        };
+        let daemonset_namespace = Some(args.daemonset_namespace).filter(|n| !n.is_empty()).or_else(|| {
+            let file = args.kube_service_account_token_path.with_file_name("namespace");
+            std::fs::read_to_string(file).ok().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty())
+        });
         let mut bin_dirs = vec![args.mounted_cni_bin_dir];
         if args.secondary_bin_dir.is_dir() {
             bin_dirs.push(args.secondary_bin_dir);
@@ -186,6 +227,9 @@ impl Settings {
             log_socket: Some(args.log_socket).filter(|p| !p.as_os_str().is_empty()),
             repair_limit: args.repair_limit,
             repair_window: args.repair_window,
+            run_dir,
+            uninstall: args.uninstall_on_sigterm,
+            daemonset: (daemonset_namespace, args.daemonset_name),
         })
     }
 }
@@ -223,6 +267,32 @@ mod tests {
         assert_eq!((s.cfgcheck_interval, s.token_refresh_interval), (Duration::from_secs(1), Duration::from_secs(60)));
         assert!(s.sleep);
         assert_eq!(s.ready_file, PathBuf::from("/tmp/ready"));
+        assert_eq!(s.run_dir, PathBuf::from("/run/kong-mesh-cni"));
+        assert_eq!((s.uninstall, s.daemonset.1.as_str()), (Uninstall::Auto, "kong-mesh-cni"));
+    }
+
+    #[test]
+    fn the_run_dir_is_the_plugins_unless_given() {
+        let template = r#"{"type":"kong-mesh-cni","run_dir":"/var/run/kmc","kubernetes":{"kubeconfig":"__KUBECONFIG_FILEPATH__"}}"#;
+        assert_eq!(parse(&["--cni-network-config", template]).unwrap().run_dir, PathBuf::from("/var/run/kmc"));
+        let s = parse(&["--cni-network-config", template, "--run-dir", "/host/run/kmc"]).unwrap();
+        assert_eq!(s.run_dir, PathBuf::from("/host/run/kmc"));
+    }
+
+    #[test]
+    fn the_daemonsets_namespace_is_given_or_the_service_accounts() {
+        let sa = tempfile::tempdir().unwrap();
+        let token = sa.path().join("token");
+        std::fs::write(sa.path().join("namespace"), "kong-mesh-system\n").unwrap();
+        let token = token.to_str().unwrap();
+        let s = parse(&["--kube-service-account-token-path", token]).unwrap();
+        assert_eq!(s.daemonset.0.as_deref(), Some("kong-mesh-system"));
+        let s = parse(&["--kube-service-account-token-path", token, "--daemonset-namespace", "kube-system"]).unwrap();
+        assert_eq!(s.daemonset.0.as_deref(), Some("kube-system"));
+        let s = parse(&["--kube-service-account-token-path", "/nonexistent/token"]).unwrap();
+        assert_eq!(s.daemonset.0, None);
+        assert_eq!(parse(&["--uninstall-on-sigterm", "never"]).unwrap().uninstall, Uninstall::Never);
+        assert!(parse(&["--uninstall-on-sigterm", "sometimes"]).is_err());
     }
 
     #[test]
