@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use installer_host::*;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use testkit::{ApiServer, TestNamespace, policy_rule};
 
