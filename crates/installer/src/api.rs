@@ -65,6 +65,35 @@ impl Identity {
         })
     }
 
+    /// Says on the pod that its redirect was programmed in place now (the repair
+    /// controller then lets its earlier validator failures be), bounded by `timeout`. The
+    /// UID, when known, makes sure it is the pod ADD saw.
+    pub async fn mark_repaired(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let now =
+            k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second).map_err(|e| e.to_string())?;
+        let mut patch =
+            serde_json::json!({"metadata": {"annotations": {kuma::pod::REDIRECT_REPAIRED_AT: now.to_string()}}});
+        if let Some(uid) = uid {
+            patch["metadata"]["uid"] = uid.into();
+        }
+        let call = async {
+            let client = self.client(timeout).await?;
+            let params = kube::api::PatchParams::default();
+            Api::<Pod>::namespaced(client, namespace)
+                .patch(name, &params, &kube::api::Patch::Merge(patch))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(timeout, call).await.unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+    }
+
     /// Our DaemonSet, bounded by `timeout` as a whole.
     pub async fn daemonset(
         &self,

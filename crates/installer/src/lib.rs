@@ -82,8 +82,8 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         sources::spawn(&settings, tx)?;
         if settings.sleep {
-            let lookup = api::Identity::new(&settings).pod_lookup(REPAIR_LOOKUP_TIMEOUT);
-            repair_agent::spawn(settings.run_dir.clone(), lookup);
+            let identity = api::Identity::new(&settings);
+            repair_agent::spawn(settings.run_dir.clone(), identity.clone().pod_lookup(REPAIR_LOOKUP_TIMEOUT), identity);
         }
         let result = Installer::new(settings, status).run(rx).await;
         if let Some(socket) = log_socket {

@@ -16,7 +16,7 @@ use inotify::{Inotify, WatchMask};
 use netns::{NetNs, NetNsError};
 use tokio::sync::mpsc;
 
-use crate::api::PodLookup;
+use crate::api::{Identity, PodLookup};
 use crate::inplace::{self, Action};
 
 /// While a record waits for the API server, it is asked again this often (the target is
@@ -29,15 +29,19 @@ const BACKSTOP: Duration = Duration::from_secs(10);
 /// then acts on the pod).
 const MAX_FAILURES: u32 = 5;
 
-/// Starts the agent on the current runtime.
-pub fn spawn(run_dir: PathBuf, lookup: PodLookup) {
+/// Each call saying so on a repaired pod.
+const MARK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Starts the agent on the current runtime: `lookup` answers for pods, `identity` says
+/// on a pod that it was repaired.
+pub fn spawn(run_dir: PathBuf, lookup: PodLookup, identity: Identity) {
     tokio::spawn(async move {
         let (tx, rx) = mpsc::channel(1);
         let watching = watch(&run_dir, tx);
         if !watching {
             tracing::info!(run_dir = %run_dir.display(), "cannot watch the plugin's pending records; looking every {BACKSTOP:?}");
         }
-        Agent { run_dir, lookup, failures: HashMap::new(), waiting: None }.run(rx).await;
+        Agent { run_dir, lookup, identity, failures: HashMap::new(), waiting: None }.run(rx).await;
     });
 }
 
@@ -65,6 +69,7 @@ fn watch(run_dir: &Path, tx: mpsc::Sender<()>) -> bool {
 struct Agent {
     run_dir: PathBuf,
     lookup: PodLookup,
+    identity: Identity,
     /// Failed rule programmings per record file.
     failures: HashMap<PathBuf, u32>,
     /// Since when the API server has not answered (logged once per outage).
@@ -120,15 +125,24 @@ impl Agent {
                     self.forget(&path);
                 }
                 Action::Program(cfg, annotations) => {
-                    let (run_dir, at) = (self.run_dir.clone(), path.clone());
+                    let (run_dir, at, rec) = (self.run_dir.clone(), path.clone(), record.clone());
                     let programmed =
-                        tokio::task::spawn_blocking(move || program(&run_dir, &at, &record, &cfg, &annotations))
+                        tokio::task::spawn_blocking(move || program(&run_dir, &at, &rec, &cfg, &annotations))
                             .await
                             .unwrap_or_else(|e| Err(Failure::Failed(format!("the repair thread failed: {e}"))));
                     match programmed {
                         Ok(rules) => {
                             tracing::info!(pod = %pod, rules, "programmed the redirect in place: the pod started without it while the API server could not be asked");
                             self.forget(&path);
+                            let marked = self.identity.mark_repaired(
+                                &record.namespace,
+                                &record.name,
+                                record.uid.as_deref(),
+                                MARK_TIMEOUT,
+                            );
+                            if let Err(e) = marked.await {
+                                tracing::warn!(pod = %pod, error = %e, "cannot say on the pod that its redirect was repaired in place; the repair controller may still restart it");
+                            }
                         }
                         Err(Failure::Gone(why)) => {
                             tracing::info!(pod = %pod, "no in-place repair: {why}");

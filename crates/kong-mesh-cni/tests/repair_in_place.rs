@@ -85,7 +85,8 @@ fn a_pod_let_through_while_the_api_was_away_is_repaired_in_place() {
         let ns = api.namespace("kmc-inplace").await;
         let creds = tempfile::tempdir().unwrap();
         let projected = api.project_service_account(ns.name(), "kong-mesh-cni", creds.path()).await;
-        ns.grant("kong-mesh-cni", "kong-mesh-cni", vec![policy_rule(&[""], &["pods"], &["get"])]).await;
+        // The chart's rules: get pods, and patch them to say they were repaired.
+        ns.grant("kong-mesh-cni", "kong-mesh-cni", vec![policy_rule(&[""], &["pods"], &["get", "patch"])]).await;
         host.rotate_token(
             &std::fs::read_to_string(&projected.token_file).unwrap(),
             &std::fs::read(&projected.ca_file).unwrap(),
@@ -170,6 +171,10 @@ fn a_pod_let_through_while_the_api_was_away_is_repaired_in_place() {
         for name in ["web", "busybox"] {
             let pod = ns.api::<Pod>().get(name).await.unwrap();
             assert!(pod.metadata.deletion_timestamp.is_none(), "{name} deleted");
+            // Said on the pod, for the repair controller to leave it be.
+            let annotations = pod.metadata.annotations.unwrap_or_default();
+            let at = annotations.get(kuma::pod::REDIRECT_REPAIRED_AT).unwrap_or_else(|| panic!("{name}: not marked"));
+            assert!(at.parse::<k8s_openapi::jiff::Timestamp>().is_ok(), "{at}");
         }
     });
 
