@@ -5,11 +5,12 @@
 //! without an API call, DEL never fails, a logging failure is ignored, and when the API
 //! server cannot say what a pod is, `on_api_error` decides (default: let it start).
 
-mod applied;
+pub mod applied;
 pub mod ask;
 mod conf;
 mod logging;
 mod lookup;
+pub mod pending;
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -95,8 +96,9 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
         }
         Command::Status => status(&plugin).map(|()| None),
         Command::Gc => {
-            // The only state kept: what ADD applied, per attachment, until DEL.
+            // The only state kept: what ADD applied (or could not), per attachment, until DEL.
             applied::gc(&plugin.run_dir, &conf.name, &conf.raw);
+            pending::gc(&plugin.run_dir, &conf.name, &conf.raw);
             Ok(None)
         }
         Command::Version => unreachable!("answered above"),
@@ -110,6 +112,8 @@ enum Verdict {
     /// The config, and the annotations it was built from (remembered for DEL).
     Intercept(Box<Config>, std::collections::BTreeMap<String, String>),
     PassThrough(String),
+    /// The API server could not say, and `on_api_error: pass-through` lets the pod start.
+    Unanswered(String),
 }
 
 /// The decision for the pod of this call: the checks that need no API call first,
@@ -159,10 +163,7 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
         Lookup::NotFound => return Ok(Verdict::PassThrough("the pod no longer exists".to_owned())),
         Lookup::Unavailable(why) => {
             return match plugin.on_api_error {
-                OnApiError::PassThrough => {
-                    tracing::warn!(error = %why, "cannot look the pod up; letting it start without a redirect (on_api_error: pass-through)");
-                    Ok(Verdict::PassThrough(format!("the pod could not be looked up: {why}")))
-                }
+                OnApiError::PassThrough => Ok(Verdict::Unanswered(why)),
                 OnApiError::Fail => {
                     Err(CniError::new(code::TRY_AGAIN_LATER, "cannot look the pod up (on_api_error: fail)", why))
                 }
@@ -199,12 +200,18 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn options(plugin: &PluginConf, prev_result: Option<&Value>) -> Options {
+    rule_options(plugin, prev_result.is_some_and(has_ipv6_address))
+}
+
+/// How the rules are programmed for a pod with these settings: ADD's way, which the node
+/// agent's in-place repair follows too.
+pub fn rule_options(plugin: &PluginConf, ipv6: bool) -> Options {
     Options {
         backend: plugin.iptables_backend,
         lock_dir: plugin.run_dir.clone(),
         deadline: Some(Instant::now() + APPLY_BUDGET),
         resolv_conf_paths: plugin.dns_resolv_conf_paths.clone(),
-        ipv6: prev_result.is_some_and(has_ipv6_address),
+        ipv6,
         ..Options::default()
     }
 }
@@ -240,6 +247,10 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
     let result = pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
     match verdict(env, plugin)? {
         Verdict::PassThrough(reason) => tracing::info!("pass through: {reason}"),
+        Verdict::Unanswered(why) => {
+            tracing::warn!(error = %why, "cannot look the pod up; letting it start without a redirect (on_api_error: pass-through)");
+            pending::write(&plugin.run_dir, &pending_record(env, conf));
+        }
         Verdict::Intercept(cfg, annotations) => {
             // Before the rules: a DEL after a failed ADD must recognise what was applied.
             applied::remember(&plugin.run_dir, &record_key(env, conf), &annotations);
@@ -282,7 +293,29 @@ fn record_key<'a>(env: &'a Env, conf: &'a NetConf) -> applied::Key<'a> {
     applied::Key { network: &conf.name, container_id: &env.container_id, ifname: &env.ifname }
 }
 
+/// What the node agent needs to program this attachment's redirect later, as ADD would.
+fn pending_record(env: &Env, conf: &NetConf) -> pending::Record {
+    let mut ours = conf.raw.clone();
+    if let Some(fields) = ours.as_object_mut() {
+        fields.remove("prevResult");
+    }
+    pending::Record {
+        namespace: env.arg("K8S_POD_NAMESPACE").to_owned(),
+        name: env.arg("K8S_POD_NAME").to_owned(),
+        uid: Some(env.arg("K8S_POD_UID")).filter(|u| !u.is_empty()).map(str::to_owned),
+        netns: env.netns.clone(),
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+        network: conf.name.clone(),
+        ipv6: conf.prev_result.as_ref().is_some_and(has_ipv6_address),
+        conf: ours,
+        since: pending::now(),
+    }
+}
+
 fn del(env: &Env, conf: &NetConf, plugin: &PluginConf) {
+    // The pod is going: nothing is left to repair in place.
+    pending::remove(&plugin.run_dir, &record_key(env, conf));
     if env.netns.is_empty() {
         return applied::forget(&plugin.run_dir, &record_key(env, conf));
     }

@@ -1,47 +1,77 @@
 //! The repair controller's decision (pure): a mesh pod whose validator reported that its
 //! traffic is not redirected. Such a pod started before the CNI was ready on its node:
 //! the redirect is programmed only when the sandbox is created, so restarting its
-//! containers cannot fix it; a new pod can.
+//! containers cannot fix it; a new pod can. Unless the node agent programmed it in place
+//! since (it says so in an annotation): then the validator passes on its next run.
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use kuma::pod::{Decision, VALIDATION_CONTAINER, VALIDATOR_EXIT_NOT_REDIRECTED};
+use k8s_openapi::jiff::Timestamp;
+use kuma::pod::{Decision, REDIRECT_REPAIRED_AT, VALIDATION_CONTAINER, VALIDATOR_EXIT_NOT_REDIRECTED};
 
 /// Set on a pod by the `label` action; a labelled pod is not acted on again.
 pub const REDIRECT_MISSING_LABEL: &str = "kong-mesh-cni/redirect-missing";
 /// The reason of the Events we record.
 pub const EVENT_REASON: &str = "RedirectMissing";
+/// What Kuma's own validator runs as (`kumactl install transparent-proxy-validator`):
+/// Kong Mesh injects it in CNI mode, and it exits 1 when the redirect is missing.
+const KUMA_VALIDATOR: &str = "transparent-proxy-validator";
 
-/// Whether the pod needs repair. Only a pod our plugin would intercept qualifies (the
-/// same decision the plugin makes): non-mesh pods are never touched, whatever their
-/// containers are named. A pod already being deleted or already labelled is done.
-pub fn needs_repair(pod: &Pod) -> bool {
+/// The validator's exit code that makes the pod need repair, if it does. Only a pod our
+/// plugin would intercept qualifies (the same decision the plugin makes): non-mesh pods
+/// are never touched, whatever their containers are named. A pod already being deleted
+/// or already labelled is done.
+pub fn needs_repair(pod: &Pod) -> Option<i32> {
     if pod.metadata.deletion_timestamp.is_some()
         || pod.metadata.labels.as_ref().is_some_and(|l| l.contains_key(REDIRECT_MISSING_LABEL))
     {
-        return false;
+        return None;
     }
-    if !validator_reported_no_redirect(pod) {
-        return false;
-    }
-    matches!(kuma::pod::decide(pod), Ok(Decision::Intercept(_)))
+    let code = validator_reported_no_redirect(pod)?;
+    matches!(kuma::pod::decide(pod), Ok(Decision::Intercept(_))).then_some(code)
 }
 
-/// The validator's last run or the one before ended with the not-redirected code (the
-/// kubelet restarts a failed init container, which moves that run to `lastState`).
-fn validator_reported_no_redirect(pod: &Pod) -> bool {
+/// The validator's last run or the one before (the kubelet restarts a failed init
+/// container, which moves that run to `lastState`) ended saying the redirect is missing,
+/// after any in-place repair: our validator with its own code, Kuma's with any failure.
+fn validator_reported_no_redirect(pod: &Pod) -> Option<i32> {
+    let kumas = kumas_validator(pod);
+    let repaired_at = repaired_at(pod);
     let statuses = pod.status.as_ref().and_then(|s| s.init_container_statuses.as_deref()).unwrap_or_default();
-    statuses
-        .iter()
-        .filter(|s| s.name == VALIDATION_CONTAINER)
-        .any(|s| exit_codes(s).any(|code| code == VALIDATOR_EXIT_NOT_REDIRECTED))
+    statuses.iter().filter(|s| s.name == VALIDATION_CONTAINER).flat_map(terminations).find_map(|(code, finished)| {
+        let missing = code == VALIDATOR_EXIT_NOT_REDIRECTED || (kumas && code != 0);
+        // A run that ended before the repair (or whose end is unknown) is not news.
+        let since_repair = match (repaired_at, finished) {
+            (None, _) => true,
+            // The API keeps whole seconds: a run ending in the second of the repair counts.
+            (Some(repaired), Some(finished)) => {
+                finished >= repaired.round(k8s_openapi::jiff::Unit::Second).unwrap_or(repaired)
+            }
+            (Some(_), None) => false,
+        };
+        (missing && since_repair).then_some(code)
+    })
 }
 
-fn exit_codes(status: &ContainerStatus) -> impl Iterator<Item = i32> + '_ {
+/// Whether the pod's `kuma-validation` init container runs Kuma's validator (ours runs
+/// `kong-mesh-cni validate`).
+fn kumas_validator(pod: &Pod) -> bool {
+    let init = pod.spec.as_ref().and_then(|s| s.init_containers.as_deref()).unwrap_or_default();
+    init.iter()
+        .filter(|c| c.name == VALIDATION_CONTAINER)
+        .any(|c| c.command.iter().chain(&c.args).flatten().any(|word| word == KUMA_VALIDATOR))
+}
+
+fn repaired_at(pod: &Pod) -> Option<Timestamp> {
+    pod.metadata.annotations.as_ref()?.get(REDIRECT_REPAIRED_AT)?.parse().ok()
+}
+
+/// The runs in `state` and `lastState` that ended: exit code and end time.
+fn terminations(status: &ContainerStatus) -> impl Iterator<Item = (i32, Option<Timestamp>)> + '_ {
     [status.state.as_ref(), status.last_state.as_ref()]
         .into_iter()
         .flatten()
         .filter_map(|s| s.terminated.as_ref())
-        .map(|t| t.exit_code)
+        .map(|t| (t.exit_code, t.finished_at.as_ref().map(|t| t.0)))
 }
 
 #[cfg(test)]
@@ -87,15 +117,63 @@ mod tests {
 
     #[test]
     fn exit_97_in_state_or_last_state_needs_repair() {
-        assert!(needs_repair(&pod(97, false)));
-        assert!(needs_repair(&pod(97, true)));
+        assert_eq!(needs_repair(&pod(97, false)), Some(97));
+        assert_eq!(needs_repair(&pod(97, true)), Some(97));
+    }
+
+    /// `pod(code, last)` with the validator as Kong Mesh injects it: Kuma's.
+    fn kumas(code: i32, last: bool) -> Pod {
+        let mut p = pod(code, last);
+        let validator = &mut p.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0];
+        validator.command = Some(["/usr/bin/kumactl", "install", KUMA_VALIDATOR].map(String::from).to_vec());
+        validator.args = Some(vec!["--ip-family-mode=ipv4".into(), "--validation-server-port=15055".into()]);
+        p
+    }
+
+    #[test]
+    fn kumas_validator_failing_with_any_code_needs_repair() {
+        for code in [1, 2, 97] {
+            assert_eq!(needs_repair(&kumas(code, false)), Some(code));
+            assert_eq!(needs_repair(&kumas(code, true)), Some(code));
+        }
+        assert!(needs_repair(&kumas(0, false)).is_none());
+    }
+
+    /// `p` with its validator's run ending at `finished`, and the agent's repair at `repaired`.
+    fn timed(mut p: Pod, finished: &str, repaired: Option<&str>) -> Pod {
+        let status = &mut p.status.as_mut().unwrap().init_container_statuses.as_mut().unwrap()[0];
+        let state = status
+            .state
+            .as_mut()
+            .unwrap()
+            .terminated
+            .as_mut()
+            .or(status.last_state.as_mut().and_then(|s| s.terminated.as_mut()));
+        state.unwrap().finished_at = Some(Time(finished.parse().unwrap()));
+        if let Some(at) = repaired {
+            p.metadata.annotations.as_mut().unwrap().insert(REDIRECT_REPAIRED_AT.into(), at.into());
+        }
+        p
+    }
+
+    #[test]
+    fn failures_before_an_in_place_repair_do_not_count_later_ones_do() {
+        let (before, repair, after) = ("2026-12-02T01:00:00Z", "2026-12-02T01:00:05Z", "2026-12-02T01:00:09Z");
+        for last in [false, true] {
+            assert!(needs_repair(&timed(kumas(1, last), before, Some(repair))).is_none());
+            assert!(needs_repair(&timed(pod(97, last), before, Some(repair))).is_none());
+            assert_eq!(needs_repair(&timed(kumas(1, last), after, Some(repair))), Some(1));
+            assert_eq!(needs_repair(&timed(kumas(1, last), before, None)), Some(1));
+            // An annotation that is not a time is not a repair.
+            assert_eq!(needs_repair(&timed(kumas(1, last), before, Some("soon"))), Some(1));
+        }
     }
 
     #[test]
     fn other_exit_codes_do_not() {
         for code in [0, 1, 2, 137] {
-            assert!(!needs_repair(&pod(code, false)), "{code}");
-            assert!(!needs_repair(&pod(code, true)), "{code}");
+            assert!(needs_repair(&pod(code, false)).is_none(), "{code}");
+            assert!(needs_repair(&pod(code, true)).is_none(), "{code}");
         }
     }
 
@@ -103,14 +181,14 @@ mod tests {
     fn non_mesh_pods_are_never_touched() {
         let mut no_sidecar = pod(97, false);
         no_sidecar.spec.as_mut().unwrap().containers.retain(|c| c.name != kuma::pod::SIDECAR_CONTAINER);
-        assert!(!needs_repair(&no_sidecar));
+        assert!(needs_repair(&no_sidecar).is_none());
         let mut not_injected = pod(97, false);
         not_injected.metadata.annotations = None;
-        assert!(!needs_repair(&not_injected));
+        assert!(needs_repair(&not_injected).is_none());
         let mut injected_false = pod(97, false);
         injected_false.metadata.annotations =
             Some([(kuma::pod::SIDECAR_INJECTED.to_owned(), "false".to_owned())].into());
-        assert!(!needs_repair(&injected_false));
+        assert!(needs_repair(&injected_false).is_none());
     }
 
     #[test]
@@ -120,23 +198,23 @@ mod tests {
         spec.containers.retain(|c| c.name != kuma::pod::SIDECAR_CONTAINER);
         let sidecar = Container { restart_policy: Some("Always".into()), ..container(kuma::pod::SIDECAR_CONTAINER) };
         spec.init_containers.get_or_insert_default().push(sidecar);
-        assert!(needs_repair(&native));
+        assert!(needs_repair(&native).is_some());
     }
 
     #[test]
     fn another_container_exiting_97_does_not_count() {
         let mut other = pod(97, false);
         other.status.as_mut().unwrap().init_container_statuses.as_mut().unwrap()[0].name = "setup".into();
-        assert!(!needs_repair(&other));
+        assert!(needs_repair(&other).is_none());
     }
 
     #[test]
     fn a_pod_already_handled_is_done() {
         let mut deleting = pod(97, false);
         deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
-        assert!(!needs_repair(&deleting));
+        assert!(needs_repair(&deleting).is_none());
         let mut labelled = pod(97, false);
         labelled.metadata.labels = Some([(REDIRECT_MISSING_LABEL.to_owned(), "true".to_owned())].into());
-        assert!(!needs_repair(&labelled));
+        assert!(needs_repair(&labelled).is_none());
     }
 }

@@ -24,6 +24,10 @@ use crate::{ControllerArgs, Error, RepairAction, bounded};
 
 /// After a failed action (not a precondition), the pod is tried again after this.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// A pod is acted on this long after it was first seen needing repair: the node agent,
+/// which repairs in place what the plugin let through while the API server was away,
+/// gets the API back at the same moment we do and says so on the pod within a second.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// Runs until dropped (returns at once when the action is `off`).
 pub async fn run(client: Client, args: &ControllerArgs, identity: String, leader: Leadership, status: Arc<Status>) {
@@ -60,8 +64,8 @@ struct Repairer {
     leader: Leadership,
     status: Arc<Status>,
     timeout: Duration,
-    /// Pods needing repair, by UID, in the latest version seen.
-    pending: HashMap<String, Pod>,
+    /// Pods needing repair, by UID, in the latest version seen, and when that was first seen.
+    pending: HashMap<String, (Pod, Instant)>,
     /// UIDs acted on: never again, until the pod is gone.
     done: HashSet<String>,
     /// UIDs seen during a relist, to forget pods deleted while the watch was down.
@@ -113,6 +117,12 @@ impl Repairer {
             if self.leader.is_leader() && !self.pending.is_empty() && self.retry_at.is_none() {
                 self.act_on_pending().await;
             }
+            // Pods not due yet wake the loop when they are.
+            let settling =
+                self.pending.values().map(|(_, seen)| *seen + SETTLE).filter(|at| *at > Instant::now()).min();
+            if self.retry_at.is_none() {
+                self.retry_at = settling;
+            }
         }
     }
 
@@ -123,8 +133,9 @@ impl Repairer {
                 if let Some(seen) = &mut self.relisted {
                     seen.insert(uid.clone());
                 }
-                if !self.done.contains(&uid) && repair::needs_repair(&pod) {
-                    self.pending.insert(uid, pod);
+                if !self.done.contains(&uid) && repair::needs_repair(&pod).is_some() {
+                    let seen = self.pending.get(&uid).map_or_else(Instant::now, |(_, seen)| *seen);
+                    self.pending.insert(uid, (pod, seen));
                 } else {
                     self.pending.remove(&uid);
                 }
@@ -153,7 +164,10 @@ impl Repairer {
             if !self.leader.is_leader() {
                 return;
             }
-            let Some(pod) = self.pending.get(&uid).cloned() else { continue };
+            let Some((pod, seen)) = self.pending.get(&uid).cloned() else { continue };
+            if seen.elapsed() < SETTLE {
+                continue;
+            }
             match self.act(&pod).await {
                 Ok(Outcome::Done) => {
                     self.pending.remove(&uid);
@@ -212,10 +226,10 @@ impl Repairer {
             Verb::Delete => ("Delete", "deleted so that its owner recreates it".to_owned()),
             Verb::Label => ("Label", format!("labelled {REDIRECT_MISSING_LABEL}=true")),
         };
+        let code = repair::needs_repair(pod).unwrap_or(kuma::pod::VALIDATOR_EXIT_NOT_REDIRECTED);
         let note = format!(
-            "init container {} exited {}: the pod's traffic is not redirected (it started before the CNI was ready on {node}); {done}",
+            "init container {} exited {code}: the pod's traffic is not redirected (it started before the CNI was ready on {node}); {done}",
             kuma::pod::VALIDATION_CONTAINER,
-            kuma::pod::VALIDATOR_EXIT_NOT_REDIRECTED
         );
         let event = Event {
             type_: EventType::Warning,

@@ -150,3 +150,64 @@ async fn the_label_action_labels_once_and_deletes_nothing() {
     }
     ctl.stop().await;
 }
+
+/// A pod exactly as Kong Mesh's injector writes it in CNI mode
+/// (testenv/kuma-reference/injected/pod-34.yaml): its `kuma-validation` runs Kuma's own
+/// validator, which exits 1 when the redirect is missing.
+async fn injected_pod(ns: &TestNamespace, name: &str) {
+    let path = testkit::repo_root().join("testenv/kuma-reference/injected/pod-34.yaml");
+    let mut p: Pod = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    p.metadata.name = Some(name.into());
+    p.spec.as_mut().unwrap().node_name = Some("kmc-node-gone".into());
+    ns.create_pod(p).await;
+}
+
+/// The validator's run that ended at `finished`, in `lastState` (crash-looping).
+async fn validator_failed_at(ns: &TestNamespace, name: &str, code: i32, finished: k8s_openapi::jiff::Timestamp) {
+    let at = finished.to_string();
+    let status = json!({"status": {"phase": "Pending", "initContainerStatuses": [{
+        "name": VALIDATION_CONTAINER, "image": "kuma/kuma-init:latest", "imageID": "", "ready": false,
+        "restartCount": 1, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {"terminated": {"exitCode": code, "reason": "Error", "startedAt": at, "finishedAt": at}},
+    }]}});
+    ns.api::<Pod>()
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .expect("writing the pod status");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kumas_injected_validator_failing_with_1_is_repaired_once_unless_repaired_in_place() {
+    if testkit::skip_heavy("repair controller") {
+        return;
+    }
+    let server = ApiServer::shared();
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Delete).await;
+    let ns = &h.ns;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let secs = |s: i64| now + k8s_openapi::jiff::SignedDuration::from_secs(s);
+
+    injected_pod(ns, "busybox").await;
+    validator_exited(ns, "busybox", 1, Report::State).await;
+    // The node agent programmed this one's redirect in place after its validator failed.
+    injected_pod(ns, "repaired").await;
+    validator_failed_at(ns, "repaired", 1, secs(-10)).await;
+    let mark = json!({"metadata": {"annotations": {kuma::pod::REDIRECT_REPAIRED_AT: secs(-5).to_string()}}});
+    ns.api::<Pod>().patch("repaired", &PatchParams::default(), &Patch::Merge(mark)).await.unwrap();
+
+    eventually("the pod to be deleted", Duration::from_secs(8), || marked_for_deletion(ns, "busybox")).await;
+    validator_exited(ns, "busybox", 1, Report::LastState).await;
+    throughout("one delete, and the repaired pod left alone", Duration::from_secs(3), || async {
+        metric(&ctl.status.render(), "kong_mesh_cni_controller_repair_actions_total{action=\"delete\"}") == 1
+            && untouched(ns, "repaired").await
+    })
+    .await;
+    let events = events(ns, "busybox").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].note.as_deref().unwrap_or_default().contains("kuma-validation exited 1"), "{events:?}");
+
+    // Its validator fails again after the repair: that one the controller acts on.
+    validator_failed_at(ns, "repaired", 1, secs(1)).await;
+    eventually("the repaired pod to be deleted", Duration::from_secs(8), || marked_for_deletion(ns, "repaired")).await;
+    ctl.stop().await;
+}

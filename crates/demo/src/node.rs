@@ -91,6 +91,8 @@ impl Node {
             .env("CNI_READY_FILE", self.ready_file())
             .env("KMC_LOG_SOCKET", self.run_dir().join("log.sock"))
             .env("KMC_HEALTH_PORT", "0")
+            // No DaemonSet runs this installer: its SIGTERM stands for an uninstall.
+            .env("KMC_UNINSTALL_ON_SIGTERM", "always")
             .env("CNI_LOG_LEVEL", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(self.dir.path().join("installer.log"))?))

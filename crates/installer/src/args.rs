@@ -3,11 +3,11 @@
 //! `KMC_*` ones are ours.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::InstallError;
 use crate::kubeconfig::server_url;
@@ -96,10 +96,35 @@ pub struct InstallArgs {
     /// answering the plugin's lookups from them. Empty: the plugin asks the API server.
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,
-    /// The node agent's socket; empty: `agent.sock` in the plugin's run dir (the
-    /// template's `run_dir`, default /run/kong-mesh-cni), where the plugin looks.
+    /// The node agent's socket; empty: `agent.sock` in the plugin's run dir (KMC_RUN_DIR,
+    /// or the template's `run_dir`, default /run/kong-mesh-cni), where the plugin looks.
     #[arg(long, env = "KMC_AGENT_SOCKET", default_value = "")]
     pub agent_socket: String,
+    /// The plugin's run dir as mounted in this container, where it leaves records of pods
+    /// it let through without a redirect (programmed in place once the API answers).
+    /// Empty: the `run_dir` of CNI_NETWORK_CONFIG, or the plugin's default.
+    #[arg(long, env = "KMC_RUN_DIR", default_value = "")]
+    pub run_dir: String,
+    /// What SIGTERM removes. auto: everything on an uninstall (our DaemonSet is gone or
+    /// being deleted), nothing on a rolling update (it is still there: the next pod
+    /// takes over), nothing when the API server cannot tell. always / never: no question.
+    #[arg(long, env = "KMC_UNINSTALL_ON_SIGTERM", value_enum, default_value = "auto")]
+    pub uninstall_on_sigterm: Uninstall,
+    /// Our DaemonSet's name (the chart's), asked about at SIGTERM.
+    #[arg(long, env = "KMC_DAEMONSET_NAME", default_value = "kong-mesh-cni")]
+    pub daemonset_name: String,
+    /// Its namespace (the chart passes the pod's own); empty: the `namespace` file next to
+    /// the service-account token.
+    #[arg(long, env = "KMC_DAEMONSET_NAMESPACE", default_value = "")]
+    pub daemonset_namespace: String,
+}
+
+/// `KMC_UNINSTALL_ON_SIGTERM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Uninstall {
+    Auto,
+    Always,
+    Never,
 }
 
 /// What to maintain in the net dir.
@@ -137,6 +162,11 @@ pub struct Settings {
     /// This node's name: the node agent runs when it is known.
     pub node_name: Option<String>,
     pub agent_socket: PathBuf,
+    /// The plugin's run dir, as mounted here.
+    pub run_dir: PathBuf,
+    pub uninstall: Uninstall,
+    /// Our DaemonSet: (namespace, name); no namespace when none was given or found.
+    pub daemonset: (Option<String>, String),
 }
 
 impl Settings {
@@ -163,8 +193,12 @@ impl Settings {
         }
         let host_kubeconfig = args.cni_net_dir.join(&args.kubecfg_file_name);
         let ours = Ours::render(&args.cni_network_config, &host_kubeconfig.to_string_lossy())?;
+        let run_dir = match args.run_dir.is_empty() {
+            false => PathBuf::from(args.run_dir),
+            true => run_dir_of(&ours)?,
+        };
         let agent_socket = match args.agent_socket.is_empty() {
-            true => agent_socket_of(&ours)?,
+            true => run_dir.join(cni::agent::SOCKET_NAME),
             false => PathBuf::from(args.agent_socket),
         };
         let node_name = Some(args.node_name.trim().to_owned()).filter(|n| !n.is_empty());
@@ -181,6 +215,10 @@ impl Settings {
             true => Mode::Chained { conf_name },
             false => Mode::Standalone { conf_name: conf_name.unwrap_or_else(|| DEFAULT_STANDALONE_NAME.into()) },
         };
+        let daemonset_namespace = Some(args.daemonset_namespace).filter(|n| !n.is_empty()).or_else(|| {
+            let file = args.kube_service_account_token_path.with_file_name("namespace");
+            std::fs::read_to_string(file).ok().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty())
+        });
         let mut bin_dirs = vec![args.mounted_cni_bin_dir];
         if args.secondary_bin_dir.is_dir() {
             bin_dirs.push(args.secondary_bin_dir);
@@ -210,6 +248,9 @@ impl Settings {
             repair_window: args.repair_window,
             node_name,
             agent_socket,
+            run_dir,
+            uninstall: args.uninstall_on_sigterm,
+            daemonset: (daemonset_namespace, args.daemonset_name),
         })
     }
 
@@ -225,8 +266,9 @@ impl Settings {
     }
 }
 
-/// Where the plugin rendered from `ours` looks for the agent: in its `run_dir`.
-fn agent_socket_of(ours: &Ours) -> Result<PathBuf, InstallError> {
+/// The run dir of the plugin rendered from `ours`: where it looks for the agent and
+/// leaves its records.
+fn run_dir_of(ours: &Ours) -> Result<PathBuf, InstallError> {
     let run_dir = match ours.conf.get("run_dir") {
         None | Some(serde_json::Value::Null) => cni::plugin::DEFAULT_RUN_DIR,
         Some(serde_json::Value::String(dir)) if dir.starts_with('/') => dir.as_str(),
@@ -234,7 +276,7 @@ fn agent_socket_of(ours: &Ours) -> Result<PathBuf, InstallError> {
             return Err(InstallError::Template(format!("field run_dir must be an absolute path, not {other}")));
         }
     };
-    Ok(Path::new(run_dir).join(cni::agent::SOCKET_NAME))
+    Ok(PathBuf::from(run_dir))
 }
 
 /// An IP address, or none (empty).
@@ -270,6 +312,32 @@ mod tests {
         assert_eq!((s.cfgcheck_interval, s.token_refresh_interval), (Duration::from_secs(1), Duration::from_secs(60)));
         assert!(s.sleep);
         assert_eq!(s.ready_file, PathBuf::from("/tmp/ready"));
+        assert_eq!(s.run_dir, PathBuf::from("/run/kong-mesh-cni"));
+        assert_eq!((s.uninstall, s.daemonset.1.as_str()), (Uninstall::Auto, "kong-mesh-cni"));
+    }
+
+    #[test]
+    fn the_run_dir_is_the_plugins_unless_given() {
+        let template = r#"{"type":"kong-mesh-cni","run_dir":"/var/run/kmc","kubernetes":{"kubeconfig":"__KUBECONFIG_FILEPATH__"}}"#;
+        assert_eq!(parse(&["--cni-network-config", template]).unwrap().run_dir, PathBuf::from("/var/run/kmc"));
+        let s = parse(&["--cni-network-config", template, "--run-dir", "/host/run/kmc"]).unwrap();
+        assert_eq!(s.run_dir, PathBuf::from("/host/run/kmc"));
+    }
+
+    #[test]
+    fn the_daemonsets_namespace_is_given_or_the_service_accounts() {
+        let sa = tempfile::tempdir().unwrap();
+        let token = sa.path().join("token");
+        std::fs::write(sa.path().join("namespace"), "kong-mesh-system\n").unwrap();
+        let token = token.to_str().unwrap();
+        let s = parse(&["--kube-service-account-token-path", token]).unwrap();
+        assert_eq!(s.daemonset.0.as_deref(), Some("kong-mesh-system"));
+        let s = parse(&["--kube-service-account-token-path", token, "--daemonset-namespace", "kube-system"]).unwrap();
+        assert_eq!(s.daemonset.0.as_deref(), Some("kube-system"));
+        let s = parse(&["--kube-service-account-token-path", "/nonexistent/token"]).unwrap();
+        assert_eq!(s.daemonset.0, None);
+        assert_eq!(parse(&["--uninstall-on-sigterm", "never"]).unwrap().uninstall, Uninstall::Never);
+        assert!(parse(&["--uninstall-on-sigterm", "sometimes"]).is_err());
     }
 
     #[test]

@@ -8,13 +8,18 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::Receiver;
 
-use crate::args::{Mode, Settings};
+use crate::api::Identity;
+use crate::args::{Mode, Settings, Uninstall};
 use crate::health::{State, Status};
-use crate::kubeconfig::{self, Secret};
+use crate::kubeconfig;
 use crate::machine::{Checks, Event, Gate, Machine, Step};
 use crate::plan::{self, Plan};
+use crate::shutdown::{self, Verdict};
 use crate::throttle::{Fight, Throttle};
 use crate::{InstallError, fsio};
+
+/// The question to the API server at SIGTERM: well inside the pod's grace period (10 s).
+const SHUTDOWN_QUERY: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Why a part is not in place: the state it puts the installer in, and the reason.
 type Problem = (State, String);
@@ -67,7 +72,7 @@ impl Installer {
             let step = self.machine.decide(&batch, now);
             tracing::debug!(events = ?batch, ?step, "woke up");
             match step {
-                Step::Remove => return self.remove(),
+                Step::Remove => return self.shutdown().await,
                 Step::Check(checks) => self.check(checks, now),
             }
             batch.clear();
@@ -154,12 +159,7 @@ impl Installer {
     }
 
     fn write_kubeconfig(&self) -> Result<(), String> {
-        // Errors name the files, never their content.
-        let token = fs::read_to_string(&self.s.token_file)
-            .map_err(|e| format!("cannot read the service-account token {}: {e}", self.s.token_file.display()))?;
-        let ca = fs::read(&self.s.ca_file)
-            .map_err(|e| format!("cannot read the API server CA {}: {e}", self.s.ca_file.display()))?;
-        let config = kubeconfig::render(&self.s.server, &ca, &Secret::new(token));
+        let config = kubeconfig::from_files(&self.s.server, &self.s.ca_file, &self.s.token_file)?;
         let path = self.s.net_dir.join(&self.s.kubeconfig_name);
         match fsio::ensure_file(&self.s.net_dir, &self.s.kubeconfig_name, config.expose().as_bytes(), 0o600) {
             Ok(true) if self.kubeconfig.is_ok() => {
@@ -302,7 +302,37 @@ impl Installer {
         }
     }
 
-    /// SIGTERM: readiness off first, then our entry out of the chain (the original
+    /// SIGTERM: on an uninstall everything goes ([`Installer::remove`]); otherwise only
+    /// readiness, and the next pod adopts what is on the node.
+    async fn shutdown(&mut self) -> Result<(), InstallError> {
+        let (namespace, name) = &self.s.daemonset;
+        let verdict = match (self.s.uninstall, namespace) {
+            (Uninstall::Always, _) => Verdict::Uninstall("KMC_UNINSTALL_ON_SIGTERM=always".into()),
+            (Uninstall::Never, _) => Verdict::Keep("KMC_UNINSTALL_ON_SIGTERM=never".into()),
+            (Uninstall::Auto, None) => Verdict::Keep(format!(
+                "cannot tell whether DaemonSet {name} is being removed: its namespace is unknown (KMC_DAEMONSET_NAMESPACE, or the service account's namespace file); keeping the chain entry"
+            )),
+            (Uninstall::Auto, Some(namespace)) => {
+                let answer = Identity::new(&self.s).daemonset(namespace, name, SHUTDOWN_QUERY).await;
+                shutdown::decide(namespace, name, answer)
+            }
+        };
+        match verdict {
+            Verdict::Uninstall(why) => {
+                tracing::info!(reason = %why, "shutting down: an uninstall");
+                self.remove()
+            }
+            Verdict::Keep(why) => {
+                self.status.set(State::Removing, "leaving the plugin in place");
+                tracing::info!(reason = %why, "shutting down: leaving the plugin, its kubeconfig and our chain entry in place");
+                fs::remove_file(&self.s.ready_file)
+                    .or_else(not_found_ok)
+                    .map_err(InstallError::io("removing", &self.s.ready_file))
+            }
+        }
+    }
+
+    /// The uninstall: readiness off first, then our entry out of the chain (the original
     /// `.conf` back), then the kubeconfig and the binary.
     fn remove(&mut self) -> Result<(), InstallError> {
         self.status.set(State::Removing, "removing");

@@ -38,6 +38,15 @@ pub fn server_url(protocol: &str, host: &str, port: &str) -> String {
     }
 }
 
+/// The kubeconfig from the service-account files as they are now. Errors name the
+/// files, never their content.
+pub fn from_files(server: &str, ca_file: &std::path::Path, token_file: &std::path::Path) -> Result<Secret, String> {
+    let token = std::fs::read_to_string(token_file)
+        .map_err(|e| format!("cannot read the service-account token {}: {e}", token_file.display()))?;
+    let ca = std::fs::read(ca_file).map_err(|e| format!("cannot read the API server CA {}: {e}", ca_file.display()))?;
+    Ok(render(server, &ca, &Secret::new(token)))
+}
+
 /// The kubeconfig, as kube's [`Kubeconfig`] serialized to YAML (its emitter quotes any
 /// token or path that would otherwise break the structure).
 pub fn render(server: &str, ca_pem: &[u8], token: &Secret) -> Secret {

@@ -1,28 +1,35 @@
 //! The Kong Mesh CNI installer (`kong-mesh-cni install`, the image's `/install-cni`):
 //! copies the plugin binary to the host, writes the plugin's kubeconfig, chains the
 //! plugin into the primary CNI's configuration (or writes a standalone conf for
-//! Multus), keeps all of it in place from file watches, and removes it on SIGTERM.
+//! Multus), keeps all of it in place from file watches, programs in place the redirect
+//! of pods the plugin let through while the API server could not be asked, and removes
+//! it all on SIGTERM when it is being uninstalled (not on a rolling update).
 //!
 //! Pure parts: [`template`], [`conflist`] and [`plan`] (what to write), [`kubeconfig`],
-//! [`throttle`] and [`machine`] (what to do after which events). I/O edges: [`fsio`],
-//! [`sources`] (inotify, timers, signals), [`health`], the plugin's log relay
-//! ([`logsock`]), and the loop in [`daemon`]. With `NODE_NAME` set it is also the node
-//! agent ([`agent`], deciding with [`podcache`]): the plugin's pod lookups are answered
-//! from a watch of this node's pods.
+//! [`throttle`] and [`machine`] (what to do after which events), [`inplace`] (in-place
+//! repair) and [`shutdown`] (what SIGTERM removes). I/O edges: [`fsio`], [`sources`]
+//! (inotify, timers, signals), [`health`], the plugin's log relay ([`logsock`]), the
+//! API calls ([`api`]), the repair agent, and the loop in [`daemon`]. With `NODE_NAME`
+//! set it is also the node agent ([`agent`], deciding with [`podcache`]): the plugin's
+//! pod lookups are answered from a watch of this node's pods.
 
 pub mod agent;
+pub mod api;
 pub mod args;
 pub mod conflist;
 pub mod daemon;
 mod error;
 pub mod fsio;
 pub mod health;
+pub mod inplace;
 mod jsontext;
 pub mod kubeconfig;
 pub mod logsock;
 pub mod machine;
 pub mod plan;
 pub mod podcache;
+mod repair_agent;
+pub mod shutdown;
 mod sources;
 pub mod template;
 pub mod throttle;
@@ -49,6 +56,9 @@ pub fn entrypoint_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString
     }
     args
 }
+
+/// Each pod GET of the in-place repair (retried while the API server is away).
+const REPAIR_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One thread is plenty for a loop that mostly sleeps, and keeps the resident memory
 /// of a process that runs on every node small.
@@ -82,6 +92,10 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         sources::spawn(&settings, tx)?;
+        if settings.sleep {
+            let identity = api::Identity::new(&settings);
+            repair_agent::spawn(settings.run_dir.clone(), identity.clone().pod_lookup(REPAIR_LOOKUP_TIMEOUT), identity);
+        }
         let result = Installer::new(settings, status).run(rx).await;
         if let Some(socket) = log_socket {
             socket.close();

@@ -90,7 +90,8 @@ fn run_captured(test: impl AsyncFnOnce() -> ()) -> String {
 
 #[test]
 fn injected_events_drive_install_repair_and_removal() {
-    let n = node(&[]);
+    // Shutdown as an uninstall, without asking the API server (tests/upgrade.rs asks).
+    let n = node(&["--uninstall-on-sigterm", "always"]);
     let conflist = n.net.join("10-calico.conflist");
     let status = Arc::new(Status::default());
     let logs = run_captured(async || {

@@ -27,7 +27,7 @@ fn installs_then_sigterm_restores_the_conflist_byte_for_byte() {
     let host = Host::new();
     let conflist = host.net_file("10-calico.conflist");
     std::fs::write(&conflist, CALICO).unwrap();
-    let mut installer = Installer::start(&host, &[]);
+    let mut installer = Installer::start(&host, &[UNINSTALL]);
     wait_ready(&host, &installer);
 
     assert!(chained(&conflist, PLUGIN));
@@ -53,7 +53,7 @@ fn a_conf_is_wrapped_into_a_conflist_and_restored_on_sigterm() {
     let host = Host::new();
     let conf = host.net_file("10-flannel.conf");
     std::fs::write(&conf, FLANNEL_CONF).unwrap();
-    let mut installer = Installer::start(&host, &[]);
+    let mut installer = Installer::start(&host, &[UNINSTALL]);
     wait_ready(&host, &installer);
     let list = host.net_file("10-flannel.conflist");
     assert!(!conf.exists(), "runtimes would read the .conf first, as one plugin");
@@ -286,7 +286,7 @@ fn standalone_mode_keeps_our_own_conf() {
     let host = Host::new();
     let multus = "{\"cniVersion\": \"0.3.1\", \"name\": \"multus\", \"type\": \"multus\"}\n";
     std::fs::write(host.net_file("00-multus.conf"), multus).unwrap();
-    let mut installer = Installer::start(&host, &[NO_POLLING, ("CHAINED_CNI_PLUGIN", "false")]);
+    let mut installer = Installer::start(&host, &[NO_POLLING, UNINSTALL, ("CHAINED_CNI_PLUGIN", "false")]);
     wait_ready(&host, &installer);
     let ours = host.net_file("kuma-cni.conf");
     let written = std::fs::read_to_string(&ours).unwrap();

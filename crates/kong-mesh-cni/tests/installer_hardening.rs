@@ -38,7 +38,7 @@ fn a_primary_write_during_our_write_is_never_lost() {
     std::fs::write(&conflist, CALICO).unwrap();
     let strace = ["-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync", "-e", "inject=fsync:delay_exit=500000"];
     let args: Vec<&str> = strace.iter().copied().chain([BINARY, "install"]).collect();
-    let mut installer = Installer::start_program(Path::new("strace"), &args, &host, &[NO_POLLING]);
+    let mut installer = Installer::start_program(Path::new("strace"), &args, &host, &[NO_POLLING, UNINSTALL]);
     wait_ready(&host, &installer);
     assert!(chained(&conflist, PLUGIN));
 
@@ -83,7 +83,7 @@ fn a_symlinked_conflist_is_edited_at_its_target() {
     let link = host.net_file("10-calico.conflist");
     std::os::unix::fs::symlink("../real/10-calico.conflist", &link).unwrap();
     // The watch is on the net dir, where the link is: the periodic check sees the target.
-    let mut installer = Installer::start(&host, &[("CFGCHECK_INTERVAL", "1")]);
+    let mut installer = Installer::start(&host, &[("CFGCHECK_INTERVAL", "1"), UNINSTALL]);
     wait_ready(&host, &installer);
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link is still a link");
     assert!(chained(&real, PLUGIN), "the target holds our entry");
@@ -117,7 +117,7 @@ fn sigterm_with_a_read_only_net_dir_keeps_the_binary() {
     let host = Host::new();
     let conflist = host.net_file("10-calico.conflist");
     std::fs::write(&conflist, CALICO).unwrap();
-    let mut installer = Installer::start(&host, &[NO_POLLING]);
+    let mut installer = Installer::start(&host, &[NO_POLLING, UNINSTALL]);
     wait_ready(&host, &installer);
     let net = host.net.to_str().unwrap();
     assert!(Command::new("mount").args(["--bind", net, net]).status().unwrap().success());

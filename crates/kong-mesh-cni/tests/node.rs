@@ -295,6 +295,8 @@ impl Installer {
             ("CNI_READY_FILE", p(&ready)),
             ("KMC_HEALTH_PORT", "0".into()),
             ("KMC_LOG_SOCKET", p(&node.root.join("run/kong-mesh-cni/log.sock"))),
+            // No DaemonSet runs this installer: its SIGTERM stands for an uninstall.
+            ("KMC_UNINSTALL_ON_SIGTERM", "always".into()),
         ]);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("starting the installer");

@@ -13,6 +13,9 @@ pub const VALIDATION_CONTAINER: &str = "kuma-validation";
 /// The validator's exit code when the pod's traffic is not redirected: the contract
 /// between the validator and the repair controller (any other failure exits 1).
 pub const VALIDATOR_EXIT_NOT_REDIRECTED: i32 = 97;
+/// Set on a pod by the node agent when it programmed the redirect in place (RFC 3339
+/// time): the validator's failures up to then are repaired, and it passes on its next run.
+pub const REDIRECT_REPAIRED_AT: &str = "kong-mesh-cni/redirect-repaired-at";
 
 /// Why a pod is left alone.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -185,6 +185,20 @@ fn the_plugin_log_socket_is_shared_with_the_host() {
 }
 
 #[test]
+fn in_place_repair_and_the_sigterm_question_have_what_they_need() {
+    let r = Rendered::new(Some("kind"), &[]);
+    // The pods' namespaces at the path the runtime names them by, new ones included.
+    assert_eq!(host_path(r.daemonset(), "netns-dir"), "/var/run/netns");
+    assert_eq!(mount_path(r.installer(), "netns-dir"), "/var/run/netns");
+    let mount = r.installer()["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["name"] == "netns-dir").unwrap();
+    assert_eq!(mount["mountPropagation"], "HostToContainer");
+    // The DaemonSet it asks about at SIGTERM is this one.
+    assert_eq!(env_value(r.installer(), "KMC_DAEMONSET_NAME"), r.daemonset()["metadata"]["name"].as_str().unwrap());
+    let namespace = &env(r.installer())["KMC_DAEMONSET_NAMESPACE"];
+    assert_eq!(namespace["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+}
+
+#[test]
 fn the_installer_accepts_what_the_chart_gives_it() {
     let flags: BTreeMap<String, String> = installer::InstallArgs::command()
         .get_arguments()
@@ -289,13 +303,24 @@ fn the_controller_accepts_what_the_chart_gives_it() {
 fn rbac_is_least_privilege_and_the_controllers_own() {
     for (preset, ..) in TABLE {
         let r = Rendered::new(Some(preset), &[]);
-        // The plugin gets one pod at a time; the node agent lists and watches pods.
+        // The plugin gets one pod at a time; the node agent lists and watches pods and
+        // marks the pods it repaired in place, and reads its own DaemonSet only.
         let installer = r.get("ClusterRole", "kong-mesh-cni");
         assert_eq!(
             installer["rules"],
-            serde_norway::from_str::<Value>(r#"[{apiGroups: [""], resources: [pods], verbs: [get, list, watch]}]"#)
-                .unwrap()
+            serde_norway::from_str::<Value>(
+                r#"[{apiGroups: [""], resources: [pods], verbs: [get, list, watch, patch]}]"#
+            )
+            .unwrap()
         );
+        assert_eq!(
+            r.get("Role", "kong-mesh-cni-daemonset")["rules"],
+            serde_norway::from_str::<Value>(
+                "[{apiGroups: [apps], resources: [daemonsets], resourceNames: [kong-mesh-cni], verbs: [get]}]"
+            )
+            .unwrap()
+        );
+        assert_eq!(r.get("RoleBinding", "kong-mesh-cni-daemonset")["roleRef"]["name"], "kong-mesh-cni-daemonset");
         let binding = r.get("ClusterRoleBinding", "kong-mesh-cni");
         assert_eq!(binding["subjects"][0]["name"], "kong-mesh-cni");
         assert_eq!(r.get("ClusterRole", "kong-mesh-cni-controller")["rules"], rules_of("clusterrole.yaml"), "{preset}");
@@ -334,7 +359,8 @@ fn rbac_is_least_privilege_and_the_controllers_own() {
                 "kong-mesh-cni",
                 "kong-mesh-cni-controller",
                 "kong-mesh-cni-controller-repair-delete",
-                "kong-mesh-cni-controller-leader-election"
+                "kong-mesh-cni-controller-leader-election",
+                "kong-mesh-cni-daemonset"
             ],
             "{preset}: no other grant"
         );

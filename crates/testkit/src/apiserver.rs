@@ -112,6 +112,27 @@ impl ApiServer {
         Ok(ApiServer { dir, kubeconfig, child: Mutex::new(child) })
     }
 
+    /// Stops the server where it is (SIGSTOP to k8s-testenv: etcd and kube-apiserver
+    /// freeze with their data, port and certs). Its port still accepts connections, but
+    /// nothing answers: what a node sees when the API server hangs or the network drops
+    /// its packets. [`ApiServer::resume`] brings it back as it was; dropping the server
+    /// resumes it first. For a private server only ([`ApiServer::start`]): the shared
+    /// one serves the other tests of the binary.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        let child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's, not reaped.
+        let sent = unsafe { libc::kill(child.id() as i32, signal) };
+        assert_eq!(sent, 0, "signal {signal} to k8s-testenv: {}", std::io::Error::last_os_error());
+    }
+
     /// The admin (system:masters) kubeconfig. Server address is `https://127.0.0.1:PORT`.
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig
@@ -262,6 +283,9 @@ impl Drop for ApiServer {
     /// stdin, which makes k8s-testenv stop and remove its dir; kill it if it lingers.
     fn drop(&mut self) {
         let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        // A paused server (a test that failed before resuming it) must read the EOF.
+        // SAFETY: as in `signal`.
+        unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
         drop(child.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {

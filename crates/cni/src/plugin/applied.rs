@@ -20,7 +20,7 @@ pub struct Key<'a> {
 }
 
 /// Only plain names become path components.
-fn safe(s: &str) -> bool {
+pub(super) fn safe(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 256
         && !s.starts_with('.')

@@ -16,6 +16,9 @@ use serde_json::Value;
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 pub const KUBECONFIG: &str = "ZZZ-kuma-cni-kubeconfig";
+/// SIGTERM uninstalls without asking the API server whether our DaemonSet is going:
+/// for tests of what the removal does (tests/upgrade.rs tests when it happens).
+pub const UNINSTALL: (&str, &str) = ("KMC_UNINSTALL_ON_SIGTERM", "always");
 
 /// The host side: `net/` (MOUNTED_CNI_NET_DIR), `bin/` (MOUNTED_CNI_BIN_DIR), `sa/` laid
 /// out like a projected service-account volume, and the ready file's path.
@@ -81,6 +84,8 @@ impl Host {
             ("CNI_READY_FILE", path(&self.ready)),
             ("KMC_HEALTH_PORT", "0".to_string()),
             ("KMC_LOG_SOCKET", path(&self.log_socket())),
+            // The plugin's run dir (in-place repair records), next to the log socket.
+            ("KMC_RUN_DIR", path(&self.root.path().join("run"))),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
