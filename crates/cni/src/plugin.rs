@@ -7,6 +7,7 @@
 
 mod applied;
 mod conf;
+mod ebpf;
 mod logging;
 mod lookup;
 
@@ -224,6 +225,9 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
     let result = pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
     match verdict(env, plugin)? {
         Verdict::PassThrough(reason) => tracing::info!("pass through: {reason}"),
+        Verdict::Intercept(cfg, _) if let Some(bpffs) = &plugin.ebpf_bpffs => {
+            ebpf::add(bpffs, &env.container_id, &open_netns(&env.netns)?, &cfg, conf.prev_result.as_ref())?;
+        }
         Verdict::Intercept(cfg, annotations) => {
             // Before the rules: a DEL after a failed ADD must recognise what was applied.
             applied::remember(&plugin.run_dir, &record_key(env, conf), &annotations);
@@ -247,6 +251,9 @@ fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError>
     pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
     let Verdict::Intercept(cfg, _) = verdict(env, plugin)? else { return Ok(()) };
     let ns = open_netns(&env.netns)?;
+    if let Some(bpffs) = &plugin.ebpf_bpffs {
+        return ebpf::check(bpffs, &env.container_id, &ns, &cfg, conf.prev_result.as_ref());
+    }
     let report = netfilter::verify(&ns, &cfg, &options(plugin, conf.prev_result.as_ref()))
         .map_err(|e| rules_error("cannot read the redirect rules", e))?;
     if report.missing.is_empty() {
@@ -267,6 +274,9 @@ fn record_key<'a>(env: &'a Env, conf: &'a NetConf) -> applied::Key<'a> {
 }
 
 fn del(env: &Env, conf: &NetConf, plugin: &PluginConf) {
+    if let Some(bpffs) = &plugin.ebpf_bpffs {
+        return ebpf::del(bpffs, &env.container_id);
+    }
     if env.netns.is_empty() {
         return applied::forget(&plugin.run_dir, &record_key(env, conf));
     }
