@@ -268,44 +268,37 @@ mod tests {
 
     #[test]
     fn each_setting_the_mode_cannot_honour_is_refused_by_its_name() {
-        let uid_rule = |ports: usize| kuma::UidPortExclusion {
-            protocols: vec![Protocol::Tcp],
-            ports: vec![kuma::Range16 { first: 80, last: 81 }; ports],
-            uids: kuma::Range16::single(1000),
-        };
-        let vnet: kuma::VnetNetwork =
-            kuma::VnetNetwork { interface: "docker0".into(), cidr: "172.17.0.0/16".parse().unwrap() };
-        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
-            ("redirect.vnet.networks", Box::new(move |c| c.vnet = vec![vnet.clone()])),
-            ("traffic.kuma.io/drop-invalid-packets", Box::new(|c| c.drop_invalid_packets = true)),
-            ("traffic.kuma.io/iptables-logs", Box::new(|c| c.log.enabled = true)),
-            (
-                "redirect.dns.captureAll: false",
-                Box::new(|c| {
-                    c.dns.enabled = true;
-                    c.dns.capture_all = false;
-                }),
-            ),
-            (
-                "redirect.inbound.excludePortsForUIDs",
-                Box::new(move |c| c.inbound.exclude_ports_for_uids = vec![uid_rule(1)]),
-            ),
-            (
-                "traffic.kuma.io/exclude-inbound-ips",
-                Box::new(|c| c.inbound.exclude_ips = vec!["10.0.0.0/8".parse().unwrap(); MAX_CIDRS + 1]),
-            ),
-            (
-                "traffic.kuma.io/exclude-outbound-ips",
-                Box::new(|c| c.outbound.exclude_ips = vec!["fd00::/8".parse().unwrap(); MAX_CIDRS + 1]),
-            ),
-            (
-                "traffic.kuma.io/exclude-outbound-ports-for-uids: the eBPF mode takes at most 16",
-                Box::new(move |c| c.outbound.exclude_ports_for_uids = vec![uid_rule(1); MAX_UID_RULES + 1]),
-            ),
-            (
-                "(port ranges of one entry): the eBPF mode takes at most 8",
-                Box::new(move |c| c.outbound.exclude_ports_for_uids = vec![uid_rule(MAX_UID_PORT_RANGES + 1)]),
-            ),
+        fn uid_rule(ports: usize) -> kuma::UidPortExclusion {
+            kuma::UidPortExclusion {
+                protocols: vec![Protocol::Tcp],
+                ports: vec![kuma::Range16 { first: 80, last: 81 }; ports],
+                uids: kuma::Range16::single(1000),
+            }
+        }
+        type Setting = fn(&mut Config);
+        let cases: [(&str, Setting); 9] = [
+            ("redirect.vnet.networks", |c| {
+                c.vnet = vec![kuma::VnetNetwork { interface: "docker0".into(), cidr: "172.17.0.0/16".parse().unwrap() }]
+            }),
+            ("traffic.kuma.io/drop-invalid-packets", |c| c.drop_invalid_packets = true),
+            ("traffic.kuma.io/iptables-logs", |c| c.log.enabled = true),
+            ("redirect.dns.captureAll: false", |c| {
+                c.dns.enabled = true;
+                c.dns.capture_all = false;
+            }),
+            ("redirect.inbound.excludePortsForUIDs", |c| c.inbound.exclude_ports_for_uids = vec![uid_rule(1)]),
+            ("traffic.kuma.io/exclude-inbound-ips", |c| {
+                c.inbound.exclude_ips = vec!["10.0.0.0/8".parse().unwrap(); MAX_CIDRS + 1]
+            }),
+            ("traffic.kuma.io/exclude-outbound-ips", |c| {
+                c.outbound.exclude_ips = vec!["fd00::/8".parse().unwrap(); MAX_CIDRS + 1]
+            }),
+            ("traffic.kuma.io/exclude-outbound-ports-for-uids: the eBPF mode takes at most 16", |c| {
+                c.outbound.exclude_ports_for_uids = vec![uid_rule(1); MAX_UID_RULES + 1]
+            }),
+            ("(port ranges of one entry): the eBPF mode takes at most 8", |c| {
+                c.outbound.exclude_ports_for_uids = vec![uid_rule(MAX_UID_PORT_RANGES + 1)]
+            }),
         ];
         for (named, set) in cases {
             let mut cfg = Config::default();

@@ -165,7 +165,7 @@ impl Settings {
         }
         let host_kubeconfig = args.cni_net_dir.join(&args.kubecfg_file_name);
         let mut ours = Ours::render(&args.cni_network_config, &host_kubeconfig.to_string_lossy())?;
-        let ebpf = args.ebpf.then(|| ebpf::Paths { bpffs: args.ebpf_bpffs_path, cgroup: args.ebpf_cgroup_path });
+        let ebpf = args.ebpf.then_some(ebpf::Paths { bpffs: args.ebpf_bpffs_path, cgroup: args.ebpf_cgroup_path });
         if let Some(paths) = &ebpf {
             for (var, path) in [("KMC_EBPF_BPFFS_PATH", &paths.bpffs), ("KMC_EBPF_CGROUP_PATH", &paths.cgroup)] {
                 if !path.is_absolute() {
