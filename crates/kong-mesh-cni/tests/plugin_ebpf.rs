@@ -154,3 +154,33 @@ async fn a_setting_the_ebpf_mode_cannot_honour_fails_add_with_code_7_naming_it()
         let _ = rt.del(&a);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn standalone_like_multus_registers_the_namespaces_own_addresses_in_both_families() {
+    if skip("standalone in eBPF mode") {
+        return;
+    }
+    let f = fixture().await;
+    mesh_pod(&f.ns, "solo", &[]).await;
+    let node = TestNode::new();
+    let mut entry = our_entry(&f.kubeconfig, f.scratch.path(), json!({"ebpf": {"bpffs_path": node.paths.bpffs}}));
+    entry["cniVersion"] = json!("1.0.0");
+    let mut rt =
+        CniRuntime::custom(vec![], |_| json!({"cniVersion": "1.0.0", "name": "kong-mesh-cni", "plugins": [entry]}));
+    rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
+    // Addressed by someone else (no prevResult): the plugin reads the namespace's own.
+    let topo = testkit::net::Topology::new("pes", true);
+    let a = Attachment::new(&topo.pod, f.ns.name(), "solo");
+    rt.add(&a).expect("ADD without a previous result");
+    let (pod_ns, peer_ns) = (topo.pod.open(), topo.peer.open());
+    for v6 in [false, true] {
+        let inbound = listen_tcp(&pod_ns, v6, 15006);
+        let dest = SocketAddr::new(topo.pod_addr(v6), 8080);
+        let _c = connect_tcp(&peer_ns, None, dest, b"in").unwrap();
+        let conn = accept_within(&inbound, WAIT).unwrap_or_else(|| panic!("inbound to {dest} redirected"));
+        assert_eq!(original_destination(&conn).unwrap(), dest);
+    }
+    rt.check(&a).expect("CHECK with the namespace's addresses");
+    rt.del(&a).unwrap();
+    assert_eq!(registered(&node), 0);
+}

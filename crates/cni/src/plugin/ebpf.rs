@@ -58,19 +58,19 @@ fn paths(bpffs: &Path) -> Paths {
 }
 
 /// The addresses to register: the previous result's, else the namespace's own.
-fn addresses(ns: &NetNs, prev_result: Option<&Value>) -> Result<Vec<IpAddr>, CniError> {
+fn addresses(ns: &NetNs, prev_result: Option<&Value>, doing: Doing) -> Result<Vec<IpAddr>, CniError> {
     let from_prev = prev_addresses(prev_result)?;
     if !from_prev.is_empty() {
         return Ok(from_prev);
     }
-    ebpf::netns_addresses(ns).map_err(|e| error(Doing::Add, e))
+    ebpf::netns_addresses(ns).map_err(|e| error(doing, e))
 }
 
 pub fn add(bpffs: &Path, id: &str, ns: &NetNs, cfg: &Config, prev_result: Option<&Value>) -> Result<(), CniError> {
     // The configuration first: an unsupported setting is named even on a node whose
     // programs are not loaded.
     ebpf::abi::pod(cfg, &[]).map_err(|e| error(Doing::Add, e))?;
-    let addresses = addresses(ns, prev_result)?;
+    let addresses = addresses(ns, prev_result, Doing::Add)?;
     let mut registry = Registry::open(&paths(bpffs)).map_err(|e| error(Doing::Add, e))?;
     let registration = registry.register(id, ns, cfg, &addresses).map_err(|e| error(Doing::Add, e))?;
     tracing::info!(
@@ -83,7 +83,7 @@ pub fn add(bpffs: &Path, id: &str, ns: &NetNs, cfg: &Config, prev_result: Option
 }
 
 pub fn check(bpffs: &Path, id: &str, ns: &NetNs, cfg: &Config, prev_result: Option<&Value>) -> Result<(), CniError> {
-    let addresses = addresses(ns, prev_result)?;
+    let addresses = addresses(ns, prev_result, Doing::Check)?;
     let registry = Registry::open(&paths(bpffs)).map_err(|e| error(Doing::Check, e))?;
     registry.check(id, ns, cfg, &addresses).map_err(|e| error(Doing::Check, e))
 }
