@@ -8,6 +8,7 @@
 pub mod applied;
 pub mod ask;
 mod conf;
+pub mod ebpf;
 mod logging;
 mod lookup;
 pub mod pending;
@@ -247,6 +248,9 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
     let result = pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
     match verdict(env, plugin)? {
         Verdict::PassThrough(reason) => tracing::info!("pass through: {reason}"),
+        Verdict::Intercept(cfg, _) if let Some(bpffs) = &plugin.ebpf_bpffs => {
+            ebpf::add(bpffs, &env.container_id, &open_netns(&env.netns)?, &cfg, conf.prev_result.as_ref())?;
+        }
         Verdict::Unanswered(why) => {
             tracing::warn!(error = %why, "cannot look the pod up; letting it start without a redirect (on_api_error: pass-through)");
             pending::write(&plugin.run_dir, &pending_record(env, conf));
@@ -274,6 +278,9 @@ fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError>
     pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
     let Verdict::Intercept(cfg, _) = verdict(env, plugin)? else { return Ok(()) };
     let ns = open_netns(&env.netns)?;
+    if let Some(bpffs) = &plugin.ebpf_bpffs {
+        return ebpf::check(bpffs, &env.container_id, &ns, &cfg, conf.prev_result.as_ref());
+    }
     let report = netfilter::verify(&ns, &cfg, &options(plugin, conf.prev_result.as_ref()))
         .map_err(|e| rules_error("cannot read the redirect rules", e))?;
     if report.missing.is_empty() {
@@ -316,6 +323,9 @@ fn pending_record(env: &Env, conf: &NetConf) -> pending::Record {
 fn del(env: &Env, conf: &NetConf, plugin: &PluginConf) {
     // The pod is going: nothing is left to repair in place.
     pending::remove(&plugin.run_dir, &record_key(env, conf));
+    if let Some(bpffs) = &plugin.ebpf_bpffs {
+        return ebpf::del(bpffs, &env.container_id);
+    }
     if env.netns.is_empty() {
         return applied::forget(&plugin.run_dir, &record_key(env, conf));
     }

@@ -267,16 +267,55 @@ mod tests {
     }
 
     #[test]
-    fn settings_the_mode_cannot_honour_are_named() {
-        let cfg = Config { drop_invalid_packets: true, ..Config::default() };
-        let err = pod(&cfg, &[]).unwrap_err().to_string();
-        assert!(err.contains("drop-invalid-packets"), "{err}");
-        let mut cfg = Config::default();
+    fn each_setting_the_mode_cannot_honour_is_refused_by_its_name() {
+        fn uid_rule(ports: usize) -> kuma::UidPortExclusion {
+            kuma::UidPortExclusion {
+                protocols: vec![Protocol::Tcp],
+                ports: vec![kuma::Range16 { first: 80, last: 81 }; ports],
+                uids: kuma::Range16::single(1000),
+            }
+        }
+        type Setting = fn(&mut Config);
+        let cases: [(&str, Setting); 9] = [
+            ("redirect.vnet.networks", |c| {
+                c.vnet = vec![kuma::VnetNetwork { interface: "docker0".into(), cidr: "172.17.0.0/16".parse().unwrap() }]
+            }),
+            ("traffic.kuma.io/drop-invalid-packets", |c| c.drop_invalid_packets = true),
+            ("traffic.kuma.io/iptables-logs", |c| c.log.enabled = true),
+            ("redirect.dns.captureAll: false", |c| {
+                c.dns.enabled = true;
+                c.dns.capture_all = false;
+            }),
+            ("redirect.inbound.excludePortsForUIDs", |c| c.inbound.exclude_ports_for_uids = vec![uid_rule(1)]),
+            ("traffic.kuma.io/exclude-inbound-ips", |c| {
+                c.inbound.exclude_ips = vec!["10.0.0.0/8".parse().unwrap(); MAX_CIDRS + 1]
+            }),
+            ("traffic.kuma.io/exclude-outbound-ips", |c| {
+                c.outbound.exclude_ips = vec!["fd00::/8".parse().unwrap(); MAX_CIDRS + 1]
+            }),
+            ("traffic.kuma.io/exclude-outbound-ports-for-uids: the eBPF mode takes at most 16", |c| {
+                c.outbound.exclude_ports_for_uids = vec![uid_rule(1); MAX_UID_RULES + 1]
+            }),
+            ("(port ranges of one entry): the eBPF mode takes at most 8", |c| {
+                c.outbound.exclude_ports_for_uids = vec![uid_rule(MAX_UID_PORT_RANGES + 1)]
+            }),
+        ];
+        for (named, set) in cases {
+            let mut cfg = Config::default();
+            set(&mut cfg);
+            let err = pod(&cfg, &[]).expect_err(named);
+            assert!(err.is_config(), "{named}: {err}");
+            assert!(err.to_string().contains(named), "{named}: {err}");
+        }
+        // At the limits, and the settings that only mean something to iptables, pass.
+        let mut cfg = Config { comments: false, wait: 5, ..Config::default() };
         cfg.dns.enabled = true;
-        cfg.dns.capture_all = false;
-        assert!(pod(&cfg, &[]).unwrap_err().to_string().contains("captureAll"));
-        let mut cfg = Config::default();
-        cfg.outbound.exclude_ips = vec!["10.0.0.1/32".parse().unwrap(); MAX_CIDRS + 1];
-        assert!(pod(&cfg, &[]).unwrap_err().to_string().contains("exclude-outbound-ips"));
+        cfg.dns.skip_conntrack_zone_split = true;
+        cfg.outbound.insert_redirect_instead_of_append = true;
+        cfg.outbound.exclude_ips = vec!["10.0.0.0/8".parse().unwrap(); MAX_CIDRS];
+        cfg.outbound.exclude_ports_for_uids = vec![uid_rule(MAX_UID_PORT_RANGES); MAX_UID_RULES];
+        let p = pod(&cfg, &[]).unwrap();
+        assert_eq!((p.outbound.ncidrs, p.outbound.nuids), (MAX_CIDRS as u8, MAX_UID_RULES as u8));
+        assert_eq!(p.outbound.uids[0].nports, MAX_UID_PORT_RANGES as u8);
     }
 }

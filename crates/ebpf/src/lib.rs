@@ -36,7 +36,7 @@ pub use error::EbpfError;
 pub use loader::{
     Installed, MIN_KERNEL, PIN_DIR, Paths, Status, install, kernel_version, preflight, status, uninstall,
 };
-pub use registry::{Registration, Registry, netns_cookie};
+pub use registry::{Registration, Registry, netns_addresses, netns_cookie};
 
 /// The compiled programs, embedded in the binary.
 pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.o"));

@@ -206,6 +206,13 @@ pub struct Status {
     pub registered_pods: usize,
 }
 
+impl Status {
+    /// Every cgroup program is attached.
+    pub fn complete(&self) -> bool {
+        self.attached.len() == CGROUP_PROGRAMS.len()
+    }
+}
+
 pub fn status(paths: &Paths) -> Result<Status, EbpfError> {
     let dir = paths.pin_dir();
     if !dir.exists() {

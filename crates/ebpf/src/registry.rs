@@ -40,6 +40,50 @@ pub fn netns_cookie(netns: &NetNs) -> Result<u64, EbpfError> {
     netns.run(read)?.map_err(EbpfError::io("cannot read the namespace cookie of", netns.path()))
 }
 
+/// The addresses of a namespace's interfaces other than loopback ones (link-local IPv6
+/// left out): what a pod is reached at when no previous plugin's result says so (a
+/// standalone configuration under Multus).
+pub fn netns_addresses(netns: &NetNs) -> Result<Vec<IpAddr>, EbpfError> {
+    let read = || -> std::io::Result<Vec<IpAddr>> {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `head` with a list we free below.
+        if unsafe { libc::getifaddrs(&mut head) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut cur = head;
+        while !cur.is_null() {
+            // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed;
+            // ifa_addr points to a sockaddr of the family it names.
+            let ip = unsafe {
+                let ifa = &*cur;
+                cur = ifa.ifa_next;
+                if ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0 {
+                    continue;
+                }
+                match ifa.ifa_addr.as_ref().map(|a| i32::from(a.sa_family)) {
+                    Some(libc::AF_INET) => {
+                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+                    }
+                    Some(libc::AF_INET6) => {
+                        IpAddr::from((*ifa.ifa_addr.cast::<libc::sockaddr_in6>()).sin6_addr.s6_addr)
+                    }
+                    _ => continue,
+                }
+            };
+            let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
+            if !link_local && !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+        // SAFETY: the list getifaddrs returned, freed once.
+        unsafe { libc::freeifaddrs(head) };
+        Ok(out)
+    };
+    netns.run(read)?.map_err(EbpfError::io("cannot list the addresses of", netns.path()))
+}
+
 /// A registered pod, as [`Registry::register`] left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {

@@ -117,6 +117,18 @@ pub struct InstallArgs {
     /// the service-account token.
     #[arg(long, env = "KMC_DAEMONSET_NAMESPACE", default_value = "")]
     pub daemonset_namespace: String,
+    /// eBPF mode: load our redirect programs once for the node and chain the plugin to
+    /// register mesh pods with them, instead of writing iptables rules in each pod.
+    #[arg(long, env = "KMC_EBPF", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub ebpf: bool,
+    /// The node's bpffs (Kuma's `experimental.ebpf.bpffsPath`), mounted at the same
+    /// path in this container: the plugin on the host opens the pins there too.
+    #[arg(long, env = "KMC_EBPF_BPFFS_PATH", default_value = "/sys/fs/bpf")]
+    pub ebpf_bpffs_path: PathBuf,
+    /// The node's cgroup2 root (Kuma's `experimental.ebpf.cgroupPath`): the programs
+    /// are attached there, so they see every pod's sockets.
+    #[arg(long, env = "KMC_EBPF_CGROUP_PATH", default_value = "/sys/fs/cgroup")]
+    pub ebpf_cgroup_path: PathBuf,
 }
 
 /// `KMC_UNINSTALL_ON_SIGTERM`.
@@ -167,6 +179,8 @@ pub struct Settings {
     pub uninstall: Uninstall,
     /// Our DaemonSet: (namespace, name); no namespace when none was given or found.
     pub daemonset: (Option<String>, String),
+    /// eBPF mode: where the programs are pinned and attached. `None`: iptables mode.
+    pub ebpf: Option<ebpf::Paths>,
 }
 
 impl Settings {
@@ -192,7 +206,16 @@ impl Settings {
             }
         }
         let host_kubeconfig = args.cni_net_dir.join(&args.kubecfg_file_name);
-        let ours = Ours::render(&args.cni_network_config, &host_kubeconfig.to_string_lossy())?;
+        let mut ours = Ours::render(&args.cni_network_config, &host_kubeconfig.to_string_lossy())?;
+        let ebpf = args.ebpf.then_some(ebpf::Paths { bpffs: args.ebpf_bpffs_path, cgroup: args.ebpf_cgroup_path });
+        if let Some(paths) = &ebpf {
+            for (var, path) in [("KMC_EBPF_BPFFS_PATH", &paths.bpffs), ("KMC_EBPF_CGROUP_PATH", &paths.cgroup)] {
+                if !path.is_absolute() {
+                    return Err(bad(&format!("{var}={} must be an absolute path", path.display())));
+                }
+            }
+            ours.set_ebpf(&paths.bpffs);
+        }
         let run_dir = match args.run_dir.is_empty() {
             false => PathBuf::from(args.run_dir),
             true => run_dir_of(&ours)?,
@@ -251,6 +274,7 @@ impl Settings {
             run_dir,
             uninstall: args.uninstall_on_sigterm,
             daemonset: (daemonset_namespace, args.daemonset_name),
+            ebpf,
         })
     }
 
@@ -363,6 +387,19 @@ mod tests {
         let s = parse(&["--health-address", "127.0.0.1"]).unwrap();
         assert_eq!(s.health_address, Some(IpAddr::from([127, 0, 0, 1])));
         assert!(InstallArgs::try_parse_from(["install", "--health-address", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn ebpf_mode_names_the_bpffs_in_our_entry() {
+        assert!(parse(&[]).unwrap().ebpf.is_none());
+        assert!(parse(&[]).unwrap().ours.conf.get("ebpf").is_none(), "iptables mode by default");
+        let s = parse(&["--ebpf", "true", "--ebpf-bpffs-path", "/run/bpf"]).unwrap();
+        let paths = s.ebpf.expect("eBPF mode");
+        assert_eq!((paths.bpffs, paths.cgroup), (PathBuf::from("/run/bpf"), PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(s.ours.conf["ebpf"]["bpffs_path"], "/run/bpf");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&s.ours.text).unwrap(), s.ours.conf);
+        let e = parse(&["--ebpf", "1", "--ebpf-cgroup-path", "sys/fs/cgroup"]).unwrap_err().to_string();
+        assert!(e.contains("KMC_EBPF_CGROUP_PATH"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio::sync::mpsc::Receiver;
 
 use crate::api::Identity;
 use crate::args::{Mode, Settings, Uninstall};
+use crate::ebpf::EbpfMode;
 use crate::health::{State, Status};
 use crate::kubeconfig;
 use crate::machine::{Checks, Event, Gate, Machine, Step};
@@ -38,12 +39,15 @@ pub struct Installer {
     /// and then we leave this one as we found it.
     chained_file: Option<String>,
     ready: bool,
+    /// eBPF mode: the node's programs, in place before the plugin is chained.
+    ebpf: Option<EbpfMode>,
 }
 
 impl Installer {
     pub fn new(settings: Settings, status: Arc<Status>) -> Installer {
         let throttle = Throttle::new(settings.repair_limit, settings.repair_window);
         Installer {
+            ebpf: settings.ebpf.clone().map(EbpfMode::new),
             s: settings,
             machine: Machine::new(throttle),
             status,
@@ -128,7 +132,11 @@ impl Installer {
         if checks.kubeconfig {
             self.check_kubeconfig();
         }
-        if checks.chain {
+        if let Some(ebpf) = &mut self.ebpf {
+            ebpf.check(&self.status, now);
+        }
+        // Chained only once the programs are loaded: the plugin needs them for mesh pods.
+        if checks.chain && self.ebpf.as_ref().is_none_or(|e| e.problem().is_none()) {
             self.check_chain(now);
         }
         self.status.beat();
@@ -276,7 +284,9 @@ impl Installer {
     }
 
     fn update_readiness(&mut self) {
+        let ebpf = self.ebpf.as_ref().and_then(EbpfMode::problem);
         let (state, detail) = match (&self.binary, &self.kubeconfig, &self.chain) {
+            _ if let Some(why) = ebpf => (State::Refused, why.to_owned()),
             (Err(why), _, _) | (_, Err(why), _) => (State::Degraded, why.clone()),
             (_, _, Err((state, why))) => (*state, why.clone()),
             (Ok(()), Ok(()), Ok(file)) => (State::Ready, format!("chained in {file}")),
@@ -355,6 +365,9 @@ impl Installer {
             tracing::error!("our entry could not be taken out: keeping the plugin binary and its kubeconfig");
             note(unchained);
             return Err(first_error.expect("just noted"));
+        }
+        if let Some(ebpf) = &self.ebpf {
+            note(ebpf.unload());
         }
         note(
             fsio::remove(&self.s.net_dir, &self.s.kubeconfig_name)

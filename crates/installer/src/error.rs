@@ -24,6 +24,9 @@ pub enum InstallError {
     /// The admin endpoints' listener.
     #[error(transparent)]
     Listen(#[from] ops::Error),
+    /// Loading, attaching or removing the eBPF programs.
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::EbpfError),
     /// The tokio runtime, a watch or a signal handler.
     #[error("{what}: {source}")]
     Runtime {

@@ -58,6 +58,8 @@ pub struct Status {
     ready: Gauge,
     fighting: Gauge,
     states: Family<StateLabel, Gauge>,
+    ebpf_pods: Gauge,
+    ebpf_load_errors: Counter,
 }
 
 impl Default for Status {
@@ -98,6 +100,8 @@ impl Status {
             ready,
             fighting,
             states,
+            ebpf_pods: Gauge::default(),
+            ebpf_load_errors: Counter::default(),
         };
         status.set(State::Starting, "starting");
         status
@@ -120,6 +124,28 @@ impl Status {
         self.repairs.inc();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         self.last_repair.set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
+    /// eBPF mode: its metrics are shown (in iptables mode they would only ever be 0).
+    pub fn register_ebpf(&mut self) {
+        self.registry.register(
+            "ebpf_registered_pods",
+            "Mesh pods registered with the eBPF redirect on this node (pinned registrations).",
+            self.ebpf_pods.clone(),
+        );
+        self.registry.register(
+            "ebpf_load_errors",
+            "Times loading or attaching the eBPF programs failed (the log says why).",
+            self.ebpf_load_errors.clone(),
+        );
+    }
+
+    pub fn set_ebpf_pods(&self, pods: usize) {
+        self.ebpf_pods.set(i64::try_from(pods).unwrap_or(i64::MAX));
+    }
+
+    pub fn ebpf_load_failed(&self) {
+        self.ebpf_load_errors.inc();
     }
 
     pub fn set_fighting(&self, fighting: bool) {
@@ -171,6 +197,18 @@ mod tests {
         assert!(m.contains("kong_mesh_cni_installer_state{state=\"waiting\"} 0\n"));
         assert!(m.contains("kong_mesh_cni_installer_fighting 0\n"));
         assert!(!m.contains("kong_mesh_cni_installer_last_repair_timestamp_seconds 0\n"));
+    }
+
+    #[test]
+    fn ebpf_metrics_only_in_ebpf_mode() {
+        assert!(!Status::default().metrics().contains("ebpf"));
+        let mut s = Status::default();
+        s.register_ebpf();
+        s.set_ebpf_pods(3);
+        s.ebpf_load_failed();
+        let m = s.metrics();
+        assert!(m.contains("kong_mesh_cni_installer_ebpf_registered_pods 3\n"), "{m}");
+        assert!(m.contains("kong_mesh_cni_installer_ebpf_load_errors_total 1\n"), "{m}");
     }
 
     #[test]

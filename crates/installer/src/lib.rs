@@ -18,6 +18,7 @@ pub mod api;
 pub mod args;
 pub mod conflist;
 pub mod daemon;
+mod ebpf;
 mod error;
 pub mod fsio;
 pub mod health;
@@ -70,7 +71,11 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
     runtime.block_on(async {
         // A loop that misses several backstop ticks is stuck.
         let stale_after = (settings.cfgcheck_interval * 5).max(std::time::Duration::from_secs(10));
-        let status = Arc::new(health::Status::new(stale_after));
+        let mut status = health::Status::new(stale_after);
+        if settings.ebpf.is_some() {
+            status.register_ebpf();
+        }
+        let status = Arc::new(status);
         if settings.health_port != 0 {
             let listener = ops::bind(settings.health_address, settings.health_port).await?;
             tokio::spawn(ops::serve(listener, status.clone(), health::SERVE_OPTIONS));

@@ -2,7 +2,7 @@
 //! dir's `pending/`, and a short retry tick while a record waits for the API server),
 //! asks for each record's pod, decides with [`inplace::decide`], and programs the rules
 //! into the pod's namespace the way ADD does (the same settings, the same `applied`
-//! record for DEL). Nothing here can stop the installer: trouble is logged and retried.
+//! record for DEL; in eBPF mode, the same registration). Nothing here can stop the installer: trouble is logged and retried.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -199,6 +199,13 @@ fn program(
     // Held open now: a DEL from here on finds our `applied` record and removes the rules.
     if !path.exists() {
         return Err(Failure::Gone("the attachment was deleted meanwhile".into()));
+    }
+    if let Some(bpffs) = &plugin.ebpf_bpffs {
+        // eBPF mode: ADD's registration, with the namespace's own addresses (a record
+        // keeps no previous result). No rules: the count is 0.
+        return cni::plugin::ebpf::add(bpffs, &record.container_id, &ns, cfg, None)
+            .map(|()| 0)
+            .map_err(|e| Failure::Failed(e.to_string()));
     }
     applied::remember(run_dir, &record.key(), annotations);
     netfilter::apply(&ns, cfg, &cni::plugin::rule_options(&plugin, record.ipv6))

@@ -49,6 +49,13 @@ impl Ours {
         Ok(Ours { text, conf, binary })
     }
 
+    /// eBPF mode: the plugin registers mesh pods with the programs pinned in `bpffs`
+    /// instead of writing iptables rules.
+    pub fn set_ebpf(&mut self, bpffs: &std::path::Path) {
+        self.conf["ebpf"] = serde_json::json!({ "bpffs_path": bpffs });
+        self.text = self.conf.to_string();
+    }
+
     /// Whether a plugin entry of a conflist is ours (any of our known types).
     pub fn is_ours(&self, plugin: &Value) -> bool {
         plugin_type(plugin).is_some_and(|t| t == self.binary || KNOWN_TYPES.contains(&t))

@@ -94,6 +94,15 @@ const OVERRIDES: &[(&str, &[&str])] = &[
     ("openshift-4", &["cni.namespace=kong-mesh-system", "cni.resources.limits=null"]),
     ("kind", &["cni.confName=", "cni.controller.tolerations[0].operator=Exists"]),
     ("kind", &["cni.enabled=false"]),
+    ("kind", &["experimental.ebpf.enabled=true"]),
+    (
+        "calico",
+        &[
+            "experimental.ebpf.enabled=true",
+            "experimental.ebpf.bpffsPath=/run/bpf",
+            "experimental.ebpf.cgroupPath=/sys/fs/cgroup/unified",
+        ],
+    ),
     (
         "k3d-flannel",
         &[
@@ -135,7 +144,11 @@ fn overrides_render_as_helm_renders_them() {
 fn refusals_are_the_same_in_both() {
     let Some(helm) = helm() else { return };
     let cases: &[(&str, &[&str], &str)] = &[
-        ("kind", &["experimental.ebpf.enabled=true"], "the eBPF mode is not available"),
+        (
+            "kind",
+            &["experimental.ebpf.enabled=true", "cni.containerSecurityContext.privileged=false"],
+            "needs cni.containerSecurityContext.privileged=true",
+        ),
         ("kind", &["cni.confName=10-kindnet.json"], "must name the primary CNI's .conf or .conflist"),
         ("kind", &["cni.controller.repairAction=restart"], "must be delete, label or off"),
         ("kind", &["cni.netDir="], "cni.netDir is required"),
@@ -243,10 +256,11 @@ fn an_umbrella_chart_maps_kuma_cni_values_onto_ours() {
         objects(&template(&["--set", "kuma.cni.enabled=false"])).is_empty(),
         "kuma.cni.enabled=false installs nothing"
     );
-    let out =
-        helm_cmd(helm, &["template", "x", umbrella.to_str().unwrap(), "--set", "kuma.experimental.ebpf.enabled=true"]);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("the eBPF mode is not available"),
-        "kuma.experimental.ebpf.enabled reaches the chart"
+    let ebpf = template(&["--set", "kuma.experimental.ebpf.enabled=true"]);
+    assert_same_objects(
+        &ours(None, &["experimental.ebpf.enabled=true"]).unwrap(),
+        &ebpf,
+        "umbrella kuma.experimental.ebpf.enabled",
     );
+    assert!(ebpf.contains("KMC_EBPF"), "kuma.experimental.ebpf.enabled reaches the chart");
 }

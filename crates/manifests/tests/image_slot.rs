@@ -211,7 +211,7 @@ fn on_the_node(node: &Path) {
         let args = strings(&slot.container["args"]);
         if command.is_empty() && args.first().is_some_and(|a| a == "/app/mbctl") {
             // Kuma's eBPF mode runs another image (merbridge) in this slot: not ours to
-            // fill. Our chart refuses experimental.ebpf.enabled (see the chart tests).
+            // fill. Our eBPF mode runs in our own image (see the chart tests).
             let image = slot.container["image"].as_str().unwrap();
             assert!(image.contains("/merbridge:"), "{}: {image}", slot.file);
             eprintln!("{}: the eBPF slot ({image}), not an image slot of this CNI", slot.file);

@@ -184,6 +184,43 @@ fn the_plugin_log_socket_is_shared_with_the_host() {
     assert!(socket.starts_with(&format!("{run_dir}/")), "{socket} in {run_dir}");
 }
 
+fn mount<'a>(container: &'a Value, volume: &str) -> &'a Value {
+    let mounts = container["volumeMounts"].as_sequence().unwrap();
+    mounts.iter().find(|m| m["name"] == volume).unwrap_or_else(|| panic!("no mount of {volume}"))
+}
+
+#[test]
+fn ebpf_mode_mounts_the_bpffs_and_cgroup2_of_the_node_bidirectionally() {
+    for (preset, set, bpffs, cgroup) in [
+        ("kind", &["experimental.ebpf.enabled=true"][..], "/sys/fs/bpf", "/sys/fs/cgroup"),
+        (
+            "calico",
+            &[
+                "experimental.ebpf.enabled=true,experimental.ebpf.bpffsPath=/run/bpf,experimental.ebpf.cgroupPath=/sys/fs/cgroup/unified",
+            ][..],
+            "/run/bpf",
+            "/sys/fs/cgroup/unified",
+        ),
+    ] {
+        let r = Rendered::new(Some(preset), set);
+        let (ds, installer) = (r.daemonset(), r.installer());
+        assert_eq!(env_value(installer, "KMC_EBPF"), "true", "{preset}");
+        assert_eq!(env_value(installer, "KMC_EBPF_BPFFS_PATH"), bpffs, "{preset}");
+        assert_eq!(env_value(installer, "KMC_EBPF_CGROUP_PATH"), cgroup, "{preset}");
+        for (volume, path) in [("bpffs", bpffs), ("cgroup", cgroup)] {
+            // The same path inside: the plugin on the host opens the pins the installer names.
+            assert_eq!(host_path(ds, volume), path, "{preset}");
+            assert_eq!(mount_path(installer, volume), path, "{preset}");
+            assert_eq!(mount(installer, volume)["mountPropagation"], "Bidirectional", "{preset} {volume}");
+        }
+        assert_eq!(installer["securityContext"]["privileged"], Value::Bool(true), "{preset}");
+    }
+    let iptables = Rendered::new(Some("kind"), &[]);
+    assert!(!env(iptables.installer()).contains_key("KMC_EBPF"), "iptables mode by default");
+    let volumes = iptables.daemonset()["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap().clone();
+    assert!(volumes.iter().all(|v| v["name"] != "bpffs" && v["name"] != "cgroup"), "no host BPF mounts by default");
+}
+
 #[test]
 fn in_place_repair_and_the_sigterm_question_have_what_they_need() {
     let r = Rendered::new(Some("kind"), &[]);
@@ -204,8 +241,10 @@ fn the_installer_accepts_what_the_chart_gives_it() {
         .get_arguments()
         .filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned())))
         .collect();
-    for (preset, ..) in TABLE.iter().chain(&[("", "", "", "", false)]) {
-        let r = Rendered::new(Some(*preset).filter(|p| !p.is_empty()), &[]);
+    let ebpf: &[&str] = &["experimental.ebpf.enabled=true"];
+    let cases = TABLE.iter().map(|(p, ..)| (*p, &[][..])).chain([("", &[][..]), ("kind", ebpf)]);
+    for (preset, set) in cases {
+        let r = Rendered::new(Some(preset).filter(|p| !p.is_empty()), set);
         let mut argv = vec!["install".to_string(), "--kubernetes-service-host".into(), "10.96.0.1".into()];
         for (name, entry) in env(r.installer()) {
             // The binary's global --log-level reads CNI_LOG_LEVEL; every other variable
@@ -237,6 +276,9 @@ fn the_installer_accepts_what_the_chart_gives_it() {
         assert_eq!(settings.ours.conf["kubernetes"]["exclude_namespaces"], serde_json::json!(["kube-system"]));
         let agent = settings.agent().unwrap_or_else(|| panic!("{preset}: the installer is the node agent"));
         assert_eq!(agent.node_name, "node-1", "{preset}");
+        let bpffs = settings.ebpf.as_ref().map(|p| p.bpffs.to_str().unwrap().to_owned());
+        assert_eq!(bpffs, (!set.is_empty()).then(|| "/sys/fs/bpf".to_owned()), "{preset} {set:?}");
+        assert_eq!(settings.ours.conf.get("ebpf").map(|e| e["bpffs_path"].clone()), bpffs.map(Into::into));
     }
 }
 
@@ -412,10 +454,13 @@ fn switches_and_refusals() {
     assert_eq!(init["command"], serde_norway::from_str::<Value>("[/bin/sleep, '7']").unwrap());
     assert!(Rendered::new(Some("kind"), &[]).daemonset()["spec"]["template"]["spec"].get("initContainers").is_none());
     let err = Chart::embedded()
-        .render(&Options { set: vec!["experimental.ebpf.enabled=true".into()], ..Options::default() })
+        .render(&Options {
+            set: vec!["experimental.ebpf.enabled=true,cni.containerSecurityContext.privileged=false".into()],
+            ..Options::default()
+        })
         .unwrap_err()
         .to_string();
-    assert!(err.contains("experimental.ebpf.enabled=true: the eBPF mode is not available"), "{err}");
+    assert!(err.contains("experimental.ebpf.enabled=true needs cni.containerSecurityContext.privileged=true"), "{err}");
     let debug = Rendered::new(Some("kind"), &["cni.logLevel=debug"]);
     let conf: serde_json::Value = serde_json::from_str(&debug.network_config()).unwrap();
     assert_eq!(conf["log_level"], "debug");

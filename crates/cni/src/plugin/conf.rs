@@ -33,6 +33,9 @@ pub struct PluginConf {
     pub on_api_error: OnApiError,
     /// The files a pod may name as its resolv.conf (`redirect.dns.resolvConfigPath`).
     pub dns_resolv_conf_paths: Vec<PathBuf>,
+    /// eBPF mode (`"ebpf": {"bpffs_path": ..}`, written by the installer in that mode):
+    /// the bpffs holding the programs' pins. `None`: iptables mode.
+    pub ebpf_bpffs: Option<PathBuf>,
 }
 
 pub const DEFAULT_LOG_SOCKET: &str = "/run/kong-mesh-cni/log.sock";
@@ -99,6 +102,14 @@ impl PluginConf {
                 .ok_or_else(|| invalid("field dns_resolv_conf_paths must be a list of absolute paths"))?,
             Some(_) => return Err(invalid("field dns_resolv_conf_paths must be a list of absolute paths")),
         };
+        let ebpf_bpffs = match raw.get("ebpf") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(_)) => match string(raw, &["ebpf", "bpffs_path"])? {
+                Some(p) if p.starts_with('/') => Some(PathBuf::from(p)),
+                _ => return Err(invalid("field ebpf.bpffs_path must be an absolute path")),
+            },
+            Some(other) => return Err(invalid(format!("field ebpf must be an object, not {other}"))),
+        };
         let path = |key: &str, default: &str| -> Result<PathBuf, CniError> {
             Ok(string(raw, &[key])?.unwrap_or_else(|| default.to_owned()).into())
         };
@@ -113,6 +124,7 @@ impl PluginConf {
             lookup_timeout,
             on_api_error,
             dns_resolv_conf_paths,
+            ebpf_bpffs,
         })
     }
 }
@@ -131,6 +143,7 @@ impl Default for PluginConf {
             lookup_timeout: DEFAULT_LOOKUP_TIMEOUT,
             on_api_error: OnApiError::PassThrough,
             dns_resolv_conf_paths: vec![PathBuf::from(kuma::DEFAULT_RESOLV_CONF)],
+            ebpf_bpffs: None,
         }
     }
 }

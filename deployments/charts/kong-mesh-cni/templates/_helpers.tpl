@@ -82,8 +82,8 @@ __KUBECONFIG_FILEPATH__ with the host path of the kubeconfig it writes.
 
 {{/* Settings that cannot work, refused at render time with a message. */}}
 {{- define "kong-mesh-cni.validate" -}}
-{{- if .Values.experimental.ebpf.enabled -}}
-{{- fail "experimental.ebpf.enabled=true: the eBPF mode is not available in this CNI yet; install without it (the iptables mode of this chart) or keep the Go CNI for eBPF" -}}
+{{- if and .Values.cni.enabled .Values.experimental.ebpf.enabled (not .Values.cni.containerSecurityContext.privileged) -}}
+{{- fail "experimental.ebpf.enabled=true needs cni.containerSecurityContext.privileged=true: the installer loads BPF programs and mounts the node's bpffs and cgroup2 with Bidirectional propagation, which only a privileged container may" -}}
 {{- end -}}
 {{- if .Values.cni.enabled -}}
 {{- with .Values.cni.image.repository -}}
