@@ -50,7 +50,7 @@ async fn run_pod_or(client: &Client, node: &Node, pod: Value, more: &dyn Fn() ->
 
 /// The first line of `default/pod`'s `container` log holding `needle` (as `kubectl logs`).
 async fn log_line(client: &Client, pod: &str, container: &str, needle: &str) -> String {
-    node_pods::log_line(client, "default", pod, container, needle, Duration::from_secs(30))
+    node_pods::log_line(client, "default", pod, container, &[needle], Duration::from_secs(30))
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }

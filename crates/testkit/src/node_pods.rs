@@ -85,13 +85,15 @@ pub fn mesh_pod(name: &str, node: &Node, target: &str, validator: Validator) -> 
 /// A Deployment of `replicas` copies of `pod` (its labels select them).
 pub fn deployment(name: &str, pod: Value, replicas: i32) -> Value {
     let labels = pod["metadata"]["labels"].clone();
+    let mut metadata = pod["metadata"].clone();
+    metadata.as_object_mut().map(|m| m.remove("name"));
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": { "name": name },
         "spec": {
             "replicas": replicas,
             "selector": { "matchLabels": labels },
-            "template": { "metadata": pod["metadata"], "spec": pod["spec"] },
+            "template": { "metadata": metadata, "spec": pod["spec"] },
         },
     })
 }
@@ -155,13 +157,14 @@ pub fn tail(log: &str, n: usize) -> String {
 }
 
 /// Waits until the log of `namespace/pod`'s `container` (through the API server and the
-/// kubelet, as `kubectl logs`) has a line containing `needle`; returns that line.
+/// kubelet, as `kubectl logs`) has a line containing every one of `needles`; returns
+/// that line.
 pub async fn log_line(
     client: &Client,
     namespace: &str,
     pod: &str,
     container: &str,
-    needle: &str,
+    needles: &[&str],
     timeout: Duration,
 ) -> Result<String, NodeError> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
@@ -169,12 +172,12 @@ pub async fn log_line(
     let start = Instant::now();
     loop {
         let log = pods.logs(pod, &params).await.unwrap_or_else(|e| format!("(logs: {e})"));
-        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+        if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
             return Ok(line.to_string());
         }
         if start.elapsed() > timeout {
             return Err(NodeError::Timeout(format!(
-                "{namespace}/{pod}/{container}: no line with {needle:?} within {timeout:?}; log:\n{}",
+                "{namespace}/{pod}/{container}: no line with {needles:?} within {timeout:?}; log:\n{}",
                 tail(&log, 20)
             )));
         }
@@ -191,4 +194,18 @@ pub fn container_logs(node: &Node, name: &str) -> String {
         }
     }
     out
+}
+
+/// PIDs of the sandbox (pause) processes of the pod with UID `uid` on `node`.
+pub fn sandbox_pids(node: &Node, uid: &str) -> Vec<i32> {
+    let cgroup = format!("/{}/", node.name);
+    let pod = format!("pod{uid}");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            groups.lines().any(|l| l.contains(&cgroup) && l.contains(&pod)) && cmdline == b"/standin\0pause\0"
+        })
+        .collect()
 }
