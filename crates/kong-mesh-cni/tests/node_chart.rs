@@ -33,7 +33,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 const POD_READY: Duration = Duration::from_secs(90);
 /// Mesh pods created during the rollout (a Deployment, so that a pod the repair
 /// controller deletes comes back).
-const BURST: i32 = 4;
+const BURST: i32 = 6;
 const OUTAGE: Duration = Duration::from_secs(30);
 
 /// Step durations, printed as they end and once more at the end.
@@ -234,8 +234,14 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     let upgraded = node.render_chart(Path::new(BINARY), &values, &["cni.podAnnotations.rollout=1"]).unwrap();
     // The same objects: the release is what was applied last.
     let release = Release::apply(&client, &upgraded).await.unwrap_or_else(|e| panic!("{e}"));
-    scale(&client, "burst", BURST).await;
+    // One more mesh pod each second while the old CNI pod stops and the new one starts.
+    for replicas in 1..=BURST {
+        scale(&client, "burst", replicas).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     rolled_out(&client, Duration::from_secs(120)).await;
+    let new_cni = cni_pod_ready(&client, &node.name, Duration::from_secs(10)).await.unwrap();
+    assert_ne!(new_cni.metadata.name.as_ref(), Some(&cni_pod), "the rolling update replaced the CNI pod");
     let pods = deployment_ready(&client, "burst", BURST as usize, Duration::from_secs(240)).await;
     assert_redirected(&client, &pods, &target_addr).await;
     let repaired = repair_events(&client).await;
@@ -245,23 +251,23 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     // The API server away for 30 s; meanwhile two mesh pods get a new sandbox (ADD).
     let ready_before = ready_since(&nodes.get(&node.name).await.unwrap());
     let kubelet_at = node.log("kubelet").len();
-    let disrupted: Vec<(String, Vec<i32>)> = pods
+    let disrupted: Vec<(String, Vec<i32>, Option<String>)> = pods
         .iter()
         .take(2)
         .map(|p| {
             let uid = p.metadata.uid.clone().unwrap();
             let pids = sandbox_pids(&node, &uid);
             assert_eq!(pids.len(), 1, "one sandbox for {uid}: {pids:?}");
-            (uid, pids)
+            (uid, pids, app_container(p))
         })
         .collect();
     node.stop("kube-apiserver").unwrap();
     let down = Instant::now();
-    for (_, pids) in &disrupted {
+    for (_, pids, _) in &disrupted {
         // SAFETY: kill has no memory-safety preconditions; the pid is a pod's pause.
         unsafe { libc::kill(pids[0], libc::SIGKILL) };
     }
-    for (uid, old) in &disrupted {
+    for (uid, old, _) in &disrupted {
         while sandbox_pids(&node, uid).iter().all(|p| old.contains(p)) {
             assert!(down.elapsed() < OUTAGE, "the kubelet made no new sandbox for pod {uid} while the API was away");
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -276,6 +282,26 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     eprintln!("API back {:.1?} after its start", start.elapsed());
+    // The statuses read now may still be those from before the outage: wait until each
+    // disrupted pod is gone (repaired by replacement) or runs new containers in its new
+    // sandbox, then until all are Ready.
+    let all: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for (uid, _, app) in &disrupted {
+        let start = Instant::now();
+        loop {
+            let list = all.list(&ListParams::default().labels("app=burst")).await.unwrap().items;
+            match list.iter().find(|p| p.metadata.uid.as_ref() == Some(uid)) {
+                None => break,
+                Some(p) if pod_ready(p) && app_container(p).is_some() && app_container(p) != *app => break,
+                Some(_) => {}
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(240),
+                "disrupted pod {uid} neither replaced nor running again"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     let pods = deployment_ready(&client, "burst", BURST as usize, Duration::from_secs(240)).await;
     assert_redirected(&client, &pods, &target_addr).await;
     let n = nodes.get(&node.name).await.unwrap();
@@ -293,7 +319,12 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     eprintln!("node memory with {} pods: {} MiB", BURST + 3, node.memory_mib());
 
     // Uninstall: every object of the release deleted.
-    release.uninstall(Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("{e}"));
+    let start = Instant::now();
+    release
+        .uninstall(Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node_pods::tail(&node.log("kube-controller-manager"), 40)));
+    eprintln!("uninstall: the CNI pod gone {:.1?} after the deletes", start.elapsed());
     let start = Instant::now();
     while std::fs::read_to_string(&node.conflist).unwrap() != primary {
         assert!(
@@ -325,6 +356,14 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
         eprintln!("{what:<48} {took:.1?}");
     }
     eprintln!("{:<48} {:.1?}", "whole test", started.elapsed());
+}
+
+/// The ID of the pod's running `app` container.
+fn app_container(pod: &Pod) -> Option<String> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let app = statuses.iter().find(|s| s.name == "app")?;
+    app.state.as_ref()?.running.as_ref()?;
+    app.container_id.clone()
 }
 
 /// Events the repair controller recorded (reason RedirectMissing) in `default`.
