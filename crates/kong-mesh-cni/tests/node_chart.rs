@@ -23,7 +23,7 @@ use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use testkit::node::{HostView, node_ready};
-use testkit::node_chart::{CNI_NAMESPACE, Release, build_image, cni_pod_ready};
+use testkit::node_chart::{CNI_NAMESPACE, Installed, Release, cni_pod_ready, install, tainted};
 use testkit::node_pods::{
     self, Validator, container, deployment, mesh_pod, plain_pod, pod_ip, pod_ready, redirected_line, sandbox_pids,
 };
@@ -52,10 +52,6 @@ impl Steps {
         self.done.push((what.to_string(), took));
         self.at = Instant::now();
     }
-}
-
-fn tainted(node: &KubeNode) -> bool {
-    node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|ts| ts.iter().any(|t| t.key == "NodeReadiness"))
 }
 
 fn ready_since(node: &KubeNode) -> Option<String> {
@@ -150,33 +146,17 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     assert!(tainted(&nodes.get(&node.name).await.unwrap()), "registered with NodeReadiness:NoSchedule");
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
 
-    let layout = build_image(Path::new(BINARY), &node.root.join("image")).unwrap_or_else(|e| panic!("{e}"));
-    let image = node.import_image(&layout, "kmc.test", "kong-mesh-cni").unwrap_or_else(|e| panic!("{e}"));
-    steps.done("image built (scripts/image-build.sh) and imported");
-
-    // Install.
-    let values = node.chart_values(&image);
-    let stream = node.render_chart(Path::new(BINARY), &values, &[]).unwrap_or_else(|e| panic!("{e}"));
-    let applied = Instant::now();
-    Release::apply(&client, &stream).await.unwrap_or_else(|e| panic!("{e}"));
-    let cni = cni_pod_ready(&client, &node.name, Duration::from_secs(120))
+    // Install, as a user would: image, chart, apply; then the controller takes the taint off.
+    let installed = install(&node, &client, Path::new(BINARY), Duration::from_secs(120))
         .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", node_pods::tail(&node.log("kubelet"), 60)));
-    let apply_to_cni_ready = applied.elapsed();
-    steps.done("apply -> CNI pod Ready");
-    let cni_pod = cni.metadata.name.clone().unwrap();
+        .unwrap_or_else(|e| panic!("installing from the chart: {e}"));
+    let installed_times = (installed.image_time, installed.apply_to_cni_ready, installed.apply_to_untainted);
+    let Installed { image, values, cni_pod, applied, .. } = installed;
+    steps.done("image built (scripts/image-build.sh) and imported, chart applied, CNI pod Ready, node untainted");
+    let cni_pod = cni_pod.metadata.name.clone().unwrap();
     let chained = std::fs::read_to_string(&node.conflist).unwrap();
     assert_eq!(plugin_types(&chained), ["bridge", "portmap", "kong-mesh-cni"], "chained last:\n{chained}");
     assert!(node.cni_bin_dir.join("kong-mesh-cni").is_file(), "the plugin binary in the node's bin dir");
-
-    // The controller takes the taint off once the CNI pod is Ready.
-    let start = Instant::now();
-    while tainted(&nodes.get(&node.name).await.unwrap()) {
-        assert!(start.elapsed() < Duration::from_secs(90), "the taint controller left NodeReadiness on the node");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let apply_to_untainted = applied.elapsed();
-    steps.done("CNI Ready -> node untainted");
 
     // A mesh pod and a plain one.
     let installer_log = || {
@@ -349,8 +329,9 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     steps.done("teardown");
 
     eprintln!("--- figures");
-    eprintln!("apply -> CNI pod Ready   {apply_to_cni_ready:.1?}");
-    eprintln!("apply -> node untainted  {apply_to_untainted:.1?}");
+    eprintln!("image build + import     {:.1?}", installed_times.0);
+    eprintln!("apply -> CNI pod Ready   {:.1?}", installed_times.1);
+    eprintln!("apply -> node untainted  {:.1?}", installed_times.2);
     eprintln!("apply -> mesh pod Ready  {apply_to_mesh_ready:.1?}");
     for (what, took) in &steps.done {
         eprintln!("{what:<48} {took:.1?}");

@@ -204,15 +204,19 @@ fn api_for(client: &Client, resource: &ApiResource, scope: Scope, namespace: Opt
     }
 }
 
-/// The DaemonSet's pod on `node` once it is Ready (and not being deleted), within `timeout`.
-pub async fn cni_pod_ready(client: &Client, node: &str, timeout: Duration) -> Result<Pod, NodeError> {
+/// The DaemonSet's pod on `node` if one is Ready (and not being deleted).
+async fn ready_cni_pod(client: &Client, node: &str) -> Option<Pod> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), CNI_NAMESPACE);
     let params = ListParams::default().labels(CNI_SELECTOR).fields(&format!("spec.nodeName={node}"));
+    let list = pods.list(&params).await.ok()?;
+    list.items.into_iter().find(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
+}
+
+/// The DaemonSet's pod on `node` once it is Ready (and not being deleted), within `timeout`.
+pub async fn cni_pod_ready(client: &Client, node: &str, timeout: Duration) -> Result<Pod, NodeError> {
     let start = Instant::now();
     loop {
-        if let Ok(list) = pods.list(&params).await
-            && let Some(pod) = list.items.into_iter().find(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
-        {
+        if let Some(pod) = ready_cni_pod(client, node).await {
             return Ok(pod);
         }
         if start.elapsed() > timeout {
@@ -220,4 +224,71 @@ pub async fn cni_pod_ready(client: &Client, node: &str, timeout: Duration) -> Re
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether the node carries the taint the CNI's controller manages (`NodeReadiness`).
+pub fn tainted(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|ts| ts.iter().any(|t| t.key == "NodeReadiness"))
+}
+
+/// What [`install`] did, and how long each part took.
+pub struct Installed {
+    pub release: Release,
+    pub image: ImageRef,
+    /// The chart values used (for an upgrade with more `--set`s).
+    pub values: serde_json::Value,
+    /// The DaemonSet's pod on the node, Ready.
+    pub cni_pod: Pod,
+    /// Image build and import.
+    pub image_time: Duration,
+    /// From the first object applied to the CNI pod Ready.
+    pub apply_to_cni_ready: Duration,
+    /// From the first object applied to the node without the NodeReadiness taint.
+    pub apply_to_untainted: Duration,
+    /// When the objects were applied.
+    pub applied: Instant,
+}
+
+/// Installs our CNI on `node` as a user would: our image built from `binary` and
+/// imported, the chart rendered with [`Node::chart_values`] by `binary manifests` and
+/// applied; waits until the DaemonSet's pod is Ready and the node has no NodeReadiness
+/// taint (the controller's work), each within `timeout`.
+pub async fn install(node: &Node, client: &Client, binary: &Path, timeout: Duration) -> Result<Installed, NodeError> {
+    let start = Instant::now();
+    let layout = build_image(binary, &node.root.join("image"))?;
+    let image = node.import_image(&layout, "kmc.test", "kong-mesh-cni")?;
+    let image_time = start.elapsed();
+    let values = node.chart_values(&image);
+    let stream = node.render_chart(binary, &values, &[])?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let was_tainted = nodes.get(&node.name).await.map(|n| tainted(&n)).unwrap_or(false);
+    let applied = Instant::now();
+    let release = Release::apply(client, &stream).await?;
+    // The node is read before the pods: a node seen untainted while no CNI pod is Ready
+    // afterwards lost its taint too early.
+    let mut cni_ready = None;
+    loop {
+        let n = nodes.get(&node.name).await.map_err(|e| NodeError::Command(format!("getting the node: {e}")))?;
+        if cni_ready.is_none() {
+            cni_ready = ready_cni_pod(client, &node.name).await.map(|p| (p, applied.elapsed()));
+        }
+        match (&cni_ready, tainted(&n)) {
+            (Some(_), false) => break,
+            (None, false) if was_tainted => {
+                return Err(NodeError::Setup("the NodeReadiness taint went before the CNI pod was Ready".into()));
+            }
+            _ => {}
+        }
+        if applied.elapsed() > timeout {
+            let what = if cni_ready.is_some() { "the node kept its NodeReadiness taint" } else { "no Ready CNI pod" };
+            return Err(NodeError::Timeout(format!(
+                "{what} {timeout:?} after the apply\n{}",
+                crate::node_pods::tail(&node.log("kubelet"), 60)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (cni_pod, apply_to_cni_ready) = cni_ready.expect("set before the loop ends");
+    let apply_to_untainted = applied.elapsed();
+    Ok(Installed { release, image, values, cni_pod, image_time, apply_to_cni_ready, apply_to_untainted, applied })
 }
