@@ -5,6 +5,7 @@
 //! [`Report`] whose fields the tests assert and whose `Display` is what people read.
 
 mod node;
+pub mod real_node;
 mod report;
 
 use std::net::SocketAddr;

@@ -1,5 +1,10 @@
-//! `kmc-demo [--iptables-backend B] [BINARY]`: runs the node demo and prints its report.
-//! BINARY defaults to the kong-mesh-cni built next to this program. Needs root.
+//! `kmc-demo [--node | --iptables-backend B] [BINARY]`: runs the node demo and prints its
+//! report. BINARY defaults to the kong-mesh-cni built next to this program. Needs root.
+//!
+//! Without `--node`: the quick demo (a real API server, a node simulated in temporary
+//! directories, pods attached through the reference CNI runtime). With `--node`: a
+//! real node (kubelet, containerd, the control plane), our CNI installed from our chart
+//! and image, pods started by the kubelet.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +14,11 @@ use clap::Parser;
 /// Runs the node demo and prints its report (needs root).
 #[derive(Parser)]
 struct Args {
-    /// The plugin's iptables_backend: auto, nft, legacy or nftables (the native
-    /// nf_tables backend); unset, the plugin's default (auto).
+    /// The real node instead of the simulated one.
+    #[arg(long, conflicts_with = "iptables_backend")]
+    node: bool,
+    /// The quick demo's plugin iptables_backend: auto, nft, legacy or nftables (the
+    /// native nf_tables backend); unset, the plugin's default (auto).
     #[arg(long, env = "KMC_IPTABLES_BACKEND")]
     iptables_backend: Option<String>,
     /// The kong-mesh-cni binary; defaults to the one built next to this program.
@@ -27,7 +35,11 @@ fn main() -> ExitCode {
         let me = std::env::current_exe().expect("the demo's own path");
         me.with_file_name("kong-mesh-cni")
     });
-    match demo::run(&binary, args.iptables_backend.as_deref()) {
+    let report = match args.node {
+        true => demo::real_node::run(&binary).map(|r| r.to_string()),
+        false => demo::run(&binary, args.iptables_backend.as_deref()).map(|r| r.to_string()),
+    };
+    match report {
         Ok(report) => {
             print!("{report}");
             ExitCode::SUCCESS

@@ -55,3 +55,36 @@ fn every_behaviour(report: &demo::Report) {
         report.relayed_log_lines
     );
 }
+
+/// The README's main job on a real node (`scripts/demo.sh --node`), run as a test: the
+/// same code, its report's checks asserted.
+#[test]
+fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_the_host_as_it_was() {
+    if testkit::skip_heavy("the real-node demo") || !testkit::require_root() {
+        return;
+    }
+    let report =
+        demo::real_node::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni"))).expect("the demo runs");
+    println!("{report}");
+
+    assert!(report.tainted_at_start, "the node waits for its CNI");
+    assert_eq!(report.chained, ["bridge", "portmap", "kong-mesh-cni"]);
+    assert!(report.apply_to_cni_ready <= report.apply_to_untainted, "untainted only once the CNI pod is Ready");
+    assert_eq!(report.validator_exit, Some(0), "the validator passed as the mesh pod's init container");
+    assert_eq!(report.mesh_line, format!("dial {0} -> sidecar port=15001 uid=5678 orig={0}", report.target));
+    assert_eq!(report.plain_line, format!("dial {} -> serve port=8080", report.target), "the plain pod is untouched");
+    assert!(
+        report.plugin_lines.iter().any(|l| l.contains("default/mesh") && l.contains("redirect programmed")),
+        "{:#?}",
+        report.plugin_lines
+    );
+    assert!(
+        report.plugin_lines.iter().any(|l| l.contains("default/plain") && l.contains("pass through")),
+        "{:#?}",
+        report.plugin_lines
+    );
+    assert!(report.restored_exactly, "deleting the release restored the primary conflist byte for byte");
+    assert_eq!(report.net_dir_after, ["10-kmc-bridge.conflist"]);
+    assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
+    assert!(report.host_as_before, "sysctls, iptables chains and host paths as before the node");
+}

@@ -7,7 +7,6 @@
 //!
 //! One node at a time (each costs ~1 GiB and most of two cores while it starts).
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,9 +17,10 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Client;
-use kube::api::{Api, LogParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
-use testkit::node::{TOOLS_IMAGE, node_ready};
+use testkit::node::node_ready;
+use testkit::node_pods::{self, Validator, container, container_logs, mesh_pod, plain_pod, pod_ip, tail};
 use testkit::{Node, NodeOptions};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
@@ -38,56 +38,6 @@ async fn up(options: NodeOptions) -> Node {
     node
 }
 
-/// What a node may change on the host, read the same way before and after it.
-#[derive(Debug, PartialEq)]
-struct HostView {
-    sysctls: BTreeMap<String, String>,
-    kube_chains: Vec<String>,
-    paths: Vec<(String, bool)>,
-}
-
-impl HostView {
-    fn now() -> HostView {
-        let sysctls = testkit::node::SYSCTLS
-            .iter()
-            .map(|k| (k.to_string(), std::fs::read_to_string(Path::new("/proc/sys").join(k)).unwrap_or_default()))
-            .collect();
-        let kube_chains = testkit::node::iptables_chains()
-            .into_iter()
-            .flat_map(|(key, chains)| chains.into_iter().map(move |c| format!("{key} {c}")))
-            .filter(|c| c.contains(" KUBE-") || c.contains(" KMC-NODE-"))
-            .collect();
-        let paths = testkit::node::HOST_PATHS.iter().map(|p| (p.to_string(), Path::new(p).exists())).collect();
-        HostView { sysctls, kube_chains, paths }
-    }
-}
-
-/// Nothing of the node `root`/`name` is left anywhere on the host.
-fn assert_gone(root: &Path, name: &str, id: &str) {
-    assert!(!root.exists(), "{} left behind", root.display());
-    assert!(testkit::node::mounts_under(root).is_empty(), "mounts left under {}", root.display());
-    for mount in testkit::node::cgroup_mounts() {
-        assert!(!mount.join(name).exists(), "cgroup {} left behind", mount.join(name).display());
-    }
-    for link in [format!("kmcn{id}"), format!("kmcp{id}")] {
-        assert!(!Path::new("/sys/class/net").join(&link).exists(), "link {link} left behind");
-    }
-    let needle = root.to_string_lossy().into_owned();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            assert!(!cmdline.contains(&needle), "process left behind: {cmdline}");
-        }
-    }
-}
-
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// Creates `pod` in `default` and waits until it is Ready; returns it and how long that took.
 async fn run_pod(client: &Client, node: &Node, pod: Value) -> (Pod, Duration) {
     run_pod_or(client, node, pod, &String::new).await
@@ -95,127 +45,14 @@ async fn run_pod(client: &Client, node: &Node, pod: Value) -> (Pod, Duration) {
 
 /// [`run_pod`], with more to tell when it fails.
 async fn run_pod_or(client: &Client, node: &Node, pod: Value, more: &dyn Fn() -> String) -> (Pod, Duration) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod: Pod = serde_json::from_value(pod).expect("a Pod");
-    let name = pod.metadata.name.clone().unwrap();
-    let start = Instant::now();
-    pods.create(&PostParams::default(), &pod).await.unwrap_or_else(|e| panic!("creating pod {name}: {e}"));
-    loop {
-        let got = pods.get(&name).await.unwrap();
-        if pod_ready(&got) {
-            return (got, start.elapsed());
-        }
-        if start.elapsed() > POD_READY {
-            panic!(
-                "pod {name} not Ready within {POD_READY:?}: {:#?}\n{}{}",
-                got.status,
-                tail(&node.log("kubelet"), 40) + &tail(&node.log("containerd"), 40),
-                more()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    node_pods::run_pod(client, node, pod, POD_READY, more).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn tail(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n") + "\n"
-}
-
-fn container(name: &str, args: &[&str]) -> Value {
-    json!({ "name": name, "image": TOOLS_IMAGE, "imagePullPolicy": "Never", "command": ["/standin"], "args": args })
-}
-
-fn plain_pod(name: &str, node: &Node, containers: Vec<Value>) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "name": name, "labels": { "app": name } },
-        "spec": { "nodeSelector": { "kubernetes.io/hostname": node.name }, "containers": containers,
-                  "terminationGracePeriodSeconds": 1 },
-    })
-}
-
-/// A pod as Kong Mesh's injector shapes it (annotations as in
-/// testenv/kuma-reference/injected/pod-34.yaml, inbound on 15006): the `kuma-validation`
-/// init container runs our validator as the sidecar's UID, `kuma-sidecar` is a stand-in
-/// that answers on 15001/15006 as UID 5678, and the app dials `target`.
-fn mesh_pod(name: &str, node: &Node, target: &str) -> Value {
-    let as_sidecar = json!({ "runAsUser": 5678, "runAsGroup": 5678, "allowPrivilegeEscalation": false,
-                             "capabilities": { "drop": ["ALL"] }, "readOnlyRootFilesystem": true });
-    let mut validation = container("kuma-validation", &[]);
-    validation["command"] = json!(["/kong-mesh-cni"]);
-    // As the injector passes the pod's family (Kuma: --ip-family-mode=ipv4): on "auto"
-    // the validator probes IPv6 too, since the pod's loopback has ::1.
-    validation["args"] = json!(["validate", "--family", "ipv4"]);
-    validation["securityContext"] = as_sidecar.clone();
-    let mut sidecar = container("kuma-sidecar", &["sidecar", "15001", "15006"]);
-    sidecar["securityContext"] = as_sidecar;
-    let mut pod = plain_pod(name, node, vec![sidecar, container("app", &["dial", target])]);
-    pod["spec"]["initContainers"] = json!([validation]);
-    pod["metadata"]["labels"]["kuma.io/mesh"] = json!("default");
-    pod["metadata"]["annotations"] = json!({
-        "kuma.io/sidecar-injected": "true",
-        "kuma.io/sidecar-uid": "5678",
-        "kuma.io/transparent-proxying": "enabled",
-        "kuma.io/transparent-proxying-inbound-port": "15006",
-        "kuma.io/transparent-proxying-outbound-port": "15001",
-        "kuma.io/transparent-proxying-ip-family-mode": "ipv4",
-        "kuma.io/envoy-admin-port": "9901",
-        "kuma.io/application-probe-proxy-port": "0",
-        "kuma.io/virtual-probes": "disabled",
-        "kuma.io/init-first": "true",
-    });
-    pod
-}
-
-/// Every log file the kubelet keeps for containers named `name`, from the node's disk.
-fn container_logs(node: &Node, name: &str) -> String {
-    let mut out = String::new();
-    for pod in std::fs::read_dir(&node.pod_logs_dir).into_iter().flatten().flatten() {
-        for file in std::fs::read_dir(pod.path().join(name)).into_iter().flatten().flatten() {
-            out += &std::fs::read_to_string(file.path()).unwrap_or_default();
-        }
-    }
-    out
-}
-
-fn pod_ip(pod: &Pod) -> String {
-    pod.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("a pod IP")
-}
-
-/// Waits until the log of `pod`'s `container` (through the API server and the kubelet,
-/// as `kubectl logs`) has a line containing `needle`; returns that line.
+/// The first line of `default/pod`'s `container` log holding `needle` (as `kubectl logs`).
 async fn log_line(client: &Client, pod: &str, container: &str, needle: &str) -> String {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let params = LogParams { container: Some(container.into()), ..Default::default() };
-    let start = Instant::now();
-    loop {
-        let log = pods.logs(pod, &params).await.unwrap_or_else(|e| format!("(logs: {e})"));
-        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-            return line.to_string();
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            panic!("{pod}/{container}: no line with {needle:?} within 30s; log:\n{}", tail(&log, 20));
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// Resident memory of every process under the node's root or started by it, in MiB.
-fn node_memory_mib(node: &Node) -> u64 {
-    let needle = node.root.to_string_lossy().into_owned();
-    let mut kib = 0;
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) || cgroup.contains(&node.name) {
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-            if let Some(rss) = status.lines().find_map(|l| l.strip_prefix("VmRSS:")) {
-                kib += rss.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    kib / 1024
+    node_pods::log_line(client, "default", pod, container, &[needle], Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +61,7 @@ async fn node_registers_ready_runs_a_plain_pod_and_a_teardown_from_its_state_fil
         return;
     }
     let _one = ONE_NODE_AT_A_TIME.lock().await;
-    let before = HostView::now();
+    let before = testkit::node::HostView::now();
     let node = up(NodeOptions::default()).await;
     let client = node.client().await.unwrap();
 
@@ -252,16 +89,17 @@ async fn node_registers_ready_runs_a_plain_pod_and_a_teardown_from_its_state_fil
         format!("dial {ip}:8080 -> serve port=8080"),
         "pod to pod through the primary CNI, not redirected"
     );
-    eprintln!("node memory with 2 pods: {} MiB", node_memory_mib(&node));
+    eprintln!("node memory with 2 pods: {} MiB", node.memory_mib());
 
     // A crash of the process that brought it up: only the state file is left to go by.
-    let (name, id) = (node.name.clone(), node.name.trim_start_matches("kmc-node-").to_string());
+    let name = node.name.clone();
     let root = node.abandon();
     let start = Instant::now();
     testkit::node::teardown(&root).unwrap_or_else(|e| panic!("teardown from {}: {e}", root.display()));
     eprintln!("teardown from the state file in {:.1?}", start.elapsed());
-    assert_gone(&root, &name, &id);
-    assert_eq!(HostView::now(), before, "the host is as it was");
+    let left = testkit::node::leftovers(&root, &name);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    assert_eq!(testkit::node::HostView::now(), before, "the host is as it was");
 }
 
 /// `kong-mesh-cni install` on the host, with the environment the DaemonSet gives it and
@@ -392,8 +230,8 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
         return;
     }
     let _one = ONE_NODE_AT_A_TIME.lock().await;
-    let before = HostView::now();
-    let node = up(NodeOptions { kong_mesh_cni: Some(BINARY.into()) }).await;
+    let before = testkit::node::HostView::now();
+    let node = up(NodeOptions { kong_mesh_cni: Some(BINARY.into()), ..NodeOptions::default() }).await;
     let client = node.client().await.unwrap();
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
 
@@ -413,7 +251,7 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
     eprintln!("plain pod Ready in {took:.1?} (our plugin chained)");
     let target_addr = format!("{}:8080", pod_ip(&target));
 
-    let (mesh, took) = run_pod_or(&client, &node, mesh_pod("mesh", &node, &target_addr), &|| {
+    let (mesh, took) = run_pod_or(&client, &node, mesh_pod("mesh", &node, &target_addr, Validator::TOOLS), &|| {
         format!(
             "--- installer (and the plugin's lines)\n{}--- validator\n{}",
             installer.log(),
@@ -429,7 +267,7 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
 
     // The app's connection to another pod lands on the sidecar, with its original destination.
     let line = log_line(&client, "mesh", "app", "->").await;
-    assert_eq!(line, format!("dial {target_addr} -> sidecar port=15001 uid=5678 orig={target_addr}"));
+    assert_eq!(line, node_pods::redirected_line(&target_addr));
     // A non-mesh pod is untouched.
     let (_, _) =
         run_pod(&client, &node, plain_pod("plain", &node, vec![container("app", &["dial", &target_addr])])).await;
@@ -450,7 +288,7 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
         "the runtime's network went not ready:\n{}",
         tail(since_chained, 30)
     );
-    eprintln!("node memory with 3 pods: {} MiB", node_memory_mib(&node));
+    eprintln!("node memory with 3 pods: {} MiB", node.memory_mib());
 
     let status = installer.terminate();
     assert!(status.success(), "{status}; log:\n{}", installer.log());
@@ -463,6 +301,7 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
     let start = Instant::now();
     node.down().unwrap_or_else(|e| panic!("teardown: {e}"));
     eprintln!("teardown in {:.1?}", start.elapsed());
-    assert_gone(&root, &name, name.trim_start_matches("kmc-node-"));
-    assert_eq!(HostView::now(), before, "the host is as it was");
+    let left = testkit::node::leftovers(&root, &name);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    assert_eq!(testkit::node::HostView::now(), before, "the host is as it was");
 }

@@ -171,17 +171,22 @@ fn the_daemonset_runs_everywhere_including_nodes_waiting_for_it() {
 
 #[test]
 fn the_plugin_log_socket_is_shared_with_the_host() {
-    let r = Rendered::new(Some("kind"), &[]);
-    let conf: serde_json::Value = serde_json::from_str(&r.network_config()).unwrap();
-    let socket = env_value(r.installer(), "KMC_LOG_SOCKET");
-    assert_eq!(
-        conf["log_socket"],
-        socket.as_str(),
-        "the plugin (on the host) and the installer (in the pod) name one socket"
-    );
-    let run_dir = host_path(r.daemonset(), "cni-run-dir");
-    assert_eq!(mount_path(r.installer(), "cni-run-dir"), run_dir, "same path inside and outside");
-    assert!(socket.starts_with(&format!("{run_dir}/")), "{socket} in {run_dir}");
+    // The default, and cni.runDir moving it all (a node whose /run is not the place).
+    for (set, expected) in [(None, "/run/kong-mesh-cni"), (Some("cni.runDir=/var/lib/kmc/run/"), "/var/lib/kmc/run")] {
+        let r = Rendered::new(Some("kind"), set.as_slice());
+        let conf: serde_json::Value = serde_json::from_str(&r.network_config()).unwrap();
+        let socket = env_value(r.installer(), "KMC_LOG_SOCKET");
+        assert_eq!(
+            conf["log_socket"],
+            socket.as_str(),
+            "the plugin (on the host) and the installer (in the pod) name one socket"
+        );
+        let run_dir = host_path(r.daemonset(), "cni-run-dir");
+        assert_eq!(run_dir, expected, "{set:?}");
+        assert_eq!(conf["run_dir"], expected, "the plugin's locks and records in the same dir: {set:?}");
+        assert_eq!(mount_path(r.installer(), "cni-run-dir"), run_dir, "same path inside and outside");
+        assert_eq!(socket, format!("{run_dir}/log.sock"));
+    }
 }
 
 fn mount<'a>(container: &'a Value, volume: &str) -> &'a Value {

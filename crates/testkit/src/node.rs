@@ -27,11 +27,11 @@ use kube::{Client, Config};
 use serde_json::json;
 
 use crate::node_image::{ImageSpec, write_archive};
-use crate::node_state::{Process, State, start_time};
+use crate::node_state::{Process, State, alive, kill, start_time, wait_gone};
 use crate::{bin_dir, cached_build, unique_suffix};
 
 use crate::node_state::teardown as teardown_state;
-pub use crate::node_state::{HOST_PATHS, SYSCTLS, cgroup_mounts, iptables_chains, mounts_under};
+pub use crate::node_state::{HOST_PATHS, HostView, SYSCTLS, cgroup_mounts, iptables_chains, leftovers, mounts_under};
 
 /// The `kubernetes` Service's IP (first of --service-cluster-ip-range).
 pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -75,6 +75,9 @@ pub struct NodeOptions {
     /// A static `kong-mesh-cni` binary to put into the tools image (for the validator
     /// init container).
     pub kong_mesh_cni: Option<PathBuf>,
+    /// Taints the kubelet registers the node with (`key[=value]:effect`), as a cluster
+    /// that waits for its CNI does (`NodeReadiness:NoSchedule`).
+    pub taints: Vec<String>,
 }
 
 /// A running node; torn down on drop (see [`Node::abandon`] for a crash).
@@ -96,6 +99,7 @@ pub struct Node {
     pub pod_logs_dir: PathBuf,
     /// Time from start to the node registered Ready.
     pub up_time: Duration,
+    ctr_socket: PathBuf,
     state: State,
     armed: bool,
 }
@@ -155,6 +159,7 @@ impl Node {
             pod_subnet: format!("10.88.{octet}.0/24"),
             api_port: 0,
             up_time: Duration::ZERO,
+            ctr_socket: PathBuf::new(),
             state: State {
                 root: root.clone(),
                 id: id.clone(),
@@ -217,12 +222,29 @@ impl Node {
         args: &[String],
         env: &[(&str, &str)],
     ) -> Result<(), NodeError> {
-        let log_path = self.root.join(format!("logs/{name}.log"));
-        write(&log_path, "")?;
+        write(&self.root.join(format!("logs/{name}.log")), "")?;
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let process = Process {
+            name: name.to_string(),
+            pid: 0,
+            start_time: 0,
+            program: program.into(),
+            args: args.to_vec(),
+            env,
+        };
+        self.state.processes.push(process);
+        self.launch(self.state.processes.len() - 1)
+    }
+
+    /// Starts process `index` of the state as recorded there, its output appended to
+    /// its log, and records its PID.
+    fn launch(&mut self, index: usize) -> Result<(), NodeError> {
+        let p = &self.state.processes[index];
+        let log_path = self.root.join(format!("logs/{}.log", p.name));
         let log = std::fs::File::options().append(true).open(&log_path).map_err(|e| NodeError::io(&log_path, e))?;
-        let child = Command::new(program)
-            .args(args)
-            .envs(env.iter().copied())
+        let child = Command::new(&p.program)
+            .args(&p.args)
+            .envs(p.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| NodeError::io(&log_path, e))?)
             .stderr(log)
@@ -230,13 +252,45 @@ impl Node {
             // half-way; the teardown stops it in order.
             .process_group(0)
             .spawn()
-            .map_err(|e| NodeError::Command(format!("starting {}: {e}", program.display())))?;
+            .map_err(|e| NodeError::Command(format!("starting {}: {e}", p.program.display())))?;
         let pid = child.id() as i32;
         // The child is reaped by nobody while we run; the teardown kills it by PID.
         std::mem::forget(child);
-        let start_time = start_time(pid).unwrap_or_default();
-        self.state.processes.push(Process { name: name.to_string(), pid, start_time });
+        let p = &mut self.state.processes[index];
+        p.pid = pid;
+        p.start_time = start_time(pid).unwrap_or_default();
         self.state.save()
+    }
+
+    fn process_index(&self, component: &str) -> Result<usize, NodeError> {
+        self.state
+            .processes
+            .iter()
+            .position(|p| p.name == component)
+            .ok_or_else(|| NodeError::Setup(format!("the node runs no {component}")))
+    }
+
+    /// Stops one of the node's processes (`kube-apiserver`, `kubelet`...) with SIGTERM
+    /// (SIGKILL after 10 s), as an outage would; [`Node::start`] starts it again.
+    pub fn stop(&mut self, component: &str) -> Result<(), NodeError> {
+        let p = self.state.processes[self.process_index(component)?].clone();
+        if alive(&p) {
+            kill(p.pid, libc::SIGTERM);
+            if !wait_gone(std::slice::from_ref(&p), Duration::from_secs(10)) {
+                kill(p.pid, libc::SIGKILL);
+                wait_gone(std::slice::from_ref(&p), Duration::from_secs(5));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a process [`Node::stop`] stopped, with the arguments it first had.
+    pub fn start(&mut self, component: &str) -> Result<(), NodeError> {
+        let index = self.process_index(component)?;
+        if alive(&self.state.processes[index]) {
+            return Err(NodeError::Setup(format!("{component} is running")));
+        }
+        self.launch(index)
     }
 
     async fn bring_up(&mut self, options: &NodeOptions) -> Result<(), NodeError> {
@@ -389,6 +443,7 @@ impl Node {
 
         // Images.
         let archive = self.root.join("images.tar");
+        self.ctr_socket = sock.clone();
         let standin = bins.join("standin");
         let mut tools = vec![("/standin", standin.as_path())];
         if let Some(kmc) = &options.kong_mesh_cni {
@@ -406,10 +461,10 @@ impl Node {
             ],
         )?;
         let sock_s = p(&sock);
-        let ctr = bins.join("ctr");
+        // The CRI plugin may still be starting: a first import can fail.
         let import_start = Instant::now();
         loop {
-            match run(&p(&ctr), &["--address", &sock_s, "-n", "k8s.io", "images", "import", &p(&archive)]) {
+            match self.ctr(&["images", "import", &p(&archive)]) {
                 Ok(_) => break,
                 Err(e) if import_start.elapsed() > Duration::from_secs(30) => return Err(e),
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
@@ -460,19 +515,19 @@ impl Node {
             "serializeImagePulls": false,
         });
         write(&self.root.join("kubelet/config.yaml"), serde_json::to_string_pretty(&kubelet_config).expect("JSON"))?;
-        self.spawn(
-            "kubelet",
-            &bins.join("kubelet"),
-            &[
-                format!("--config={}", p(&self.root.join("kubelet/config.yaml"))),
-                format!("--kubeconfig={kc}"),
-                format!("--root-dir={}", p(&self.root.join("var/lib/kubelet"))),
-                format!("--cert-dir={}", p(&self.root.join("kubelet/pki"))),
-                format!("--node-ip={ip}"),
-                format!("--hostname-override={}", self.name),
-                "--v=1".into(),
-            ],
-        )?;
+        let mut kubelet_args = vec![
+            format!("--config={}", p(&self.root.join("kubelet/config.yaml"))),
+            format!("--kubeconfig={kc}"),
+            format!("--root-dir={}", p(&self.root.join("var/lib/kubelet"))),
+            format!("--cert-dir={}", p(&self.root.join("kubelet/pki"))),
+            format!("--node-ip={ip}"),
+            format!("--hostname-override={}", self.name),
+            "--v=1".into(),
+        ];
+        if !options.taints.is_empty() {
+            kubelet_args.push(format!("--register-with-taints={}", options.taints.join(",")));
+        }
+        self.spawn("kubelet", &bins.join("kubelet"), &kubelet_args)?;
 
         // Ready: the node registered Ready, and the default service account exists (pods
         // are admitted only after the controller-manager made it).
@@ -495,6 +550,31 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         Ok(())
+    }
+
+    /// Resident memory of every process started with the node's root in its command
+    /// line or running in its cgroup (the control plane, the runtime, every pod), in MiB.
+    pub fn memory_mib(&self) -> u64 {
+        let needle = self.root.to_string_lossy().into_owned();
+        let mut kib = 0;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) || cgroup.contains(&self.name) {
+                let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+                if let Some(rss) = status.lines().find_map(|l| l.strip_prefix("VmRSS:")) {
+                    kib += rss.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        kib / 1024
+    }
+
+    /// Runs `ctr -n k8s.io ARGS` against the node's containerd.
+    pub fn ctr(&self, args: &[&str]) -> Result<String, NodeError> {
+        let socket = self.ctr_socket.to_string_lossy().into_owned();
+        let ctr = node_bin_dir().join("ctr").to_string_lossy().into_owned();
+        run(&ctr, &[&["--address", &socket, "-n", "k8s.io"], args].concat())
     }
 
     /// Fails when one of the node's processes has died (with its log's tail).

@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         },
         ["up", rest @ ..] if rest.len() <= 1 => {
             let set = block_stop_signals();
-            let options = NodeOptions { kong_mesh_cni: rest.first().map(Into::into) };
+            let options = NodeOptions { kong_mesh_cni: rest.first().map(Into::into), ..NodeOptions::default() };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
             let node = match runtime.block_on(Node::up(options)) {
                 Ok(node) => node,

@@ -36,6 +36,13 @@ pub struct Process {
     pub pid: i32,
     /// Field 22 of /proc/PID/stat: tells our process from a later one with its PID.
     pub start_time: u64,
+    /// How it was started, to start it again after [`crate::Node::stop`].
+    #[serde(default)]
+    pub program: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -105,16 +112,16 @@ pub fn start_time(pid: i32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-fn alive(p: &Process) -> bool {
+pub fn alive(p: &Process) -> bool {
     start_time(p.pid) == Some(p.start_time)
 }
 
-fn kill(pid: i32, signal: i32) {
+pub fn kill(pid: i32, signal: i32) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, signal) };
 }
 
-fn wait_gone(procs: &[Process], timeout: Duration) -> bool {
+pub fn wait_gone(procs: &[Process], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if !procs.iter().any(alive) {
@@ -371,4 +378,54 @@ pub fn teardown(state: &State) -> Result<(), NodeError> {
         failures.push(format!("removing {}: {e}", state.root.display()));
     }
     if failures.is_empty() { Ok(()) } else { Err(NodeError::Teardown(failures.join("\n"))) }
+}
+
+/// What a node may change on the host, read the same way before and after it.
+#[derive(Debug, PartialEq)]
+pub struct HostView {
+    sysctls: BTreeMap<String, String>,
+    kube_chains: Vec<String>,
+    paths: Vec<(String, bool)>,
+}
+
+impl HostView {
+    pub fn now() -> HostView {
+        let sysctls = SYSCTLS
+            .iter()
+            .map(|k| (k.to_string(), std::fs::read_to_string(Path::new("/proc/sys").join(k)).unwrap_or_default()))
+            .collect();
+        let kube_chains = iptables_chains()
+            .into_iter()
+            .flat_map(|(key, chains)| chains.into_iter().map(move |c| format!("{key} {c}")))
+            .filter(|c| c.contains(" KUBE-") || c.contains(" KMC-NODE-"))
+            .collect();
+        let paths = HOST_PATHS.iter().map(|p| (p.to_string(), Path::new(p).exists())).collect();
+        HostView { sysctls, kube_chains, paths }
+    }
+}
+
+/// What is left on the host of the node `name` whose root was `root` (empty after a
+/// complete teardown): its files, mounts, cgroups, links and processes.
+pub fn leftovers(root: &Path, name: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    if root.exists() {
+        left.push(format!("{}", root.display()));
+    }
+    left.extend(mounts_under(root).iter().map(|m| format!("mount {}", m.display())));
+    for mount in cgroup_mounts() {
+        if mount.join(name).exists() {
+            left.push(format!("cgroup {}", mount.join(name).display()));
+        }
+    }
+    let id = name.trim_start_matches("kmc-node-");
+    for link in [format!("kmcn{id}"), format!("kmcp{id}")] {
+        if Path::new("/sys/class/net").join(&link).exists() {
+            left.push(format!("link {link}"));
+        }
+    }
+    left.extend(processes_naming(root).iter().map(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        format!("process {pid}: {}", String::from_utf8_lossy(&cmdline).replace('\0', " "))
+    }));
+    left
 }

@@ -70,7 +70,8 @@ __KUBECONFIG_FILEPATH__ with the host path of the kubeconfig it writes.
   "name": {{ include "kong-mesh-cni.networkName" . | toJson }},
   "type": "kong-mesh-cni",
   "log_level": {{ toJson .Values.cni.logLevel }},
-  "log_socket": "/run/kong-mesh-cni/log.sock",
+  "log_socket": {{ printf "%s/log.sock" (trimSuffix "/" .Values.cni.runDir) | toJson }},
+  "run_dir": {{ trimSuffix "/" .Values.cni.runDir | toJson }},
   "on_api_error": {{ toJson .Values.cni.onApiError }},
   "kubernetes": {
     "kubeconfig": "__KUBECONFIG_FILEPATH__",

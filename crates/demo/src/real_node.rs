@@ -1,0 +1,193 @@
+//! The real-node demo: a single Kubernetes node on this machine (testkit::node:
+//! kube-apiserver, etcd, controller-manager, scheduler, kubelet, containerd v2 + runc,
+//! bridge + host-local + portmap as its CNI), our CNI installed from our chart and our
+//! image, a mesh pod and a plain pod through the real kubelet, the release deleted, the
+//! node taken down. [`run`] returns a [`Report`] whose fields the tests assert and
+//! whose `Display` is what people read.
+
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Node as KubeNode;
+use kube::api::{Api, LogParams};
+use testkit::node::HostView;
+use testkit::node_chart::{CNI_NAMESPACE, install, tainted};
+use testkit::node_pods::{Validator, container, log_line, mesh_pod, plain_pod, pod_ip, run_pod};
+use testkit::{Node, NodeOptions};
+
+const POD_READY: Duration = Duration::from_secs(90);
+const LOG_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub node: String,
+    pub node_up: Duration,
+    /// Registered with NodeReadiness:NoSchedule / still tainted once the CNI is Ready.
+    pub tainted_at_start: bool,
+    pub image: String,
+    pub image_time: Duration,
+    pub apply_to_cni_ready: Duration,
+    pub apply_to_untainted: Duration,
+    pub apply_to_mesh_ready: Duration,
+    /// Plugin types of the primary conflist once the CNI pod is Ready.
+    pub chained: Vec<String>,
+    pub validator_exit: Option<i32>,
+    /// Where the mesh pod's app connects.
+    pub target: String,
+    /// What the mesh pod's app and the plain pod's app logged for their connection.
+    pub mesh_line: String,
+    pub plain_line: String,
+    /// The plugin's lines for the two pods in the CNI pod's log (`kubectl logs`).
+    pub plugin_lines: Vec<String>,
+    pub memory_mib: u64,
+    pub restored_exactly: bool,
+    /// Files in the node's CNI net dir after the release was deleted.
+    pub net_dir_after: Vec<String>,
+    pub teardown: Duration,
+    /// What is left of the node on the host (nothing), and whether the host's sysctls,
+    /// iptables chains and paths are as they were.
+    pub leftovers: Vec<String>,
+    pub host_as_before: bool,
+}
+
+/// Runs the real-node demo with `binary` (the kong-mesh-cni that goes into the image).
+/// Progress goes to stderr as it happens; the report comes back.
+pub fn run(binary: &Path) -> Result<Report> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run_async(binary))
+}
+
+fn step(what: &str) {
+    eprintln!("kmc-demo --node: {what}");
+}
+
+async fn run_async(binary: &Path) -> Result<Report> {
+    let before = HostView::now();
+    let mut report = Report::default();
+    step("bringing the node up (kubelet, containerd, control plane)");
+    let options = NodeOptions { taints: vec!["NodeReadiness:NoSchedule".into()], ..NodeOptions::default() };
+    let node = Node::up(options).await?;
+    report.node = node.name.clone();
+    report.node_up = node.up_time;
+    let client = node.client().await?;
+    let nodes: Api<KubeNode> = Api::all(client.clone());
+    report.tainted_at_start = tainted(&nodes.get(&node.name).await?);
+    let primary = std::fs::read(&node.conflist)?;
+
+    step("building our image, installing the chart (kong-mesh-cni manifests), waiting for the CNI pod");
+    let installed = install(&node, &client, binary, Duration::from_secs(120)).await?;
+    report.image = installed.image.to_string();
+    report.image_time = installed.image_time;
+    report.apply_to_cni_ready = installed.apply_to_cni_ready;
+    report.apply_to_untainted = installed.apply_to_untainted;
+    let conflist: serde_json::Value = serde_json::from_slice(&std::fs::read(&node.conflist)?)?;
+    report.chained = conflist["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p["type"].as_str().unwrap_or("?").to_owned())
+        .collect();
+
+    step("running a plain server, a mesh pod and a plain client");
+    let none = String::new;
+    let serve = plain_pod("target", &node, vec![container("serve", &["serve", "8080"])]);
+    let (target, _) = run_pod(&client, &node, serve, POD_READY, &none).await?;
+    report.target = format!("{}:8080", pod_ip(&target));
+    let validator = Validator::image(&report.image);
+    let (mesh, _) =
+        run_pod(&client, &node, mesh_pod("mesh", &node, &report.target, validator), POD_READY, &none).await?;
+    report.apply_to_mesh_ready = installed.applied.elapsed();
+    report.validator_exit = mesh
+        .status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .and_then(|ss| ss.iter().find(|s| s.name == "kuma-validation"))
+        .and_then(|s| s.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code));
+    let dial = plain_pod("plain", &node, vec![container("app", &["dial", &report.target])]);
+    run_pod(&client, &node, dial, POD_READY, &none).await?;
+    report.mesh_line = log_line(&client, "default", "mesh", "app", &["->", "sidecar"], LOG_WAIT).await?;
+    report.plain_line = log_line(&client, "default", "plain", "app", &["->"], LOG_WAIT).await?;
+    let cni_pod = installed.cni_pod.metadata.name.clone().context("the CNI pod's name")?;
+    for pod in ["default/mesh", "default/plain"] {
+        log_line(&client, CNI_NAMESPACE, &cni_pod, "install-cni", &[pod], LOG_WAIT).await?;
+    }
+    let params = LogParams { container: Some("install-cni".into()), ..LogParams::default() };
+    let log = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), CNI_NAMESPACE)
+        .logs(&cni_pod, &params)
+        .await?;
+    report.plugin_lines = log
+        .lines()
+        .filter(|l| l.contains("[plugin") && (l.contains("default/mesh") || l.contains("default/plain")))
+        .map(str::to_owned)
+        .collect();
+    report.memory_mib = node.memory_mib();
+
+    step("deleting the release");
+    installed.release.uninstall(Duration::from_secs(90)).await?;
+    let restored = Instant::now();
+    while std::fs::read(&node.conflist)? != primary && restored.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    report.restored_exactly = std::fs::read(&node.conflist)? == primary;
+    report.net_dir_after = std::fs::read_dir(&node.cni_net_dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+
+    step("taking the node down");
+    let (root, name) = (node.root.clone(), node.name.clone());
+    let down = Instant::now();
+    node.down()?;
+    report.teardown = down.elapsed();
+    report.leftovers = testkit::node::leftovers(&root, &name);
+    report.host_as_before = HostView::now() == before;
+    Ok(report)
+}
+
+fn s(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "kong-mesh-cni on a real node (kubelet + containerd v2 + runc, Kubernetes v1.37)")?;
+        writeln!(
+            f,
+            "  node {} Ready in {}, registered with NodeReadiness:NoSchedule: {}",
+            self.node,
+            s(self.node_up),
+            { if self.tainted_at_start { "yes" } else { "no" } }
+        )?;
+        writeln!(f, "  image {} built and imported in {}", self.image, s(self.image_time))?;
+        writeln!(f, "install from the chart (kong-mesh-cni manifests -f <this node's values>), applied")?;
+        writeln!(f, "  -> CNI pod Ready             {}", s(self.apply_to_cni_ready))?;
+        writeln!(f, "  -> node untainted            {} (by our controller)", s(self.apply_to_untainted))?;
+        writeln!(f, "  -> mesh pod Ready            {}", s(self.apply_to_mesh_ready))?;
+        writeln!(f, "  primary conflist now chains  {}", self.chained.join(" -> "))?;
+        writeln!(f, "pods, scheduled and started by the kubelet")?;
+        let exit = self.validator_exit.map_or("none".to_owned(), |c| c.to_string());
+        writeln!(f, "  mesh   kuma-validation (our validator as UID 5678) exited {exit}")?;
+        writeln!(f, "         app: {}", self.mesh_line)?;
+        writeln!(f, "  plain  app: {}", self.plain_line)?;
+        writeln!(f, "  the plugin's lines in `kubectl logs` of the CNI pod:")?;
+        for line in &self.plugin_lines {
+            writeln!(f, "    {}", line.trim())?;
+        }
+        writeln!(f, "  memory of the node (control plane, runtime, pods): {} MiB", self.memory_mib)?;
+        writeln!(f, "removal")?;
+        writeln!(
+            f,
+            "  release deleted: primary conflist {}; net dir now: {}",
+            if self.restored_exactly { "restored byte for byte" } else { "NOT restored" },
+            self.net_dir_after.join(", ")
+        )?;
+        writeln!(
+            f,
+            "  node down in {}: left on the host: {}; sysctls, iptables and paths as before: {}",
+            s(self.teardown),
+            if self.leftovers.is_empty() { "nothing".to_owned() } else { self.leftovers.join(", ") },
+            if self.host_as_before { "yes" } else { "NO" }
+        )
+    }
+}

@@ -1,0 +1,211 @@
+//! Pods for the node: plain ones and mesh pods shaped as Kong Mesh's injector makes them,
+//! made of the `standin` tools image, and the waits and log reads the tests and the
+//! demo do with them.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, LogParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::node::{Node, NodeError, TOOLS_IMAGE};
+
+/// The sidecar's UID (Kuma's default `kuma.io/sidecar-uid`).
+pub const SIDECAR_UID: u32 = 5678;
+
+/// A container of the tools image running `standin ARGS`.
+pub fn container(name: &str, args: &[&str]) -> Value {
+    json!({ "name": name, "image": TOOLS_IMAGE, "imagePullPolicy": "Never", "command": ["/standin"], "args": args })
+}
+
+/// A pod on `node` (pinned by its hostname label) labelled `app: NAME`.
+pub fn plain_pod(name: &str, node: &Node, containers: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "labels": { "app": name } },
+        "spec": { "nodeSelector": { "kubernetes.io/hostname": node.name }, "containers": containers,
+                  "terminationGracePeriodSeconds": 1 },
+    })
+}
+
+/// Where the `kuma-validation` init container finds our validator.
+#[derive(Debug, Clone, Copy)]
+pub struct Validator<'a> {
+    pub image: &'a str,
+    pub program: &'a str,
+}
+
+impl Validator<'_> {
+    /// The binary given as [`crate::NodeOptions::kong_mesh_cni`], in the tools image.
+    pub const TOOLS: Validator<'static> = Validator { image: TOOLS_IMAGE, program: "/kong-mesh-cni" };
+}
+
+impl<'a> Validator<'a> {
+    /// Our own image (scripts/image-build.sh), as the installer runs it.
+    pub fn image(image: &'a str) -> Validator<'a> {
+        Validator { image, program: "/opt/cni/bin/kong-mesh-cni" }
+    }
+}
+
+/// A pod as Kong Mesh's injector shapes it (annotations as in
+/// testenv/kuma-reference/injected/pod-34.yaml, inbound on 15006): the `kuma-validation`
+/// init container runs our validator as the sidecar's UID, `kuma-sidecar` is a stand-in
+/// that answers on 15001/15006 as UID 5678, and the app dials `target`.
+pub fn mesh_pod(name: &str, node: &Node, target: &str, validator: Validator) -> Value {
+    let as_sidecar = json!({ "runAsUser": SIDECAR_UID, "runAsGroup": SIDECAR_UID, "allowPrivilegeEscalation": false,
+                             "capabilities": { "drop": ["ALL"] }, "readOnlyRootFilesystem": true });
+    let mut validation = container("kuma-validation", &[]);
+    validation["image"] = json!(validator.image);
+    validation["command"] = json!([validator.program]);
+    // As the injector passes the pod's family (Kuma: --ip-family-mode=ipv4): on "auto"
+    // the validator probes IPv6 too, since the pod's loopback has ::1.
+    validation["args"] = json!(["validate", "--family", "ipv4"]);
+    validation["securityContext"] = as_sidecar.clone();
+    let mut sidecar = container("kuma-sidecar", &["sidecar", "15001", "15006"]);
+    sidecar["securityContext"] = as_sidecar;
+    let mut pod = plain_pod(name, node, vec![sidecar, container("app", &["dial", target])]);
+    pod["spec"]["initContainers"] = json!([validation]);
+    pod["metadata"]["labels"]["kuma.io/mesh"] = json!("default");
+    pod["metadata"]["annotations"] = json!({
+        "kuma.io/sidecar-injected": "true",
+        "kuma.io/sidecar-uid": SIDECAR_UID.to_string(),
+        "kuma.io/transparent-proxying": "enabled",
+        "kuma.io/transparent-proxying-inbound-port": "15006",
+        "kuma.io/transparent-proxying-outbound-port": "15001",
+        "kuma.io/transparent-proxying-ip-family-mode": "ipv4",
+        "kuma.io/envoy-admin-port": "9901",
+        "kuma.io/application-probe-proxy-port": "0",
+        "kuma.io/virtual-probes": "disabled",
+        "kuma.io/init-first": "true",
+    });
+    pod
+}
+
+/// A Deployment of `replicas` copies of `pod` (its labels select them).
+pub fn deployment(name: &str, pod: Value, replicas: i32) -> Value {
+    let labels = pod["metadata"]["labels"].clone();
+    let mut metadata = pod["metadata"].clone();
+    metadata.as_object_mut().map(|m| m.remove("name"));
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": labels },
+            "template": { "metadata": metadata, "spec": pod["spec"] },
+        },
+    })
+}
+
+/// The line a mesh pod's app logs when its connection to `target` landed on the
+/// sidecar's outbound listener with `target` as its original destination.
+pub fn redirected_line(target: &str) -> String {
+    format!("dial {target} -> sidecar port=15001 uid={SIDECAR_UID} orig={target}")
+}
+
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub fn pod_ip(pod: &Pod) -> String {
+    pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default()
+}
+
+/// Creates `pod` in `default` and waits until it is Ready (within `timeout`); returns it
+/// and how long that took. A failure tells the pod's status and the end of the
+/// kubelet's and containerd's logs, then `more()`.
+pub async fn run_pod(
+    client: &Client,
+    node: &Node,
+    pod: Value,
+    timeout: Duration,
+    more: &dyn Fn() -> String,
+) -> Result<(Pod, Duration), NodeError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(pod).map_err(|e| NodeError::Setup(format!("not a Pod: {e}")))?;
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let start = Instant::now();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .map_err(|e| NodeError::Command(format!("creating pod {name}: {e}")))?;
+    loop {
+        let got = pods.get(&name).await.map_err(|e| NodeError::Command(format!("getting pod {name}: {e}")))?;
+        if pod_ready(&got) {
+            return Ok((got, start.elapsed()));
+        }
+        if start.elapsed() > timeout {
+            return Err(NodeError::Timeout(format!(
+                "pod {name} not Ready within {timeout:?}: {:#?}\n{}{}{}",
+                got.status,
+                tail(&node.log("kubelet"), 40),
+                tail(&node.log("containerd"), 40),
+                more()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The last `n` lines of `log`.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n") + "\n"
+}
+
+/// Waits until the log of `namespace/pod`'s `container` (through the API server and the
+/// kubelet, as `kubectl logs`) has a line containing every one of `needles`; returns
+/// that line.
+pub async fn log_line(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+    needles: &[&str],
+    timeout: Duration,
+) -> Result<String, NodeError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let params = LogParams { container: Some(container.into()), ..Default::default() };
+    let start = Instant::now();
+    loop {
+        let log = pods.logs(pod, &params).await.unwrap_or_else(|e| format!("(logs: {e})"));
+        if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return Ok(line.to_string());
+        }
+        if start.elapsed() > timeout {
+            return Err(NodeError::Timeout(format!(
+                "{namespace}/{pod}/{container}: no line with {needles:?} within {timeout:?}; log:\n{}",
+                tail(&log, 20)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Every log file the kubelet keeps for containers named `name`, from the node's disk.
+pub fn container_logs(node: &Node, name: &str) -> String {
+    let mut out = String::new();
+    for pod in std::fs::read_dir(&node.pod_logs_dir).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(pod.path().join(name)).into_iter().flatten().flatten() {
+            out += &std::fs::read_to_string(file.path()).unwrap_or_default();
+        }
+    }
+    out
+}
+
+/// PIDs of the sandbox (pause) processes of the pod with UID `uid` on `node`.
+pub fn sandbox_pids(node: &Node, uid: &str) -> Vec<i32> {
+    let cgroup = format!("/{}/", node.name);
+    let pod = format!("pod{uid}");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            groups.lines().any(|l| l.contains(&cgroup) && l.contains(&pod)) && cmdline == b"/standin\0pause\0"
+        })
+        .collect()
+}
