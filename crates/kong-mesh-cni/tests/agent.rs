@@ -126,6 +126,26 @@ async fn add_is_answered_by_the_agent_without_a_request_to_the_api_server() {
     // The socket is root's only.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(agent.socket()).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // Clients that never finish their request, or send a bad one, hold nobody up.
+    use std::os::unix::net::UnixStream;
+    let hung: Vec<UnixStream> = (0..20).map(|_| UnixStream::connect(agent.socket()).unwrap()).collect();
+    let answer_to = |request: &[u8]| {
+        let mut s = UnixStream::connect(agent.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(request);
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let oversized = answer_to(&vec![b'{'; cni::agent::MAX_REQUEST + 100]);
+    assert!(oversized.contains("refused") && oversized.contains("longer than"), "{oversized}");
+    let garbage = answer_to(b"GET / HTTP/1.1\r\n\r\n");
+    assert!(garbage.contains("refused") && garbage.contains("not a lookup request"), "{garbage}");
+    let started = Instant::now();
+    assert!(matches!(agent.ask(f.ns.name(), "web", Some(uid(&web))), Asked::Found(_)));
+    assert!(started.elapsed() < Duration::from_millis(200), "answered in {:?} beside hung clients", started.elapsed());
+    drop(hung);
 }
 
 #[tokio::test(flavor = "multi_thread")]
