@@ -4,6 +4,7 @@
 //! target: within 1 s of the API being back. Needs root and the test environment.
 //!
 //! cargo bench -p kong-mesh-cni --bench repair_in_place   (KMC_BENCH_ROUNDS, default 15)
+//! cargo test -p kong-mesh-cni --bench repair_in_place    (the same, unoptimised build)
 
 #[path = "../tests/installer_host/mod.rs"]
 mod installer_host;
