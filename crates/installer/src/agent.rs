@@ -11,18 +11,15 @@
 //! answering what it can answer correctly meanwhile.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cni::agent::{Answer, MAX_REQUEST, Request, Status, WAIT, decision_view};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::config::{
-    AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
-};
+use kube::Api;
 use kube::runtime::watcher;
-use kube::{Api, Client};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -49,9 +46,7 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 pub struct AgentSettings {
     pub node_name: String,
     pub socket: PathBuf,
-    pub server: String,
-    pub ca_file: PathBuf,
-    pub token_file: PathBuf,
+    pub identity: crate::api::Identity,
 }
 
 /// The cache, and a counter bumped on every change (lookups waiting for a pod wake up).
@@ -109,52 +104,13 @@ impl Agent {
     }
 }
 
-/// A client with the installer's own identity: the token file is re-read as it
-/// rotates (kube does that for `tokenFile`), every request bounded.
-pub async fn client(server: &str, ca_file: &Path, token_file: &Path) -> Result<Client, String> {
-    let name = "kong-mesh-cni";
-    let kubeconfig = Kubeconfig {
-        clusters: vec![NamedCluster {
-            name: name.into(),
-            cluster: Some(Cluster {
-                server: Some(server.into()),
-                certificate_authority: Some(ca_file.to_string_lossy().into_owned()),
-                ..Cluster::default()
-            }),
-            ..NamedCluster::default()
-        }],
-        auth_infos: vec![NamedAuthInfo {
-            name: name.into(),
-            auth_info: Some(AuthInfo {
-                token_file: Some(token_file.to_string_lossy().into_owned()),
-                ..AuthInfo::default()
-            }),
-            ..NamedAuthInfo::default()
-        }],
-        contexts: vec![NamedContext {
-            name: name.into(),
-            context: Some(Context { cluster: name.into(), user: Some(name.into()), ..Context::default() }),
-            ..NamedContext::default()
-        }],
-        current_context: Some(name.into()),
-        ..Kubeconfig::default()
-    };
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .map_err(|e| format!("API client for {server}: {e}"))?;
-    config.connect_timeout = Some(CONNECT_TIMEOUT);
-    config.read_timeout = Some(READ_TIMEOUT);
-    config.write_timeout = Some(CONNECT_TIMEOUT);
-    Client::try_from(config).map_err(|e| format!("API client for {server}: {e}"))
-}
-
 /// Keeps the cache current, forever: after any error the watch starts over with a
 /// list, which also tells when the API server is back.
 async fn watch(settings: AgentSettings, shared: Arc<Shared>) {
     let mut backoff = BACKOFF.0;
     let mut last_error = String::new();
     let client = loop {
-        match client(&settings.server, &settings.ca_file, &settings.token_file).await {
+        match settings.identity.client(CONNECT_TIMEOUT, READ_TIMEOUT).await {
             Ok(client) => break client,
             Err(e) => failed(&shared, &mut last_error, e),
         }

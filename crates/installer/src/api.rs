@@ -1,6 +1,6 @@
 //! The installer's own calls to the API server, with the identity it hands the plugin
-//! (the same server, CA and service-account token, read fresh for every client so that
-//! a rotated token is used at once). Every call is bounded.
+//! (the same server, CA and service-account token; kube re-reads the token file, so a
+//! rotated token is used at once). Every call is bounded.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::config::{
+    AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
+};
 use kube::{Api, Client};
 
 use crate::args::Settings;
 use crate::inplace::PodAnswer;
-use crate::kubeconfig;
 
 /// Looks a pod up by namespace and name. Injected, so that a pod cache can answer
 /// instead of a GET.
@@ -33,17 +34,45 @@ impl Identity {
         Identity { server: s.server.clone(), ca_file: s.ca_file.clone(), token_file: s.token_file.clone() }
     }
 
-    /// A client whose every connect, read and write is bounded by `timeout`.
-    pub async fn client(&self, timeout: Duration) -> Result<Client, String> {
-        let text = kubeconfig::from_files(&self.server, &self.ca_file, &self.token_file)?;
-        let kc = Kubeconfig::from_yaml(text.expose()).map_err(|e| format!("our kubeconfig: {e}"))?;
-        let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    /// A client with our identity: kube re-reads the token file as it rotates. Connects
+    /// and writes are bounded by `connect`, each read by `read` (a watch's reads wait
+    /// for its next event).
+    pub async fn client(&self, connect: Duration, read: Duration) -> Result<Client, String> {
+        let name = "kong-mesh-cni";
+        let kubeconfig = Kubeconfig {
+            clusters: vec![NamedCluster {
+                name: name.into(),
+                cluster: Some(Cluster {
+                    server: Some(self.server.clone()),
+                    certificate_authority: Some(self.ca_file.to_string_lossy().into_owned()),
+                    ..Cluster::default()
+                }),
+                ..NamedCluster::default()
+            }],
+            auth_infos: vec![NamedAuthInfo {
+                name: name.into(),
+                auth_info: Some(AuthInfo {
+                    token_file: Some(self.token_file.to_string_lossy().into_owned()),
+                    ..AuthInfo::default()
+                }),
+                ..NamedAuthInfo::default()
+            }],
+            contexts: vec![NamedContext {
+                name: name.into(),
+                context: Some(Context { cluster: name.into(), user: Some(name.into()), ..Context::default() }),
+                ..NamedContext::default()
+            }],
+            current_context: Some(name.into()),
+            ..Kubeconfig::default()
+        };
+        let server = &self.server;
+        let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
-            .map_err(|e| format!("our kubeconfig: {e}"))?;
-        config.connect_timeout = Some(timeout);
-        config.read_timeout = Some(timeout);
-        config.write_timeout = Some(timeout);
-        Client::try_from(config).map_err(|e| format!("API client: {e}"))
+            .map_err(|e| format!("API client for {server}: {e}"))?;
+        config.connect_timeout = Some(connect);
+        config.read_timeout = Some(read);
+        config.write_timeout = Some(connect);
+        Client::try_from(config).map_err(|e| format!("API client for {server}: {e}"))
     }
 
     /// A GET of the pod, bounded by `timeout` as a whole.
@@ -52,7 +81,7 @@ impl Identity {
             let identity = self.clone();
             Box::pin(async move {
                 let get = async {
-                    let client = identity.client(timeout).await?;
+                    let client = identity.client(timeout, timeout).await?;
                     Api::<Pod>::namespaced(client, &namespace).get_opt(&name).await.map_err(|e| e.to_string())
                 };
                 match tokio::time::timeout(timeout, get).await {
@@ -83,7 +112,7 @@ impl Identity {
             patch["metadata"]["uid"] = uid.into();
         }
         let call = async {
-            let client = self.client(timeout).await?;
+            let client = self.client(timeout, timeout).await?;
             let params = kube::api::PatchParams::default();
             Api::<Pod>::namespaced(client, namespace)
                 .patch(name, &params, &kube::api::Patch::Merge(patch))
@@ -102,7 +131,7 @@ impl Identity {
         timeout: Duration,
     ) -> Result<Option<DaemonSet>, ApiFailure> {
         let get = async {
-            let client = self.client(timeout).await.map_err(ApiFailure::Other)?;
+            let client = self.client(timeout, timeout).await.map_err(ApiFailure::Other)?;
             Api::<DaemonSet>::namespaced(client, namespace).get_opt(name).await.map_err(|e| match e {
                 kube::Error::Api(status) => ApiFailure::Status(status.code, status.message),
                 e => ApiFailure::Other(e.to_string()),

@@ -283,9 +283,7 @@ impl Settings {
         Some(crate::agent::AgentSettings {
             node_name: self.node_name.clone()?,
             socket: self.agent_socket.clone(),
-            server: self.server.clone(),
-            ca_file: self.ca_file.clone(),
-            token_file: self.token_file.clone(),
+            identity: crate::api::Identity::new(self),
         })
     }
 }
