@@ -60,6 +60,8 @@ impl NodeAgent {
                 ("KUBERNETES_SERVICE_PORT", &port),
                 ("NODE_NAME", node),
                 ("CNI_NETWORK_CONFIG", &template),
+                // The run dir as the installer sees it: the template's (one dir, as in the chart).
+                ("KMC_RUN_DIR", &run_dir.to_string_lossy()),
                 ("CFGCHECK_INTERVAL", "3600"),
             ],
         );
