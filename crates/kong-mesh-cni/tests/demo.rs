@@ -2,11 +2,15 @@
 //! checks asserted (not just "it ran"); once with the plugin's default backend, once
 //! with the native nf_tables one (one after the other: each brings up a node).
 
+/// One demo at a time: the real node's start takes most of both cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_node_demo_shows_every_behaviour() {
     if testkit::skip_heavy("the node demo") || !testkit::require_root() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     for backend in [None, Some("nftables")] {
         let report = demo::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")), backend)
             .unwrap_or_else(|e| panic!("the demo runs with backend {backend:?}: {e:#}"));
@@ -63,6 +67,7 @@ fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_
     if testkit::skip_heavy("the real-node demo") || !testkit::require_root() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let report =
         demo::real_node::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni"))).expect("the demo runs");
     println!("{report}");
