@@ -219,7 +219,16 @@ fn refusals_exit_non_zero_with_the_reason_and_print_nothing() {
         (&["--preset", "minikube"], 2, "unknown preset \"minikube\" (presets: aks, aks-overlay,"),
         (&["--preset", "kind", "--set", "cni.logLevel"], 2, "has no value"),
         (&["--preset", "kind", "-f", "/nonexistent/values.yaml"], 2, "/nonexistent/values.yaml"),
-        (&["--preset", "kind", "--set", "experimental.ebpf.enabled=true"], 1, "the eBPF mode is not available"),
+        (
+            &[
+                "--preset",
+                "kind",
+                "--set",
+                "experimental.ebpf.enabled=true,cni.containerSecurityContext.privileged=false",
+            ],
+            1,
+            "experimental.ebpf.enabled=true needs cni.containerSecurityContext.privileged=true",
+        ),
         (&["--preset", "kind", "--set", "cni.confName=kindnet"], 1, "must name the primary CNI's .conf or .conflist"),
     ];
     for (args, code, want) in cases {
