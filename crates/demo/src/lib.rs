@@ -58,9 +58,7 @@ pub fn run(binary: &Path, iptables_backend: Option<&str>) -> Result<Report> {
         .unwrap_or_default();
 
     rt.block_on(async {
-        let annotated = |name: &str| {
-            pod(name).container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true")
-        };
+        let annotated = |name: &str| testkit::mesh_pod(name);
         ns.create_pod(annotated("web").annotation("kuma.io/builtin-dns", "enabled").build()).await;
         ns.create_pod(pod("plain").build()).await;
         ns.create_pod(annotated("broken").annotation("traffic.kuma.io/exclude-inbound-ports", "80,http").build()).await;

@@ -3,11 +3,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{TestNode, pin_dir_entries, require_ebpf};
+use common::{TestNode, connection_loop, pin_dir_entries, require_ebpf};
 use ebpf::{EbpfError, Paths};
 use kuma::Config;
 use testkit::net::{Topology, accept_within, listen_tcp};
@@ -21,50 +19,16 @@ fn a_second_install_replaces_the_programs_without_a_gap() {
     let topo = Topology::new("ebr", false);
     let pod = topo.pod.open();
     node.registry().register("c1", &pod, &Config::default(), &[topo.pod_addr(false)]).unwrap();
-    let outbound = listen_tcp(&pod, false, 15001);
-    let direct = listen_tcp(&topo.peer.open(), false, 8080);
-    let dest = SocketAddr::new(topo.peer_addr(false), 8080);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (redirected, escaped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    std::thread::scope(|scope| {
-        // Drains both listeners while the loop connects.
-        scope.spawn(|| {
-            while !stop.load(Ordering::Relaxed) || accept_within(&outbound, Duration::from_millis(100)).is_some() {
-                while accept_within(&outbound, Duration::from_millis(1)).is_some() {
-                    redirected.fetch_add(1, Ordering::Relaxed);
-                }
-                while accept_within(&direct, Duration::from_millis(1)).is_some() {
-                    escaped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        let connector = scope.spawn(|| {
-            pod.run(|| {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    std::net::TcpStream::connect_timeout(&dest, Duration::from_secs(2)).expect("connect");
-                    n += 1;
-                }
-                n
-            })
-            .unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(200));
+    let counted = connection_loop(&pod, &topo, || {
         for _ in 0..3 {
             let installed = ebpf::install(&node.paths).expect("reinstall");
             assert!(installed.replaced);
         }
-        std::thread::sleep(Duration::from_millis(200));
-        stop.store(true, Ordering::Relaxed);
-        let made = connector.join().unwrap();
-        eprintln!("{made} connections during three reloads");
-        assert!(made > 50, "the loop made only {made} connections");
     });
-    while accept_within(&direct, Duration::from_millis(50)).is_some() {
-        escaped.fetch_add(1, Ordering::Relaxed);
-    }
-    assert_eq!(escaped.load(Ordering::Relaxed), 0, "connections escaped the redirect during the reload");
-    assert!(redirected.load(Ordering::Relaxed) > 50);
+    eprintln!("{} connections during three reloads", counted.made);
+    assert!(counted.made > 50, "the loop made only {} connections", counted.made);
+    assert_eq!(counted.escaped, 0, "connections escaped the redirect during the reload");
+    assert!(counted.redirected > 50);
     // The registration survived, and the pod's sk_lookup link runs the new program.
     node.registry().check("c1", &pod, &Config::default(), &[topo.pod_addr(false)]).unwrap();
     assert_eq!(ebpf::status(&node.paths).unwrap().registered_pods, 1);

@@ -8,13 +8,11 @@ mod installer_host;
 #[path = "../../ebpf/tests/common/mod.rs"]
 mod ebpf_node;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ebpf_node::{TestNode, pin_dir_entries, require_ebpf};
+use ebpf_node::{TestNode, connection_loop, pin_dir_entries, require_ebpf};
 use installer_host::*;
-use testkit::net::{Topology, accept_within, listen_tcp};
+use testkit::net::Topology;
 
 const PLUGIN: &str = "kong-mesh-cni";
 const STARTUP: Duration = Duration::from_secs(30);
@@ -97,31 +95,7 @@ fn loads_once_a_second_installer_adopts_without_a_gap_and_uninstall_leaves_nothi
 
     // A connection loop while the installer dies and another one starts: every
     // connection is redirected.
-    let outbound = listen_tcp(&pod, false, 15001);
-    let direct = listen_tcp(&topo.peer.open(), false, 8080);
-    let dest = SocketAddr::new(topo.peer_addr(false), 8080);
-    let stop = AtomicBool::new(false);
-    let (redirected, escaped) = (AtomicUsize::new(0), AtomicUsize::new(0));
-    let second = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !stop.load(Ordering::Relaxed) || accept_within(&outbound, Duration::from_millis(100)).is_some() {
-                while accept_within(&outbound, Duration::from_millis(1)).is_some() {
-                    redirected.fetch_add(1, Ordering::Relaxed);
-                }
-                while accept_within(&direct, Duration::from_millis(1)).is_some() {
-                    escaped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        let connector = scope.spawn(|| {
-            pod.run(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    std::net::TcpStream::connect_timeout(&dest, Duration::from_secs(2)).expect("connect");
-                }
-            })
-            .unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(200));
+    let seen = connection_loop(&pod, &topo, || {
         // A crash or an upgrade: the old installer is gone without removing anything.
         first.signal(libc::SIGKILL);
         first.wait(Duration::from_secs(5)).expect("killed");
@@ -130,17 +104,11 @@ fn loads_once_a_second_installer_adopts_without_a_gap_and_uninstall_leaves_nothi
         let adopted = wait_for(STARTUP, || second.log().contains("adopted the pinned maps and links"));
         assert!(adopted.is_some(), "the second installer adopts; log:\n{}", second.log());
         assert!(wait_for(STARTUP, || host.ready.exists()).is_some(), "ready again; log:\n{}", second.log());
-        std::thread::sleep(Duration::from_millis(200));
-        stop.store(true, Ordering::Relaxed);
-        connector.join().unwrap();
         second
     });
-    let mut second = second;
-    while accept_within(&direct, Duration::from_millis(50)).is_some() {
-        escaped.fetch_add(1, Ordering::Relaxed);
-    }
-    assert_eq!(escaped.load(Ordering::Relaxed), 0, "connections escaped the redirect across the restart");
-    assert!(redirected.load(Ordering::Relaxed) > 20, "only {} connections", redirected.load(Ordering::Relaxed));
+    let mut second = seen.during;
+    assert_eq!(seen.escaped, 0, "connections escaped the redirect across the restart");
+    assert!(seen.redirected > 20, "only {} connections", seen.redirected);
     node.registry().check("c1", &pod, &kuma::Config::default(), &addrs).expect("the registration survived");
 
     // Uninstall: unchained, then nothing of ours left in the bpffs.

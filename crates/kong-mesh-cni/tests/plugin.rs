@@ -24,7 +24,7 @@ fn chain(plugins: Plugins, entry: Value) -> CniRuntime {
 }
 
 async fn mesh_pod(ns: &TestNamespace, name: &str, extra: &[(&str, &str)]) {
-    let mut p = pod(name).container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true");
+    let mut p = testkit::mesh_pod(name);
     for (k, v) in extra {
         p = p.annotation(k, v);
     }

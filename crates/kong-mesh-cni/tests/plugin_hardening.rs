@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use testkit::net::NamedNetns;
-use testkit::{ApiServer, TestNamespace, pod, policy_rule, require_root, skip_heavy};
+use testkit::{ApiServer, TestNamespace, policy_rule, require_root, skip_heavy};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 
@@ -30,7 +30,7 @@ async fn fixture() -> Fixture {
 }
 
 async fn mesh_pod(ns: &TestNamespace, name: &str, annotations: &[(&str, &str)]) {
-    let mut p = pod(name).container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true");
+    let mut p = testkit::mesh_pod(name);
     for (k, v) in annotations {
         p = p.annotation(k, v);
     }

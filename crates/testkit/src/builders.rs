@@ -11,6 +11,12 @@ pub fn pod(name: &str) -> PodBuilder {
     }
 }
 
+/// A pod as Kuma's injector leaves it for the CNI: the app, the `kuma-sidecar` container
+/// and the injected annotation; more annotations can follow.
+pub fn mesh_pod(name: &str) -> PodBuilder {
+    pod(name).container("app").container("kuma-sidecar").annotation("kuma.io/sidecar-injected", "true")
+}
+
 /// Builds a [`Pod`]; with no container given, it gets one named `app`.
 pub struct PodBuilder {
     pod: Pod,

@@ -27,7 +27,7 @@ mod objects;
 pub mod process;
 
 pub use apiserver::{ApiServer, ProjectedServiceAccount};
-pub use builders::{PodBuilder, pod, policy_rule};
+pub use builders::{PodBuilder, mesh_pod, pod, policy_rule};
 pub use cluster::{ClusterGrant, request_count};
 pub use cni::{Attachment, CniError, CniRuntime, Plugins};
 pub use net::{NamedNetns, require_root};

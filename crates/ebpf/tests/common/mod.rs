@@ -12,8 +12,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use ebpf::Paths;
 use netns::NetNs;
+use testkit::net::{Topology, accept_within, listen_tcp};
 
 /// Whether the eBPF tests may run: root, cgroup2 and bpf(2). Under CI anything missing
 /// is a failure, never a skip.
@@ -168,4 +171,60 @@ pub fn pin_dir_entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default()
+}
+
+/// What a connection loop saw while something ran.
+pub struct Counted<T> {
+    /// Connections the pod made.
+    pub made: usize,
+    /// Those that landed on the outbound listener (port 15001 in the pod).
+    pub redirected: usize,
+    /// Those that reached the destination itself: escaped the redirect.
+    pub escaped: usize,
+    /// What the thing that ran returned.
+    pub during: T,
+}
+
+/// Runs `during` while the pod of `topo` (opened as `pod`) connects to its peer's port
+/// 8080 in a loop, from 200 ms before until 200 ms after, and counts where each
+/// connection landed.
+pub fn connection_loop<T>(pod: &NetNs, topo: &Topology, during: impl FnOnce() -> T) -> Counted<T> {
+    let outbound = listen_tcp(pod, false, 15001);
+    let direct = listen_tcp(&topo.peer.open(), false, 8080);
+    let dest = SocketAddr::new(topo.peer_addr(false), 8080);
+    let stop = AtomicBool::new(false);
+    let (redirected, escaped) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let (made, during) = std::thread::scope(|scope| {
+        // Drains both listeners while the loop connects.
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) || accept_within(&outbound, Duration::from_millis(100)).is_some() {
+                while accept_within(&outbound, Duration::from_millis(1)).is_some() {
+                    redirected.fetch_add(1, Ordering::Relaxed);
+                }
+                while accept_within(&direct, Duration::from_millis(1)).is_some() {
+                    escaped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let connector = scope.spawn(|| {
+            pod.run(|| {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    std::net::TcpStream::connect_timeout(&dest, Duration::from_secs(2)).expect("connect");
+                    n += 1;
+                }
+                n
+            })
+            .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let during = during();
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        (connector.join().unwrap(), during)
+    });
+    while accept_within(&direct, Duration::from_millis(50)).is_some() {
+        escaped.fetch_add(1, Ordering::Relaxed);
+    }
+    Counted { made, redirected: redirected.into_inner(), escaped: escaped.into_inner(), during }
 }
