@@ -272,6 +272,9 @@ fn run_slot(
     full_env.extend(env.iter().cloned());
     full_env.push(("KUBERNETES_SERVICE_HOST".into(), projected.host.clone()));
     full_env.push(("KUBERNETES_SERVICE_PORT".into(), projected.port.clone()));
+    // No DaemonSet of the slot exists in this API server to ask about at SIGTERM: the
+    // removal checked below is asked for as an uninstall.
+    full_env.push(("KMC_UNINSTALL_ON_SIGTERM".into(), "always".into()));
     let container = Container { root, mounts, env: full_env };
 
     let net_dir = host_path_of["/host/etc/cni/net.d"].clone();
