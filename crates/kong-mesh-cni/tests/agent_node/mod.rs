@@ -21,8 +21,10 @@ pub struct NodeAgent {
     pub node: String,
     /// The plugin's run dir; the agent's socket is in it.
     pub run_dir: PathBuf,
-    pub host: Host,
+    /// Before `host`: fields drop in order, and the installer must be gone before its
+    /// dirs are removed (it would write into them meanwhile).
     pub installer: Installer,
+    pub host: Host,
     /// The API server's address as the installer was given it.
     pub server: (String, String),
     _grant: ClusterGrant,
