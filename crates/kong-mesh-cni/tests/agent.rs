@@ -43,9 +43,7 @@ fn skip(what: &str) -> bool {
 fn chain(entry: Value) -> CniRuntime {
     let mut rt = CniRuntime::bridge(Plugins::Upstream);
     rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
-    let mut conflist = rt.conflist();
-    conflist["plugins"].as_array_mut().unwrap().push(entry);
-    rt.set_conflist(&conflist);
+    rt.append_plugin(entry);
     rt
 }
 

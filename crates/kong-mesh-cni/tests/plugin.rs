@@ -17,9 +17,7 @@ use support::{BIN, fixture, our_entry, saved_rules};
 fn chain(plugins: Plugins, entry: Value) -> CniRuntime {
     let mut rt = CniRuntime::bridge(plugins);
     rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
-    let mut conflist = rt.conflist();
-    conflist["plugins"].as_array_mut().unwrap().push(entry);
-    rt.set_conflist(&conflist);
+    rt.append_plugin(entry);
     rt
 }
 

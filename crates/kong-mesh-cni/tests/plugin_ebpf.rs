@@ -30,10 +30,7 @@ fn skip(what: &str) -> bool {
 fn ebpf_chain(kubeconfig: &Path, scratch: &Path, node: &TestNode) -> CniRuntime {
     let mut rt = CniRuntime::bridge(Plugins::Upstream);
     rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
-    let mut conflist = rt.conflist();
-    let entry = our_entry(kubeconfig, scratch, json!({"ebpf": {"bpffs_path": node.paths.bpffs}}));
-    conflist["plugins"].as_array_mut().unwrap().push(entry);
-    rt.set_conflist(&conflist);
+    rt.append_plugin(our_entry(kubeconfig, scratch, json!({"ebpf": {"bpffs_path": node.paths.bpffs}})));
     rt
 }
 

@@ -162,15 +162,13 @@ fn the_record_says_what_add_saw_and_del_removes_it() {
     let run_dir = scratch.path().join("run");
     let mut cni = CniRuntime::bridge(Plugins::Upstream);
     cni.prepend_plugin_dir(Path::new(BINARY).parent().unwrap());
-    let mut conflist = cni.conflist();
     // No kubeconfig yet (the installer has not written it): the API cannot be asked.
     let ours = json!({
         "type": "kong-mesh-cni", "run_dir": run_dir, "log_file": scratch.path().join("cni.log"),
         "log_socket": scratch.path().join("log.sock"),
         "kubernetes": {"kubeconfig": scratch.path().join("not-written-yet")},
     });
-    conflist["plugins"].as_array_mut().unwrap().push(ours);
-    cni.set_conflist(&conflist);
+    cni.append_plugin(ours);
     let netns = NamedNetns::new("inpl-rec");
     let a = Attachment::new(&netns, "shop", "web");
     cni.add(&a).expect("the pod starts");
@@ -183,7 +181,7 @@ fn the_record_says_what_add_saw_and_del_removes_it() {
         (&json!("shop"), &json!("web"), &json!(a.pod_uid), &json!(a.container_id), &json!("eth0"))
     );
     assert_eq!(record["netns"], json!(a.netns));
-    assert_eq!(record["network"], conflist["name"]);
+    assert_eq!(record["network"], cni.conflist()["name"]);
     assert_eq!(record["conf"]["type"], "kong-mesh-cni");
     assert!(record["conf"].get("prevResult").is_none(), "the previous result is not kept");
 

@@ -207,6 +207,13 @@ impl CniRuntime {
         std::fs::write(&self.conflist, serde_json::to_vec_pretty(conflist).unwrap()).expect("writing conflist");
     }
 
+    /// Chains `entry` after the plugins already in the conflist.
+    pub fn append_plugin(&self, entry: Value) {
+        let mut conflist = self.conflist();
+        conflist["plugins"].as_array_mut().expect("a conflist has a plugins list").push(entry);
+        self.set_conflist(&conflist);
+    }
+
     /// The private state dir (removed on drop); host-local keeps its leases in `ipam/`.
     pub fn state_dir(&self) -> &Path {
         self.dir.path()

@@ -84,13 +84,12 @@ impl MeshPod {
     pub fn chain_with_ours(&self, backend: &str, lookup: Lookup) -> CniRuntime {
         let mut rt = CniRuntime::bridge(Plugins::Upstream);
         rt.prepend_plugin_dir(Path::new(BIN).parent().unwrap());
-        let mut conflist = rt.conflist();
         let scratch = self.scratch.path();
         let run_dir = match lookup {
             Lookup::Agent => self.agent.run_dir.clone(),
             Lookup::Direct => scratch.join("run"),
         };
-        conflist["plugins"].as_array_mut().unwrap().push(json!({
+        rt.append_plugin(json!({
             "type": "kong-mesh-cni",
             "log_level": "info",
             "log_file": scratch.join("cni.log"),
@@ -99,7 +98,6 @@ impl MeshPod {
             "iptables_backend": backend,
             "kubernetes": {"kubeconfig": self.kubeconfig},
         }));
-        rt.set_conflist(&conflist);
         rt
     }
 }
