@@ -7,10 +7,9 @@
 //!
 //! One node at a time (each costs ~1 GiB and most of two cores while it starts).
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+mod installer_host;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -21,9 +20,9 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use testkit::node::node_ready;
 use testkit::node_pods::{self, Validator, container, container_logs, mesh_pod, plain_pod, pod_ip, tail};
+use installer_host::{BINARY, Installer, UNINSTALL, wait_for};
 use testkit::{Node, NodeOptions};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 const POD_READY: Duration = Duration::from_secs(60);
 
 static ONE_NODE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -103,85 +102,34 @@ async fn node_registers_ready_runs_a_plain_pod_and_a_teardown_from_its_state_fil
 }
 
 /// `kong-mesh-cni install` on the host, with the environment the DaemonSet gives it and
-/// hostPath mounts that are the node's own dirs.
-struct Installer {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    ready: PathBuf,
-}
-
-impl Installer {
-    async fn start(node: &Node, client: &Client) -> Installer {
-        let sa_dir = node.root.join("installer-sa");
-        std::fs::create_dir_all(&sa_dir).unwrap();
-        let (token, ca) = service_account_token(client, node, "kube-system", "kong-mesh-cni").await;
-        std::fs::write(sa_dir.join("token"), token).unwrap();
-        std::fs::write(sa_dir.join("ca.crt"), ca).unwrap();
-        let ready = node.root.join("installer-ready");
-        let p = |p: &Path| p.to_string_lossy().into_owned();
-        let mut cmd = Command::new(BINARY);
-        cmd.arg("install").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("NO_COLOR", "1");
-        cmd.envs([
-            ("KUBERNETES_SERVICE_HOST", node.node_ip.to_string()),
-            ("KUBERNETES_SERVICE_PORT", node.api_port.to_string()),
-            ("CNI_NET_DIR", p(&node.cni_net_dir)),
-            ("MOUNTED_CNI_NET_DIR", p(&node.cni_net_dir)),
-            ("MOUNTED_CNI_BIN_DIR", p(&node.cni_bin_dir)),
-            ("KMC_SECONDARY_BIN_DIR", p(&node.root.join("secondary-bin"))),
-            ("KUBE_CA_FILE", p(&sa_dir.join("ca.crt"))),
-            ("KUBE_SERVICE_ACCOUNT_TOKEN_PATH", p(&sa_dir.join("token"))),
-            ("CNI_READY_FILE", p(&ready)),
-            ("KMC_HEALTH_PORT", "0".into()),
-            ("KMC_LOG_SOCKET", p(&node.root.join("run/kong-mesh-cni/log.sock"))),
-            // No DaemonSet runs this installer: its SIGTERM stands for an uninstall.
-            ("KMC_UNINSTALL_ON_SIGTERM", "always".into()),
-        ]);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("starting the installer");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let installer = Installer { child, log, ready };
-        let start = Instant::now();
-        while !installer.ready.exists() {
-            assert!(start.elapsed() < Duration::from_secs(30), "installer not ready in 30s:\n{}", installer.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        installer
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(start.elapsed() < Duration::from_secs(20), "installer did not exit within 20s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Installer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// hostPath mounts that are the node's own dirs; returns once its ready file is written.
+async fn start_installer(node: &Node, client: &Client) -> Installer {
+    let sa_dir = node.root.join("installer-sa");
+    std::fs::create_dir_all(&sa_dir).unwrap();
+    let (token, ca) = service_account_token(client, node, "kube-system", "kong-mesh-cni").await;
+    std::fs::write(sa_dir.join("token"), token).unwrap();
+    std::fs::write(sa_dir.join("ca.crt"), ca).unwrap();
+    let ready = node.root.join("installer-ready");
+    let p = |p: &Path| p.to_string_lossy().into_owned();
+    let env = [
+        ("KUBERNETES_SERVICE_HOST", node.node_ip.to_string()),
+        ("KUBERNETES_SERVICE_PORT", node.api_port.to_string()),
+        ("CNI_NET_DIR", p(&node.cni_net_dir)),
+        ("MOUNTED_CNI_NET_DIR", p(&node.cni_net_dir)),
+        ("MOUNTED_CNI_BIN_DIR", p(&node.cni_bin_dir)),
+        ("KMC_SECONDARY_BIN_DIR", p(&node.root.join("secondary-bin"))),
+        ("KUBE_CA_FILE", p(&sa_dir.join("ca.crt"))),
+        ("KUBE_SERVICE_ACCOUNT_TOKEN_PATH", p(&sa_dir.join("token"))),
+        ("CNI_READY_FILE", p(&ready)),
+        ("KMC_HEALTH_PORT", "0".into()),
+        ("KMC_LOG_SOCKET", p(&node.root.join("run/kong-mesh-cni/log.sock"))),
+        // No DaemonSet runs this installer: its SIGTERM stands for an uninstall.
+        (UNINSTALL.0, UNINSTALL.1.into()),
+    ];
+    let installer = Installer::spawn(Path::new(BINARY), &["install"], env.map(|(k, v)| (k.to_string(), v.to_string())));
+    let up = wait_for(Duration::from_secs(30), || ready.exists());
+    assert!(up.is_some(), "installer not ready in 30s:\n{}", installer.log());
+    installer
 }
 
 /// ServiceAccount `namespace/name` with the chart's ClusterRole (get pods), and a bound
@@ -236,7 +184,7 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
 
     let start = Instant::now();
-    let mut installer = Installer::start(&node, &client).await;
+    let mut installer = start_installer(&node, &client).await;
     eprintln!("installer ready in {:.1?}", start.elapsed());
     let kubelet_log_at_chaining = node.log("kubelet").len();
     assert!(

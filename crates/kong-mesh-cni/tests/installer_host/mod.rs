@@ -9,7 +9,6 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -96,7 +95,9 @@ impl Host {
 /// The installer process; killed (SIGKILL) and reaped on drop if still running.
 pub struct Installer {
     pub child: Child,
-    log: Arc<Mutex<String>>,
+    /// Its stderr goes to a file, not a pipe: a line it wrote before an effect the test
+    /// saw is in the file by then, where a pipe's reader thread could still lag.
+    log: tempfile::NamedTempFile,
 }
 
 impl Installer {
@@ -107,28 +108,17 @@ impl Installer {
     }
 
     pub fn start_program(program: &Path, args: &[&str], host: &Host, extra: &[(&str, &str)]) -> Installer {
+        Installer::spawn(program, args, host.env().into_iter().chain(extra.iter().map(|&(k, v)| (k.into(), v.into()))))
+    }
+
+    /// Spawns `program args` with `env` and nothing inherited but PATH.
+    pub fn spawn(program: &Path, args: &[&str], env: impl IntoIterator<Item = (String, String)>) -> Installer {
+        let log = tempfile::NamedTempFile::new().expect("a file for the installer's log");
         let mut cmd = Command::new(program);
         cmd.args(args).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("NO_COLOR", "1");
-        cmd.envs(host.env());
-        cmd.envs(extra.iter().copied());
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("starting the installer");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let text = String::from_utf8_lossy(&buf[..n]);
-                if std::env::var_os("KMC_TEST_VERBOSE").is_some() {
-                    eprint!("{text}");
-                }
-                sink.lock().unwrap().push_str(&text);
-            }
-        });
+        cmd.envs(env);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log.reopen().expect("the log file"));
+        let child = cmd.spawn().expect("starting the installer");
         Installer { child, log }
     }
 
@@ -138,7 +128,7 @@ impl Installer {
 
     /// Everything it logged so far.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        String::from_utf8_lossy(&std::fs::read(self.log.path()).unwrap_or_default()).into_owned()
     }
 
     pub fn signal(&self, signal: i32) {
