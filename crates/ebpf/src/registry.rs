@@ -5,17 +5,16 @@
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv6Addr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData};
-use aya::programs::SkLookup;
-use aya::programs::links::FdLink;
 use kuma::Config;
 use netns::NetNs;
 
 use crate::abi::{self, AddrKey, POD_IPV6, Pod};
 use crate::loader::{PODS_DIR, SK_LOOKUP};
+use crate::sys::{self, AttachType};
 use crate::{EbpfError, Paths};
 
 /// `SO_NETNS_COOKIE` from asm-generic/socket.h (kernel 5.14).
@@ -173,20 +172,21 @@ impl Registry {
             self.addrs.insert(AddrKey::new(*ip), cookie, 0).map_err(EbpfError::map("kmc_addrs"))?;
         }
         self.pods.insert(cookie, value, 0).map_err(EbpfError::map("kmc_pods"))?;
+        // The pinned program and the link through bpf(2) directly: aya's SkLookup would
+        // probe the kernel's features first, costing the plugin most of its time here.
         let prog_pin = self.dir.join(SK_LOOKUP);
-        let mut prog = SkLookup::from_pin(&prog_pin).map_err(EbpfError::program(SK_LOOKUP))?;
+        let prog = sys::obj_get(&prog_pin).map_err(EbpfError::io("cannot open the pinned program", &prog_pin))?;
         let ns = File::open(netns.path()).map_err(EbpfError::io("cannot open", netns.path()))?;
-        let link_id = prog.attach(&ns).map_err(EbpfError::program(SK_LOOKUP))?;
-        let link: FdLink = prog.take_link(link_id).map_err(EbpfError::program(SK_LOOKUP))?.into();
+        let link = sys::link_create(prog.as_fd(), ns.as_fd(), AttachType::SkLookup)
+            .map_err(EbpfError::io("cannot attach sk_lookup to", netns.path()))?;
         let pin = self.dir.join(PODS_DIR).join(format!("{id}_{cookie}"));
-        link.pin(&pin).map_err(|source| EbpfError::Pin { path: pin, source: Box::new(source) })?;
-        Ok(())
+        sys::obj_pin(link.as_fd(), &pin).map_err(EbpfError::io("cannot pin", &pin))
     }
 
     /// Removes a pod's pin (detaching its sk_lookup), configuration and addresses.
     fn remove(&mut self, pin: Option<&Path>, cookie: u64) -> Result<(), EbpfError> {
         if let Some(pin) = pin {
-            crate::sys::detach_and_unpin(pin).map_err(EbpfError::io("cannot detach and unpin", pin))?;
+            sys::detach_and_unpin(pin).map_err(EbpfError::io("cannot detach and unpin", pin))?;
         }
         let stale: Vec<AddrKey> =
             self.addrs.iter().filter_map(Result::ok).filter(|(_, owner)| *owner == cookie).map(|(k, _)| k).collect();

@@ -1,5 +1,6 @@
-//! The bpf(2) commands aya does not offer for every program type we use:
-//! BPF_LINK_CREATE on a cgroup, BPF_LINK_UPDATE (the atomic program swap of an
+//! The bpf(2) commands aya does not offer for every program type we use, or offers
+//! only after probing the kernel's features (a dozen loads, in every plugin process):
+//! BPF_LINK_CREATE on a cgroup or namespace, BPF_LINK_UPDATE (the atomic program swap of an
 //! attached link), BPF_LINK_DETACH and BPF_OBJ_PIN/BPF_OBJ_GET of a link.
 
 use std::ffi::CString;
@@ -25,6 +26,7 @@ pub enum AttachType {
     Udp4Recvmsg = 19,
     Udp6Recvmsg = 20,
     Getsockopt = 21,
+    SkLookup = 36,
 }
 
 /// `union bpf_attr`, as words: every command we use fits in its first 32 bytes, and the
@@ -46,7 +48,8 @@ fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// Attaches `prog` to the cgroup `target` with a BPF link (multi-attach by nature).
+/// Attaches `prog` to `target` (a cgroup, or a network namespace for sk_lookup) with a
+/// BPF link (multi-attach by nature).
 pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: AttachType) -> io::Result<OwnedFd> {
     let mut attr: Attr = [0; 38];
     attr[0] = prog.as_raw_fd() as u32;
