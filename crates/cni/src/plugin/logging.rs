@@ -15,8 +15,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::prelude::*;
 
 /// The file is rotated (to `<file>.1`) past this size: at most twice this on disk.
 const MAX_FILE_BYTES: u64 = 1 << 20;
@@ -82,21 +83,28 @@ impl<'a> MakeWriter<'a> for MakeLineWriter {
     }
 }
 
-/// Our crates log at `level` (off, error, warn, info, debug or trace; unknown: info);
-/// the libraries under them (HTTP, TLS) only their warnings.
+/// The crates under the plugin whose lines it logs at the configured level; the
+/// libraries under them (HTTP, TLS) only their warnings.
+const OURS: [&str; 4] = ["cni::plugin", "netfilter", "ebpf", "kuma"];
+
+/// `level` is off, error, warn, info, debug or trace (unknown: info).
 pub fn init(level: &str, socket: &Path, file: &Path) {
-    let filter = match level {
-        "off" => "off".to_owned(),
-        "error" | "warn" | "info" | "debug" | "trace" => {
-            format!("warn,cni::plugin={level},firewall={level},mesh_pod={level},kuma={level}")
-        }
-        _ => "warn,cni::plugin=info,firewall=info,mesh_pod=info,kuma=info".to_owned(),
+    let level = match level {
+        "off" => LevelFilter::OFF,
+        "error" => LevelFilter::ERROR,
+        "warn" => LevelFilter::WARN,
+        "debug" => LevelFilter::DEBUG,
+        "trace" => LevelFilter::TRACE,
+        _ => LevelFilter::INFO,
     };
+    // Targets, not EnvFilter: nothing to parse at run time, in a process started per pod.
+    let filter = Targets::new().with_default(level.min(LevelFilter::WARN)).with_targets(OURS.map(|t| (t, level)));
     let writer = MakeLineWriter(Arc::new(Sink::new(socket, file)));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(filter))
         .with_writer(writer)
         .with_ansi(false)
         .with_target(false)
+        .finish()
+        .with(filter)
         .try_init();
 }
