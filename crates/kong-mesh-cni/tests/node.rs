@@ -12,6 +12,7 @@ mod installer_host;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use installer_host::{BINARY, Installer, UNINSTALL, wait_for};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -20,7 +21,6 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use testkit::node::node_ready;
 use testkit::node_pods::{self, Validator, container, container_logs, mesh_pod, plain_pod, pod_ip, tail};
-use installer_host::{BINARY, Installer, UNINSTALL, wait_for};
 use testkit::{Node, NodeOptions};
 
 const POD_READY: Duration = Duration::from_secs(60);
