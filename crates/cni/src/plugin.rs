@@ -97,9 +97,13 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
         }
         Command::Status => status(&plugin).map(|()| None),
         Command::Gc => {
-            // The only state kept: what ADD applied (or could not), per attachment, until DEL.
+            // The state kept: what ADD applied (or could not), per attachment, until DEL;
+            // in eBPF mode the registrations.
             applied::gc(&plugin.run_dir, &conf.name, &conf.raw);
             pending::gc(&plugin.run_dir, &conf.name, &conf.raw);
+            if let Some(bpffs) = &plugin.ebpf_bpffs {
+                ebpf::gc(bpffs);
+            }
             Ok(None)
         }
         Command::Version => unreachable!("answered above"),

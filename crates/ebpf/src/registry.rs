@@ -122,20 +122,44 @@ impl Registry {
         Ok(Registry { dir, pods, addrs })
     }
 
-    /// The pin of a pod's sk_lookup link and the cookie its name carries.
-    fn find(&self, id: &str) -> Result<Option<(PathBuf, u64)>, EbpfError> {
+    /// Every pod's pin, with the container ID and cookie its name carries.
+    fn pins(&self) -> Result<Vec<(PathBuf, String, u64)>, EbpfError> {
         let pods = self.dir.join(PODS_DIR);
         let entries = std::fs::read_dir(&pods).map_err(EbpfError::io("cannot list", &pods))?;
-        for entry in entries.filter_map(Result::ok) {
-            let name = entry.file_name();
-            let Some((pin_id, cookie)) = name.to_str().and_then(|n| n.rsplit_once('_')) else { continue };
-            if pin_id == id
-                && let Ok(cookie) = cookie.parse()
-            {
-                return Ok(Some((entry.path(), cookie)));
+        let named = |path: PathBuf| {
+            let (id, cookie) = path.file_name()?.to_str()?.rsplit_once('_')?;
+            let (id, cookie) = (id.to_owned(), cookie.parse().ok()?);
+            Some((path, id, cookie))
+        };
+        Ok(entries.filter_map(Result::ok).filter_map(|e| named(e.path())).collect())
+    }
+
+    /// The pin of a pod's sk_lookup link and the cookie its name carries.
+    fn find(&self, id: &str) -> Result<Option<(PathBuf, u64)>, EbpfError> {
+        Ok(self.pins()?.into_iter().find(|(_, pin_id, _)| pin_id == id).map(|(pin, _, cookie)| (pin, cookie)))
+    }
+
+    /// Unregisters the pods whose network namespace is gone without a DEL (a runtime
+    /// that crashed, a node agent that missed it): the kernel detached their sk_lookup
+    /// links, but pins and map entries would stay until the maps are full. Returns
+    /// their container IDs.
+    pub fn sweep(&mut self) -> Result<Vec<String>, EbpfError> {
+        let mut swept = Vec::new();
+        for (pin, id, cookie) in self.pins()? {
+            let gone = sys::obj_get(&pin).and_then(|link| sys::netns_link_ino(link.as_fd()));
+            if !matches!(gone, Ok(Some(0))) {
+                continue;
+            }
+            match self.remove(Some(&pin), cookie) {
+                Ok(()) => swept.push(id),
+                // A DEL of the same pod at this moment: it removes what is left.
+                Err(e) => tracing::debug!(id, error = %e, "could not sweep a pod whose namespace is gone"),
             }
         }
-        Ok(None)
+        if !swept.is_empty() {
+            tracing::info!(pods = ?swept, "unregistered pods whose network namespace is gone");
+        }
+        Ok(swept)
     }
 
     /// Registers the pod of container `id`, whose namespace is `netns`, with its

@@ -1,6 +1,6 @@
 //! The bpf(2) commands aya does not offer for every program type we use, or offers
 //! only after probing the kernel's features (a dozen loads, in every plugin process):
-//! BPF_LINK_CREATE on a cgroup or namespace, BPF_LINK_UPDATE (the atomic program swap of an
+//! BPF_LINK_CREATE on a cgroup or namespace, a netns link's info, BPF_LINK_UPDATE (the atomic program swap of an
 //! attached link), BPF_LINK_DETACH and BPF_OBJ_PIN/BPF_OBJ_GET of a link.
 
 use std::ffi::CString;
@@ -11,6 +11,7 @@ use std::path::Path;
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
@@ -33,9 +34,10 @@ pub enum AttachType {
 /// kernel wants the rest zero.
 type Attr = [u32; 38];
 
-fn bpf(cmd: libc::c_long, attr: &Attr) -> io::Result<libc::c_long> {
+/// `attr` is mutable: some commands write back into it (the info length).
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, fully initialised bpf_attr of the size we pass.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), size_of::<Attr>()) };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of::<Attr>()) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
@@ -55,7 +57,7 @@ pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: AttachT
     attr[0] = prog.as_raw_fd() as u32;
     attr[1] = target.as_raw_fd() as u32;
     attr[2] = attach as u32;
-    bpf(BPF_LINK_CREATE, &attr).map(owned)
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
 }
 
 /// Swaps the program of an attached link in one step: no moment without either.
@@ -63,7 +65,7 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     let mut attr: Attr = [0; 38];
     attr[0] = link.as_raw_fd() as u32;
     attr[1] = prog.as_raw_fd() as u32;
-    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
@@ -73,7 +75,7 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     attr[0] = ptr as u32;
     attr[1] = (ptr >> 32) as u32;
     attr[2] = fd.as_raw_fd() as u32;
-    bpf(BPF_OBJ_PIN, &attr).map(drop)
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
@@ -82,7 +84,7 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let ptr = path.as_ptr() as u64;
     attr[0] = ptr as u32;
     attr[1] = (ptr >> 32) as u32;
-    bpf(BPF_OBJ_GET, &attr).map(owned)
+    bpf(BPF_OBJ_GET, &mut attr).map(owned)
 }
 
 /// Detaches a link at once. Dropping its last pin detaches it too, but later, from a
@@ -90,7 +92,26 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr: Attr = [0; 38];
     attr[0] = link.as_raw_fd() as u32;
-    bpf(BPF_LINK_DETACH, &attr).map(drop)
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+/// `BPF_LINK_TYPE_NETNS` of linux/bpf.h: the kind of link sk_lookup attaches with.
+const LINK_TYPE_NETNS: u32 = 5;
+
+/// The inode of the network namespace a netns link is attached to: 0 once that
+/// namespace is gone (the kernel detaches its links then); `None` for another kind.
+pub fn netns_link_ino(link: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    // struct bpf_link_info: type, id, prog_id, then the union (8-byte aligned) whose
+    // netns member starts with netns_ino.
+    let mut info = [0u32; 8];
+    let mut attr: Attr = [0; 38];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = size_of_val(&info) as u32;
+    let ptr = info.as_mut_ptr() as u64;
+    attr[2] = ptr as u32;
+    attr[3] = (ptr >> 32) as u32;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info[0] == LINK_TYPE_NETNS).then_some(info[4]))
 }
 
 /// Detaches the link pinned at `pin` and removes the pin.

@@ -101,3 +101,34 @@ fn the_validator_passes_unchanged_and_fails_once_the_programs_are_detached() {
     let err = pod.run(|| validator::validate(&validator_settings(Duration::from_millis(600)))).unwrap().unwrap_err();
     assert!(err.to_string().contains("not redirected"), "{err}");
 }
+
+#[test]
+fn a_pod_whose_namespace_is_gone_is_swept_and_a_live_one_kept() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::new();
+    let topo = Topology::new("ebs", false);
+    let live = topo.pod.open();
+    let mut registry = node.registry();
+    let live_addr = [topo.pod_addr(false)];
+    registry.register("live", &live, &Config::default(), &live_addr).unwrap();
+    {
+        // A pod whose DEL never comes: its namespace goes with no fd of ours left open.
+        let netns = testkit::NamedNetns::new("ebg");
+        registry.register("gone", &netns.open(), &Config::default(), &["10.98.0.9".parse().unwrap()]).unwrap();
+    }
+    assert_eq!(registry.sweep().unwrap(), Vec::<String>::new(), "a live pod is not swept");
+    assert_eq!(ebpf::status(&node.paths).unwrap().registered_pods, 2);
+    // The kernel tears a namespace down asynchronously.
+    let mut swept = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while swept.is_empty() && std::time::Instant::now() < deadline {
+        swept = registry.sweep().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(swept, ["gone"]);
+    assert_eq!(ebpf::status(&node.paths).unwrap().registered_pods, 1);
+    registry.check("live", &live, &Config::default(), &live_addr).expect("the live pod is as registered");
+    assert!(!registry.unregister("gone").unwrap(), "nothing of the gone pod is left");
+}

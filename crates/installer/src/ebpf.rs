@@ -23,11 +23,18 @@ pub struct EbpfMode {
     /// Why the programs are not in place.
     state: Result<(), String>,
     last_failure: Option<Instant>,
+    /// The last failure to sweep the registrations of gone pods, logged once.
+    sweep_failure: Option<String>,
 }
 
 impl EbpfMode {
     pub fn new(paths: Paths) -> EbpfMode {
-        EbpfMode { paths, state: Err("the eBPF programs are not loaded yet".into()), last_failure: None }
+        EbpfMode {
+            paths,
+            state: Err("the eBPF programs are not loaded yet".into()),
+            last_failure: None,
+            sweep_failure: None,
+        }
     }
 
     /// Why the plugin may not be chained yet (`None`: the programs are in place).
@@ -35,8 +42,9 @@ impl EbpfMode {
         self.state.as_ref().err().map(String::as_str)
     }
 
-    /// Loads the programs at the first check and whenever one is found detached, and
-    /// shows the registered pods in the metrics.
+    /// Loads the programs at the first check and whenever one is found detached,
+    /// unregisters pods whose namespace went without a DEL, and shows the registered
+    /// pods in the metrics.
     pub fn check(&mut self, status: &Status, now: Instant) {
         let pinned = ebpf::status(&self.paths).ok();
         let due = match (&self.state, self.last_failure) {
@@ -46,6 +54,9 @@ impl EbpfMode {
         };
         if due {
             self.load(status, now);
+        }
+        if self.state.is_ok() {
+            self.sweep();
         }
         if let Ok(s) = ebpf::status(&self.paths) {
             status.set_ebpf_pods(s.registered_pods);
@@ -89,6 +100,16 @@ impl EbpfMode {
                 self.last_failure = Some(now);
             }
         }
+    }
+
+    fn sweep(&mut self) {
+        let failure = ebpf::Registry::open(&self.paths).and_then(|mut r| r.sweep()).err().map(|e| e.to_string());
+        if let Some(why) = &failure
+            && self.sweep_failure.as_ref() != Some(why)
+        {
+            tracing::warn!(error = %why, "cannot unregister the pods whose network namespace is gone");
+        }
+        self.sweep_failure = failure;
     }
 
     /// Uninstall: detaches and unpins everything of ours from the bpffs.

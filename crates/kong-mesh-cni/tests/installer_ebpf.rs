@@ -93,6 +93,17 @@ fn loads_once_a_second_installer_adopts_without_a_gap_and_uninstall_leaves_nothi
         || get("/metrics").is_some_and(|(_, m)| m.contains("kong_mesh_cni_installer_ebpf_registered_pods 1\n"));
     assert!(wait_for(Duration::from_secs(5), counted).is_some(), "{:?}", get("/metrics"));
 
+    // A pod whose namespace goes without a DEL: the installer unregisters it.
+    {
+        let gone = testkit::NamedNetns::new("eig");
+        node.registry()
+            .register("gone", &gone.open(), &kuma::Config::default(), &["10.98.0.9".parse().unwrap()])
+            .unwrap();
+    }
+    let swept = "unregistered pods whose network namespace is gone";
+    assert!(wait_for(Duration::from_secs(10), || first.log().contains(swept)).is_some(), "{}", first.log());
+    assert!(wait_for(Duration::from_secs(5), counted).is_some(), "{:?}", get("/metrics"));
+
     // A connection loop while the installer dies and another one starts: every
     // connection is redirected.
     let seen = connection_loop(&pod, &topo, || {

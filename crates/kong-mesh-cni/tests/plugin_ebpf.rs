@@ -183,3 +183,34 @@ async fn standalone_like_multus_registers_the_namespaces_own_addresses_in_both_f
     rt.del(&a).unwrap();
     assert_eq!(registered(&node), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_unregisters_a_pod_whose_namespace_went_without_a_del() {
+    if skip("GC in eBPF mode") {
+        return;
+    }
+    let f = fixture().await;
+    mesh_pod(&f.ns, "web", &[]).await;
+    let node = TestNode::new();
+    let rt = ebpf_chain(&f.kubeconfig, f.scratch.path(), &node);
+    let kept_ns = NamedNetns::new("pgk");
+    let kept = Attachment::new(&kept_ns, f.ns.name(), "web");
+    rt.add(&kept).expect("ADD");
+    // A runtime that lost its state: its pod's namespace goes, and no DEL ever comes.
+    let lost = ebpf_chain(&f.kubeconfig, f.scratch.path(), &node);
+    {
+        let gone_ns = NamedNetns::new("pgg");
+        lost.add(&Attachment::new(&gone_ns, f.ns.name(), "web")).expect("ADD");
+    }
+    assert_eq!(registered(&node), 2);
+    // The kernel tears the namespace down asynchronously; GC collects it once it has.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while registered(&node) == 2 && std::time::Instant::now() < deadline {
+        rt.gc(&[&kept]).expect("GC");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(registered(&node), 1, "the gone pod is unregistered");
+    rt.check(&kept).expect("the live pod keeps its registration");
+    let log = std::fs::read_to_string(f.scratch.path().join("cni.log")).unwrap();
+    assert!(log.contains("unregistered pods whose network namespace is gone"), "{log}");
+}

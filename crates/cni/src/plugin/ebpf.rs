@@ -98,6 +98,15 @@ pub fn del(bpffs: &Path, id: &str) {
     }
 }
 
+/// GC: the registrations of pods whose namespace is gone (the attachments GC lists are
+/// per network, while the registry is the node's, so only what is surely gone goes).
+pub fn gc(bpffs: &Path) {
+    match Registry::open(&paths(bpffs)).and_then(|mut r| r.sweep()) {
+        Ok(_) | Err(EbpfError::NotLoaded { .. }) => {}
+        Err(e) => tracing::warn!(error = %e, "GC: could not sweep the eBPF registrations"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
