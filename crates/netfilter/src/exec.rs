@@ -1,16 +1,17 @@
 //! Running an iptables tool: bounded in time, with its user lookups kept local.
 //!
 //! The owner match makes iptables call getpwnam() on the UID text, which goes through
-//! the node's nsswitch.conf: with LDAP, SSSD or systemd-userdb configured, that can
-//! stall. The tools therefore run in a private mount namespace whose
-//! /etc/nsswitch.conf says `files`, so a lookup only reads /etc/passwd. The namespace
-//! is made once per process (copying a busy node's mount table is the expensive part)
-//! and each tool joins it; the host's mounts are never changed.
+//! the node's nsswitch.conf: with LDAP, SSSD or NIS configured, that can stall. On such
+//! a node the tools run in a private mount namespace whose /etc/nsswitch.conf says
+//! `files`, so a lookup only reads /etc/passwd. The namespace is made once per process
+//! and each tool joins it; the host's mounts are never changed. Where the node's own
+//! sources are local already (`files`, and `systemd`, which refuses a numeric name
+//! without asking anyone) the namespace is skipped: it costs about a millisecond per
+//! ADD.
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
@@ -24,14 +25,46 @@ const NSSWITCH: &[u8] = b"passwd: files\ngroup: files\nhosts: files\n";
 fn lookup_namespace() -> Option<&'static OwnedFd> {
     static NS: OnceLock<Option<OwnedFd>> = OnceLock::new();
     NS.get_or_init(|| {
-        if !Path::new("/etc/nsswitch.conf").exists() {
-            return None; // glibc's built-in default is already "files"
+        let local = match std::fs::read_to_string("/etc/nsswitch.conf") {
+            Ok(text) => lookups_stay_local(&text),
+            // No file: glibc's built-in default, "files". Unreadable: isolate, to be safe.
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        };
+        if local {
+            return None;
         }
         make_lookup_namespace()
             .inspect_err(|e| tracing::warn!(error = %e, "cannot isolate iptables' user lookups; they use the node's nsswitch.conf"))
             .ok()
     })
     .as_ref()
+}
+
+/// Whether a lookup of a numeric user or group name stays on this machine under this
+/// nsswitch.conf: every source of `passwd` and `group` is `files` or `systemd` (a
+/// database without a line gets glibc's default, `files`).
+fn lookups_stay_local(nsswitch: &str) -> bool {
+    let lines = nsswitch.lines().filter_map(|l| l.split('#').next());
+    let sources = lines.filter_map(|l| {
+        let (db, sources) = l.split_once(':')?;
+        ["passwd", "group"].contains(&db.trim()).then_some(sources)
+    });
+    sources.into_iter().all(|list| {
+        // Action items such as [NOTFOUND=return] are not sources.
+        let mut in_action = false;
+        let names: String = list
+            .chars()
+            .map(|c| {
+                match c {
+                    '[' => in_action = true,
+                    ']' => in_action = false,
+                    _ => {}
+                }
+                if in_action || c == ']' { ' ' } else { c }
+            })
+            .collect();
+        names.split_whitespace().all(|source| matches!(source, "files" | "systemd"))
+    })
 }
 
 /// Sets the namespace up in the calling process's mount namespace (the forked helper
@@ -187,4 +220,28 @@ impl ProcessHandle {
 
 fn args_text(cmd: &Command) -> String {
     cmd.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lookups_stay_local;
+
+    #[test]
+    fn only_files_and_systemd_count_as_local() {
+        let debian = "# /etc/nsswitch.conf\n\npasswd:         files systemd\ngroup:          files systemd\nshadow: files\nhosts: files dns\nnetgroup: nis\n";
+        assert!(lookups_stay_local(debian));
+        assert!(lookups_stay_local("passwd: files\ngroup: files [NOTFOUND=return]\n"));
+        assert!(lookups_stay_local("hosts: files dns\n"), "no passwd or group line: glibc's default, files");
+        assert!(lookups_stay_local(""));
+        for remote in [
+            "passwd: files sss\ngroup: files\n",
+            "passwd: files\ngroup: files ldap\n",
+            "passwd: compat\ngroup: compat\n",
+            "passwd:files [ SUCCESS=return ] nis\n",
+            "passwd: files\npasswd: winbind\n",
+        ] {
+            assert!(!lookups_stay_local(remote), "{remote:?}");
+        }
+        assert!(lookups_stay_local("passwd: files # sss is off\ngroup: files\n"), "a comment is no source");
+    }
 }
