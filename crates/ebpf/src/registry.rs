@@ -3,7 +3,6 @@
 //! `kmc_addrs`, and the sk_lookup program attached to its namespace, pinned as
 //! `pods/<container id>_<cookie>`.
 
-use std::fs::File;
 use std::net::{IpAddr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -200,8 +199,8 @@ impl Registry {
         // probe the kernel's features first, costing the plugin most of its time here.
         let prog_pin = self.dir.join(SK_LOOKUP);
         let prog = sys::obj_get(&prog_pin).map_err(EbpfError::io("cannot open the pinned program", &prog_pin))?;
-        let ns = File::open(netns.path()).map_err(EbpfError::io("cannot open", netns.path()))?;
-        let link = sys::link_create(prog.as_fd(), ns.as_fd(), AttachType::SkLookup)
+        // The handle whose cookie was read, not its path again: the same namespace.
+        let link = sys::link_create(prog.as_fd(), netns.as_fd(), AttachType::SkLookup)
             .map_err(EbpfError::io("cannot attach sk_lookup to", netns.path()))?;
         let pin = self.dir.join(PODS_DIR).join(format!("{id}_{cookie}"));
         sys::obj_pin(link.as_fd(), &pin).map_err(EbpfError::io("cannot pin", &pin))

@@ -9,7 +9,7 @@ pub mod hostfile;
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -86,6 +86,13 @@ impl NetNs {
                 .map_err(|source| NetNsError::Thread { path: self.path.clone(), source })?;
             handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+}
+
+/// The namespace's descriptor, for calls that take a namespace by fd (a BPF link).
+impl AsFd for NetNs {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 
