@@ -10,7 +10,6 @@
 //! nobody; a watch that fails is re-listed with a backoff, and the cache keeps
 //! answering what it can answer correctly meanwhile.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -21,12 +20,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::watcher;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::net::UnixStream;
 use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::InstallError;
 use crate::podcache::{Lookup, PodCache};
+use crate::rootsock::{self, RootSocket};
 
 /// A plugin sends its request at once; one that has not within this is dropped. The
 /// answer is written within the same deadline plus the wait for the pod.
@@ -39,6 +38,7 @@ const WATCH_TIMEOUT_SECS: u32 = 55;
 /// A connection silent for longer than a whole watch is dead.
 const READ_TIMEOUT: Duration = Duration::from_secs(WATCH_TIMEOUT_SECS as u64 + 15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between watch attempts after an error.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
 
 /// Where and whose pods to watch, and with which identity.
@@ -68,39 +68,25 @@ impl Shared {
 }
 
 /// The bound socket; [`Agent::close`] removes its file if it is still ours.
-pub struct Agent {
-    path: PathBuf,
-    inode: u64,
-}
+pub struct Agent(RootSocket);
 
 impl Agent {
-    /// Binds the socket (replacing one a previous installer left: during a rollout the
-    /// newest takes over, as the plugin connects anew on every call) and starts the
-    /// watch and the server on the current runtime.
+    /// Binds the socket and starts the watch and the server on the current runtime.
     pub fn start(settings: AgentSettings) -> Result<Agent, InstallError> {
-        let path = settings.socket.clone();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(InstallError::io("creating the agent socket's dir", dir))?;
-        }
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(InstallError::io("listening for pod lookups on", &path))?;
-        // Root only, whatever the umask; a connection in between is refused by its credentials.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(InstallError::io("setting the mode of", &path))?;
-        let inode = std::fs::metadata(&path).map_err(InstallError::io("reading", &path))?.ino();
+        let (socket, listener) = RootSocket::bind(&settings.socket)?;
         let shared =
             Arc::new(Shared { cache: Mutex::new(PodCache::default()), changed: tokio::sync::watch::channel(0).0 });
-        tracing::info!(node = %settings.node_name, socket = %path.display(), "node agent: answering pod lookups from a watch of this node's pods");
-        tokio::spawn(watch(settings, shared.clone()));
-        tokio::spawn(serve(listener, shared));
-        Ok(Agent { path, inode })
+        tracing::info!(node = %settings.node_name, socket = %settings.socket.display(), "node agent: answering pod lookups from a watch of this node's pods");
+        let served = shared.clone();
+        tokio::spawn(rootsock::serve(listener, MAX_CONNECTIONS, "node agent socket", move |stream, _| {
+            answer(stream, served.clone())
+        }));
+        tokio::spawn(watch(settings, shared));
+        Ok(Agent(socket))
     }
 
-    /// Removes the socket file, unless another installer has bound its own there since.
     pub fn close(self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        self.0.close();
     }
 }
 
@@ -163,42 +149,7 @@ fn apply(cache: &mut PodCache, event: watcher::Event<Pod>) {
     }
 }
 
-async fn serve(listener: UnixListener, shared: Arc<Shared>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut backoff = BACKOFF.0;
-    loop {
-        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff = BACKOFF.0;
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    answer(stream, &shared).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                // EMFILE and friends: the connection stays queued; retrying at once spins.
-                tracing::warn!(error = %e, retry_in = ?backoff, "node agent: cannot accept a lookup connection");
-                sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF.1);
-            }
-        }
-    }
-}
-
-async fn answer(stream: UnixStream, shared: &Shared) {
-    match stream.peer_cred() {
-        Ok(cred) if cred.uid() == 0 => {}
-        Ok(cred) => {
-            return tracing::warn!(
-                uid = cred.uid(),
-                pid = cred.pid(),
-                "node agent: refused a lookup from a non-root user"
-            );
-        }
-        Err(e) => return tracing::warn!(error = %e, "node agent: cannot tell who connected"),
-    }
+async fn answer(stream: UnixStream, shared: Arc<Shared>) {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
@@ -206,7 +157,7 @@ async fn answer(stream: UnixStream, shared: &Shared) {
     let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
     let reply = match timeout_at(deadline, limited.read_until(b'\n', &mut line)).await {
         Ok(Ok(_)) => match Request::parse(line.strip_suffix(b"\n").unwrap_or(&line)) {
-            Ok(request) => lookup(shared, &request).await,
+            Ok(request) => lookup(&shared, &request).await,
             Err(e) => Answer::not(Status::Refused, e.to_string()),
         },
         Ok(Err(_)) | Err(_) => return,

@@ -30,6 +30,7 @@ pub mod machine;
 pub mod plan;
 pub mod podcache;
 mod repair_agent;
+mod rootsock;
 pub mod shutdown;
 mod sources;
 pub mod template;

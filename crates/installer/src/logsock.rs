@@ -4,26 +4,24 @@
 //! lines, which are copied to our stderr: they show in `kubectl logs` of the DaemonSet
 //! pod. The plugin falls back to a file on the host when nobody listens.
 //!
-//! Nothing here may hurt the installer: only root may connect (the socket's mode is set,
-//! not left to the umask, and the peer's credentials are checked); connections are
-//! capped and accept errors (out of descriptors) back off instead of spinning; lines
-//! are stripped of control characters and prefixed with the writer's pid and uid; and
+//! Nothing here may hurt the installer: only root may connect, connections are capped
+//! and accept errors back off ([`crate::rootsock`]); lines are stripped of control
+//! characters and prefixed with the writer's pid and uid; and
 //! stderr is written by its own thread through a bounded queue, so a stalled stderr
 //! drops (and counts) plugin lines instead of stopping the event loop.
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::net::UnixStream;
 
 use crate::InstallError;
+use crate::rootsock::{self, RootSocket};
 
 /// A plugin invocation lasts seconds; a connection silent for this long is dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,63 +32,24 @@ const MAX_LINE: u64 = 16 * 1024;
 pub const MAX_CONNECTIONS: usize = 128;
 /// Lines queued for stderr; past this they are dropped and counted.
 const QUEUE_LINES: usize = 1024;
-const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 
 /// The bound socket; [`LogSocket::close`] removes its file if it is still ours.
-pub struct LogSocket {
-    path: PathBuf,
-    inode: u64,
-}
+pub struct LogSocket(RootSocket);
 
 impl LogSocket {
-    /// Binds `path`, replacing a socket a previous installer left (during a rollout
-    /// the newest installer takes over: the plugin connects anew on every call), and
-    /// relays every connection's lines to `out` (stderr in the installer) until the
-    /// process ends.
+    /// Binds `path` and relays every connection's lines to `out` (stderr in the
+    /// installer) until the process ends.
     pub fn start(path: &Path, out: impl Write + Send + 'static) -> Result<LogSocket, InstallError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(InstallError::io("creating the plugin log socket's dir", dir))?;
-        }
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(InstallError::io("listening for plugin logs on", path))?;
-        // Root only, whatever the umask; a connection in between is refused by its credentials.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(InstallError::io("setting the mode of", path))?;
-        let inode = std::fs::metadata(path).map_err(InstallError::io("reading", path))?.ino();
+        let (socket, listener) = RootSocket::bind(path)?;
         let queue = Queue::start(out);
-        tokio::spawn(accept_loop(listener, queue));
-        Ok(LogSocket { path: path.to_path_buf(), inode })
+        tokio::spawn(rootsock::serve(listener, MAX_CONNECTIONS, "plugin log socket", move |stream, pid| {
+            relay(stream, pid, queue.clone())
+        }));
+        Ok(LogSocket(socket))
     }
 
-    /// Removes the socket file, unless another installer has bound its own there since.
     pub fn close(self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-async fn accept_loop(listener: UnixListener, queue: Queue) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut backoff = ACCEPT_BACKOFF.0;
-    loop {
-        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff = ACCEPT_BACKOFF.0;
-                let queue = queue.clone();
-                tokio::spawn(async move {
-                    relay(stream, queue).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                // EMFILE and friends: the connection stays queued; retrying at once spins.
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot accept a plugin log connection");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
-            }
-        }
+        self.0.close();
     }
 }
 
@@ -146,15 +105,8 @@ fn clean_line(client: &str, raw: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn relay(stream: UnixStream, queue: Queue) {
-    let client = match stream.peer_cred() {
-        Ok(cred) if cred.uid() == 0 => format!("[plugin pid={} uid=0] ", cred.pid().unwrap_or(0)),
-        Ok(cred) => {
-            tracing::warn!(uid = cred.uid(), pid = cred.pid(), "refused a plugin log connection from a non-root user");
-            return;
-        }
-        Err(e) => return tracing::warn!(error = %e, "cannot tell who connected to the plugin log socket"),
-    };
+async fn relay(stream: UnixStream, pid: i32, queue: Queue) {
+    let client = format!("[plugin pid={pid} uid=0] ");
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
