@@ -77,7 +77,7 @@ async fn run_async(binary: &Path) -> Result<Report> {
     let primary = std::fs::read(&node.conflist)?;
 
     step("building our image, installing the chart (kong-mesh-cni manifests), waiting for the CNI pod");
-    let installed = install(&node, &client, binary, Duration::from_secs(120)).await?;
+    let installed = install(&node, &client, binary, &[], Duration::from_secs(120)).await?;
     report.image = installed.image.to_string();
     report.image_time = installed.image_time;
     report.apply_to_cni_ready = installed.apply_to_cni_ready;

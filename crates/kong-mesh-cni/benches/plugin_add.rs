@@ -7,7 +7,8 @@
 //! (lookup, decision, rules for both families or the registration). Needs root, cgroup2
 //! and the test environment.
 //!
-//! `cargo bench -p kong-mesh-cni --bench plugin_add` (ROUNDS=N, default 200).
+//! `cargo bench -p kong-mesh-cni --bench plugin_add` (ROUNDS=N, default 200;
+//! BACKENDS=ebpf,nft for some of nft, legacy, nftables and ebpf).
 
 #[path = "../tests/agent_node/mod.rs"]
 mod agent_node;
@@ -37,7 +38,9 @@ async fn main() {
     println!("ADD of a mesh pod through libcni, {rounds} rounds per backend (bridge + host-local + portmap [+ ours])");
     println!("{:<9} {:<18} {:>9} {:>9}", "backend", "chain", "p50 ms", "p99 ms");
     let mut overheads = Vec::new();
-    for backend in ["nft", "legacy", "nftables", "ebpf"] {
+    let only = std::env::var("BACKENDS").unwrap_or_default();
+    let chosen = |b: &&str| only.is_empty() || only.split(',').any(|o| o == *b);
+    for backend in ["nft", "legacy", "nftables", "ebpf"].into_iter().filter(chosen) {
         let with = |lookup| match backend {
             "ebpf" => {
                 let rt = mesh.chain_with_ours("auto", lookup);

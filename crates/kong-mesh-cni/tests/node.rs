@@ -245,11 +245,6 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
         primary,
         "the primary conflist restored byte for byte"
     );
-    let (root, name) = (node.root.clone(), node.name.clone());
-    let start = Instant::now();
-    node.down().unwrap_or_else(|e| panic!("teardown: {e}"));
-    eprintln!("teardown in {:.1?}", start.elapsed());
-    let left = testkit::node::leftovers(&root, &name);
-    assert!(left.is_empty(), "left behind: {left:#?}");
-    assert_eq!(testkit::node::HostView::now(), before, "the host is as it was");
+    let took = node.down_leaving_the_host_as(&before);
+    eprintln!("teardown in {took:.1?}");
 }

@@ -23,9 +23,11 @@ use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use testkit::node::{HostView, node_ready};
-use testkit::node_chart::{CNI_NAMESPACE, Installed, Release, cni_pod_ready, install, tainted};
+use testkit::node_chart::{
+    CNI_NAMESPACE, Installed, Release, cni_pod_ready, install, plugin_types, tainted, uninstall,
+};
 use testkit::node_pods::{
-    self, Validator, container, deployment, mesh_pod, plain_pod, pod_ip, pod_ready, redirected_line, sandbox_pids,
+    self, Validator, assert_redirected, container, deployment, mesh_pod, plain_pod, pod_ip, pod_ready, sandbox_pids,
 };
 use testkit::{Node, NodeOptions};
 
@@ -60,11 +62,6 @@ fn ready_since(node: &KubeNode) -> Option<String> {
     Some(format!("{:?}", ready.last_transition_time))
 }
 
-fn plugin_types(conflist: &str) -> Vec<String> {
-    let list: Value = serde_json::from_str(conflist).unwrap_or_default();
-    list["plugins"].as_array().into_iter().flatten().map(|p| p["type"].as_str().unwrap_or("?").to_string()).collect()
-}
-
 async fn run_pod(client: &Client, node: &Node, pod: Value, more: &dyn Fn() -> String) -> (Pod, Duration) {
     node_pods::run_pod(client, node, pod, POD_READY, more).await.unwrap_or_else(|e| panic!("{e}"))
 }
@@ -87,18 +84,6 @@ async fn deployment_ready(client: &Client, deployment: &str, replicas: usize, ti
             panic!("{deployment}: not {replicas} Ready pods within {timeout:?}: {states:#?}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Every pod's app connection lands on its sidecar with `target` as its original
-/// destination (the line the app logs each second).
-async fn assert_redirected(client: &Client, pods: &[Pod], target: &str) {
-    for pod in pods {
-        let name = pod.metadata.name.as_deref().unwrap();
-        let line =
-            node_pods::log_line(client, "default", name, "app", &["->", "sidecar"], Duration::from_secs(20)).await;
-        let line = line.unwrap_or_else(|e| panic!("Ready mesh pod {name} without its redirect: {e}"));
-        assert_eq!(line, redirected_line(target), "{name}");
     }
 }
 
@@ -147,7 +132,7 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
 
     // Install, as a user would: image, chart, apply; then the controller takes the taint off.
-    let installed = install(&node, &client, Path::new(BINARY), Duration::from_secs(120))
+    let installed = install(&node, &client, Path::new(BINARY), &[], Duration::from_secs(120))
         .await
         .unwrap_or_else(|e| panic!("installing from the chart: {e}"));
     let installed_times = (installed.image_time, installed.apply_to_cni_ready, installed.apply_to_untainted);
@@ -299,33 +284,10 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     eprintln!("node memory with {} pods: {} MiB", BURST + 3, node.memory_mib());
 
     // Uninstall: every object of the release deleted.
-    let start = Instant::now();
-    release
-        .uninstall(Duration::from_secs(90))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", node_pods::tail(&node.log("kube-controller-manager"), 40)));
-    eprintln!("uninstall: the CNI pod gone {:.1?} after the deletes", start.elapsed());
-    let start = Instant::now();
-    while std::fs::read_to_string(&node.conflist).unwrap() != primary {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the primary conflist not restored byte for byte:\n{}",
-            std::fs::read_to_string(&node.conflist).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let net_dir: Vec<String> = std::fs::read_dir(&node.cni_net_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(net_dir, ["10-kmc-bridge.conflist"], "only the primary conflist left in the net dir");
+    uninstall(&node, release, &primary).await.unwrap_or_else(|e| panic!("{e}"));
     steps.done("uninstall -> primary conflist restored");
 
-    let (root, name) = (node.root.clone(), node.name.clone());
-    node.down().unwrap_or_else(|e| panic!("teardown: {e}"));
-    let left = testkit::node::leftovers(&root, &name);
-    assert!(left.is_empty(), "left behind: {left:#?}");
-    assert_eq!(HostView::now(), before, "the host is as it was");
+    node.down_leaving_the_host_as(&before);
     steps.done("teardown");
 
     eprintln!("--- figures");

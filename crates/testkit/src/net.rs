@@ -35,6 +35,32 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Where cgroup2 is mounted (`/sys/fs/cgroup/unified` on this hybrid host).
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next() == Some("cgroup2")).then(|| std::path::PathBuf::from(mount_point))
+    })
+}
+
+/// Mounts a fresh bpffs on the directory `path`, as a shared mount: a container that
+/// mounts it with Bidirectional propagation (the eBPF DaemonSet) needs one.
+pub fn mount_bpffs(path: &std::path::Path) -> io::Result<()> {
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let fstype = c"bpf";
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the calls.
+    unsafe {
+        if libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) != 0
+            || libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), libc::MS_SHARED, std::ptr::null()) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// A unique, short name: `kmc-<tag>-<pid>-<n>`.
 pub fn unique_name(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -133,6 +133,21 @@ fn write(path: &Path, data: impl AsRef<[u8]>) -> Result<(), NodeError> {
     std::fs::write(path, data).map_err(|e| NodeError::io(path, e))
 }
 
+/// Bind-mounts `from` on `to`, then makes the bind a shared mount.
+fn bind_shared(from: &Path, to: &Path) -> Result<(), NodeError> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in a path");
+    let (source, target) = (c(from), c(to));
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the calls.
+    let failed = unsafe {
+        libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0
+            || libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), libc::MS_SHARED, std::ptr::null()) != 0
+    };
+    match failed {
+        true => Err(NodeError::io(to, std::io::Error::last_os_error())),
+        false => Ok(()),
+    }
+}
+
 fn copy_exe(from: &Path, to: &Path) -> Result<(), NodeError> {
     std::fs::copy(from, to).map_err(|e| NodeError::io(from, e))?;
     Ok(())
@@ -552,6 +567,24 @@ impl Node {
         Ok(())
     }
 
+    /// eBPF mode's places on this node, as `(bpffs, cgroup)`, both shared mounts under
+    /// the node's root (the DaemonSet mounts them with Bidirectional propagation, and
+    /// the host's cgroup2 mount is not shared): a bpffs of its own at `<root>/bpffs`
+    /// (pins never meet the host's) and at `<root>/cgroup2` a bind of the node's cgroup
+    /// in the cgroup2 hierarchy, under which runc puts every pod's processes, so the
+    /// programs attached there see the node's pods only. The teardown's unmounts free
+    /// whatever is left in them.
+    pub fn ebpf_paths(&self) -> Result<(PathBuf, PathBuf), NodeError> {
+        let (bpffs, cgroup) = (self.root.join("bpffs"), self.root.join("cgroup2"));
+        for dir in [&bpffs, &cgroup] {
+            std::fs::create_dir_all(dir).map_err(|e| NodeError::io(dir, e))?;
+        }
+        crate::net::mount_bpffs(&bpffs).map_err(|e| NodeError::io(&bpffs, e))?;
+        let cgroup2 = crate::net::cgroup2_mount().ok_or_else(|| NodeError::Setup("no cgroup2 mounted".into()))?;
+        bind_shared(&cgroup2.join(&self.name), &cgroup)?;
+        Ok((bpffs, cgroup))
+    }
+
     /// Resident memory of every process started with the node's root in its command
     /// line or running in its cgroup (the control plane, the runtime, every pod), in MiB.
     pub fn memory_mib(&self) -> u64 {
@@ -605,6 +638,19 @@ impl Node {
     pub fn down(mut self) -> Result<(), NodeError> {
         self.armed = false;
         teardown_state(&self.state)
+    }
+
+    /// [`Node::down`] for a test: panics unless the teardown leaves nothing of the node
+    /// ([`leftovers`]) and the host as `before` saw it; returns how long it took.
+    pub fn down_leaving_the_host_as(self, before: &HostView) -> Duration {
+        let (root, name) = (self.root.clone(), self.name.clone());
+        let start = Instant::now();
+        self.down().unwrap_or_else(|e| panic!("teardown: {e}"));
+        let took = start.elapsed();
+        let left = leftovers(&root, &name);
+        assert!(left.is_empty(), "left behind: {left:#?}");
+        assert_eq!(&HostView::now(), before, "the host is as it was");
+        took
     }
 
     /// Forgets the node without stopping it, as a crash of this process would: only

@@ -250,16 +250,22 @@ pub struct Installed {
 }
 
 /// Installs our CNI on `node` as a user would: our image built from `binary` and
-/// imported, the chart rendered with [`Node::chart_values`] by `binary manifests` and
-/// applied; waits until the DaemonSet's pod is Ready and the node has no NodeReadiness
-/// taint (the controller's work), each within `timeout`.
-pub async fn install(node: &Node, client: &Client, binary: &Path, timeout: Duration) -> Result<Installed, NodeError> {
+/// imported, the chart rendered with [`Node::chart_values`] and `set` (`--set`s) by
+/// `binary manifests` and applied; waits until the DaemonSet's pod is Ready and the node
+/// has no NodeReadiness taint (the controller's work), each within `timeout`.
+pub async fn install(
+    node: &Node,
+    client: &Client,
+    binary: &Path,
+    set: &[&str],
+    timeout: Duration,
+) -> Result<Installed, NodeError> {
     let start = Instant::now();
     let layout = build_image(binary, &node.root.join("image"))?;
     let image = node.import_image(&layout, "kmc.test", "kong-mesh-cni")?;
     let image_time = start.elapsed();
     let values = node.chart_values(&image);
-    let stream = node.render_chart(binary, &values, &[])?;
+    let stream = node.render_chart(binary, &values, set)?;
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     let was_tainted = nodes.get(&node.name).await.map(|n| tainted(&n)).unwrap_or(false);
     let applied = Instant::now();
@@ -291,4 +297,38 @@ pub async fn install(node: &Node, client: &Client, binary: &Path, timeout: Durat
     let (cni_pod, apply_to_cni_ready) = cni_ready.expect("set before the loop ends");
     let apply_to_untainted = applied.elapsed();
     Ok(Installed { release, image, values, cni_pod, image_time, apply_to_cni_ready, apply_to_untainted, applied })
+}
+
+/// The `type` of every plugin in a conflist, in order.
+pub fn plugin_types(conflist: &str) -> Vec<String> {
+    let list: serde_json::Value = serde_json::from_str(conflist).unwrap_or_default();
+    list["plugins"].as_array().into_iter().flatten().map(|p| p["type"].as_str().unwrap_or("?").to_string()).collect()
+}
+
+/// Uninstalls `release` ([`Release::uninstall`]) and waits until the node's primary
+/// conflist is `primary` byte for byte and the only file in its net dir.
+pub async fn uninstall(node: &Node, release: Release, primary: &str) -> Result<(), NodeError> {
+    let start = Instant::now();
+    release.uninstall(Duration::from_secs(90)).await.map_err(|e| {
+        NodeError::Command(format!("{e}\n{}", crate::node_pods::tail(&node.log("kube-controller-manager"), 40)))
+    })?;
+    eprintln!("uninstall: the CNI pod gone {:.1?} after the deletes", start.elapsed());
+    let start = Instant::now();
+    loop {
+        let now = std::fs::read_to_string(&node.conflist).map_err(|e| NodeError::io(&node.conflist, e))?;
+        if now == primary {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(NodeError::Timeout(format!("the primary conflist not restored byte for byte:\n{now}")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dir = std::fs::read_dir(&node.cni_net_dir).map_err(|e| NodeError::io(&node.cni_net_dir, e))?;
+    let left: Vec<String> = dir.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let primary_name = node.conflist.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if left != [primary_name] {
+        return Err(NodeError::Teardown(format!("the net dir holds more than the primary conflist: {left:?}")));
+    }
+    Ok(())
 }

@@ -104,6 +104,17 @@ pub fn redirected_line(target: &str) -> String {
     format!("dial {target} -> sidecar port=15001 uid={SIDECAR_UID} orig={target}")
 }
 
+/// Every pod's app connection lands on its sidecar with `target` as its original
+/// destination (the line the app logs each second); panics naming the pod otherwise.
+pub async fn assert_redirected(client: &Client, pods: &[Pod], target: &str) {
+    for pod in pods {
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let line = log_line(client, "default", name, "app", &["->", "sidecar"], Duration::from_secs(20)).await;
+        let line = line.unwrap_or_else(|e| panic!("Ready mesh pod {name} without its redirect: {e}"));
+        assert_eq!(line, redirected_line(target), "{name}");
+    }
+}
+
 pub fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()

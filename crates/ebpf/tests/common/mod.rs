@@ -24,7 +24,7 @@ pub fn require_ebpf() -> bool {
     if !testkit::net::require_root() {
         return false;
     }
-    match cgroup2_mount() {
+    match testkit::net::cgroup2_mount() {
         Some(_) => true,
         None => {
             assert!(std::env::var_os("CI").is_none(), "CI is set but no cgroup2 is mounted: the eBPF tests cannot run");
@@ -32,15 +32,6 @@ pub fn require_ebpf() -> bool {
             false
         }
     }
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (right.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount_point))
-    })
 }
 
 fn gettid() -> libc::pid_t {
@@ -57,7 +48,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new() -> Self {
-        let mount = cgroup2_mount().expect("cgroup2 is mounted");
+        let mount = testkit::net::cgroup2_mount().expect("cgroup2 is mounted");
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
         let own = own.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup2 line in /proc/self/cgroup");
         let parent = mount.join(own.trim_start_matches('/'));
@@ -93,11 +84,7 @@ impl BpfFs {
     pub fn new() -> Self {
         let path = std::env::temp_dir().join(testkit::net::unique_name("bpffs"));
         std::fs::create_dir(&path).unwrap();
-        let target = CString::new(path.to_str().unwrap()).unwrap();
-        let fstype = CString::new("bpf").unwrap();
-        // SAFETY: plain mount(2) with NUL-terminated strings we own.
-        let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-        assert_eq!(rc, 0, "mount a bpffs on {}: {}", path.display(), io::Error::last_os_error());
+        testkit::net::mount_bpffs(&path).unwrap_or_else(|e| panic!("mount a bpffs on {}: {e}", path.display()));
         BpfFs { path }
     }
 }
