@@ -105,8 +105,17 @@ fn clean_line(client: &str, raw: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Who wrote the lines. In a DaemonSet pod the plugin's pid (the host's) has no number
+/// in our pid namespace, and the kernel says 0: then there is none to show.
+fn prefix(pid: i32) -> String {
+    match pid {
+        0 => "[plugin uid=0] ".to_owned(),
+        pid => format!("[plugin pid={pid} uid=0] "),
+    }
+}
+
 async fn relay(stream: UnixStream, pid: i32, queue: Queue) {
-    let client = format!("[plugin pid={pid} uid=0] ");
+    let client = prefix(pid);
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
@@ -121,6 +130,12 @@ async fn relay(stream: UnixStream, pid: i32, queue: Queue) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pid_the_kernel_could_not_map_is_not_shown() {
+        assert_eq!(prefix(7), "[plugin pid=7 uid=0] ");
+        assert_eq!(prefix(0), "[plugin uid=0] ");
+    }
 
     #[test]
     fn control_characters_are_shown_not_passed_on() {
