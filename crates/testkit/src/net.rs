@@ -48,17 +48,39 @@ pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
 /// Mounts a fresh bpffs on the directory `path`, as a shared mount: a container that
 /// mounts it with Bidirectional propagation (the eBPF DaemonSet) needs one.
 pub fn mount_bpffs(path: &std::path::Path) -> io::Result<()> {
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let fstype = c"bpf";
-    // SAFETY: mount(2) with NUL-terminated strings that outlive the calls.
-    unsafe {
-        if libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) != 0
-            || libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), libc::MS_SHARED, std::ptr::null()) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
+    let target = c_path(path)?;
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
-    Ok(())
+    make_shared(&target)
+}
+
+/// Bind-mounts the directory `from` on `to`, as a shared mount (see [`mount_bpffs`]).
+pub fn bind_shared(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    let (source, target) = (c_path(from)?, c_path(to)?);
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let rc =
+        unsafe { libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    make_shared(&target)
+}
+
+fn c_path(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
+}
+
+fn make_shared(target: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: mount(2) changing the propagation of a mount point we just made.
+    let rc =
+        unsafe { libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), libc::MS_SHARED, std::ptr::null()) };
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
 
 /// A unique, short name: `kmc-<tag>-<pid>-<n>`.

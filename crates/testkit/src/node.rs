@@ -133,21 +133,6 @@ fn write(path: &Path, data: impl AsRef<[u8]>) -> Result<(), NodeError> {
     std::fs::write(path, data).map_err(|e| NodeError::io(path, e))
 }
 
-/// Bind-mounts `from` on `to`, then makes the bind a shared mount.
-fn bind_shared(from: &Path, to: &Path) -> Result<(), NodeError> {
-    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in a path");
-    let (source, target) = (c(from), c(to));
-    // SAFETY: mount(2) with NUL-terminated strings that outlive the calls.
-    let failed = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0
-            || libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), libc::MS_SHARED, std::ptr::null()) != 0
-    };
-    match failed {
-        true => Err(NodeError::io(to, std::io::Error::last_os_error())),
-        false => Ok(()),
-    }
-}
-
 fn copy_exe(from: &Path, to: &Path) -> Result<(), NodeError> {
     std::fs::copy(from, to).map_err(|e| NodeError::io(from, e))?;
     Ok(())
@@ -581,7 +566,7 @@ impl Node {
         }
         crate::net::mount_bpffs(&bpffs).map_err(|e| NodeError::io(&bpffs, e))?;
         let cgroup2 = crate::net::cgroup2_mount().ok_or_else(|| NodeError::Setup("no cgroup2 mounted".into()))?;
-        bind_shared(&cgroup2.join(&self.name), &cgroup)?;
+        crate::net::bind_shared(&cgroup2.join(&self.name), &cgroup).map_err(|e| NodeError::io(&cgroup, e))?;
         Ok((bpffs, cgroup))
     }
 
