@@ -130,9 +130,10 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
     }
     // Checked before they go into a request path: `web?watch=true` must not read as `web`.
     // Names of this form need no escaping in a URL.
-    for (key, value, check) in
-        [("K8S_POD_NAMESPACE", namespace, dns1123_label as fn(&str) -> bool), ("K8S_POD_NAME", name, dns1123_subdomain)]
-    {
+    for (key, value, check) in [
+        ("K8S_POD_NAMESPACE", namespace, kuma::pod::dns1123_label as fn(&str) -> bool),
+        ("K8S_POD_NAME", name, kuma::pod::dns1123_subdomain),
+    ] {
         if !check(value) {
             return Err(CniError::new(
                 code::INVALID_ENVIRONMENT,
@@ -184,20 +185,6 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
             e.to_string(),
         )),
     }
-}
-
-/// A DNS-1123 label: what a namespace name is.
-fn dns1123_label(s: &str) -> bool {
-    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    s.len() <= 63
-        && edge(s.chars().next())
-        && edge(s.chars().last())
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-}
-
-/// A DNS-1123 subdomain: what a pod name is.
-fn dns1123_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(dns1123_label)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -10,6 +10,7 @@
 //! nobody; a watch that fails is re-listed with a backoff, and the cache keeps
 //! answering what it can answer correctly meanwhile.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -45,24 +46,46 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub node_name: String,
+    /// Watched one by one (the chart's `namespaceAllowList`: the installer may read
+    /// pods there only); empty: every namespace in one watch.
+    pub namespaces: Vec<String>,
     pub socket: PathBuf,
     pub identity: crate::api::Identity,
 }
 
-/// The cache, and a counter bumped on every change (lookups waiting for a pod wake up).
+/// [`Shared::caches`]' key of the one watch of every namespace (no namespace is named "").
+const ALL: &str = "";
+
+/// A cache per watch, and a counter bumped on every change (lookups waiting for a pod
+/// wake up).
 struct Shared {
-    cache: Mutex<PodCache>,
+    /// By namespace, or one under [`ALL`].
+    caches: BTreeMap<String, Mutex<PodCache>>,
     changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
-    fn cache(&self) -> MutexGuard<'_, PodCache> {
-        // The cache holds no invariant a panicked writer could break halfway.
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    fn new(namespaces: &[String]) -> Shared {
+        let keys = match namespaces {
+            [] => vec![ALL.to_owned()],
+            some => some.to_vec(),
+        };
+        let caches = keys.into_iter().map(|ns| (ns, Mutex::new(PodCache::default()))).collect();
+        Shared { caches, changed: tokio::sync::watch::channel(0).0 }
     }
 
-    fn update(&self, change: impl FnOnce(&mut PodCache)) {
-        change(&mut self.cache());
+    /// The cache that holds `namespace`'s pods, if any watch covers it.
+    fn cache(&self, namespace: &str) -> Option<MutexGuard<'_, PodCache>> {
+        let cache = self.caches.get(namespace).or_else(|| self.caches.get(ALL))?;
+        // The cache holds no invariant a panicked writer could break halfway.
+        Some(cache.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Changes the cache of the watch `key`.
+    fn update(&self, key: &str, change: impl FnOnce(&mut PodCache)) {
+        if let Some(cache) = self.caches.get(key) {
+            change(&mut cache.lock().unwrap_or_else(|e| e.into_inner()));
+        }
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
@@ -74,9 +97,8 @@ impl Agent {
     /// Binds the socket and starts the watch and the server on the current runtime.
     pub fn start(settings: AgentSettings) -> Result<Agent, InstallError> {
         let (socket, listener) = RootSocket::bind(&settings.socket)?;
-        let shared =
-            Arc::new(Shared { cache: Mutex::new(PodCache::default()), changed: tokio::sync::watch::channel(0).0 });
-        tracing::info!(node = %settings.node_name, socket = %settings.socket.display(), "node agent: answering pod lookups from a watch of this node's pods");
+        let shared = Arc::new(Shared::new(&settings.namespaces));
+        tracing::info!(node = %settings.node_name, namespaces = ?settings.namespaces, socket = %settings.socket.display(), "node agent: answering pod lookups from a watch of this node's pods");
         let served = shared.clone();
         tokio::spawn(rootsock::serve(listener, MAX_CONNECTIONS, "node agent socket", move |stream, _| {
             answer(stream, served.clone())
@@ -90,37 +112,61 @@ impl Agent {
     }
 }
 
-/// Keeps the cache current, forever: after any error the watch starts over with a
-/// list, which also tells when the API server is back.
+/// Keeps the caches current, forever: after any error a watch starts over with a list,
+/// which also tells when the API server is back.
 async fn watch(settings: AgentSettings, shared: Arc<Shared>) {
     let mut backoff = BACKOFF.0;
     let mut last_error = String::new();
     let client = loop {
         match settings.identity.client(CONNECT_TIMEOUT, READ_TIMEOUT).await {
             Ok(client) => break client,
-            Err(e) => failed(&shared, &mut last_error, e),
+            Err(e) => {
+                for key in shared.caches.keys() {
+                    failed(&shared, key, &mut last_error, e.clone());
+                }
+            }
         }
         sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF.1);
     };
     let selector = format!("spec.nodeName={}", settings.node_name);
+    let node = settings.node_name.as_str();
+    let watches = shared.caches.keys().map(|key| watch_one(&client, &selector, key, node, &shared));
+    futures_util::future::join_all(watches).await;
+}
+
+/// One watch: the namespace `key`'s pods of this node, or every namespace's ([`ALL`]).
+async fn watch_one(client: &kube::Client, selector: &str, key: &str, node: &str, shared: &Shared) {
+    let mut backoff = BACKOFF.0;
+    let mut last_error = String::new();
     loop {
-        let config = watcher::Config::default().fields(&selector).timeout(WATCH_TIMEOUT_SECS);
-        let mut events = watcher(Api::<Pod>::all(client.clone()), config).boxed();
+        let api = match key {
+            ALL => Api::<Pod>::all(client.clone()),
+            namespace => Api::<Pod>::namespaced(client.clone(), namespace),
+        };
+        let config = watcher::Config::default().fields(selector).timeout(WATCH_TIMEOUT_SECS);
+        let mut events = watcher(api, config).boxed();
         while let Some(event) = events.next().await {
             match event {
                 Ok(event) => {
-                    let was_connected = shared.cache().connected();
-                    shared.update(|cache| apply(cache, event));
-                    let cache = shared.cache();
-                    if cache.connected() && !was_connected {
-                        tracing::info!(pods = cache.len(), node = %settings.node_name, "node agent: watching this node's pods");
+                    let was_connected = shared.cache(key).is_some_and(|c| c.connected());
+                    shared.update(key, |cache| apply(cache, event));
+                    if let Some(cache) = shared.cache(key)
+                        && cache.connected()
+                        && !was_connected
+                    {
+                        tracing::info!(
+                            pods = cache.len(),
+                            node,
+                            namespace = scope(key),
+                            "node agent: watching this node's pods"
+                        );
                         last_error.clear();
                         backoff = BACKOFF.0;
                     }
                 }
                 Err(e) => {
-                    failed(&shared, &mut last_error, e.to_string());
+                    failed(shared, key, &mut last_error, e.to_string());
                     break;
                 }
             }
@@ -130,11 +176,16 @@ async fn watch(settings: AgentSettings, shared: Arc<Shared>) {
     }
 }
 
-/// Marks the cache behind; logs an error once, not on every retry.
-fn failed(shared: &Shared, last_error: &mut String, error: String) {
-    shared.update(PodCache::disconnected);
+/// The watch `key` as the log names it.
+fn scope(key: &str) -> &str {
+    if key == ALL { "all" } else { key }
+}
+
+/// Marks the cache of watch `key` behind; logs an error once, not on every retry.
+fn failed(shared: &Shared, key: &str, last_error: &mut String, error: String) {
+    shared.update(key, PodCache::disconnected);
     if error != *last_error {
-        tracing::warn!(%error, "node agent: the watch of this node's pods failed; lookups it cannot answer go to the API server");
+        tracing::warn!(%error, namespace = scope(key), "node agent: the watch of this node's pods failed; lookups it cannot answer go to the API server");
         *last_error = error;
     }
 }
@@ -170,14 +221,16 @@ async fn answer(stream: UnixStream, shared: Arc<Shared>) {
 async fn lookup(shared: &Shared, request: &Request) -> Answer {
     let deadline = Instant::now() + WAIT;
     let mut changes = shared.changed.subscribe();
+    let unwatched =
+        || Lookup::NotSynced(format!("namespace {} is not watched (namespaceAllowList)", request.namespace));
     let found = loop {
         changes.mark_unchanged();
-        match shared.cache().lookup(request) {
-            Lookup::Pending => {}
-            other => break other,
+        match shared.cache(&request.namespace).map(|c| c.lookup(request)) {
+            Some(Lookup::Pending) => {}
+            other => break other.unwrap_or_else(unwatched),
         }
         if !matches!(timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
-            break shared.cache().give_up(request);
+            break shared.cache(&request.namespace).map_or_else(unwatched, |c| c.give_up(request));
         }
     };
     match found {

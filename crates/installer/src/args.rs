@@ -96,6 +96,10 @@ pub struct InstallArgs {
     /// answering the plugin's lookups from them. Empty: the plugin asks the API server.
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,
+    /// The namespaces whose pods the node agent watches, comma-separated (the chart's
+    /// `namespaceAllowList`, where the installer may read pods there only); empty: all.
+    #[arg(long, env = "KMC_AGENT_NAMESPACES", default_value = "")]
+    pub agent_namespaces: String,
     /// The node agent's socket; empty: `agent.sock` in the plugin's run dir (KMC_RUN_DIR,
     /// or the template's `run_dir`, default /run/kong-mesh-cni), where the plugin looks.
     #[arg(long, env = "KMC_AGENT_SOCKET", default_value = "")]
@@ -173,6 +177,8 @@ pub struct Settings {
     pub repair_window: Duration,
     /// This node's name: the node agent runs when it is known.
     pub node_name: Option<String>,
+    /// The namespaces the agent watches; empty: all.
+    pub agent_namespaces: Vec<String>,
     pub agent_socket: PathBuf,
     /// The plugin's run dir, as mounted here.
     pub run_dir: PathBuf,
@@ -230,6 +236,11 @@ impl Settings {
         {
             return Err(bad(&format!("NODE_NAME={node:?} is not a node name")));
         }
+        let agent_namespaces: Vec<String> =
+            args.agent_namespaces.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned).collect();
+        if let Some(ns) = agent_namespaces.iter().find(|ns| !kuma::pod::dns1123_label(ns)) {
+            return Err(bad(&format!("KMC_AGENT_NAMESPACES: {ns:?} is not a namespace name")));
+        }
         let conf_name = Some(args.cni_conf_name).filter(|n| !n.is_empty());
         let mode = match args.chained_cni_plugin {
             true if conf_name.as_deref().is_some_and(|n| !crate::conflist::is_conf_name(n)) => {
@@ -270,6 +281,7 @@ impl Settings {
             repair_limit: args.repair_limit,
             repair_window: args.repair_window,
             node_name,
+            agent_namespaces,
             agent_socket,
             run_dir,
             uninstall: args.uninstall_on_sigterm,
@@ -282,6 +294,7 @@ impl Settings {
     pub fn agent(&self) -> Option<crate::agent::AgentSettings> {
         Some(crate::agent::AgentSettings {
             node_name: self.node_name.clone()?,
+            namespaces: self.agent_namespaces.clone(),
             socket: self.agent_socket.clone(),
             identity: crate::api::Identity::new(self),
         })
@@ -414,6 +427,8 @@ mod tests {
         assert!(e.contains("CNI_NETWORK_CONFIG"), "{e}");
         let e = parse(&["--node-name", "a/b"]).unwrap_err().to_string();
         assert!(e.contains("NODE_NAME"), "{e}");
+        let e = parse(&["--agent-namespaces", "mesh,Not_A_Namespace"]).unwrap_err().to_string();
+        assert!(e.contains("KMC_AGENT_NAMESPACES") && e.contains("Not_A_Namespace"), "{e}");
         let e =
             parse(&["--cni-network-config", r#"{"type":"kong-mesh-cni","run_dir":"run"}"#]).unwrap_err().to_string();
         assert!(e.contains("run_dir"), "{e}");
@@ -424,6 +439,9 @@ mod tests {
         assert!(parse(&[]).unwrap().agent().is_none());
         let agent = parse(&["--node-name", "node-1"]).unwrap().agent().unwrap();
         assert_eq!(agent.node_name, "node-1");
+        assert!(agent.namespaces.is_empty(), "every namespace in one watch");
+        let allowed = parse(&["--node-name", "node-1", "--agent-namespaces", " mesh , apps,"]).unwrap();
+        assert_eq!(allowed.agent().unwrap().namespaces, ["mesh", "apps"]);
         assert_eq!(agent.socket, PathBuf::from("/run/kong-mesh-cni/agent.sock"));
         let template = r#"{"type":"kong-mesh-cni","run_dir":"/var/run/kmc"}"#;
         let s = parse(&["--node-name", "n", "--cni-network-config", template]).unwrap();

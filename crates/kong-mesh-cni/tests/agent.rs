@@ -147,6 +147,35 @@ async fn add_is_answered_by_the_agent_without_a_request_to_the_api_server() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn with_a_namespace_allow_list_the_agent_watches_those_namespaces_and_answers() {
+    if skip("the node agent under namespaceAllowList") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fixture().await;
+    let node = node_name();
+    // Pod reads granted in the test's namespace only, as the chart's RoleBindings do.
+    let agent = NodeAgent::start_allowed_in(ApiServer::shared(), &f.ns, &node, &f.scratch.path().join("run")).await;
+    let web = f.ns.create_pod(mesh("web", &node)).await;
+    agent.wait_known(f.ns.name(), "web", uid(&web), SYNC);
+    let rt = chain(plugin_entry(&f, json!({})));
+    let web_ns = NamedNetns::new("agl");
+
+    let before = pod_gets(&f.ns).await;
+    rt.add(&attachment(&web_ns, &web)).expect("ADD of the mesh pod");
+    assert_eq!(pod_gets(&f.ns).await - before, 0, "pod GETs during the ADD; the agent should have answered");
+    assert!(redirected(&web_ns), "the mesh pod is redirected: {}", saved_rules(&web_ns));
+    // A namespace outside the list is not the agent's to answer: the plugin asks the
+    // API server, as without an agent.
+    match agent.ask("kube-system", "coredns", None) {
+        Asked::Miss(why) => assert!(why.contains("not watched"), "{why}"),
+        Asked::Found(_) => panic!("answered for a namespace it may not read"),
+    }
+    let log = agent.installer.log();
+    assert!(!log.contains("watch of this node's pods failed"), "no watch was refused:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn without_the_agent_the_plugin_asks_the_api_server() {
     if skip("fallback when the node agent is stopped") {
         return;

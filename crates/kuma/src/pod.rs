@@ -48,6 +48,20 @@ pub enum Decision {
     PassThrough(PassReason),
 }
 
+/// A DNS-1123 label: what a namespace name is.
+pub fn dns1123_label(s: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    s.len() <= 63
+        && edge(s.chars().next())
+        && edge(s.chars().last())
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// A DNS-1123 subdomain: what a pod name is.
+pub fn dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns1123_label)
+}
+
 /// The checks that need no pod object (so no API call): identity and excluded namespaces.
 pub fn pre_lookup(namespace: &str, name: &str, excluded_namespaces: &[String]) -> Option<PassReason> {
     if namespace.is_empty() || name.is_empty() {

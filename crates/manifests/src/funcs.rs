@@ -1,7 +1,7 @@
 //! The functions of the subset, with the behaviour of Go's text/template built-ins and
 //! of Helm's/sprig's versions: default, quote, toYaml, toJson, fromYaml, nindent,
 //! indent, required, fail, eq, ne, and/or (in exec.rs), not, list, printf, trimSuffix,
-//! sha256sum, include (in exec.rs).
+//! join, sha256sum, include (in exec.rs).
 
 use std::fmt::Write as _;
 
@@ -113,6 +113,11 @@ pub fn call(name: &str, args: Vec<Value>) -> Result<Value> {
             arity(name, &args, 2)?;
             let (suffix, text) = (string(&args[0])?, string(&args[1])?);
             s(text.strip_suffix(suffix).unwrap_or(text).to_owned())
+        }
+        "join" => {
+            arity(name, &args, 2)?;
+            let Value::List(items) = &args[1] else { return Err(bad("join: the second argument must be a list")) };
+            s(items.iter().map(Value::print).collect::<Vec<_>>().join(string(&args[0])?))
         }
         "sha256sum" => {
             arity(name, &args, 1)?;

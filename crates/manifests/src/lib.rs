@@ -14,7 +14,8 @@
 //! - `.Values`, `.Chart.{Name,Version,AppVersion}`, `.Release.{Name,Namespace,Service}`,
 //!   `.Files.Get`;
 //! - functions: default, quote, toYaml, toJson, fromYaml, nindent, indent, required,
-//!   fail, eq, ne, and, or, not, list, printf (%s %d %v %q), trimSuffix, sha256sum.
+//!   fail, eq, ne, and, or, not, list, printf (%s %d %v %q), trimSuffix, join,
+//!   sha256sum.
 //!
 //! Values follow Helm: chart defaults, then the preset and `-f` files (deep-merged),
 //! then `--set`/`--set-string` (Helm's syntax, [`strvals`]), a null removing a default.

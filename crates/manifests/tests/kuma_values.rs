@@ -176,6 +176,11 @@ fn kuma_keys_mean_what_they_mean_in_kumas_chart() {
         assert_eq!(rb["roleRef"]["kind"], "ClusterRole");
         assert_eq!(rb["subjects"][0]["namespace"], "kube-system");
     }
+    // ...and its node agent watches those, told by the DaemonSet.
+    let c = &get(&o, "DaemonSet/kube-system/kong-mesh-cni")["spec"]["template"]["spec"]["containers"][0];
+    let env = c["env"].as_sequence().unwrap();
+    let agent_ns = env.iter().find(|e| e["name"] == "KMC_AGENT_NAMESPACES").expect("KMC_AGENT_NAMESPACES");
+    assert_eq!(agent_ns["value"], "shop,billing");
     // skipRBAC: no role or binding at all; the service accounts stay.
     let o = set(&["skipRBAC=true"]);
     assert!(o.keys().all(|k| !k.contains("Role")), "{:?}", o.keys().collect::<Vec<_>>());

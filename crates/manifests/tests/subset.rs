@@ -61,6 +61,7 @@ const SNIPPETS: &[(&str, &str)] = &[
         r#"{{ toJson .Values.nested }} {{ toJson .Values.map }} {{ toJson .Values.big }} {{ toJson .Values.empty }}"#,
     ),
     ("trimSuffix", r#"{{ trimSuffix ".conf" .Values.name }} {{ .Values.name | trimSuffix ".conflist" }}"#),
+    ("join", r#"{{ join "," .Values.list }} {{ .Values.list | join "-" }} [{{ join "," list }}]"#),
     ("required", r#"{{ required "needed" .Values.name }}"#),
     ("nilPrint", r#"[{{ .Values.missing }}]"#),
     (

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cni::plugin::ask::{self, Asked};
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::json;
-use testkit::{ApiServer, ClusterGrant, policy_rule};
+use testkit::{ApiServer, ClusterGrant, TestNamespace, policy_rule};
 
 use crate::installer_host::{CALICO, Host, Installer, KUBECONFIG};
 
@@ -27,7 +28,8 @@ pub struct NodeAgent {
     pub host: Host,
     /// The API server's address as the installer was given it.
     pub server: (String, String),
-    _grant: ClusterGrant,
+    /// `None`: the grant is a Role in the test's namespace, gone with it.
+    _grant: Option<ClusterGrant>,
     _creds: tempfile::TempDir,
 }
 
@@ -37,11 +39,28 @@ impl NodeAgent {
     /// goes where the plugin looks, derived as in production). `via` replaces the API
     /// server's port (a proxy in front of it).
     pub async fn start(api: &ApiServer, namespace: &str, node: &str, run_dir: &Path, via: Option<u16>) -> NodeAgent {
+        let grant = ClusterGrant::new(api, namespace, AGENT_SA, pod_reads()).await;
+        NodeAgent::launch(api, namespace, node, run_dir, via, Some(grant), &[]).await
+    }
+
+    /// As [`NodeAgent::start`], but allowed to read pods in `ns` only (a Role there, as
+    /// the chart's `namespaceAllowList` grants) and told so, as the chart tells it.
+    pub async fn start_allowed_in(api: &ApiServer, ns: &TestNamespace, node: &str, run_dir: &Path) -> NodeAgent {
+        ns.grant(AGENT_SA, "kmc-agent-pods", pod_reads()).await;
+        NodeAgent::launch(api, ns.name(), node, run_dir, None, None, &[("KMC_AGENT_NAMESPACES", ns.name())]).await
+    }
+
+    async fn launch(
+        api: &ApiServer,
+        namespace: &str,
+        node: &str,
+        run_dir: &Path,
+        via: Option<u16>,
+        grant: Option<ClusterGrant>,
+        extra: &[(&str, &str)],
+    ) -> NodeAgent {
         let creds = tempfile::tempdir().unwrap();
         let projected = api.project_service_account(namespace, AGENT_SA, creds.path()).await;
-        let grant =
-            ClusterGrant::new(api, namespace, AGENT_SA, vec![policy_rule(&[""], &["pods"], &["get", "list", "watch"])])
-                .await;
         let host = Host::new();
         host.rotate_token(
             &std::fs::read_to_string(&projected.token_file).unwrap(),
@@ -55,18 +74,18 @@ impl NodeAgent {
             "kubernetes": {"kubeconfig": "__KUBECONFIG_FILEPATH__"},
         })
         .to_string();
-        let installer = Installer::start(
-            &host,
-            &[
-                ("KUBERNETES_SERVICE_HOST", &projected.host),
-                ("KUBERNETES_SERVICE_PORT", &port),
-                ("NODE_NAME", node),
-                ("CNI_NETWORK_CONFIG", &template),
-                // The run dir as the installer sees it: the template's (one dir, as in the chart).
-                ("KMC_RUN_DIR", &run_dir.to_string_lossy()),
-                ("CFGCHECK_INTERVAL", "3600"),
-            ],
-        );
+        let run_dir_text = run_dir.to_string_lossy();
+        let mut env = vec![
+            ("KUBERNETES_SERVICE_HOST", projected.host.as_str()),
+            ("KUBERNETES_SERVICE_PORT", &port),
+            ("NODE_NAME", node),
+            ("CNI_NETWORK_CONFIG", &template),
+            // The run dir as the installer sees it: the template's (one dir, as in the chart).
+            ("KMC_RUN_DIR", &run_dir_text),
+            ("CFGCHECK_INTERVAL", "3600"),
+        ];
+        env.extend_from_slice(extra);
+        let installer = Installer::start(&host, &env);
         NodeAgent {
             node: node.to_owned(),
             run_dir: run_dir.to_owned(),
@@ -109,4 +128,9 @@ impl NodeAgent {
             }
         }
     }
+}
+
+/// What the chart's role lets the agent do with pods.
+fn pod_reads() -> Vec<PolicyRule> {
+    vec![policy_rule(&[""], &["pods"], &["get", "list", "watch"])]
 }
