@@ -167,7 +167,12 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
     let pod = match found {
         Lookup::Found(pod) => pod,
         Lookup::NotFound => return Ok(Verdict::PassThrough("the pod no longer exists".to_owned())),
-        Lookup::Unavailable(why) => {
+        // No record for in-place repair: the installer reads pods with the same identity.
+        Lookup::Forbidden(why) if plugin.on_api_error == OnApiError::PassThrough => {
+            tracing::warn!(error = %why, "the API server does not let us read this pod (RBAC, or a namespace outside namespaceAllowList); letting it start without a redirect");
+            return Ok(Verdict::PassThrough("the pod may not be read".to_owned()));
+        }
+        Lookup::Unavailable(why) | Lookup::Forbidden(why) => {
             return match plugin.on_api_error {
                 OnApiError::PassThrough => Ok(Verdict::Unanswered(why)),
                 OnApiError::Fail => {

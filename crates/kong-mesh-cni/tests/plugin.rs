@@ -283,6 +283,39 @@ async fn api_server_down() {
     rt.del(&a).unwrap();
 }
 
+/// A namespace our identity may not read (the chart's namespaceAllowList, or RBAC
+/// missing): asking again could not help, so the pod starts at once and leaves no record
+/// for in-place repair (the installer reads with the same identity, and would ask every
+/// 200 ms for as long as the pod lives).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_our_identity_may_not_read_passes_through_without_a_repair_record() {
+    if skip("a pod the plugin may not read") {
+        return;
+    }
+    let f = fixture().await;
+    let elsewhere = ApiServer::shared().namespace("kmc-elsewhere").await;
+    mesh_pod(&elsewhere, "web", &[]).await;
+    let rt = chain(Plugins::Upstream, our_entry(&f.kubeconfig, f.scratch.path(), json!({})));
+    let netns = NamedNetns::new("plforb");
+    let a = Attachment::new(&netns, elsewhere.name(), "web");
+    let start = Instant::now();
+    rt.add(&a).expect("the pod starts");
+    assert!(start.elapsed() < Duration::from_secs(2), "ADD took {:?}: a 403 was retried", start.elapsed());
+    assert_eq!(saved_rules(&netns), "");
+    let pending = f.scratch.path().join("run/pending");
+    let records = std::fs::read_dir(&pending).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(records, 0, "no repair record in {}", pending.display());
+    let log = std::fs::read_to_string(f.scratch.path().join("cni.log")).unwrap();
+    assert!(log.contains("WARN") && log.contains("does not let us read this pod") && log.contains("403"), "{log}");
+    rt.del(&a).unwrap();
+
+    let fail = json!({"on_api_error": "fail"});
+    let rt = chain(Plugins::Upstream, our_entry(&f.kubeconfig, f.scratch.path(), fail));
+    let err = rt.add(&a).unwrap_err();
+    assert_eq!(err.code, Some(11), "on_api_error: fail still fails: {err}");
+    rt.del(&a).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_reach_the_installer_socket_and_a_broken_log_never_fails_add() {
     if skip("logging") {

@@ -17,6 +17,9 @@ pub enum Lookup {
     NotFound,
     /// The API server could not say; the reason is for the log and the error.
     Unavailable(String),
+    /// The API server refuses our identity this pod (403: RBAC, or a namespace outside
+    /// the chart's namespaceAllowList). Asking again, now or later, gets the same answer.
+    Forbidden(String),
 }
 
 /// One attempt's own bound, so that a hung connection leaves time for another.
@@ -56,14 +59,23 @@ fn retriable(error: &kube::Error) -> bool {
     }
 }
 
-/// A failed attempt: its message, and whether retrying may help.
-struct Failed(String, bool);
+/// A failed attempt, with its message.
+enum Failed {
+    /// Another attempt may succeed.
+    Retry(String),
+    Final(String),
+    Forbidden(String),
+}
 
 async fn attempt(kubeconfig: &Path, namespace: &str, name: &str) -> Result<Option<Pod>, Failed> {
     // The installer replaces the kubeconfig atomically: one that cannot make a client now
     // is broken, not half-written, so it fails at once rather than for the whole budget.
-    let client = client_for(kubeconfig, ATTEMPT_TIMEOUT).await.map_err(|e| Failed(e, false))?;
-    Api::<Pod>::namespaced(client, namespace).get_opt(name).await.map_err(|e| Failed(e.to_string(), retriable(&e)))
+    let client = client_for(kubeconfig, ATTEMPT_TIMEOUT).await.map_err(Failed::Final)?;
+    Api::<Pod>::namespaced(client, namespace).get_opt(name).await.map_err(|e| match &e {
+        kube::Error::Api(status) if status.code == 403 => Failed::Forbidden(e.to_string()),
+        _ if retriable(&e) => Failed::Retry(e.to_string()),
+        _ => Failed::Final(e.to_string()),
+    })
 }
 
 pub async fn pod(kubeconfig: &Path, namespace: &str, name: &str, deadline: Duration) -> Lookup {
@@ -76,8 +88,9 @@ pub async fn pod(kubeconfig: &Path, namespace: &str, name: &str, deadline: Durat
         match timeout_at(attempt_deadline, attempt(kubeconfig, namespace, name)).await {
             Ok(Ok(Some(pod))) => return Lookup::Found(Box::new(pod)),
             Ok(Ok(None)) => return Lookup::NotFound,
-            Ok(Err(Failed(e, false))) => return Lookup::Unavailable(e),
-            Ok(Err(Failed(e, true))) => last_error = e,
+            Ok(Err(Failed::Forbidden(e))) => return Lookup::Forbidden(e),
+            Ok(Err(Failed::Final(e))) => return Lookup::Unavailable(e),
+            Ok(Err(Failed::Retry(e))) => last_error = e,
             Err(_) => last_error = format!("no answer within {:?}", started.elapsed()),
         }
         if Instant::now() + backoff >= deadline {
