@@ -1,6 +1,7 @@
 //! The installer as a node agent against the real API server: its own service account
 //! (projected as the kubelet would), allowed to get, list and watch pods cluster-wide
-//! as the chart's ClusterRole allows, on a node of its own name. Shared by
+//! as the chart's ClusterRole allows (or in one namespace, as under the chart's
+//! `namespaceAllowList`), on a node of its own name. Shared by
 //! `tests/agent.rs` and the plugin benchmarks (which include it with `#[path]`, next to
 //! `installer_host`).
 
