@@ -186,7 +186,8 @@ impl Registry {
             let _ = self.remove(None, cookie);
         }
         result?;
-        tracing::info!(id, netns = %netns.path().display(), cookie, ipv6, "pod registered for the eBPF redirect");
+        // The caller (the plugin, the in-place repair) says it once at info, with the pod.
+        tracing::debug!(id, netns = %netns.path().display(), cookie, ipv6, "pod registered for the eBPF redirect");
         Ok(Registration { netns_cookie: cookie, ipv6, addresses: addresses.to_vec() })
     }
 
@@ -227,7 +228,7 @@ impl Registry {
         check_id(id)?;
         let Some((pin, cookie)) = self.find(id)? else { return Ok(false) };
         self.remove(Some(&pin), cookie)?;
-        tracing::info!(id, cookie, "pod unregistered from the eBPF redirect");
+        tracing::debug!(id, cookie, "pod unregistered from the eBPF redirect");
         Ok(true)
     }
 

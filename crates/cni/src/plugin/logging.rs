@@ -100,7 +100,9 @@ pub fn init(level: &str, socket: &Path, file: &Path) {
     // Targets, not EnvFilter: nothing to parse at run time, in a process started per pod.
     let filter = Targets::new().with_default(level.min(LevelFilter::WARN)).with_targets(OURS.map(|t| (t, level)));
     let writer = MakeLineWriter(Arc::new(Sink::new(socket, file)));
+    // fmt's own maximum is info by default: without ours, `debug` would never get through.
     let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
         .with_writer(writer)
         .with_ansi(false)
         .with_target(false)
