@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Node as KubeNode;
 use kube::api::{Api, LogParams};
 use testkit::node::HostView;
 use testkit::node_chart::{CNI_NAMESPACE, install, tainted};
-use testkit::node_pods::{Validator, container, log_line, mesh_pod, plain_pod, pod_ip, run_pod};
+use testkit::node_pods::{Validator, container, log_line, mesh_pod, plain_pod, pod_ip, run_pod, validation_exit};
 use testkit::{Node, NodeOptions};
 
 const POD_READY: Duration = Duration::from_secs(90);
@@ -99,12 +99,7 @@ async fn run_async(binary: &Path) -> Result<Report> {
     let (mesh, _) =
         run_pod(&client, &node, mesh_pod("mesh", &node, &report.target, validator), POD_READY, &none).await?;
     report.apply_to_mesh_ready = installed.applied.elapsed();
-    report.validator_exit = mesh
-        .status
-        .as_ref()
-        .and_then(|s| s.init_container_statuses.as_ref())
-        .and_then(|ss| ss.iter().find(|s| s.name == "kuma-validation"))
-        .and_then(|s| s.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code));
+    report.validator_exit = validation_exit(&mesh);
     let dial = plain_pod("plain", &node, vec![container("app", &["dial", &report.target])]);
     run_pod(&client, &node, dial, POD_READY, &none).await?;
     report.mesh_line = log_line(&client, "default", "mesh", "app", &["->", "sidecar"], LOG_WAIT).await?;

@@ -208,10 +208,7 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
     })
     .await;
     eprintln!("mesh pod Ready in {took:.1?} (validator passed as its init container)");
-    let statuses = mesh.status.as_ref().and_then(|s| s.init_container_statuses.clone()).unwrap_or_default();
-    let validation = statuses.iter().find(|s| s.name == "kuma-validation").expect("the validation init container ran");
-    let exit = validation.state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code);
-    assert_eq!(exit, Some(0), "the validator passed: {validation:?}");
+    node_pods::assert_validator_passed(&mesh);
 
     // The app's connection to another pod lands on the sidecar, with its original destination.
     let line = log_line(&client, "mesh", "app", "->").await;

@@ -144,12 +144,7 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     assert!(node.cni_bin_dir.join("kong-mesh-cni").is_file(), "the plugin binary in the node's bin dir");
 
     // A mesh pod and a plain one.
-    let installer_log = || {
-        let log = node_pods::container_logs(&node, "install-cni");
-        format!("--- install-cni\n{}--- kuma-validation\n{}", node_pods::tail(&log, 40), {
-            node_pods::tail(&node_pods::container_logs(&node, "kuma-validation"), 20)
-        })
-    };
+    let installer_log = || node_pods::cni_logs(&node);
     let (target, _) = run_pod(
         &client,
         &node,
@@ -163,10 +158,7 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     let (mesh, _) = run_pod(&client, &node, mesh_pod("mesh", &node, &target_addr, validator), &installer_log).await;
     let apply_to_mesh_ready = applied.elapsed();
     steps.done("mesh pod Ready");
-    let statuses = mesh.status.as_ref().and_then(|s| s.init_container_statuses.clone()).unwrap_or_default();
-    let validation = statuses.iter().find(|s| s.name == "kuma-validation").expect("the validation init container ran");
-    let exit = validation.state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code);
-    assert_eq!(exit, Some(0), "the validator passed: {validation:?}");
+    node_pods::assert_validator_passed(&mesh);
     assert_redirected(&client, std::slice::from_ref(&mesh), &target_addr).await;
     let (_, _) = run_pod(
         &client,

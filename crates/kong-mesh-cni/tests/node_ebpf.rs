@@ -78,12 +78,7 @@ async fn ebpf_mode_from_our_chart_redirects_mesh_pods_under_kubelet_and_containe
     assert!(status.complete(), "every cgroup program attached: {status:?}");
     assert_eq!(status.registered_pods, 0);
 
-    let installer_log = || {
-        let log = node_pods::container_logs(&node, "install-cni");
-        format!("--- install-cni\n{}--- kuma-validation\n{}", node_pods::tail(&log, 40), {
-            node_pods::tail(&node_pods::container_logs(&node, "kuma-validation"), 20)
-        })
-    };
+    let installer_log = || node_pods::cni_logs(&node);
     let run_pod = |pod| node_pods::run_pod(&client, &node, pod, POD_READY, &installer_log);
     let (target, _) = run_pod(plain_pod("target", &node, vec![container("serve", &["serve", "8080"])]))
         .await
@@ -94,10 +89,7 @@ async fn ebpf_mode_from_our_chart_redirects_mesh_pods_under_kubelet_and_containe
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("mesh pod Ready in {took:.1?}");
-    let statuses = mesh.status.as_ref().and_then(|s| s.init_container_statuses.clone()).unwrap_or_default();
-    let validation = statuses.iter().find(|s| s.name == "kuma-validation").expect("the validation init container ran");
-    let exit = validation.state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code);
-    assert_eq!(exit, Some(0), "the validator passed: {validation:?}");
+    node_pods::assert_validator_passed(&mesh);
     assert_redirected(&client, std::slice::from_ref(&mesh), &target_addr).await;
     assert_eq!(ebpf::status(&paths).unwrap().registered_pods, 1, "the mesh pod registered, the plain one not");
     let uid = mesh.metadata.uid.clone().unwrap();

@@ -115,6 +115,29 @@ pub async fn assert_redirected(client: &Client, pods: &[Pod], target: &str) {
     }
 }
 
+/// The exit code of the pod's `kuma-validation` init container, once it terminated.
+pub fn validation_exit(pod: &Pod) -> Option<i32> {
+    let status = validation_status(pod)?;
+    status.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code)
+}
+
+fn validation_status(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status.as_ref()?.init_container_statuses.as_ref()?.iter().find(|s| s.name == "kuma-validation")
+}
+
+/// The pod's `kuma-validation` init container ran and exited 0; panics otherwise.
+pub fn assert_validator_passed(pod: &Pod) {
+    let validation = validation_status(pod).expect("the validation init container ran");
+    assert_eq!(validation_exit(pod), Some(0), "the validator passed: {validation:?}");
+}
+
+/// The end of the CNI pod's and the validators' logs, from the node's disk: what a
+/// failure to get a pod Ready is told with.
+pub fn cni_logs(node: &Node) -> String {
+    let install = tail(&container_logs(node, "install-cni"), 40);
+    format!("--- install-cni\n{install}--- kuma-validation\n{}", tail(&container_logs(node, "kuma-validation"), 20))
+}
+
 pub fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
