@@ -20,6 +20,7 @@ if [[ $(id -u) != 0 ]]; then
 	echo "the demo creates network namespaces and a bridge: run it as root" >&2
 	exit 1
 fi
+scripts/host-deps.sh
 # The rest of the arguments go to kmc-demo, which checks them.
 if [[ ${1:-} == --node ]]; then
 	eval "$(scripts/node-build.sh --env)"

@@ -36,23 +36,10 @@ if [[ -z $binary ]]; then
 fi
 [[ -x $binary ]] || { echo "image-build: $binary is not an executable" >&2; exit 1; }
 
-# Debian's busybox-static, fetched with apt (no install on this machine), cached by version.
-cache=${XDG_CACHE_HOME:-$HOME/.cache}/kong-mesh-cni/busybox
-version=$(apt-cache policy busybox-static | awk '/Candidate:/ {print $2}')
-[[ -n $version && $version != "(none)" ]] || { echo "image-build: apt knows no busybox-static (apt-get update?)" >&2; exit 1; }
-busybox=$cache/${version//[:+~]/_}/bin/busybox
-if [[ ! -x $busybox ]]; then
-	tmp=$(mktemp -d)
-	chmod 755 "$tmp" # apt downloads as _apt
-	trap 'rm -rf "$tmp"' EXIT
-	(cd "$tmp" && apt-get download -qq "busybox-static=$version" >&2)
-	mkdir -p "$cache"
-	dpkg-deb -x "$tmp"/busybox-static_*.deb "$tmp/x"
-	mkdir -p "$(dirname "$busybox")"
-	install -m 0755 "$tmp/x/bin/busybox" "$busybox"
-	rm -rf "$tmp"
-	trap - EXIT
-fi
+# Debian's busybox-static (scripts/host-deps.sh installs it): static, so it runs in a
+# FROM scratch image.
+busybox=$(dpkg -L busybox-static 2>/dev/null | grep -m1 '/bin/busybox$' || true)
+[[ -x $busybox ]] || { echo "image-build: Debian's busybox-static is not installed (run scripts/host-deps.sh)" >&2; exit 1; }
 
 version=$(awk -F'"' '/^\[workspace.package\]/ {p=1} p && /^version *=/ {print $2; exit}' Cargo.toml)
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)

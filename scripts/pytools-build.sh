@@ -7,15 +7,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 requirements=$root/requirements-ci.txt
 
-if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
-	if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-		echo "pytools-build: installing python3-venv" >&2
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >&2
-	else
-		echo "pytools-build: python3 with venv is needed" >&2
-		exit 1
-	fi
-fi
+python3 -c 'import ensurepip, venv' 2>/dev/null || { echo "pytools-build: python3 with venv is needed (scripts/host-deps.sh installs it)" >&2; exit 1; }
 
 venv=${XDG_CACHE_HOME:-$HOME/.cache}/kong-mesh-cni/ci-venv
 stamp=$venv/.requirements-$(sha256sum "$requirements" | cut -c1-16)

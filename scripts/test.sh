@@ -4,6 +4,7 @@
 # Privileged tests need root; under CI=1 they fail instead of skipping when not root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/host-deps.sh
 eval "$(scripts/testenv-build.sh --env)"
 # The real helm, for the chart tests (built once from the Go module proxy, cached).
 eval "$(scripts/helm-build.sh --env)"

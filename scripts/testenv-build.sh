@@ -21,22 +21,6 @@ PLUGINS=(main/bridge main/ptp main/loopback main/macvlan ipam/host-local ipam/st
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 src=$root/testenv/go
 
-# Tools the network tests run as root. A fresh CI machine lacks them; never fail here
-# when we cannot install (not root): the tests that need them say so themselves.
-missing=()
-for pkg in containernetworking-plugins iproute2 iptables; do
-	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-	if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-		echo "testenv-build: installing ${missing[*]}" >&2
-		apt-get update -qq >&2
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-	else
-		echo "testenv-build: warning: not installed: ${missing[*]}" >&2
-	fi
-fi
-
 command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
 command -v go >/dev/null || { echo "testenv-build: go not found in PATH" >&2; exit 1; }
 
