@@ -31,7 +31,9 @@ use crate::node_state::{Process, State, alive, kill, start_time, wait_gone};
 use crate::{bin_dir, cached_build, unique_suffix};
 
 use crate::node_state::teardown as teardown_state;
-pub use crate::node_state::{HOST_PATHS, HostView, SYSCTLS, cgroup_mounts, iptables_chains, leftovers, mounts_under};
+pub use crate::node_state::{
+    HOST_PATHS, HostView, NETNS_DIR, SYSCTLS, cgroup_mounts, iptables_chains, leftovers, mounts_under, propagation,
+};
 
 /// The `kubernetes` Service's IP (first of --service-cluster-ip-range).
 pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -181,7 +183,7 @@ impl Node {
                 Ok(node)
             }
             Err(e) => {
-                let logs = node.logs_tail();
+                let logs = format!("{}the node's full logs: {}", node.logs_tail(), node.save_logs());
                 node.armed = false;
                 if let Err(t) = teardown_state(&node.state) {
                     eprintln!("node: {t}");
@@ -197,13 +199,33 @@ impl Node {
         for p in &self.state.processes {
             let log = std::fs::read_to_string(self.root.join(format!("logs/{}.log", p.name))).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
-            out.push_str(&format!("--- {} (last 15 lines)\n", p.name));
-            for l in &lines[lines.len().saturating_sub(15)..] {
+            out.push_str(&format!("--- {} (last 5 lines)\n", p.name));
+            for l in &lines[lines.len().saturating_sub(5)..] {
                 out.push_str(l);
                 out.push('\n');
             }
         }
         out
+    }
+
+    /// Copies the node's logs (every component's, and the pods' under `podLogsDir`) out
+    /// of its root, which its teardown removes, to `$TMPDIR/kmc-node-logs-<id>`; returns
+    /// that dir. Called on a failure only: a passing run leaves nothing behind.
+    pub fn save_logs(&self) -> String {
+        let to = std::env::temp_dir().join(format!("kmc-node-logs-{}", self.state.id));
+        let _ = std::fs::create_dir_all(&to);
+        let copy = Command::new("cp")
+            .args(["-a", "--no-preserve=ownership"])
+            .arg(self.root.join("logs"))
+            .arg(&self.pod_logs_dir)
+            .arg(&to)
+            .stdin(Stdio::null())
+            .output();
+        match copy {
+            Ok(o) if o.status.success() => to.display().to_string(),
+            Ok(o) => format!("{} (copy incomplete: {})", to.display(), String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => format!("not saved (cp: {e}); they were under {}", self.root.display()),
+        }
     }
 
     /// A component's whole log (`kubelet`, `containerd`, `kube-apiserver`...).
@@ -294,6 +316,7 @@ impl Node {
     }
 
     async fn bring_up(&mut self, options: &NodeOptions) -> Result<(), NodeError> {
+        self.share_netns_dir()?;
         let bins = node_bin_dir().to_path_buf();
         let plugins = bin_dir().join("plugins");
         let (node_bridge, pod_bridge, chain) =
@@ -552,6 +575,14 @@ impl Node {
         Ok(())
     }
 
+    /// The host precondition of the chart's HostToContainer mount of the netns dir,
+    /// established here instead of inherited from whatever ran `ip netns add` before.
+    fn share_netns_dir(&mut self) -> Result<(), NodeError> {
+        self.state.netns_dir = crate::node_state::netns_dir_change();
+        self.state.save()?;
+        crate::node_state::share_netns_dir(self.state.netns_dir)
+    }
+
     /// eBPF mode's places on this node, as `(bpffs, cgroup)`, both shared mounts under
     /// the node's root (the DaemonSet mounts them with Bidirectional propagation, and
     /// the host's cgroup2 mount is not shared): a bpffs of its own at `<root>/bpffs`
@@ -654,6 +685,36 @@ impl Drop for Node {
             eprintln!("node {}: {e}", self.name);
         }
     }
+}
+
+/// Runs the calling test (`test`, its name for `--exact`) again in a child process, in
+/// a private mount namespace where the netns dir is no mount point: the host a user
+/// has before anything ran `ip netns add` (CI's earlier tests would have made it one).
+/// Returns `true` in that child, where the test goes on; in the parent, `false` once
+/// the child passed (it panics when the child failed).
+pub fn as_on_a_fresh_host(test: &str) -> bool {
+    const CHILD: &str = "KMC_FRESH_HOST_CHILD";
+    let dir = Path::new(crate::node_state::NETNS_DIR);
+    if std::env::var_os(CHILD).is_some() {
+        // Only this namespace's copies go: the host's mounts are untouched.
+        while crate::node_state::propagation(dir).is_some() {
+            let c = std::ffi::CString::new(crate::node_state::NETNS_DIR).expect("no NUL");
+            // SAFETY: umount2(2) with a NUL-terminated path.
+            let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            assert_eq!(rc, 0, "unmounting {} in the private namespace: {}", dir.display(), std::io::Error::last_os_error());
+        }
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let status = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .status()
+        .expect("unshare runs");
+    assert!(status.success(), "{test} as on a fresh host (no {} mount point): {status}", dir.display());
+    false
 }
 
 /// Tears down the node whose root is `root`, from its state file alone.

@@ -287,9 +287,10 @@ pub async fn install(
         }
         if applied.elapsed() > timeout {
             let what = if cni_ready.is_some() { "the node kept its NodeReadiness taint" } else { "no Ready CNI pod" };
+            let ours = ListParams::default().labels(CNI_SELECTOR);
             return Err(NodeError::Timeout(format!(
                 "{what} {timeout:?} after the apply\n{}",
-                crate::node_pods::tail(&node.log("kubelet"), 60)
+                crate::node_pods::why_not_ready(client, node, CNI_NAMESPACE, &ours).await
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
