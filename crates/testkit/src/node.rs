@@ -701,7 +701,13 @@ pub fn as_on_a_fresh_host(test: &str) -> bool {
             let c = std::ffi::CString::new(crate::node_state::NETNS_DIR).expect("no NUL");
             // SAFETY: umount2(2) with a NUL-terminated path.
             let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            assert_eq!(rc, 0, "unmounting {} in the private namespace: {}", dir.display(), std::io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                0,
+                "unmounting {} in the private namespace: {}",
+                dir.display(),
+                std::io::Error::last_os_error()
+            );
         }
         return true;
     }

@@ -164,7 +164,8 @@ pub async fn why_not_ready(client: &Client, node: &Node, namespace: &str, params
                 let name = pod.metadata.name.clone().unwrap_or_default();
                 let status = pod.status.clone().unwrap_or_default();
                 out.push_str(&format!("pod {namespace}/{name}: {}\n", status.phase.as_deref().unwrap_or("no phase")));
-                let containers = status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
+                let containers =
+                    status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
                 for c in containers {
                     out.push_str(&format!("  container {}: {}\n", c.name, container_state(c)));
                 }

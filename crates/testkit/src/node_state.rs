@@ -94,7 +94,7 @@ pub const NETNS_DIR: &str = "/run/netns";
 pub fn propagation(path: &Path) -> Option<&'static str> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     // The last line for a path is the mount on top.
-    let line = info.lines().filter(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == path)).last()?;
+    let line = info.lines().rfind(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == path))?;
     let optional = line.split(" - ").next().unwrap_or_default().split(' ').skip(6);
     let tags: Vec<&str> = optional.collect();
     Some(if tags.iter().any(|t| t.starts_with("shared:")) {

@@ -41,8 +41,9 @@ fn owner(path: &Path) -> Option<String> {
         for candidate in std::iter::once(path.clone()).chain(stripped) {
             let out = Command::new("dpkg").arg("-S").arg(&candidate).output().ok()?;
             let text = String::from_utf8_lossy(&out.stdout);
-            if let Some(pkg) = text.lines().find_map(|l| l.split_once(": ").map(|(p, _)| p)).filter(|_| out.status.success())
-            {
+            // "diversion by dash from: /bin/sh" lines are not owners.
+            let owner = text.lines().filter(|l| !l.starts_with("diversion ")).find_map(|l| l.split_once(": "));
+            if let Some((pkg, _)) = owner.filter(|_| out.status.success()) {
                 return Some(pkg.split(':').next().unwrap_or(pkg).to_string());
             }
         }
@@ -83,8 +84,12 @@ fn every_listed_program_comes_from_a_package_host_deps_installs() {
     assert!(wrong.is_empty(), "scripts/host-programs.txt is wrong:\n{}", wrong.join("\n"));
 }
 
-/// Functions of ours whose first argument is a program to run, beside `Command::new`.
-const RUST_RUNNERS: [&str; 3] = ["Command::new(\"", " sh(\"", ".exec(\""];
+/// Where our Rust code names a program to run by a literal: `Command::new`, and our
+/// helpers whose first argument is a program (testkit's `sh` and `NamedNetns::exec`,
+/// the installer harness's `start_program`). Programs named by a computed string
+/// (`{front}-save`, the netfilter backends' tools, build.rs's `$CLANG`) are listed by
+/// hand.
+const RUST_RUNNERS: [&str; 4] = ["Command::new(\"", " sh(\"", ".exec(\"", "start_program(Path::new(\""];
 /// The real node's own `run(program, args)` (elsewhere `run` means other things).
 const NODE_RUNNER: &str = "run(\"";
 
@@ -107,15 +112,16 @@ fn rust_programs(path: &Path, text: &str, found: &mut BTreeMap<String, String>) 
 
 /// Bash builtins and keywords: not programs.
 const SHELL_WORDS: &[&str] = &[
-    "if", "then", "else", "elif", "fi", "for", "while", "until", "do", "done", "case", "esac", "in", "function",
-    "{", "}", "!", "[[", "]]", "[", "]", "echo", "printf", "exit", "return", "set", "shift", "local", "export",
-    "declare", "readonly", "trap", "eval", "exec", "cd", "command", "read", "wait", "true", "false", ":", "test",
-    "source", ".", "break", "continue", "time", "unset", "type", "let",
+    "if", "then", "else", "elif", "fi", "for", "while", "until", "do", "done", "case", "esac", "in", "function", "{",
+    "}", "!", "[[", "]]", "[", "]", "echo", "printf", "exit", "return", "set", "shift", "local", "export", "declare",
+    "readonly", "trap", "eval", "exec", "cd", "command", "read", "wait", "true", "false", ":", "test", "source", ".",
+    "break", "continue", "time", "unset", "type", "let", "pwd",
 ];
 
 /// The words in command position of a bash script: the first word of each simple
-/// command, after assignments. Quoted text is blanked first, so words inside strings
-/// (messages, jq-like arguments) are never taken for commands.
+/// command, after assignments. Comments go, quoted text is blanked (words inside
+/// strings are never taken for commands), continued lines are joined and array
+/// literals dropped.
 fn shell_programs(path: &Path, text: &str, found: &mut BTreeMap<String, String>) {
     let mut functions = BTreeSet::new();
     for line in text.lines() {
@@ -123,22 +129,16 @@ fn shell_programs(path: &Path, text: &str, found: &mut BTreeMap<String, String>)
             functions.insert(name.to_string());
         }
     }
-    for line in text.lines() {
-        let line = blank_quotes(line);
-        let line = match line.find(" #") {
-            Some(at) => &line[..at],
-            None if line.trim_start().starts_with('#') => "",
-            None => &line,
-        };
+    for line in logical_lines(text) {
         let line = line.replace("$(", ";").replace("&&", ";").replace("||", ";").replace(['|', '(', ')', '`'], ";");
         for segment in line.split(';') {
-            let words = segment.split_whitespace();
-            let first = words
-                .skip_while(|w| {
-                    w.contains('=')
-                        || matches!(*w, "if" | "elif" | "while" | "until" | "then" | "else" | "do" | "!" | "{" | "time" | "exec")
-                })
-                .next();
+            let first = segment.split_whitespace().find(|w| {
+                !w.contains('=')
+                    && !matches!(
+                        *w,
+                        "if" | "elif" | "while" | "until" | "then" | "else" | "do" | "!" | "{" | "time" | "exec"
+                    )
+            });
             let Some(word) = first else { continue };
             let skip = SHELL_WORDS.contains(&word)
                 || functions.contains(word)
@@ -152,12 +152,51 @@ fn shell_programs(path: &Path, text: &str, found: &mut BTreeMap<String, String>)
     }
 }
 
-/// `line` with the contents of its quoted strings blanked (the quotes kept).
-fn blank_quotes(line: &str) -> String {
+/// The script's lines without comments and with quoted text blanked, `\`-continued
+/// lines joined, and `NAME=( ... )` array literals (one or many lines) removed.
+fn logical_lines(text: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    let mut in_array = false;
+    for raw in text.lines() {
+        let line = strip_comment_blank_quotes(raw);
+        if in_array {
+            if let Some(at) = line.find(')') {
+                in_array = false;
+                current.push_str(&line[at + 1..]);
+            }
+            continue;
+        }
+        let line = match line.find("=(") {
+            Some(at) if !line[at..].contains(')') => {
+                in_array = true;
+                line[..at + 1].to_string()
+            }
+            Some(at) => format!("{}{}", &line[..at + 1], &line[at + line[at..].find(')').unwrap_or(0) + 1..]),
+            None => line,
+        };
+        match line.strip_suffix('\\') {
+            Some(head) => current.push_str(head),
+            None if in_array => current.push_str(&line),
+            None => {
+                current.push_str(&line);
+                lines.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    lines.push(current);
+    lines
+}
+
+/// `line` up to its comment, with the contents of its quoted strings blanked (the
+/// quotes kept).
+fn strip_comment_blank_quotes(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut quote = None;
+    let mut previous = ' ';
     for c in line.chars() {
         match (quote, c) {
+            (None, '#') if previous.is_whitespace() => break,
             (None, '"' | '\'') => {
                 quote = Some(c);
                 out.push(c);
@@ -169,6 +208,7 @@ fn blank_quotes(line: &str) -> String {
             (Some(_), _) => out.push('x'),
             (None, c) => out.push(c),
         }
+        previous = c;
     }
     out
 }
@@ -211,7 +251,11 @@ fn every_program_the_sources_run_is_listed() {
         .filter(|(p, _)| !listed.contains_key(*p) && !ours.contains(&p.as_str()))
         .map(|(p, file)| format!("{p} (run in {file})"))
         .collect();
-    assert!(missing.is_empty(), "add these to scripts/host-programs.txt (and their package to host-deps.sh):\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "add these to scripts/host-programs.txt (and their package to host-deps.sh):\n{}",
+        missing.join("\n")
+    );
 }
 
 #[test]
@@ -219,10 +263,14 @@ fn the_scanners_find_programs_where_they_are_run() {
     let mut found = BTreeMap::new();
     shell_programs(
         Path::new("x.sh"),
-        "f() {\nx=$(jq -r .a \"$f\" | sort -u)\nif ! command -v go >/dev/null; then apt-get install \"a | b\"; fi\nf && rsync a b # not: comment\n",
+        "f() {\nx=$(jq -r .a \"$f\" | sort -u)\nif ! command -v go >/dev/null; then apt-get install \"a | b\"; fi\nf && rsync a b # Helm's comment: not | cut\nA=(\n\tone two # three\n)\nB=(four) C=1 \\\n\tgzip -9 \\\n\tfive\n",
         &mut found,
     );
-    rust_programs(Path::new("x.rs"), "let _ = Command::new(\"/usr/sbin/conntrack\").status(); ns.exec(\"tc\", &[]);", &mut found);
+    rust_programs(
+        Path::new("x.rs"),
+        "let _ = Command::new(\"/usr/sbin/conntrack\").status(); ns.exec(\"tc\", &[]);",
+        &mut found,
+    );
     let names: Vec<&str> = found.keys().map(String::as_str).collect();
-    assert_eq!(names, ["apt-get", "conntrack", "jq", "rsync", "sort", "tc"]);
+    assert_eq!(names, ["apt-get", "conntrack", "gzip", "jq", "rsync", "sort", "tc"]);
 }
