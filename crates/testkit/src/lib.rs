@@ -22,6 +22,7 @@ pub mod node_chart;
 mod node_image;
 mod node_pki;
 pub mod node_pods;
+pub mod node_reboot;
 mod node_state;
 mod objects;
 pub mod process;

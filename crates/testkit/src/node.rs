@@ -102,7 +102,7 @@ pub struct Node {
     /// Time from start to the node registered Ready.
     pub up_time: Duration,
     ctr_socket: PathBuf,
-    state: State,
+    pub(crate) state: State,
     armed: bool,
 }
 
@@ -112,7 +112,7 @@ fn free_port(ip: Ipv4Addr) -> Result<u16, NodeError> {
     Ok(l.local_addr().expect("bound").port())
 }
 
-fn run(program: &str, args: &[&str]) -> Result<String, NodeError> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String, NodeError> {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -344,25 +344,7 @@ impl Node {
 
         // The kubernetes Service without kube-proxy: pods (PREROUTING) and host-network
         // pods (OUTPUT).
-        run(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                &chain,
-                "-d",
-                &format!("{SERVICE_IP}/32"),
-                "-p",
-                "tcp",
-                "--dport",
-                "443",
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &format!("{ip}:{}", self.api_port),
-            ],
-        )?;
+        self.route_service()?;
         for hook in ["PREROUTING", "OUTPUT"] {
             run("iptables", &["-t", "nat", "-I", hook, "1", "-j", &chain])?;
         }
@@ -496,16 +478,7 @@ impl Node {
 
         // The kubelet.
         let kubelet_port = free_port(self.node_ip)?;
-        for mount in crate::node_state::cgroup_mounts() {
-            let dir = mount.join(&self.name);
-            std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
-            // A new v1 cpuset cgroup has no CPUs or memory nodes: nothing could join it.
-            for file in ["cpuset.cpus", "cpuset.mems"] {
-                if let Ok(v) = std::fs::read_to_string(mount.join(file)) {
-                    std::fs::write(dir.join(file), v.trim()).map_err(|e| NodeError::io(&dir.join(file), e))?;
-                }
-            }
-        }
+        self.make_cgroups()?;
         let kubelet_config = json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -573,6 +546,36 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         Ok(())
+    }
+
+    /// The kubelet's cgroupRoot, under every hierarchy.
+    pub(crate) fn make_cgroups(&self) -> Result<(), NodeError> {
+        for mount in crate::node_state::cgroup_mounts() {
+            let dir = mount.join(&self.name);
+            std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
+            // A new v1 cpuset cgroup has no CPUs or memory nodes: nothing could join it.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                if let Ok(v) = std::fs::read_to_string(mount.join(file)) {
+                    std::fs::write(dir.join(file), v.trim()).map_err(|e| NodeError::io(&dir.join(file), e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What kube-proxy does for the `kubernetes` Service: 10.96.0.1:443 to the API
+    /// server (a DNAT in the node's nat chain).
+    pub fn route_service(&self) -> Result<(), NodeError> {
+        let to = format!("{}:{}", self.node_ip, self.api_port);
+        let service = format!("{SERVICE_IP}/32");
+        let rule = ["-d", &service, "-p", "tcp", "--dport", "443", "-j", "DNAT", "--to-destination", &to];
+        run("iptables", &[&["-t", "nat", "-A", &self.state.chain][..], &rule].concat()).map(drop)
+    }
+
+    /// Drops what [`Node::route_service`] added, as a node whose kube-proxy has not run
+    /// yet has it: the Service's address leads nowhere.
+    pub fn unroute_service(&self) -> Result<(), NodeError> {
+        run("iptables", &["-t", "nat", "-F", &self.state.chain]).map(drop)
     }
 
     /// The host precondition of the chart's HostToContainer mount of the netns dir,

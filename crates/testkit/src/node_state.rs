@@ -277,7 +277,7 @@ pub fn cgroup_mounts() -> Vec<PathBuf> {
 
 /// Processes whose command line names `root` (the shims: containerd starts them with
 /// its socket path, and they outlive containerd).
-fn processes_naming(root: &Path) -> Vec<i32> {
+pub(crate) fn processes_naming(root: &Path) -> Vec<i32> {
     let needle = root.to_string_lossy().into_owned();
     let me = std::process::id() as i32;
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -292,7 +292,7 @@ fn processes_naming(root: &Path) -> Vec<i32> {
 }
 
 /// Kills everything in the cgroup subtree `dir` and removes it, deepest first.
-fn remove_cgroup(dir: &Path) -> Result<(), String> {
+pub(crate) fn remove_cgroup(dir: &Path) -> Result<(), String> {
     let mut dirs = vec![];
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -331,7 +331,7 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
 
 /// Removes the chains `doomed` from one table of one front end, with every rule that
 /// jumps to them, in one `*-restore --noflush` (the saved rules keep their quoting).
-fn remove_chains(front: &str, table: &str, doomed: &[String]) -> Result<(), String> {
+pub(crate) fn remove_chains(front: &str, table: &str, doomed: &[String]) -> Result<(), String> {
     if doomed.is_empty() {
         return Ok(());
     }
