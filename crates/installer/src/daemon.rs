@@ -187,7 +187,7 @@ impl Installer {
             Mode::Chained { conf_name } => plan::wanted(conf_name.as_deref()),
             Mode::Standalone { conf_name } => plan::wanted(Some(conf_name)),
         };
-        let snap = match fsio::snapshot(&self.s.net_dir, wanted) {
+        let snap = match fsio::snapshot(&self.s.net_dir, &self.s.host_net_dir, wanted) {
             Ok(snap) => snap,
             Err(e) => {
                 return self.set_chain(Err((
@@ -229,7 +229,7 @@ impl Installer {
                     Plan::Apply { ops, .. } => ops,
                     _ => Vec::new(),
                 };
-                match write_plan(&self.s.net_dir, &ops, &snap, replan) {
+                match write_plan(&self.s.net_dir, &self.s.host_net_dir, &ops, &snap, replan) {
                     Ok(()) => {
                         let primary = primary.join(", ");
                         if repair {
@@ -258,8 +258,9 @@ impl Installer {
             return;
         };
         let replan = |s: &plan::Snapshot| plan::unchain(Some(&previous), s, &self.s.ours);
-        let left = fsio::snapshot(&self.s.net_dir, plan::wanted(Some(&previous)))
-            .and_then(|snap| write_plan(&self.s.net_dir, &replan(&snap), &snap, replan));
+        let (dir, host_dir) = (&self.s.net_dir, &self.s.host_net_dir);
+        let left = fsio::snapshot(dir, host_dir, plan::wanted(Some(&previous)))
+            .and_then(|snap| write_plan(dir, host_dir, &replan(&snap), &snap, replan));
         match left {
             Ok(()) => {
                 tracing::info!(from = %previous, to = %file, "the CNI configuration in use changed; took our entry out of the previous one")
@@ -401,9 +402,10 @@ impl Installer {
             Mode::Chained { .. } => plan::unchain(name.as_deref(), snap, &self.s.ours),
             Mode::Standalone { conf_name } => plan::standalone_removal(conf_name, snap, &self.s.ours),
         };
-        let snap = fsio::snapshot(dir, wanted).map_err(InstallError::io("reading", dir))?;
+        let snap = fsio::snapshot(dir, &self.s.host_net_dir, wanted).map_err(InstallError::io("reading", dir))?;
         let ops = replan(&snap);
-        write_plan(dir, &ops, &snap, replan).map_err(InstallError::io("restoring the CNI configuration in", dir))?;
+        write_plan(dir, &self.s.host_net_dir, &ops, &snap, replan)
+            .map_err(InstallError::io("restoring the CNI configuration in", dir))?;
         if !ops.is_empty() {
             tracing::info!(file = name.as_deref().unwrap_or("(auto-detected)"), changes = ?ops_summary(&ops), "took our plugin out of the CNI configuration");
         }
@@ -424,11 +426,12 @@ fn plan_of(mode: &Mode, snap: &plan::Snapshot, ours: &crate::template::Ours) -> 
 /// content back when that needs none.
 fn write_plan(
     dir: &Path,
+    host_dir: &Path,
     ops: &[plan::FileOp],
     snap: &plan::Snapshot,
     replan: impl Fn(&plan::Snapshot) -> Vec<plan::FileOp>,
 ) -> std::io::Result<()> {
-    fsio::apply(dir, ops, snap, |name, theirs| {
+    fsio::apply(dir, host_dir, ops, snap, |name, theirs| {
         let mut now = snap.clone();
         now.insert(name.to_string(), Ok(theirs.to_vec()));
         replan(&now)

@@ -11,7 +11,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::plan::{FileOp, Snapshot};
@@ -88,8 +88,10 @@ pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// Reads the configuration files `wanted` names (`None`: every `.conf`/`.conflist`).
-pub fn snapshot(dir: &Path, wanted: Option<Vec<String>>) -> io::Result<Snapshot> {
+/// Reads the configuration files `wanted` names (`None`: every `.conf`/`.conflist`) in
+/// `dir`, the host's net dir `host_dir` as mounted here. A symlink is read where it
+/// points (see [`mounted_target`]); one we cannot follow is an error entry naming it.
+pub fn snapshot(dir: &Path, host_dir: &Path, wanted: Option<Vec<String>>) -> io::Result<Snapshot> {
     let names = match wanted {
         Some(names) => names,
         None => fs::read_dir(dir)?
@@ -99,7 +101,7 @@ pub fn snapshot(dir: &Path, wanted: Option<Vec<String>>) -> io::Result<Snapshot>
     };
     let mut snap = Snapshot::new();
     for name in names {
-        match fs::read(dir.join(&name)) {
+        match resolve_link(dir, host_dir, &name).and_then(fs::read) {
             Ok(bytes) => snap.insert(name, Ok(bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => snap.insert(name, Err(e.to_string())),
@@ -118,12 +120,20 @@ const MAX_REMERGES: usize = 8;
 /// merged: the new file is swapped in with `renameat2(RENAME_EXCHANGE)`, and when what
 /// comes back is not `base` (another agent wrote in between) `remerge(name, theirs)`
 /// gives the content to write over it instead, until what comes back is what was
-/// merged. A file that is a symlink is edited where it points (relative links only).
-pub fn apply(dir: &Path, ops: &[FileOp], base: &Snapshot, remerge: impl Fn(&str, &[u8]) -> Vec<u8>) -> io::Result<()> {
+/// merged. A file that is a symlink is edited where it points (see [`snapshot`]).
+pub fn apply(
+    dir: &Path,
+    host_dir: &Path,
+    ops: &[FileOp],
+    base: &Snapshot,
+    remerge: impl Fn(&str, &[u8]) -> Vec<u8>,
+) -> io::Result<()> {
     for op in ops {
         match op {
             FileOp::Write { name, content } => {
-                let (real_dir, real_name) = resolve_link(dir, name)?;
+                let real = resolve_link(dir, host_dir, name)?;
+                let real_dir = real.parent().unwrap_or(dir).to_path_buf();
+                let real_name = real.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let expected = match base.get(name) {
                     Some(Ok(bytes)) => Some(bytes.clone()),
                     _ => None,
@@ -138,31 +148,43 @@ pub fn apply(dir: &Path, ops: &[FileOp], base: &Snapshot, remerge: impl Fn(&str,
     Ok(())
 }
 
-/// Where `dir/name` really is: itself, or the file its relative symlinks lead to. An
-/// absolute link is refused: the host path it names is not where this process sees it.
-fn resolve_link(dir: &Path, name: &str) -> io::Result<(PathBuf, String)> {
+/// Where `dir/name` really is: itself, or the file its symlinks lead to. A relative
+/// link is followed as it is; an absolute one names a host path, followed through the
+/// mount when it lies under the host's net dir (see [`mounted_target`]), else refused.
+fn resolve_link(dir: &Path, host_dir: &Path, name: &str) -> io::Result<PathBuf> {
     let mut path = dir.join(name);
     for _ in 0..8 {
         match fs::symlink_metadata(&path) {
             Ok(meta) if meta.file_type().is_symlink() => {
                 let target = fs::read_link(&path)?;
-                if target.is_absolute() {
-                    return Err(io::Error::other(format!(
-                        "{} is a symlink to the absolute path {}; not writing through it",
-                        path.display(),
-                        target.display()
-                    )));
-                }
-                path = path.parent().unwrap_or(dir).join(target);
+                path = match target.is_absolute() {
+                    false => path.parent().unwrap_or(dir).join(target),
+                    true => mounted_target(&target, host_dir, dir).ok_or_else(|| {
+                        io::Error::other(format!(
+                            "{} is a symlink to {}, outside the host's net dir {} (mounted here at {}): \
+                             this container cannot see it",
+                            path.display(),
+                            target.display(),
+                            host_dir.display(),
+                            dir.display()
+                        ))
+                    })?,
+                };
             }
-            _ => {
-                let real_dir = path.parent().unwrap_or(dir).to_path_buf();
-                let real_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                return Ok((real_dir, real_name));
-            }
+            _ => return Ok(path),
         }
     }
     Err(io::Error::other(format!("{} is a chain of too many symlinks", dir.join(name).display())))
+}
+
+/// The absolute link target `target`, a host path, as this process sees it: under
+/// `mounted_dir` when it lies under `host_dir` (the host's net dir, mounted there),
+/// else `None`: the host path names nothing we can see (our own `/etc` is not the
+/// host's). A `..` in what follows `host_dir` could climb out of the mount: `None`.
+pub fn mounted_target(target: &Path, host_dir: &Path, mounted_dir: &Path) -> Option<PathBuf> {
+    let rest = target.strip_prefix(host_dir).ok()?;
+    let inside = rest.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    (inside && !rest.as_os_str().is_empty()).then(|| mounted_dir.join(rest))
 }
 
 /// Writes `content` as `dir/name`, which held `expected` (`None`: did not exist), by
@@ -309,7 +331,7 @@ mod tests {
         fs::write(dir.path().join(&stale), "{").unwrap();
         fs::write(dir.path().join("10-calico.conflist"), "{}").unwrap();
         assert_eq!(remove_stale_temps(dir.path()).unwrap(), 1);
-        assert_eq!(snapshot(dir.path(), None).unwrap().keys().collect::<Vec<_>>(), ["10-calico.conflist"]);
+        assert_eq!(snapshot(dir.path(), dir.path(), None).unwrap().keys().collect::<Vec<_>>(), ["10-calico.conflist"]);
     }
 
     #[test]
@@ -320,11 +342,32 @@ mod tests {
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         let base = Snapshot::from([("a.conflist".to_string(), Ok(b"x".to_vec()))]);
         let ops = [FileOp::Write { name: "a.conflist".into(), content: "y".into() }];
-        apply(dir.path(), &ops, &base, |_, _| unreachable!("nothing changed meanwhile")).unwrap();
+        apply(dir.path(), dir.path(), &ops, &base, |_, _| unreachable!("nothing changed meanwhile")).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(ensure_file(dir.path(), "k", b"1", 0o600).unwrap());
         assert!(!ensure_file(dir.path(), "k", b"1", 0o600).unwrap());
         assert!(ensure_file(dir.path(), "k", b"2", 0o600).unwrap());
+    }
+
+    #[test]
+    fn absolute_links_are_followed_through_the_mount_only_under_the_host_net_dir() {
+        let (host, mounted) = (Path::new("/etc/cni/net.d"), Path::new("/host/etc/cni/net.d"));
+        let t = |target: &str| mounted_target(Path::new(target), host, mounted);
+        assert_eq!(t("/etc/cni/net.d/real/x.conflist"), Some(mounted.join("real/x.conflist")));
+        assert_eq!(t("/etc/cni/net.d/./x.conflist"), Some(mounted.join("x.conflist")));
+        assert_eq!(t("/etc/cni/net.d//x.conflist"), Some(mounted.join("x.conflist")));
+        for outside in [
+            "/etc/calico/x.conflist",
+            "/etc/cni/net.d.bak/x.conflist",
+            "/etc/cni/net.d/../x.conflist",
+            "/etc/cni/net.d/real/../../../../x.conflist",
+            "/etc/cni/net.d",
+            "/etc/cni",
+        ] {
+            assert_eq!(t(outside), None, "{outside}");
+        }
+        // An installer run on the host itself sees the dir where it is.
+        assert_eq!(mounted_target(Path::new("/etc/cni/net.d/a"), host, host), Some(host.join("a")));
     }
 
     #[test]

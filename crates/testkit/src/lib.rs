@@ -30,7 +30,7 @@ pub mod process;
 pub use apiserver::{ApiServer, ProjectedServiceAccount};
 pub use builders::{PodBuilder, mesh_pod, pod, policy_rule};
 pub use cluster::{ClusterGrant, request_count};
-pub use cni::{Attachment, CniError, CniRuntime, Plugins};
+pub use cni::{Attachment, CniError, CniRuntime, Plugins, test_subnet};
 pub use net::{NamedNetns, require_root};
 pub use node::{Node, NodeError, NodeOptions};
 pub use objects::{TestNamespace, TestNode};
