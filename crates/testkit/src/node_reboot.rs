@@ -34,9 +34,11 @@ impl Node {
     pub async fn reboot(&mut self, route: ServiceRoute, while_down: impl FnOnce(&Node)) -> Result<(), NodeError> {
         self.stop("kubelet")?;
         self.stop("containerd")?;
-        // The shims and containers: every process naming our root, then every process
-        // in the pods' cgroups (the cgroups go with them; the kubelet makes them again).
-        for pid in processes_naming(&self.root) {
+        // The shims and containers: every process naming our root but the control
+        // plane's, then every process in the pods' cgroups (the cgroups go with them; the
+        // kubelet makes them again).
+        let control_plane: Vec<i32> = self.state.processes.iter().map(|p| p.pid).collect();
+        for pid in processes_naming(&self.root).into_iter().filter(|pid| !control_plane.contains(pid)) {
             crate::node_state::kill(pid, libc::SIGKILL);
         }
         for mount in cgroup_mounts() {
