@@ -30,8 +30,9 @@ pub struct Installer {
     machine: Machine,
     status: Arc<Status>,
     binary: Result<(), String>,
-    /// Whether the installed binary's bytes were compared with ours since start.
-    binary_verified: bool,
+    /// Per bin dir, the binary as we last verified or wrote it: while it stays that
+    /// file, a check is one stat.
+    binary_ids: Vec<Option<fsio::FileId>>,
     kubeconfig: Result<(), String>,
     /// The file holding our entry (or our standalone conf) when in place.
     chain: Result<String, Problem>,
@@ -48,11 +49,11 @@ impl Installer {
         let throttle = Throttle::new(settings.repair_limit, settings.repair_window);
         Installer {
             ebpf: settings.ebpf.clone().map(EbpfMode::new),
+            binary_ids: vec![None; settings.bin_dirs.len()],
             s: settings,
             machine: Machine::new(throttle),
             status,
             binary: Err("not installed yet".into()),
-            binary_verified: false,
             kubeconfig: Err("not written yet".into()),
             chain: Err((State::Starting, "starting".into())),
             chained_file: None,
@@ -139,6 +140,9 @@ impl Installer {
         if checks.chain && self.ebpf.as_ref().is_none_or(|e| e.problem().is_none()) {
             self.check_chain(now);
         }
+        if checks.chain {
+            self.set_strays_aside();
+        }
         self.status.beat();
         self.status.set_fighting(self.machine.fighting(now));
         self.update_readiness();
@@ -146,16 +150,22 @@ impl Installer {
 
     fn check_binary(&mut self) {
         let mut result = Ok(());
-        for dir in &self.s.bin_dirs {
-            match fsio::ensure_binary(&self.s.binary_source, dir, &self.s.ours.binary, !self.binary_verified) {
-                Ok(true) => {
-                    tracing::info!(path = %dir.join(&self.s.ours.binary).display(), "installed the plugin binary")
+        for (dir, id) in self.s.bin_dirs.iter().zip(&mut self.binary_ids) {
+            match fsio::ensure_binary(&self.s.binary_source, dir, &self.s.ours.binary, *id) {
+                Ok((now, copied)) => {
+                    if copied && id.is_some() {
+                        tracing::warn!(path = %dir.join(&self.s.ours.binary).display(), "put the plugin binary back: something had deleted or replaced it");
+                    } else if copied {
+                        tracing::info!(path = %dir.join(&self.s.ours.binary).display(), "installed the plugin binary");
+                    }
+                    *id = Some(now);
                 }
-                Ok(false) => {}
-                Err(e) => result = Err(format!("cannot install the plugin binary in {}: {e}", dir.display())),
+                Err(e) => {
+                    *id = None;
+                    result = Err(format!("cannot install the plugin binary in {}: {e}", dir.display()));
+                }
             }
         }
-        self.binary_verified |= result.is_ok();
         report_change(&self.binary, &result);
         self.binary = result;
     }
@@ -250,6 +260,31 @@ impl Installer {
             (Plan::Apply { .. }, Gate::Idle) => unreachable!("an Apply plan is always written or deferred"),
         };
         self.set_chain(result);
+    }
+
+    /// Another configuration file of our network (one we did not write) goes out of use,
+    /// renamed, not deleted: see [`plan::strays`].
+    fn set_strays_aside(&self) {
+        let dir = &self.s.net_dir;
+        let (owned, standalone) = match &self.s.mode {
+            Mode::Standalone { conf_name } => (Some(conf_name.as_str()), true),
+            Mode::Chained { .. } => (self.chain.as_ref().ok().map(String::as_str), false),
+        };
+        let Ok(snap) = fsio::snapshot(dir, None) else { return };
+        for name in plan::strays(owned, standalone, &snap, &self.s.ours) {
+            match fsio::set_aside(dir, &name, plan::SET_ASIDE_SUFFIX) {
+                Ok(aside) => tracing::warn!(
+                    path = %dir.join(&name).display(),
+                    renamed_to = %aside,
+                    "set aside a stale configuration of our network that we did not write (Kuma's Go installer leaves one when killed): runtimes and Multus would use it instead of ours"
+                ),
+                // Gone meanwhile: nothing to set aside.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %dir.join(&name).display(), error = %e, "cannot set aside a stale configuration of our network")
+                }
+            }
+        }
     }
 
     /// Auto-detection moved to another file: take our entry out of the one we used.

@@ -62,6 +62,15 @@ fn write_temp(
     }
 }
 
+/// Renames `dir/name` to `dir/name<suffix>` durably (over an older copy set aside
+/// under that name) and returns the new name.
+pub fn set_aside(dir: &Path, name: &str, suffix: &str) -> io::Result<String> {
+    let aside = format!("{name}{suffix}");
+    fs::rename(dir.join(name), dir.join(&aside))?;
+    sync_dir(dir)?;
+    Ok(aside)
+}
+
 /// Removes `dir/name` durably; a file that is already gone is fine.
 pub fn remove(dir: &Path, name: &str) -> io::Result<()> {
     match fs::remove_file(dir.join(name)) {
@@ -266,23 +275,54 @@ pub fn ensure_file(dir: &Path, name: &str, content: &[u8], mode: u32) -> io::Res
     Ok(true)
 }
 
-/// Makes `dir/name` a copy of `source`, mode 0755. Without `compare_content`, a file
-/// of the same size and mode counts as the copy (the cheap periodic check); with it,
-/// the bytes are compared (at start, so an upgraded image replaces the binary).
-/// Returns whether it copied.
-pub fn ensure_binary(source: &Path, dir: &Path, name: &str, compare_content: bool) -> io::Result<bool> {
-    let size = fs::metadata(source)?.len();
+/// Which file stands at a path, and whether it changed: anything that replaces it
+/// (a rename over it, delete and recreate) or writes or chmods it changes one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mode: u32,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileId {
+    fn of(meta: &fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mode: meta.mode(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Makes `dir/name` a copy of `source`, mode 0755, and returns the file's identity and
+/// whether it copied. A file whose identity is still `trusted` (the copy this returned
+/// last time) is not read again; any other file is compared byte for byte, so that a
+/// binary replaced by another of the same size (another installer's) is put back too.
+pub fn ensure_binary(source: &Path, dir: &Path, name: &str, trusted: Option<FileId>) -> io::Result<(FileId, bool)> {
     let path = dir.join(name);
     if let Ok(meta) = fs::metadata(&path)
         && meta.is_file()
-        && meta.len() == size
-        && meta.permissions().mode() & 0o7777 == 0o755
-        && (!compare_content || same_content(source, &path)?)
     {
-        return Ok(false);
+        let id = FileId::of(&meta);
+        if trusted == Some(id) {
+            return Ok((id, false));
+        }
+        if meta.permissions().mode() & 0o7777 == 0o755
+            && meta.len() == fs::metadata(source)?.len()
+            && same_content(source, &path)?
+        {
+            return Ok((id, false));
+        }
     }
     write_atomic(dir, name, 0o755, |f| io::copy(&mut File::open(source)?, f).map(drop))?;
-    Ok(true)
+    Ok((FileId::of(&fs::metadata(&path)?), true))
 }
 
 fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
@@ -377,12 +417,23 @@ mod tests {
         fs::write(&src, b"binary-1").unwrap();
         let bin = dir.path().join("bin");
         fs::create_dir(&bin).unwrap();
-        assert!(ensure_binary(&src, &bin, "kong-mesh-cni", true).unwrap());
+        let (id, copied) = ensure_binary(&src, &bin, "kong-mesh-cni", None).unwrap();
+        assert!(copied);
         assert_eq!(fs::metadata(bin.join("kong-mesh-cni")).unwrap().permissions().mode() & 0o777, 0o755);
-        assert!(!ensure_binary(&src, &bin, "kong-mesh-cni", true).unwrap());
-        fs::write(&src, b"binary-2").unwrap();
-        assert!(!ensure_binary(&src, &bin, "kong-mesh-cni", false).unwrap(), "same size: the quick check trusts it");
-        assert!(ensure_binary(&src, &bin, "kong-mesh-cni", true).unwrap());
-        assert_eq!(fs::read(bin.join("kong-mesh-cni")).unwrap(), b"binary-2");
+        assert_eq!(ensure_binary(&src, &bin, "kong-mesh-cni", Some(id)).unwrap(), (id, false));
+        // Compared, not trusted, when unknown: the same bytes are kept as they are.
+        assert_eq!(ensure_binary(&src, &bin, "kong-mesh-cni", None).unwrap(), (id, false));
+        // Another binary of the same size renamed over ours is replaced.
+        fs::write(dir.path().join("theirs"), b"binary-2").unwrap();
+        fs::rename(dir.path().join("theirs"), bin.join("kong-mesh-cni")).unwrap();
+        fs::set_permissions(bin.join("kong-mesh-cni"), fs::Permissions::from_mode(0o755)).unwrap();
+        let (id2, copied) = ensure_binary(&src, &bin, "kong-mesh-cni", Some(id)).unwrap();
+        assert!(copied && id2 != id);
+        assert_eq!(fs::read(bin.join("kong-mesh-cni")).unwrap(), b"binary-1");
+        // A directory in its place cannot be replaced: an error, not a panic.
+        fs::remove_file(bin.join("kong-mesh-cni")).unwrap();
+        fs::create_dir(bin.join("kong-mesh-cni/")).unwrap();
+        fs::write(bin.join("kong-mesh-cni/x"), b"").unwrap();
+        assert!(ensure_binary(&src, &bin, "kong-mesh-cni", Some(id2)).is_err());
     }
 }
