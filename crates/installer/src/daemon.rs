@@ -270,7 +270,7 @@ impl Installer {
             Mode::Standalone { conf_name } => (Some(conf_name.as_str()), true),
             Mode::Chained { .. } => (self.chain.as_ref().ok().map(String::as_str), false),
         };
-        let Ok(snap) = fsio::snapshot(dir, None) else { return };
+        let Ok(snap) = fsio::snapshot(dir, &self.s.host_net_dir, None) else { return };
         for name in plan::strays(owned, standalone, &snap, &self.s.ours) {
             match fsio::set_aside(dir, &name, plan::SET_ASIDE_SUFFIX) {
                 Ok(aside) => tracing::warn!(

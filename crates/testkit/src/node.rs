@@ -441,6 +441,7 @@ impl Node {
         let config = containerd_config(&ctrd, &self.cni_bin_dir, &self.cni_net_dir);
         write(&ctrd.join("config.toml"), config)?;
         let containerd_args = vec![format!("--config={}", p(&ctrd.join("config.toml")))];
+        self.share_runtime_netns_dir()?;
         // The shim is found on PATH, next to containerd.
         let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap_or_default());
         self.spawn_env("containerd", &bins.join("containerd"), &containerd_args, &[("PATH", &path)])?;
@@ -576,6 +577,22 @@ impl Node {
     /// yet has it: the Service's address leads nowhere.
     pub fn unroute_service(&self) -> Result<(), NodeError> {
         run("iptables", &["-t", "nat", "-F", &self.state.chain]).map(drop)
+    }
+
+    /// Where this node's containerd keeps pods' network namespaces
+    /// (`netns_mounts_under_state_dir`): the path it passes the plugin as CNI_NETNS.
+    pub fn runtime_netns_dir(&self) -> PathBuf {
+        self.root.join("containerd/state/io.containerd.grpc.v1.cri/netns")
+    }
+
+    /// Makes [`Node::runtime_netns_dir`] a shared mount point before containerd starts:
+    /// the chart mounts it into our DaemonSet pod (`cni.netnsDirs`) with HostToContainer
+    /// propagation, which the runtime refuses on a private mount (the node's root is in
+    /// /tmp, on the private `/`). The teardown's unmounts take it with the rest.
+    pub(crate) fn share_runtime_netns_dir(&self) -> Result<(), NodeError> {
+        let dir = self.runtime_netns_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
+        crate::net::bind_shared(&dir, &dir).map_err(|e| NodeError::io(&dir, e))
     }
 
     /// The host precondition of the chart's HostToContainer mount of the netns dir,

@@ -103,6 +103,7 @@ impl Node {
                 "binDir": self.cni_bin_dir,
                 "confName": file_name(&self.conflist),
                 "runDir": self.root.join("run/kong-mesh-cni"),
+                "netnsDirs": ["/var/run/netns", self.runtime_netns_dir()],
                 "healthPort": 0,
                 "logLevel": "info",
                 "taintController": { "enabled": true },

@@ -78,6 +78,7 @@ impl Node {
             remove_chains(front, table, &doomed).map_err(NodeError::Setup)?;
         }
 
+        self.share_runtime_netns_dir()?;
         while_down(self);
 
         if route == ServiceRoute::AtBoot {
