@@ -8,8 +8,8 @@
 //! 2. with our kubeconfig's token no longer valid when the node comes back (a token
 //!    whose bound object was deleted: the API server answers 401, as for an expired
 //!    one; TokenRequest cannot make one that expires within a test);
-//! 3. with the API server unreachable at the `kubernetes` Service's address for 30 s
-//!    after the node comes back (kube-proxy's rules not yet there).
+//! 3. with the API server unreachable from the node's host network (our plugin, our
+//!    installer) for 30 s after the node comes back, while pods reach it.
 //!
 //! Each time: every pod is Running again within a bound (printed), no pod was deleted
 //! (UIDs unchanged), the mesh pod's validator passed in its new sandbox, and its app
@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Event, Pod, Secret, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use testkit::node::HostView;
@@ -33,7 +33,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 const POD_READY: Duration = Duration::from_secs(90);
 /// Our DaemonSet pod's init container sleeps this long after every (re)start.
 const CNI_DELAY_S: u64 = 10;
-/// How long kube-proxy's rules stay away in the third reboot.
+/// How long the host network cannot reach the API server in the third reboot.
 const SERVICE_AWAY: Duration = Duration::from_secs(30);
 /// A limit, not a measurement: every pod Running again after a reboot.
 const RUNNING_AGAIN: Duration = Duration::from_secs(240);
@@ -72,6 +72,20 @@ async fn pods(client: &Client) -> Vec<Seen> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// What happened, for a failure: the Events of both namespaces and our CNI pods' logs.
+async fn story(client: &Client, node: &Node) -> String {
+    let mut out = String::new();
+    for ns in ["default", CNI_NAMESPACE] {
+        let events = Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
+        for e in events.items {
+            let object = e.involved_object.name.unwrap_or_default();
+            out +=
+                &format!("event {ns}/{object}: {} {}\n", e.reason.unwrap_or_default(), e.message.unwrap_or_default());
+        }
+    }
+    out + "--- our CNI pods' logs\n" + &node_pods::cni_logs(node)
 }
 
 /// Every line the mesh pod's app container wrote, in every instance of it.
@@ -161,7 +175,7 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
             _ => None,
         };
         let route = match variant {
-            Variant::ApiUnreachable => ServiceRoute::Later,
+            Variant::ApiUnreachable => ServiceRoute::NotFromTheHost,
             _ => ServiceRoute::AtBoot,
         };
         node.reboot(route, |node| {
@@ -174,15 +188,17 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
         let booted = Instant::now();
         if let Variant::ApiUnreachable = variant {
             tokio::time::sleep(SERVICE_AWAY).await;
-            node.route_service().unwrap();
+            node.host_reaches_service(true).unwrap();
         }
         // Running again: every pod Ready with containers started after the reboot.
         loop {
             let now = pods(&client).await;
             let restarted = |p: &Seen| !p.containers.is_empty() && p.containers.iter().all(|c| !old.contains(c));
+            let names: Vec<(String, String)> = now.iter().map(|p| (p.name.clone(), p.uid.clone())).collect();
+            if names != uids {
+                panic!("{variant:?}: a pod was deleted or replaced: {names:?}\n{}", story(&client, &node).await);
+            }
             if now.iter().all(|p| p.ready && restarted(p)) {
-                let now: Vec<(String, String)> = now.into_iter().map(|p| (p.name, p.uid)).collect();
-                assert_eq!(now, uids, "{variant:?}: no pod deleted or replaced");
                 break;
             }
             if booted.elapsed() > RUNNING_AGAIN {
@@ -190,7 +206,7 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
                 panic!(
                     "{variant:?}: not every pod Running {RUNNING_AGAIN:?} after the reboot\n{}{}",
                     node_pods::why_not_ready(&client, &node, "default", &all).await,
-                    node_pods::cni_logs(&node)
+                    story(&client, &node).await
                 );
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -573,10 +573,18 @@ impl Node {
         run("iptables", &[&["-t", "nat", "-A", &self.state.chain][..], &rule].concat()).map(drop)
     }
 
-    /// Drops what [`Node::route_service`] added, as a node whose kube-proxy has not run
-    /// yet has it: the Service's address leads nowhere.
+    /// Drops what [`Node::route_service`] added, as a reboot drops kube-proxy's rules.
     pub fn unroute_service(&self) -> Result<(), NodeError> {
         run("iptables", &["-t", "nat", "-F", &self.state.chain]).map(drop)
+    }
+
+    /// The API server unreachable at the Service's address from the node's host network
+    /// only (our plugin, which the runtime runs there, and our host-network installer),
+    /// while pods still reach it: `false` puts the host's route back.
+    pub fn host_reaches_service(&self, reaches: bool) -> Result<(), NodeError> {
+        let op = if reaches { "-D" } else { "-I" };
+        let rule = ["-t", "nat", op, &self.state.chain, "-m", "addrtype", "--src-type", "LOCAL", "-j", "RETURN"];
+        run("iptables", &rule).map(drop)
     }
 
     /// Where this node's containerd keeps pods' network namespaces

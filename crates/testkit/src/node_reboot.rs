@@ -18,14 +18,14 @@ use std::time::Duration;
 use crate::node::{Node, NodeError};
 use crate::node_state::{cgroup_mounts, iptables_chains, mounts_under, processes_naming, remove_cgroup, remove_chains};
 
-/// When kube-proxy's rules come back after the runtime and the kubelet started.
+/// How the `kubernetes` Service's address is reached when the node comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceRoute {
-    /// At once, as on a node whose kube-proxy comes up first.
+    /// From everywhere at once, as on a node whose kube-proxy comes up first.
     AtBoot,
-    /// Only when the caller calls [`Node::route_service`]: until then the API server is
-    /// unreachable at the `kubernetes` Service's address (what our plugin uses).
-    Later,
+    /// From pods, not from the host network, until the caller calls
+    /// [`Node::host_reaches_service`]: our plugin and installer cannot ask the API server.
+    NotFromTheHost,
 }
 
 impl Node {
@@ -81,8 +81,9 @@ impl Node {
         self.share_runtime_netns_dir()?;
         while_down(self);
 
-        if route == ServiceRoute::AtBoot {
-            self.route_service()?;
+        self.route_service()?;
+        if route == ServiceRoute::NotFromTheHost {
+            self.host_reaches_service(false)?;
         }
         self.start("containerd")?;
         let sock = self.root.join("containerd/containerd.sock");
