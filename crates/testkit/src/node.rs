@@ -578,15 +578,6 @@ impl Node {
         run("iptables", &["-t", "nat", "-F", &self.state.chain]).map(drop)
     }
 
-    /// The API server unreachable at the Service's address from the node's host network
-    /// only (our plugin, which the runtime runs there, and our host-network installer),
-    /// while pods still reach it: `false` puts the host's route back.
-    pub fn host_reaches_service(&self, reaches: bool) -> Result<(), NodeError> {
-        let op = if reaches { "-D" } else { "-I" };
-        let rule = ["-t", "nat", op, &self.state.chain, "-m", "addrtype", "--src-type", "LOCAL", "-j", "RETURN"];
-        run("iptables", &rule).map(drop)
-    }
-
     /// Where this node's containerd keeps pods' network namespaces
     /// (`netns_mounts_under_state_dir`): the path it passes the plugin as CNI_NETNS.
     pub fn runtime_netns_dir(&self) -> PathBuf {

@@ -18,20 +18,9 @@ use std::time::Duration;
 use crate::node::{Node, NodeError};
 use crate::node_state::{cgroup_mounts, iptables_chains, mounts_under, processes_naming, remove_cgroup, remove_chains};
 
-/// How the `kubernetes` Service's address is reached when the node comes back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServiceRoute {
-    /// From everywhere at once, as on a node whose kube-proxy comes up first.
-    AtBoot,
-    /// From pods, not from the host network, until the caller calls
-    /// [`Node::host_reaches_service`]: our plugin and installer cannot ask the API server.
-    NotFromTheHost,
-}
-
 impl Node {
-    /// Reboots the node: see the module doc. `while_down` runs when everything is
-    /// stopped and dropped and before anything starts (to age a token, say).
-    pub async fn reboot(&mut self, route: ServiceRoute, while_down: impl FnOnce(&Node)) -> Result<(), NodeError> {
+    /// Reboots the node: see the module doc.
+    pub async fn reboot(&mut self) -> Result<(), NodeError> {
         self.stop("kubelet")?;
         self.stop("containerd")?;
         // The shims and containers: every process naming our root but the control
@@ -79,12 +68,7 @@ impl Node {
         }
 
         self.share_runtime_netns_dir()?;
-        while_down(self);
-
         self.route_service()?;
-        if route == ServiceRoute::NotFromTheHost {
-            self.host_reaches_service(false)?;
-        }
         self.start("containerd")?;
         let sock = self.root.join("containerd/containerd.sock");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
