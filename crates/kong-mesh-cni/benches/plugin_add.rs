@@ -14,6 +14,13 @@
 //! within a round keeps the noise of a shared machine out of the difference. Needs
 //! root, cgroup2 and the test environment.
 //!
+//! Then the same without libcni and the other plugins, whose own exec noise on a
+//! shared machine is ten times our overhead: ours exec'ed directly with the stdin a
+//! runtime gives it (prevResult with an IPv4 and an IPv6 address), in a fresh
+//! namespace, the floor and each backend interleaved, 4 x ROUNDS rounds; with
+//! BASELINE=PATH (another build of the binary, e.g. before a change) each chain runs
+//! with it too, in the same rounds, for a before/after of one run.
+//!
 //! `cargo bench -p kong-mesh-cni --bench plugin_add` (ROUNDS=N, default 200;
 //! BACKENDS=ebpf,nft for some of nft, legacy, nftables and ebpf; STRACE=DIR: then one
 //! more ADD per backend with the agent, ours under `strace -f -tt`, the traces in
@@ -27,10 +34,16 @@ mod ebpf_node;
 #[path = "../tests/installer_host/mod.rs"]
 mod installer_host;
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Lookup, MeshPod, ms, percentile};
-use testkit::{CniRuntime, NamedNetns, Plugins};
+use serde_json::{Value, json};
+use testkit::{Attachment, CniRuntime, NamedNetns, Plugins};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 
 /// The targets above the floor, p50 with the agent (issue 27).
 fn target_ms(backend: &str) -> f64 {
@@ -57,6 +70,102 @@ fn paired(times: &[Vec<Duration>], a: usize, b: usize, q: f64) -> f64 {
     let mut d: Vec<f64> = times[a].iter().zip(&times[b]).map(|(x, y)| ms(*x) - ms(*y)).collect();
     d.sort_by(f64::total_cmp);
     d[((d.len() - 1) as f64 * q).round() as usize]
+}
+
+/// One call of the binary at `bin` as a runtime makes it: the CNI_* variables, our
+/// entry of the conflist with the chain's name and version (and for ADD a previous
+/// result with both families) on stdin. Returns how long the call took.
+fn call(bin: &Path, entry: &Value, a: &Attachment, command: &str) -> Duration {
+    let mut conf = entry.clone();
+    conf["cniVersion"] = json!("1.0.0");
+    conf["name"] = json!("kmc-bench");
+    if command == "ADD" {
+        conf["prevResult"] = json!({
+            "cniVersion": "1.0.0",
+            "ips": [{"address": "10.1.0.2/24"}, {"address": "fd00:1::2/64"}],
+        });
+    }
+    let args = format!("K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}", a.pod_namespace, a.pod_name, a.pod_uid);
+    let stdin = conf.to_string();
+    let start = Instant::now();
+    let mut child = Command::new(bin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &a.container_id)
+        .env("CNI_NETNS", &a.netns)
+        .env("CNI_IFNAME", &a.ifname)
+        .env("CNI_ARGS", args)
+        .env("CNI_PATH", bin.parent().unwrap())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = start.elapsed();
+    assert!(out.status.success(), "{command} by {}: {}", bin.display(), String::from_utf8_lossy(&out.stdout));
+    took
+}
+
+/// Ours alone (see the header): the floor and each chain's entry, with our binary and
+/// the baseline's, interleaved.
+fn direct(mesh: &MeshPod, chains: &[Chain], rounds: usize) {
+    let baseline = std::env::var_os("BASELINE").map(PathBuf::from);
+    let mut bins = vec![("", PathBuf::from(BIN))];
+    bins.extend(baseline.map(|b| ("baseline ", b)));
+    // (bin, chain index): the chain's entry of ours; FLOOR's without a pod name.
+    let calls: Vec<(usize, usize)> = (0..bins.len()).flat_map(|b| (FLOOR..chains.len()).map(move |c| (b, c))).collect();
+    let entry =
+        |c: usize| chains[c].rt.as_ref().unwrap().conflist()["plugins"].as_array().unwrap().last().unwrap().clone();
+    let entries: Vec<Value> = (0..chains.len()).map(|c| if c < FLOOR { Value::Null } else { entry(c) }).collect();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); calls.len()];
+    for round in 0..rounds {
+        for i in (0..calls.len()).map(|i| (i + round) % calls.len()) {
+            let (b, c) = calls[i];
+            let netns = NamedNetns::new("bdir");
+            let mut a = mesh.attachment(&netns);
+            if chains[c].no_pod_name {
+                a.pod_name.clear();
+            }
+            times[i].push(call(&bins[b].1, &entries[c], &a, "ADD"));
+            call(&bins[b].1, &entries[c], &a, "DEL");
+        }
+    }
+    println!("ours alone (exec'ed with a runtime's stdin, no libcni, no other plugin), {rounds} interleaved rounds");
+    println!(
+        "{:<37} {:>9} {:>9} {:>16} {:>16} {:>12}",
+        "call", "p50 ms", "p99 ms", "above floor p50", "above floor p90", "p50 / floor"
+    );
+    for (i, &(b, c)) in calls.iter().enumerate() {
+        let mut sorted = times[i].clone();
+        sorted.sort();
+        let floor_i = calls.iter().position(|&x| x == (b, FLOOR)).unwrap();
+        let label = format!("{}{}", bins[b].0, chains[c].label);
+        let (p50, p99) = (ms(percentile(&sorted, 0.5)), ms(percentile(&sorted, 0.99)));
+        if c == FLOOR {
+            println!("{label:<37} {p50:>9.2} {p99:>9.2}");
+            continue;
+        }
+        let floor = ms(percentile(
+            &{
+                let mut f = times[floor_i].clone();
+                f.sort();
+                f
+            },
+            0.5,
+        ));
+        let (above50, above90) = (paired(&times, i, floor_i, 0.5), paired(&times, i, floor_i, 0.9));
+        let target = match chains[c].lookup {
+            Some(Lookup::Agent) => {
+                let t = target_ms(chains[c].backend.unwrap());
+                format!("  target <= {t} ms: {}", if above50 <= t { "met" } else { "not met" })
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{label:<37} {p50:>9.2} {p99:>9.2} {above50:>13.2} ms {above90:>13.2} ms {:>11.1}x{target}",
+            above50 / floor.max(0.01)
+        );
+    }
 }
 
 /// A plugin directory whose `kong-mesh-cni` runs ours under strace, writing
@@ -171,6 +280,7 @@ async fn main() {
             p50 / floor.max(0.01)
         );
     }
+    direct(&mesh, &chains, rounds * 4);
     if let Some(dir) = std::env::var_os("STRACE") {
         for chain in chains.iter_mut().filter(|c| c.lookup == Some(Lookup::Agent)) {
             let trace = std::path::Path::new(&dir).join(chain.backend.unwrap());
