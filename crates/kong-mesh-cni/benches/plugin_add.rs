@@ -65,6 +65,12 @@ struct Chain {
 const WITHOUT: usize = 0;
 const FLOOR: usize = 1;
 
+/// `x / floor`, or `-` when the floor is lost in the noise (a run on a loaded
+/// machine can measure it at or below zero).
+fn ratio(x: f64, floor: f64) -> String {
+    if floor < 0.1 { "-".to_owned() } else { format!("{:.1}x", x / floor) }
+}
+
 /// The median of the per-round differences `a - b`, in ms (negative allowed).
 fn paired(times: &[Vec<Duration>], a: usize, b: usize, q: f64) -> f64 {
     let mut d: Vec<f64> = times[a].iter().zip(&times[b]).map(|(x, y)| ms(*x) - ms(*y)).collect();
@@ -162,8 +168,8 @@ fn direct(mesh: &MeshPod, chains: &[Chain], rounds: usize) {
             _ => String::new(),
         };
         println!(
-            "{label:<37} {p50:>9.2} {p99:>9.2} {above50:>13.2} ms {above90:>13.2} ms {:>11.1}x{target}",
-            above50 / floor.max(0.01)
+            "{label:<37} {p50:>9.2} {p99:>9.2} {above50:>13.2} ms {above90:>13.2} ms {:>12}{target}",
+            ratio(above50, floor)
         );
     }
 }
@@ -273,11 +279,11 @@ async fn main() {
             Lookup::Direct => String::new(),
         };
         println!(
-            "{backend:<9} {:<11} {:>13.2} ms {:>13.2} ms {:>14.1}x {target:>16}",
+            "{backend:<9} {:<11} {:>13.2} ms {:>13.2} ms {:>15} {target:>16}",
             lookup.name(),
             p50,
             p90,
-            p50 / floor.max(0.01)
+            ratio(p50, floor)
         );
     }
     direct(&mesh, &chains, rounds * 4);
