@@ -216,18 +216,14 @@ impl Backend for Iptables {
         Iptables::kind(self)
     }
 
-    /// All rules of a family in one restore transaction, both families at once.
+    /// All rules of a family in one restore transaction, both families at once, each
+    /// on one thread in the pod's namespace (its retries too).
     fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError> {
         let _lock = LockGuard::new(env.ctx, self.kind());
-        let results: Vec<Result<bool, FirewallError>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = sets
-                .iter()
-                .map(|set| scope.spawn(|| with_retries(env, || apply_family(env.ns, self, env.facts, set, env.ctx))))
-                .collect();
-            workers.into_iter().map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-        });
+        let works: Vec<_> =
+            sets.iter().map(|set| move || with_retries(env, || apply_family(self, env.facts, set, env.ctx))).collect();
         let mut replaced_existing = false;
-        for result in results {
+        for result in env.ns.run_each(works)? {
             replaced_existing |= result?;
         }
         Ok(replaced_existing)
@@ -270,28 +266,20 @@ impl Backend for Iptables {
     }
 }
 
-/// Returns whether existing tables had to be merged with.
-fn apply_family(
-    ns: &NetNs,
-    backend: &Iptables,
-    facts: &NsFacts,
-    set: &RuleSet,
-    ctx: &ExecContext,
-) -> Result<bool, FirewallError> {
-    ns.run(|| {
-        if set.family == Family::V6 {
-            add_passthrough_address()?;
-        }
-        if !backend.has_tables(facts, set.family) {
-            // A fresh namespace (the common case): one transaction, no save first.
-            backend.restore(set.family, &install_payload(set), ctx)?;
-            return Ok(false);
-        }
-        let saved = parse_save(&backend.save(set.family, ctx)?);
-        let payload = replace_payload(&saved, Some(set), Some(set)).expect("a rule set always has rules to add");
-        backend.restore(set.family, &payload, ctx)?;
-        Ok(true)
-    })?
+/// Returns whether existing tables had to be merged with. Runs in the pod's namespace.
+fn apply_family(backend: &Iptables, facts: &NsFacts, set: &RuleSet, ctx: &ExecContext) -> Result<bool, FirewallError> {
+    if set.family == Family::V6 {
+        add_passthrough_address()?;
+    }
+    if !backend.has_tables(facts, set.family) {
+        // A fresh namespace (the common case): one transaction, no save first.
+        backend.restore(set.family, &install_payload(set), ctx)?;
+        return Ok(false);
+    }
+    let saved = parse_save(&backend.save(set.family, ctx)?);
+    let payload = replace_payload(&saved, Some(set), Some(set)).expect("a rule set always has rules to add");
+    backend.restore(set.family, &payload, ctx)?;
+    Ok(true)
 }
 
 fn with_retries<T>(env: &Env<'_>, mut attempt: impl FnMut() -> Result<T, FirewallError>) -> Result<T, FirewallError> {

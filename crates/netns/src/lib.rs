@@ -72,19 +72,34 @@ impl NetNs {
     /// Runs `work` on a new thread inside this namespace and returns its result. The
     /// thread ends with `work`; a panic in `work` is propagated to the caller.
     pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T, NetNsError> {
+        let mut results = self.run_each(vec![work])?;
+        Ok(results.pop().expect("one result per work"))
+    }
+
+    /// Runs each of `works` at the same time, each on a new thread of its own inside
+    /// this namespace, and returns their results in order: one thread per work, where
+    /// [`NetNs::run`] inside threads of the caller's would start two.
+    pub fn run_each<T: Send, F: FnOnce() -> T + Send>(&self, works: Vec<F>) -> Result<Vec<T>, NetNsError> {
         std::thread::scope(|scope| {
-            let handle = std::thread::Builder::new()
-                .name("netns".into())
-                .spawn_scoped(scope, || {
-                    // SAFETY: setns with a namespace fd affects only this thread, which
-                    // exits when `work` returns.
-                    if unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(NetNsError::Enter { path: self.path.clone(), source: io::Error::last_os_error() });
-                    }
-                    Ok(work())
-                })
-                .map_err(|source| NetNsError::Thread { path: self.path.clone(), source })?;
-            handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            let mut handles = Vec::with_capacity(works.len());
+            for work in works {
+                let handle = std::thread::Builder::new()
+                    .name("netns".into())
+                    .spawn_scoped(scope, || {
+                        // SAFETY: setns with a namespace fd affects only this thread,
+                        // which exits when `work` returns.
+                        if unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                            return Err(NetNsError::Enter {
+                                path: self.path.clone(),
+                                source: io::Error::last_os_error(),
+                            });
+                        }
+                        Ok(work())
+                    })
+                    .map_err(|source| NetNsError::Thread { path: self.path.clone(), source })?;
+                handles.push(handle);
+            }
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
         })
     }
 }

@@ -30,6 +30,35 @@ fn work_runs_inside_and_the_caller_stays_outside() {
     assert_eq!(NetNs::current().unwrap().inode().unwrap(), host);
 }
 
+/// The works run at the same time (each waits to hear from the other), each inside the
+/// namespace, results in order; the caller stays outside.
+#[test]
+fn run_each_runs_the_works_at_once_inside() {
+    if !require_root() {
+        return;
+    }
+    let ns = NamedNetns::new("each");
+    let handle = NetNs::open(ns.path()).unwrap();
+    let host = NetNs::current().unwrap().inode().unwrap();
+    let (to_b, from_a) = std::sync::mpsc::channel();
+    let (to_a, from_b) = std::sync::mpsc::channel();
+    let wait = std::time::Duration::from_secs(5);
+    let works: Vec<Box<dyn FnOnce() -> (u64, bool) + Send>> = vec![
+        Box::new(move || {
+            to_b.send(()).unwrap();
+            (NetNs::current().unwrap().inode().unwrap(), from_b.recv_timeout(wait).is_ok())
+        }),
+        Box::new(move || {
+            to_a.send(()).unwrap();
+            (NetNs::current().unwrap().inode().unwrap() + 1, from_a.recv_timeout(wait).is_ok())
+        }),
+    ];
+    let results = handle.run_each(works).unwrap();
+    let inode = handle.inode().unwrap();
+    assert_eq!(results, vec![(inode, true), (inode + 1, true)], "one after the other, or outside");
+    assert_eq!(NetNs::current().unwrap().inode().unwrap(), host);
+}
+
 #[test]
 fn errors_name_the_path() {
     match NetNs::open("/nonexistent/netns") {

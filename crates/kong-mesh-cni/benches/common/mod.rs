@@ -100,4 +100,15 @@ impl MeshPod {
         }));
         rt
     }
+
+    /// The same chain with ours in eBPF mode, registering pods with the programs
+    /// pinned in `bpffs`.
+    pub fn chain_in_ebpf_mode(&self, lookup: Lookup, bpffs: &Path) -> CniRuntime {
+        let rt = self.chain_with_ours("auto", lookup);
+        let mut conflist = rt.conflist();
+        let ours = conflist["plugins"].as_array_mut().unwrap().last_mut().unwrap();
+        ours["ebpf"] = json!({"bpffs_path": bpffs});
+        rt.set_conflist(&conflist);
+        rt
+    }
 }
