@@ -61,19 +61,21 @@ fn kumas_validator(pod: &Pod) -> bool {
         .any(|c| c.command.iter().chain(&c.args).flatten().any(|word| word == KUMA_VALIDATOR))
 }
 
-/// Whether a pod first seen needing repair at `seen` is due at `now`, given since when
-/// its node's CNI pod has been Ready (`None`: no Ready CNI pod there). Both must have
-/// lasted `settle`: the node agent repairs in place what the plugin let through while it
-/// could not ask the API server, and says so on the pod, within a second of getting the
-/// API back or of starting; a node without a Ready CNI pod (just rebooted, say) cannot
-/// have done it yet, and deleting its pods there would bring them back no better.
-pub fn due<T: Copy + Ord + std::ops::Add<std::time::Duration, Output = T>>(
+/// When a pod first seen needing repair at `seen` is due, given since when its node's
+/// CNI pod has been Ready (`None`: no Ready CNI pod there, not due). The pod must have
+/// settled for `settle`, the CNI pod for `cni_settle`: the node agent repairs in place
+/// what the plugin let through while it could not ask the API server, and says so on
+/// the pod, within a second of starting; a node without a Ready CNI pod (just rebooted,
+/// say) cannot have done it yet, and deleting its pods there would bring them back no
+/// better. `cni_settle` also covers a CNI pod's status that still says Ready from before
+/// a reboot until its kubelet reports again.
+pub fn due_at<T: Copy + Ord + std::ops::Add<std::time::Duration, Output = T>>(
     seen: T,
     cni_ready_since: Option<T>,
-    now: T,
     settle: std::time::Duration,
-) -> bool {
-    cni_ready_since.is_some_and(|ready| ready + settle <= now) && seen + settle <= now
+    cni_settle: std::time::Duration,
+) -> Option<T> {
+    Some((seen + settle).max(cni_ready_since? + cni_settle))
 }
 
 fn repaired_at(pod: &Pod) -> Option<Timestamp> {
@@ -132,15 +134,12 @@ mod tests {
 
     #[test]
     fn due_once_the_pod_and_its_nodes_cni_pod_settled() {
-        let settle = std::time::Duration::from_secs(2);
+        let (settle, cni_settle) = (std::time::Duration::from_secs(2), std::time::Duration::from_secs(10));
         let base = std::time::Instant::now();
         let at = |s: u64| base + std::time::Duration::from_secs(s);
-        let (seen, now) = (at(0), at(10));
-        assert!(due(seen, Some(at(0)), now, settle));
-        assert!(!due(seen, None, now, settle), "no Ready CNI pod on the node");
-        assert!(!due(seen, Some(at(9)), now, settle), "the CNI pod just became Ready");
-        assert!(!due(at(9), Some(at(0)), now, settle), "the pod was just seen");
-        assert!(due(seen, Some(at(8)), now, settle), "exactly settled");
+        assert_eq!(due_at(at(0), Some(at(0)), settle, cni_settle), Some(at(10)), "the CNI pod's settle");
+        assert_eq!(due_at(at(20), Some(at(0)), settle, cni_settle), Some(at(22)), "the pod's settle");
+        assert_eq!(due_at(at(0), None, settle, cni_settle), None, "no Ready CNI pod on the node");
     }
 
     #[test]

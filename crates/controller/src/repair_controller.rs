@@ -25,9 +25,11 @@ use crate::{ControllerArgs, Error, RepairAction, bounded};
 
 /// After a failed action (not a precondition), the pod is tried again after this.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
-/// A pod is acted on this long after it was first seen needing repair and after its
-/// node's CNI pod was seen Ready ([`repair::due`]).
+/// A pod is acted on this long after it was first seen needing repair
+/// ([`repair::due_at`])...
 const SETTLE: Duration = Duration::from_secs(2);
+/// ...and this long after its node's CNI pod was first seen Ready.
+const CNI_SETTLE: Duration = Duration::from_secs(10);
 
 /// Runs until dropped (returns at once when the action is `off`).
 pub async fn run(client: Client, args: &ControllerArgs, identity: String, leader: Leadership, status: Arc<Status>) {
@@ -136,7 +138,7 @@ impl Repairer {
             let settling = self
                 .pending
                 .values()
-                .filter_map(|(pod, seen)| Some((*seen).max(self.cni_ready_since(pod)?) + SETTLE))
+                .filter_map(|(pod, seen)| repair::due_at(*seen, self.cni_ready_since(pod), SETTLE, CNI_SETTLE))
                 .filter(|at| *at > Instant::now())
                 .min();
             if self.retry_at.is_none() {
@@ -209,7 +211,8 @@ impl Repairer {
                 return;
             }
             let Some((pod, seen)) = self.pending.get(&uid).cloned() else { continue };
-            if !repair::due(seen, self.cni_ready_since(&pod), Instant::now(), SETTLE) {
+            if repair::due_at(seen, self.cni_ready_since(&pod), SETTLE, CNI_SETTLE).is_none_or(|at| at > Instant::now())
+            {
                 continue;
             }
             match self.act(&pod).await {

@@ -110,7 +110,7 @@ async fn a_mesh_pod_without_redirect_is_deleted_once_with_an_event() {
     mesh_pod(ns, "crashlooping").await;
     validator_exited(ns, "crashlooping", VALIDATOR_EXIT_NOT_REDIRECTED, Report::LastState).await;
     for name in ["raced", "crashlooping"] {
-        eventually("the pod to be deleted", Duration::from_secs(5), || marked_for_deletion(ns, name)).await;
+        eventually("the pod to be deleted", Duration::from_secs(20), || marked_for_deletion(ns, name)).await;
     }
     // The kubelet keeps reporting on the terminating pod: nothing more happens.
     validator_exited(ns, "raced", VALIDATOR_EXIT_NOT_REDIRECTED, Report::LastState).await;
@@ -143,7 +143,7 @@ async fn the_label_action_labels_once_and_deletes_nothing() {
     let left_alone = bystanders(ns).await;
     mesh_pod(ns, "raced").await;
     validator_exited(ns, "raced", VALIDATOR_EXIT_NOT_REDIRECTED, Report::State).await;
-    eventually("the label", Duration::from_secs(5), || async { !untouched(ns, "raced").await }).await;
+    eventually("the label", Duration::from_secs(20), || async { !untouched(ns, "raced").await }).await;
     let raced = ns.api::<Pod>().get("raced").await.unwrap();
     assert!(raced.metadata.deletion_timestamp.is_none());
     assert_eq!(raced.metadata.labels.unwrap_or_default().get(REDIRECT_MISSING_LABEL).map(String::as_str), Some("true"));
@@ -203,7 +203,7 @@ async fn kumas_injected_validator_failing_with_1_is_repaired_once_unless_repaire
     let mark = json!({"metadata": {"annotations": {kuma::pod::REDIRECT_REPAIRED_AT: secs(-5).to_string()}}});
     ns.api::<Pod>().patch("repaired", &PatchParams::default(), &Patch::Merge(mark)).await.unwrap();
 
-    eventually("the pod to be deleted", Duration::from_secs(8), || marked_for_deletion(ns, "busybox")).await;
+    eventually("the pod to be deleted", Duration::from_secs(20), || marked_for_deletion(ns, "busybox")).await;
     validator_exited(ns, "busybox", 1, Report::LastState).await;
     throughout("one delete, and the repaired pod left alone", Duration::from_secs(3), || async {
         metric(&ctl.status.render(), "kong_mesh_cni_controller_repair_actions_total{action=\"delete\"}") == 1
@@ -216,7 +216,7 @@ async fn kumas_injected_validator_failing_with_1_is_repaired_once_unless_repaire
 
     // Its validator fails again after the repair: that one the controller acts on.
     validator_failed_at(ns, "repaired", 1, secs(1)).await;
-    eventually("the repaired pod to be deleted", Duration::from_secs(8), || marked_for_deletion(ns, "repaired")).await;
+    eventually("the repaired pod to be deleted", Duration::from_secs(20), || marked_for_deletion(ns, "repaired")).await;
     ctl.stop().await;
 }
 
@@ -236,6 +236,6 @@ async fn nothing_is_repaired_on_a_node_until_its_cni_pod_is_ready() {
     throughout("left alone while the node has no Ready CNI pod", Duration::from_secs(4), || untouched(ns, "rebooted"))
         .await;
     ns.set_pod_running("cni", None).await;
-    eventually("the pod to be deleted", Duration::from_secs(8), || marked_for_deletion(ns, "rebooted")).await;
+    eventually("the pod to be deleted", Duration::from_secs(20), || marked_for_deletion(ns, "rebooted")).await;
     ctl.stop().await;
 }

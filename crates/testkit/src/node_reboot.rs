@@ -19,8 +19,9 @@ use crate::node::{Node, NodeError};
 use crate::node_state::{cgroup_mounts, iptables_chains, mounts_under, processes_naming, remove_cgroup, remove_chains};
 
 impl Node {
-    /// Reboots the node: see the module doc.
-    pub async fn reboot(&mut self) -> Result<(), NodeError> {
+    /// Reboots the node: see the module doc. `while_down` runs when everything is
+    /// stopped and dropped and before anything starts (to spoil a token, say).
+    pub async fn reboot(&mut self, while_down: impl FnOnce(&Node)) -> Result<(), NodeError> {
         self.stop("kubelet")?;
         self.stop("containerd")?;
         // The shims and containers: every process naming our root but the control
@@ -68,6 +69,7 @@ impl Node {
         }
 
         self.share_runtime_netns_dir()?;
+        while_down(self);
         self.route_service()?;
         self.start("containerd")?;
         let sock = self.root.join("containerd/containerd.sock");
