@@ -53,7 +53,7 @@ fn multus_mesh_pod(name: &str, node: &Node, target: &str, validator: Validator) 
 }
 
 async fn run_pod(client: &Client, node: &Node, pod: Value) -> Pod {
-    let more = || node_pods::cni_logs(node);
+    let more = || format!("{}--- multus\n{}", node_pods::cni_logs(node), node_pods::tail(&multus_log(node), 30));
     node_pods::run_pod(client, node, pod, POD_READY, &more).await.unwrap_or_else(|e| panic!("{e}")).0
 }
 
@@ -70,14 +70,19 @@ fn records(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-async fn wait_nad(client: &Client, namespace: &str) -> DynamicObject {
+async fn wait_nad(client: &Client, node: &Node, namespace: &str) -> DynamicObject {
     let nads = nads(client, namespace);
     let start = Instant::now();
     loop {
         if let Ok(Some(nad)) = nads.get_opt(NETWORK).await {
             return nad;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "no NAD {NETWORK} in {namespace} within 30 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no NAD {NETWORK} in {namespace} within 30 s\n{}--- multus's errors\n{}",
+            node_pods::tail(&node.log("kubelet"), 10),
+            multus_log(node).lines().filter(|l| l.contains("error")).take(10).collect::<Vec<_>>().join("\n")
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -90,7 +95,7 @@ async fn wait_gone(client: &Client, node: &Node, namespace: &str, name: &str) {
             start.elapsed() < Duration::from_secs(60),
             "{namespace}/{name} still there after 60 s\n{}{}{}",
             node_pods::tail(&node.log("kubelet"), 30),
-            node_pods::tail(&node.log("multus"), 30),
+            node_pods::tail(&multus_log(node), 30),
             node_pods::cni_logs(node)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -114,19 +119,44 @@ async fn event_about(client: &Client, namespace: &str, pod: &str, needle: &str, 
     }
 }
 
+/// One node at a time: each start takes most of both cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    /// `multus`, run by the runtime.
+    Thin,
+    /// `multus-shim`, handing every call to the multus-daemon pod.
+    Thick,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_chart_defaults_work_behind_thin_multus() {
+    default_mode_behind(Flavour::Thin).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_chart_defaults_work_behind_thick_multus() {
+    default_mode_behind(Flavour::Thick).await;
+}
+
+async fn default_mode_behind(flavour: Flavour) {
     if !testkit::require_root() || testkit::skip_heavy("the Multus node test") {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let started = Instant::now();
     let before = HostView::now();
     let mut steps = Steps(Instant::now());
     let mut node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
-    let multus = node.install_multus_thin().await.unwrap_or_else(|e| panic!("installing Multus: {e}"));
+    let (multus, multus_release) = match flavour {
+        Flavour::Thin => node.install_multus_thin().await.map(|m| (m, None)),
+        Flavour::Thick => node.install_multus_thick().await.map(|(m, r)| (m, Some(r))),
+    }
+    .unwrap_or_else(|e| panic!("installing {flavour:?} Multus: {e}"));
     let client = node.client().await.unwrap();
     let cluster_network = std::fs::read_to_string(&multus.cluster_network).unwrap();
-    steps.done("node up, thin Multus its CNI");
+    steps.done(&format!("node up, {flavour:?} Multus its CNI"));
 
     let values = |image: &_| node.chart_values_multus(&multus, image);
     let installed = install_with(&node, &client, Path::new(BINARY), &values, &[], Duration::from_secs(120))
@@ -144,10 +174,18 @@ async fn our_chart_defaults_work_behind_thin_multus() {
     let ours = multus.conf_dir.join(format!("{NETWORK}.conf"));
     assert!(!ours.exists(), "the uninstall removed {}", ours.display());
     assert_eq!(std::fs::read_to_string(&multus.cluster_network).unwrap(), cluster_network);
+    if let Some(multus_release) = multus_release {
+        multus_release.uninstall(Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("{e}"));
+    }
     steps.done("uninstall");
     node.down_leaving_the_host_as(&before);
     steps.done("teardown");
-    eprintln!("whole test (thin Multus): {:.1?}", started.elapsed());
+    eprintln!("whole test ({flavour:?} Multus): {:.1?}", started.elapsed());
+}
+
+/// Multus's own log: thin's file, or the daemon pod's.
+fn multus_log(node: &Node) -> String {
+    node.log("multus") + &node_pods::container_logs(node, "kube-multus")
 }
 
 /// Our own file in Multus's conf dir, named as the NAD; the cluster network untouched.
@@ -167,7 +205,7 @@ async fn the_default_mode_works(node: &mut Node, client: &Client, image: &str, c
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let label = json!({ "metadata": { "labels": { "kuma.io/sidecar-injection": "enabled" } } });
     namespaces.patch("default", &PatchParams::default(), &Patch::Merge(&label)).await.unwrap();
-    let nad = wait_nad(client, "default").await;
+    let nad = wait_nad(client, node, "default").await;
     assert_eq!(nad.data["spec"]["config"], "", "the NAD takes the network's file from Multus's conf dir");
     steps.done("namespace labelled -> NAD");
 
@@ -180,7 +218,7 @@ async fn the_default_mode_works(node: &mut Node, client: &Client, image: &str, c
         status.len(),
         1,
         "Multus attached the plain pod to the cluster network only: {status:?}\n{}\n{}",
-        node_pods::tail(&node.log("multus"), 30),
+        node_pods::tail(&multus_log(node), 30),
         cni_lines.join("\n")
     );
     assert_eq!(status[0]["default"], true, "{status:?}");

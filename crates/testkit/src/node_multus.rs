@@ -137,22 +137,21 @@ impl Node {
 
         let host_run = self.root.join("run");
         let in_host_run = |p: &Path| Path::new("/host/run").join(p.strip_prefix(&host_run).expect("under run/"));
-        let shim_conf = json!({
-            "cniVersion": "0.3.1",
-            "name": format!("{}-multus", self.name),
-            "type": "multus-shim",
-            "daemonSocketDir": host_run.join("multus/socket"),
-            "logLevel": "verbose",
-            "logToStderr": true,
-        });
         let daemon_conf = json!({
             "chrootDir": "/hostroot",
             "cniVersion": "0.3.1",
             "logLevel": "verbose",
             "logToStderr": true,
+            // "auto", as upstream's: the daemon writes the shim's file (00-multus.conf)
+            // into the node's conf dir for the primary network it finds in the
+            // autoconfig dir, and stays up to keep it so (any other value makes
+            // v4.2.2's daemon copy a file and exit).
+            "multusConfigFile": "auto",
             "cniConfigDir": "/host/etc/cni/net.d",
-            "multusConfigFile": "/etc/cni/net.d/multus.d/00-multus.conf",
+            "multusAutoconfigDir": in_host_run(parent(&multus.cluster_network)),
             "socketDir": "/host/run/multus/socket",
+            // Where the shim, on the host, finds that socket.
+            "daemonSocketDir": host_run.join("multus/socket"),
             // The dir: see install_multus_thin.
             "clusterNetwork": in_host_run(parent(&multus.cluster_network)),
             "confDir": "/etc/cni/multus/net.d",
@@ -184,7 +183,6 @@ impl Node {
                 "metadata": { "name": "multus-daemon-config", "namespace": "kube-system" },
                 "data": {
                     "daemon-config.json": serde_json::to_string_pretty(&daemon_conf).expect("JSON"),
-                    "00-multus.conf": serde_json::to_string_pretty(&shim_conf).expect("JSON"),
                 },
             }),
             json!({
@@ -215,6 +213,9 @@ impl Node {
                                     // Upstream mounts /hostroot with HostToContainer; this
                                     // host's / is a private mount, so only the netns dir is.
                                     json!({ "name": "netns", "mountPath": netns_in_hostroot, "mountPropagation": "HostToContainer" }),
+                                    // And where the daemon itself checks the pod's netns
+                                    // (upstream's /run/netns mount: the runtime's dir).
+                                    json!({ "name": "netns", "mountPath": netns, "mountPropagation": "HostToContainer" }),
                                     mount("multus-conf-dir", "/etc/cni/multus/net.d"),
                                 ],
                             }],
@@ -236,18 +237,38 @@ impl Node {
         let stream: String = objects.iter().map(|o| format!("---\n{o}\n")).collect();
         let client = self.client().await?;
         let release = crate::node_chart::Release::apply(&client, &stream).await?;
+        // Up: its file installed, its pod Ready, and still so a moment later (a daemon
+        // that cannot serve exits after copying the file).
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "kube-system");
+        let params = kube::api::ListParams::default().labels("name=multus");
         let start = Instant::now();
-        while !multus.conf.exists() {
-            if start.elapsed() > Duration::from_secs(90) {
-                return Err(NodeError::Timeout(format!(
-                    "multus-daemon did not install {} within 90 s\n{}",
-                    multus.conf.display(),
-                    crate::node_pods::tail(&self.log("kubelet"), 40)
+        let mut ready_since: Option<Instant> = None;
+        loop {
+            let list = pods.list(&params).await.map(|l| l.items).unwrap_or_default();
+            let pod = list.first();
+            let restarts = pod
+                .and_then(|p| p.status.as_ref()?.container_statuses.as_ref()?.first().map(|c| c.restart_count))
+                .unwrap_or(0);
+            if restarts > 0 || start.elapsed() > Duration::from_secs(90) {
+                let name = pod.and_then(|p| p.metadata.name.clone()).unwrap_or_default();
+                let previous = kube::api::LogParams { previous: true, ..Default::default() };
+                let log = pods.logs(&name, &previous).await.unwrap_or_else(|e| format!("(logs: {e})"));
+                return Err(NodeError::Setup(format!(
+                    "multus-daemon not up ({restarts} restarts, {:?}); its log:\n{log}\n{}",
+                    start.elapsed(),
+                    crate::node_pods::tail(&self.log("kubelet"), 20)
                 )));
+            }
+            if multus.conf.exists() && pod.is_some_and(crate::node_pods::pod_ready) {
+                let since = *ready_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(2) {
+                    return Ok((multus, release));
+                }
+            } else {
+                ready_since = None;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Ok((multus, release))
     }
 
     /// Creates the NetworkAttachmentDefinition CRD (testenv/crds/, as Multus ships it)
