@@ -172,7 +172,12 @@ async fn default_mode_behind(flavour: Flavour) {
 
     release.uninstall(Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}"));
     let ours = multus.conf_dir.join(format!("{NETWORK}.conf"));
-    assert!(!ours.exists(), "the uninstall removed {}", ours.display());
+    assert!(
+        !ours.exists(),
+        "the uninstall removed {}; the installer's last lines:\n{}",
+        ours.display(),
+        node_pods::tail(&node_pods::container_logs(&node, "install-cni"), 15)
+    );
     assert_eq!(std::fs::read_to_string(&multus.cluster_network).unwrap(), cluster_network);
     if let Some(multus_release) = multus_release {
         multus_release.uninstall(Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("{e}"));
