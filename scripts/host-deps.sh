@@ -14,14 +14,16 @@
 set -euo pipefail
 
 PACKAGES=(
-	bash coreutils findutils gzip tar util-linux mount procps # scripts, unshare, setpriv, nsenter, mount, sysctl, kill
+	bash dash coreutils findutils grep mawk gzip tar apt dpkg # the scripts
+	util-linux mount procps # unshare, setpriv, nsenter, flock, mount, sysctl, kill
 	iproute2 iptables nftables # ip netns, veth; both iptables back ends; nft
 	containernetworking-plugins # Debian's reference plugins (1.1.1) in /usr/lib/cni
 	runc # the real node's OCI runtime (/usr/sbin/runc)
 	busybox-static # sh, sleep and cat in our image (scripts/image-build.sh)
 	clang # the eBPF programs, built from source by crates/ebpf/build.rs
+	linux-libc-dev # the uapi headers (linux/bpf.h) the eBPF programs include
 	gcc libc6-dev # a test builds a fake NSS module
-	python3 python3-venv # kubernetes-validate's venv; python3 as a socket client in tests
+	python3 python3-minimal python3-venv # kubernetes-validate's venv; python3 as a socket client in tests
 	strace # fault injection slows fsync for the installer's lost-update test
 	git # the image's revision label
 )

@@ -11,12 +11,19 @@
 # Layout of the bin dir:
 #   k8s-testenv, cni-runtime    our Go harnesses
 #   plugins/                    containernetworking/plugins $PLUGINS_VERSION (CNI 1.1.0: STATUS, GC)
+#   primaries/                  primary CNIs of the install guide's environments that
+#                               build here, for tests/primaries.rs: the flannel meta
+#                               plugin ($FLANNEL_VERSION of containernetworking/plugins,
+#                               CNI <= 0.4.0)
 # Debian's containernetworking-plugins (1.1.1, no STATUS/GC) stay in /usr/lib/cni.
 # Build output goes to stderr; only the result goes to stdout.
 set -euo pipefail
 
 PLUGINS_VERSION=v1.10.0
-PLUGINS=(main/bridge main/ptp main/loopback main/macvlan ipam/host-local ipam/static meta/portmap meta/tuning meta/bandwidth meta/firewall)
+PLUGINS=(main/bridge main/ptp main/loopback main/macvlan ipam/host-local ipam/static meta/portmap meta/tuning meta/bandwidth meta/firewall meta/sbr meta/vrf)
+# flannel left containernetworking/plugins after v0.9.x (flannel-io/cni-plugin, which
+# the module proxy does not serve).
+FLANNEL_VERSION=v0.9.1
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 src=$root/testenv/go
@@ -55,13 +62,16 @@ if [[ ! -e $out/.complete ]]; then
 		pkgs=()
 		for p in "${PLUGINS[@]}"; do pkgs+=("github.com/containernetworking/plugins/plugins/$p@$PLUGINS_VERSION"); done
 		GOFLAGS="-trimpath -buildvcs=false" GOBIN="$tmp/bin/plugins" go install -ldflags='-s -w' "${pkgs[@]}" >&2
+		GOFLAGS="-trimpath -buildvcs=false" GOBIN="$tmp/bin/primaries" go install -ldflags='-s -w' \
+			"github.com/containernetworking/plugins/plugins/meta/flannel@$FLANNEL_VERSION" >&2
 		touch "$tmp/.complete"
 		rm -rf "$out"
 		mv "$tmp" "$out"
 		trap - EXIT
 		# Builds for older sources are dead weight (~170 MB each); Go's own caches
-		# make a rebuild of any of them quick.
-		find "$cache" -mindepth 1 -maxdepth 1 -type d ! -name "$hash" -exec rm -rf {} +
+		# make a rebuild of any of them quick. The newest three stay: a test binary of
+		# another worktree (another branch's sources) may be running from one.
+		ls -1dt "$cache"/*/ | tail -n +4 | xargs -r rm -rf
 		echo "testenv-build: built in $(($(date +%s) - start))s" >&2
 	fi
 fi

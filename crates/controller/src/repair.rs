@@ -61,6 +61,21 @@ fn kumas_validator(pod: &Pod) -> bool {
         .any(|c| c.command.iter().chain(&c.args).flatten().any(|word| word == KUMA_VALIDATOR))
 }
 
+/// Whether a pod first seen needing repair at `seen` is due at `now`, given since when
+/// its node's CNI pod has been Ready (`None`: no Ready CNI pod there). Both must have
+/// lasted `settle`: the node agent repairs in place what the plugin let through while it
+/// could not ask the API server, and says so on the pod, within a second of getting the
+/// API back or of starting; a node without a Ready CNI pod (just rebooted, say) cannot
+/// have done it yet, and deleting its pods there would bring them back no better.
+pub fn due<T: Copy + Ord + std::ops::Add<std::time::Duration, Output = T>>(
+    seen: T,
+    cni_ready_since: Option<T>,
+    now: T,
+    settle: std::time::Duration,
+) -> bool {
+    cni_ready_since.is_some_and(|ready| ready + settle <= now) && seen + settle <= now
+}
+
 fn repaired_at(pod: &Pod) -> Option<Timestamp> {
     pod.metadata.annotations.as_ref()?.get(REDIRECT_REPAIRED_AT)?.parse().ok()
 }
@@ -113,6 +128,19 @@ mod tests {
             }),
             status: Some(PodStatus { init_container_statuses: Some(vec![status]), ..Default::default() }),
         }
+    }
+
+    #[test]
+    fn due_once_the_pod_and_its_nodes_cni_pod_settled() {
+        let settle = std::time::Duration::from_secs(2);
+        let base = std::time::Instant::now();
+        let at = |s: u64| base + std::time::Duration::from_secs(s);
+        let (seen, now) = (at(0), at(10));
+        assert!(due(seen, Some(at(0)), now, settle));
+        assert!(!due(seen, None, now, settle), "no Ready CNI pod on the node");
+        assert!(!due(seen, Some(at(9)), now, settle), "the CNI pod just became Ready");
+        assert!(!due(at(9), Some(at(0)), now, settle), "the pod was just seen");
+        assert!(due(seen, Some(at(8)), now, settle), "exactly settled");
     }
 
     #[test]

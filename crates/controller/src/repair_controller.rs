@@ -1,6 +1,7 @@
 //! The repair controller at the edge: one watch over the pods that are not running,
-//! without a cache (the pods needing repair are few, the pods many), and the action,
-//! taken at most once per pod UID, with an Event and a metric for each.
+//! without a cache (the pods needing repair are few, the pods many), one over the CNI
+//! pods (since when each node has a Ready one), and the action, taken at most once per
+//! pod UID, with an Event and a metric for each.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::pin;
@@ -24,9 +25,8 @@ use crate::{ControllerArgs, Error, RepairAction, bounded};
 
 /// After a failed action (not a precondition), the pod is tried again after this.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
-/// A pod is acted on this long after it was first seen needing repair: the node agent,
-/// which repairs in place what the plugin let through while the API server was away,
-/// gets the API back at the same moment we do and says so on the pod within a second.
+/// A pod is acted on this long after it was first seen needing repair and after its
+/// node's CNI pod was seen Ready ([`repair::due`]).
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// Runs until dropped (returns at once when the action is `off`).
@@ -41,6 +41,11 @@ pub async fn run(client: Client, args: &ControllerArgs, identity: String, leader
     // pod leaving this selection arrives as a Delete.
     let config = watcher::Config::default().any_semantic().fields("status.phase!=Running,status.phase!=Succeeded");
     let events = watcher(Api::<Pod>::all(client.clone()), config).default_backoff();
+    let cni_config = watcher::Config::default()
+        .any_semantic()
+        .labels(&format!("app={}", args.cni_app))
+        .fields(&format!("metadata.namespace={}", args.cni_namespace));
+    let cni_events = watcher(Api::<Pod>::all(client.clone()), cni_config).default_backoff();
     let reporter = Reporter { controller: "kong-mesh-cni-controller".into(), instance: Some(identity) };
     let repairer = Repairer {
         recorder: Recorder::new(client.clone(), reporter),
@@ -53,8 +58,9 @@ pub async fn run(client: Client, args: &ControllerArgs, identity: String, leader
         done: HashSet::new(),
         relisted: None,
         retry_at: None,
+        cni_ready: HashMap::new(),
     };
-    repairer.run(events).await;
+    repairer.run(events, cni_events).await;
 }
 
 struct Repairer {
@@ -71,6 +77,8 @@ struct Repairer {
     /// UIDs seen during a relist, to forget pods deleted while the watch was down.
     relisted: Option<HashSet<String>>,
     retry_at: Option<Instant>,
+    /// Node -> (CNI pod UID, when it was first seen Ready).
+    cni_ready: HashMap<String, (String, Instant)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -95,8 +103,13 @@ enum Outcome {
 }
 
 impl Repairer {
-    async fn run(mut self, events: impl Stream<Item = watcher::Result<watcher::Event<Pod>>>) {
+    async fn run(
+        mut self,
+        events: impl Stream<Item = watcher::Result<watcher::Event<Pod>>>,
+        cni_events: impl Stream<Item = watcher::Result<watcher::Event<Pod>>>,
+    ) {
         let mut events = pin!(events);
+        let mut cni_events = pin!(cni_events);
         let mut gained = pin!(self.leader.gained());
         loop {
             let retry_at = self.retry_at;
@@ -111,15 +124,21 @@ impl Repairer {
                     Some(event) => self.observe(event),
                     None => return,
                 },
+                Some(event) = cni_events.next() => self.observe_cni(event),
                 Some(()) = gained.next() => {}
                 () = retry => self.retry_at = None,
             }
             if self.leader.is_leader() && !self.pending.is_empty() && self.retry_at.is_none() {
                 self.act_on_pending().await;
             }
-            // Pods not due yet wake the loop when they are.
-            let settling =
-                self.pending.values().map(|(_, seen)| *seen + SETTLE).filter(|at| *at > Instant::now()).min();
+            // Pods not due yet wake the loop when they are (those on a node without a
+            // Ready CNI pod wait for its event).
+            let settling = self
+                .pending
+                .values()
+                .filter_map(|(pod, seen)| Some((*seen).max(self.cni_ready_since(pod)?) + SETTLE))
+                .filter(|at| *at > Instant::now())
+                .min();
             if self.retry_at.is_none() {
                 self.retry_at = settling;
             }
@@ -157,6 +176,31 @@ impl Repairer {
         }
     }
 
+    /// A CNI pod's event: since when its node has a Ready one. Watch errors are the
+    /// backoff's to retry; meanwhile what is known stays.
+    fn observe_cni(&mut self, event: watcher::Result<watcher::Event<Pod>>) {
+        let pod = match event {
+            Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
+            Ok(watcher::Event::Delete(pod)) => {
+                let uid = pod.uid().unwrap_or_default();
+                self.cni_ready.retain(|_, (ready, _)| *ready != uid);
+                return;
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => return,
+            Err(e) => return self.status.report("repair", &Error::Watch(e)),
+        };
+        let (uid, Some(node)) = (pod.uid().unwrap_or_default(), crate::taint::pod_node(&pod)) else { return };
+        if crate::taint::cni_pod_ready(&pod) {
+            self.cni_ready.entry(node.to_owned()).or_insert_with(|| (uid, Instant::now()));
+        } else if self.cni_ready.get(node).is_some_and(|(ready, _)| *ready == uid) {
+            self.cni_ready.remove(node);
+        }
+    }
+
+    fn cni_ready_since(&self, pod: &Pod) -> Option<Instant> {
+        self.cni_ready.get(crate::taint::pod_node(pod)?).map(|(_, since)| *since)
+    }
+
     async fn act_on_pending(&mut self) {
         let uids: Vec<String> = self.pending.keys().cloned().collect();
         for uid in uids {
@@ -165,7 +209,7 @@ impl Repairer {
                 return;
             }
             let Some((pod, seen)) = self.pending.get(&uid).cloned() else { continue };
-            if seen.elapsed() < SETTLE {
+            if !repair::due(seen, self.cni_ready_since(&pod), Instant::now(), SETTLE) {
                 continue;
             }
             match self.act(&pod).await {

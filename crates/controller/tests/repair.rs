@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, eventually, metric, throughout};
+use common::{Harness, cni_pod, eventually, metric, throughout};
 use controller::{EVENT_REASON, REDIRECT_MISSING_LABEL, RepairAction};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
@@ -40,15 +40,26 @@ async fn validator_exited(ns: &TestNamespace, name: &str, code: i32, report: Rep
         .expect("writing the pod status");
 }
 
-/// A mesh pod as the injector makes it, scheduled on a node (no kubelet runs, so a
-/// deleted pod stays, marked for deletion, and keeps receiving status updates).
+/// The node the tests' pods are scheduled on (no kubelet runs there, so a deleted pod
+/// stays, marked for deletion, and keeps receiving status updates).
+const NODE: &str = "kmc-node-gone";
+
+/// A controller of `action` in a new harness, whose [`NODE`] has a Ready CNI pod (the
+/// controller repairs nothing on a node without one).
+async fn with_controller(action: RepairAction) -> (Harness, common::Running) {
+    let (h, ctl) = Harness::with_controller(ApiServer::shared(), action).await;
+    cni_pod(&h.ns, "cni", NODE, true).await;
+    (h, ctl)
+}
+
+/// A mesh pod as the injector makes it, scheduled on [`NODE`].
 async fn mesh_pod(ns: &TestNamespace, name: &str) {
     let p = pod(name)
         .annotation(SIDECAR_INJECTED, "true")
         .init_container(VALIDATION_CONTAINER)
         .container("app")
         .container(SIDECAR_CONTAINER);
-    ns.create_pod(p.node_name("kmc-node-gone").build()).await;
+    ns.create_pod(p.node_name(NODE).build()).await;
 }
 
 async fn marked_for_deletion(ns: &TestNamespace, name: &str) -> bool {
@@ -90,8 +101,7 @@ async fn a_mesh_pod_without_redirect_is_deleted_once_with_an_event() {
     if testkit::skip_heavy("repair controller") {
         return;
     }
-    let server = ApiServer::shared();
-    let (h, ctl) = Harness::with_controller(server, RepairAction::Delete).await;
+    let (h, ctl) = with_controller(RepairAction::Delete).await;
     let ns = &h.ns;
 
     let left_alone = bystanders(ns).await;
@@ -127,8 +137,7 @@ async fn the_label_action_labels_once_and_deletes_nothing() {
     if testkit::skip_heavy("repair controller") {
         return;
     }
-    let server = ApiServer::shared();
-    let (h, ctl) = Harness::with_controller(server, RepairAction::Label).await;
+    let (h, ctl) = with_controller(RepairAction::Label).await;
     let ns = &h.ns;
 
     let left_alone = bystanders(ns).await;
@@ -158,7 +167,7 @@ async fn injected_pod(ns: &TestNamespace, name: &str) {
     let path = testkit::repo_root().join("testenv/kuma-reference/injected/pod-34.yaml");
     let mut p: Pod = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     p.metadata.name = Some(name.into());
-    p.spec.as_mut().unwrap().node_name = Some("kmc-node-gone".into());
+    p.spec.as_mut().unwrap().node_name = Some(NODE.into());
     ns.create_pod(p).await;
 }
 
@@ -181,8 +190,7 @@ async fn kumas_injected_validator_failing_with_1_is_repaired_once_unless_repaire
     if testkit::skip_heavy("repair controller") {
         return;
     }
-    let server = ApiServer::shared();
-    let (h, ctl) = Harness::with_controller(server, RepairAction::Delete).await;
+    let (h, ctl) = with_controller(RepairAction::Delete).await;
     let ns = &h.ns;
     let now = k8s_openapi::jiff::Timestamp::now();
     let secs = |s: i64| now + k8s_openapi::jiff::SignedDuration::from_secs(s);
@@ -209,5 +217,25 @@ async fn kumas_injected_validator_failing_with_1_is_repaired_once_unless_repaire
     // Its validator fails again after the repair: that one the controller acts on.
     validator_failed_at(ns, "repaired", 1, secs(1)).await;
     eventually("the repaired pod to be deleted", Duration::from_secs(8), || marked_for_deletion(ns, "repaired")).await;
+    ctl.stop().await;
+}
+
+/// A node just rebooted: its CNI pod is not Ready yet, so the node agent there cannot
+/// have repaired in place what the plugin let through. The controller waits for the CNI
+/// pod, then acts (no in-place repair came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_repaired_on_a_node_until_its_cni_pod_is_ready() {
+    if testkit::skip_heavy("repair controller") {
+        return;
+    }
+    let (h, ctl) = Harness::with_controller(ApiServer::shared(), RepairAction::Delete).await;
+    let ns = &h.ns;
+    cni_pod(ns, "cni", NODE, false).await;
+    mesh_pod(ns, "rebooted").await;
+    validator_exited(ns, "rebooted", VALIDATOR_EXIT_NOT_REDIRECTED, Report::State).await;
+    throughout("left alone while the node has no Ready CNI pod", Duration::from_secs(4), || untouched(ns, "rebooted"))
+        .await;
+    ns.set_pod_running("cni", None).await;
+    eventually("the pod to be deleted", Duration::from_secs(8), || marked_for_deletion(ns, "rebooted")).await;
     ctl.stop().await;
 }

@@ -4,24 +4,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, Running, eventually, metric, tainted, taints, throughout};
+use common::{Harness, Running, cni_pod, eventually, metric, tainted, taints, throughout};
 use controller::{RepairAction, TAINT_KEY};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, Taint};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
-use testkit::{ApiServer, TestNamespace, pod, unique_suffix};
+use testkit::{ApiServer, TestNamespace, unique_suffix};
 
-const CNI_LABEL: (&str, &str) = ("app", "kong-mesh-cni");
 const OURS: &str = "NodeReadiness:NoSchedule";
 const NOT_READY: &str = "node.kubernetes.io/not-ready:NoSchedule";
-
-async fn cni_pod(ns: &TestNamespace, name: &str, node: &str, ready: bool) {
-    ns.create_pod(pod(name).label(CNI_LABEL.0, CNI_LABEL.1).node_name(node).build()).await;
-    if ready {
-        ns.set_pod_running(name, None).await;
-    }
-}
 
 async fn delete_pod(ns: &TestNamespace, name: &str) {
     let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };

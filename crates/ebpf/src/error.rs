@@ -4,8 +4,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     /// The node cannot run the eBPF mode; every missing piece is named.
-    #[error("the eBPF mode cannot run on this node: {}", missing.join("; "))]
-    Preflight { missing: Vec<String> },
+    /// The kernel's release is shown, never judged.
+    #[error("the eBPF mode cannot run on this node (kernel {kernel}): {}", missing.join("; "))]
+    Preflight { kernel: String, missing: Vec<String> },
     #[error("the eBPF programs are not loaded on this node (no {path}): is the installer running in eBPF mode?")]
     NotLoaded { path: PathBuf },
     /// A Kuma setting this mode cannot honour (the plugin fails ADD with code 7).
@@ -21,6 +22,10 @@ pub enum EbpfError {
     Io { what: &'static str, path: PathBuf, source: io::Error },
     #[error("cannot load the eBPF programs: {0}")]
     Load(#[from] Box<aya::EbpfError>),
+    /// The verifier refused a program although the node check passed; `why` names what
+    /// the program needs.
+    #[error("eBPF program {program}: {why}: {source}")]
+    Refused { program: &'static str, why: String, source: Box<aya::programs::ProgramError> },
     #[error("eBPF program {program}: {source}")]
     Program { program: &'static str, source: Box<aya::programs::ProgramError> },
     #[error("eBPF map {map}: {source}")]

@@ -28,15 +28,16 @@
 
 pub mod abi;
 mod error;
+mod features;
 mod loader;
 mod registry;
 mod sys;
 
 pub use error::EbpfError;
-pub use loader::{
-    Installed, MIN_KERNEL, PIN_DIR, Paths, Status, install, kernel_version, preflight, status, uninstall,
-};
+pub use features::{Feature, Helper, MapKind, ProbeError, Probes, ProgramKind, kernel_release, probe};
+pub use loader::{Installed, PIN_DIR, Paths, Status, install, preflight, preflight_with, status, uninstall};
 pub use registry::{Registration, Registry, netns_addresses, netns_cookie};
+pub use sys::AttachType;
 
 /// The compiled programs, embedded in the binary.
 pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.o"));

@@ -19,14 +19,12 @@ use std::os::fd::AsFd;
 use aya::programs::{Program, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 
+use crate::features::{self, PROGRAMS, Probes};
 use crate::sys::{self, AttachType};
 use crate::{EbpfError, OBJECT};
 
 /// Directory of our pins inside the bpffs.
 pub const PIN_DIR: &str = "kong-mesh-cni";
-/// The oldest kernel whose verifier takes our programs: sk_lookup (5.9) and
-/// bpf_get_netns_cookie in sockops and getsockopt programs (5.15).
-pub const MIN_KERNEL: (u32, u32) = (5, 15);
 
 pub(crate) const MAPS: [&str; 5] = ["kmc_pods", "kmc_addrs", "kmc_sockets", "kmc_pairs", "kmc_listeners"];
 pub(crate) const CGROUP_PROGRAMS: [&str; 8] = [
@@ -65,14 +63,8 @@ impl Paths {
 pub struct Installed {
     /// Programs were already attached and have been replaced (an upgrade or restart).
     pub replaced: bool,
-    pub kernel: (u32, u32),
-}
-
-/// The kernel's major and minor version.
-pub fn kernel_version() -> Option<(u32, u32)> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let mut parts = release.trim().split(['.', '-']);
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    /// The kernel's release, for the log.
+    pub kernel: String,
 }
 
 fn fs_magic(path: &Path) -> Option<i64> {
@@ -82,25 +74,28 @@ fn fs_magic(path: &Path) -> Option<i64> {
     (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
 }
 
-/// Checks kernel, cgroup2 and bpffs; the error names every piece that is missing.
-pub fn preflight(paths: &Paths) -> Result<(u32, u32), EbpfError> {
-    let mut missing = Vec::new();
-    let kernel = kernel_version();
-    match kernel {
-        Some(k) if k >= MIN_KERNEL => {}
-        Some((a, b)) => missing.push(format!("kernel {a}.{b} is older than {}.{}", MIN_KERNEL.0, MIN_KERNEL.1)),
-        None => missing.push("the kernel version is unreadable (/proc/sys/kernel/osrelease)".to_owned()),
-    }
+/// Checks the kernel's features, cgroup2 and bpffs; the error names every piece that is
+/// missing. Returns the kernel's release.
+pub fn preflight(paths: &Paths) -> Result<String, EbpfError> {
+    preflight_with(paths, &Probes::KERNEL)
+}
+
+/// [`preflight`] with the kernel's answers given by `probes`. The release is only shown:
+/// vendor kernels carry features of much later upstream releases.
+pub fn preflight_with(paths: &Paths, probes: &Probes) -> Result<String, EbpfError> {
+    let kernel = (probes.release)().unwrap_or_else(|| "of unknown release".to_owned());
+    let mut missing = features::missing(probes.feature);
     if fs_magic(&paths.cgroup) != Some(CGROUP2_SUPER_MAGIC) {
         missing.push(format!("no cgroup2 mounted at {} (cgroupPath)", paths.cgroup.display()));
     }
     if fs_magic(&paths.bpffs) != Some(BPF_FS_MAGIC) {
         missing.push(format!("no bpffs mounted at {} (bpffsPath)", paths.bpffs.display()));
     }
-    match kernel {
-        Some(k) if missing.is_empty() => Ok(k),
-        _ => Err(EbpfError::Preflight { missing }),
+    if !missing.is_empty() {
+        return Err(EbpfError::Preflight { kernel, missing });
     }
+    tracing::debug!(kernel, "the kernel has every eBPF feature our programs need");
+    Ok(kernel)
 }
 
 fn link_pin(dir: &Path, program: &str) -> PathBuf {
@@ -116,14 +111,27 @@ fn load(program: &mut Program) -> Result<(), ProgramError> {
     }
 }
 
+/// A failed load, named by what the program needs when the verifier refused it.
+fn load_failed(program: &'static str) -> impl FnOnce(ProgramError) -> EbpfError {
+    move |source| match &source {
+        ProgramError::LoadError { verifier_log, .. } => EbpfError::Refused {
+            program,
+            why: features::refusal(program, &verifier_log.to_string()),
+            source: Box::new(source),
+        },
+        _ => EbpfError::program(program)(source),
+    }
+}
+
 /// Attaches a loaded cgroup program, or swaps it into the link already pinned at `pin`.
 fn attach_or_update(program: &Program, name: &'static str, cgroup: &File, pin: &Path) -> Result<(), EbpfError> {
-    let (prog, attach) = match program {
-        Program::CgroupSockAddr(p) => (p.fd(), sock_addr_attach(name)),
-        Program::CgroupSockopt(p) => (p.fd(), AttachType::Getsockopt),
-        Program::SockOps(p) => (p.fd(), AttachType::SockOps),
+    let prog = match program {
+        Program::CgroupSockAddr(p) => p.fd(),
+        Program::CgroupSockopt(p) => p.fd(),
+        Program::SockOps(p) => p.fd(),
         _ => unreachable!("{name} is a cgroup program of bpf/redirect.c"),
     };
+    let attach = attach_type(name);
     let prog = prog.map_err(EbpfError::program(name))?.as_fd();
     match sys::obj_get(pin) {
         Ok(link) => sys::link_update(link.as_fd(), prog).map_err(EbpfError::io("cannot update the link", pin)),
@@ -136,15 +144,8 @@ fn attach_or_update(program: &Program, name: &'static str, cgroup: &File, pin: &
     }
 }
 
-fn sock_addr_attach(name: &str) -> AttachType {
-    match name {
-        "kmc_connect4" => AttachType::Inet4Connect,
-        "kmc_connect6" => AttachType::Inet6Connect,
-        "kmc_sendmsg4" => AttachType::Udp4Sendmsg,
-        "kmc_sendmsg6" => AttachType::Udp6Sendmsg,
-        "kmc_recvmsg4" => AttachType::Udp4Recvmsg,
-        _ => AttachType::Udp6Recvmsg,
-    }
+fn attach_type(name: &str) -> AttachType {
+    PROGRAMS.iter().find(|(n, _)| *n == name).map(|(_, a)| *a).expect("every program of bpf/redirect.c is in PROGRAMS")
 }
 
 /// Pins at a temporary name and renames over `path`: the old object (if any) is
@@ -174,7 +175,7 @@ pub fn install(paths: &Paths) -> Result<Installed, EbpfError> {
     let cgroup = File::open(&paths.cgroup).map_err(EbpfError::io("cannot open the cgroup", &paths.cgroup))?;
     for name in CGROUP_PROGRAMS {
         let program = ebpf.program_mut(name).expect("bpf/redirect.c defines every program we attach");
-        load(program).map_err(EbpfError::program(name))?;
+        load(program).map_err(load_failed(name))?;
         attach_or_update(program, name, &cgroup, &link_pin(&dir, name))?;
     }
     let sk_lookup: &mut aya::programs::SkLookup = ebpf
@@ -182,7 +183,7 @@ pub fn install(paths: &Paths) -> Result<Installed, EbpfError> {
         .expect("bpf/redirect.c defines the sk_lookup program")
         .try_into()
         .map_err(EbpfError::program(SK_LOOKUP))?;
-    sk_lookup.load().map_err(EbpfError::program(SK_LOOKUP))?;
+    sk_lookup.load().map_err(load_failed(SK_LOOKUP))?;
     replace_pin(&dir.join(SK_LOOKUP), |tmp| {
         sk_lookup.pin(tmp).map_err(|source| EbpfError::Pin { path: tmp.into(), source: Box::new(source) })
     })?;

@@ -4,7 +4,7 @@
 //! `pods/<container id>_<cookie>`.
 
 use std::net::{IpAddr, Ipv6Addr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData};
@@ -16,26 +16,11 @@ use crate::loader::{PODS_DIR, SK_LOOKUP};
 use crate::sys::{self, AttachType};
 use crate::{EbpfError, Paths};
 
-/// `SO_NETNS_COOKIE` from asm-generic/socket.h (kernel 5.14).
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
 /// The cookie of a network namespace: the key programs see from bpf_get_netns_cookie.
 pub fn netns_cookie(netns: &NetNs) -> Result<u64, EbpfError> {
-    let read = || -> std::io::Result<u64> {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-            .or_else(|_| std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)))?;
-        let mut cookie = 0u64;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: the kernel writes at most `len` bytes into `cookie`.
-        let rc = unsafe {
-            libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(cookie)
-    };
-    netns.run(read)?.map_err(EbpfError::io("cannot read the namespace cookie of", netns.path()))
+    netns
+        .run(sys::netns_cookie_of_new_socket)?
+        .map_err(EbpfError::io("cannot read the namespace cookie of", netns.path()))
 }
 
 /// The addresses of a namespace's interfaces other than loopback ones (link-local IPv6

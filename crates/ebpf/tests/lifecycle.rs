@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{TestNode, connection_loop, pin_dir_entries, require_ebpf};
-use ebpf::{EbpfError, Paths};
+use ebpf::{EbpfError, Feature, Helper, Paths, Probes, ProgramKind};
 use kuma::Config;
 use testkit::net::{Topology, accept_within, listen_tcp};
 
@@ -72,6 +72,53 @@ fn preflight_names_what_is_missing() {
     assert!(err.contains("no bpffs mounted at") && err.contains("no cgroup2 mounted at"), "{err}");
     assert!(err.contains(tmp.to_str().unwrap()), "{err}");
     assert!(!tmp.join(ebpf::PIN_DIR).exists(), "nothing half-loaded");
+}
+
+/// RHEL 9.6's kernel: 5.14 by its version, with BPF rebased far beyond. The release is
+/// reported through the seam, every feature is asked of the real kernel.
+const RHEL_9_6: &str = "5.14.0-570.el9_6.x86_64";
+
+#[test]
+fn a_5_14_vendor_kernel_with_the_features_passes_the_check() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::bare();
+    let probes = Probes { release: || Some(RHEL_9_6.to_owned()), feature: ebpf::probe };
+    let start = std::time::Instant::now();
+    let kernel = ebpf::preflight_with(&node.paths, &probes).expect("a kernel with every feature passes");
+    eprintln!("every feature probed in {:?}", start.elapsed());
+    assert_eq!(kernel, RHEL_9_6);
+    // The probes can say no: sk_lookup programs may not update a socket hash.
+    let never = Feature::Helper(ProgramKind::SkLookup, Helper::SockHashUpdate);
+    assert!(!ebpf::probe(never).unwrap(), "{never} is not allowed to sk_lookup programs");
+}
+
+#[test]
+fn a_kernel_missing_one_feature_is_refused_by_its_name() {
+    if !require_ebpf() {
+        return;
+    }
+    let node = TestNode::bare();
+    // The real kernel answers for everything but the one feature RHEL 9's 5.14.0 would
+    // lack without the BPF rebase.
+    let probes = Probes {
+        release: || Some(RHEL_9_6.to_owned()),
+        feature: |f| match f {
+            Feature::Helper(ProgramKind::SockOps, Helper::GetNetnsCookie) => Ok(false),
+            f => ebpf::probe(f),
+        },
+    };
+    let err = ebpf::preflight_with(&node.paths, &probes).unwrap_err();
+    let EbpfError::Preflight { kernel, missing } = &err else { panic!("not a preflight refusal: {err}") };
+    assert_eq!(kernel, RHEL_9_6);
+    assert_eq!(missing, &["the kernel lacks bpf_get_netns_cookie for sock_ops programs (upstream 5.15)"]);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the eBPF mode cannot run on this node (kernel {RHEL_9_6}): the kernel lacks bpf_get_netns_cookie for sock_ops programs (upstream 5.15)"
+        )
+    );
 }
 
 fn validator_settings(timeout: Duration) -> validator::Settings {

@@ -157,7 +157,10 @@ pub enum Mode {
 pub struct Settings {
     pub mode: Mode,
     pub ours: Ours,
+    /// The net dir as mounted here (where files are read and written).
     pub net_dir: PathBuf,
+    /// The same dir as the host sees it: absolute symlinks in it name host paths.
+    pub host_net_dir: PathBuf,
     /// Bin dirs that get the binary: the primary, and the secondary if it exists.
     pub bin_dirs: Vec<PathBuf>,
     pub binary_source: PathBuf,
@@ -261,6 +264,7 @@ impl Settings {
             mode,
             ours,
             net_dir: args.mounted_cni_net_dir,
+            host_net_dir: args.cni_net_dir,
             bin_dirs,
             binary_source: PathBuf::from("/proc/self/exe"),
             kubeconfig_name: args.kubecfg_file_name,

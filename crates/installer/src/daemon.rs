@@ -30,8 +30,9 @@ pub struct Installer {
     machine: Machine,
     status: Arc<Status>,
     binary: Result<(), String>,
-    /// Whether the installed binary's bytes were compared with ours since start.
-    binary_verified: bool,
+    /// Per bin dir, the binary as we last verified or wrote it: while it stays that
+    /// file, a check is one stat.
+    binary_ids: Vec<Option<fsio::FileId>>,
     kubeconfig: Result<(), String>,
     /// The file holding our entry (or our standalone conf) when in place.
     chain: Result<String, Problem>,
@@ -48,11 +49,11 @@ impl Installer {
         let throttle = Throttle::new(settings.repair_limit, settings.repair_window);
         Installer {
             ebpf: settings.ebpf.clone().map(EbpfMode::new),
+            binary_ids: vec![None; settings.bin_dirs.len()],
             s: settings,
             machine: Machine::new(throttle),
             status,
             binary: Err("not installed yet".into()),
-            binary_verified: false,
             kubeconfig: Err("not written yet".into()),
             chain: Err((State::Starting, "starting".into())),
             chained_file: None,
@@ -139,6 +140,9 @@ impl Installer {
         if checks.chain && self.ebpf.as_ref().is_none_or(|e| e.problem().is_none()) {
             self.check_chain(now);
         }
+        if checks.chain {
+            self.set_strays_aside();
+        }
         self.status.beat();
         self.status.set_fighting(self.machine.fighting(now));
         self.update_readiness();
@@ -146,16 +150,22 @@ impl Installer {
 
     fn check_binary(&mut self) {
         let mut result = Ok(());
-        for dir in &self.s.bin_dirs {
-            match fsio::ensure_binary(&self.s.binary_source, dir, &self.s.ours.binary, !self.binary_verified) {
-                Ok(true) => {
-                    tracing::info!(path = %dir.join(&self.s.ours.binary).display(), "installed the plugin binary")
+        for (dir, id) in self.s.bin_dirs.iter().zip(&mut self.binary_ids) {
+            match fsio::ensure_binary(&self.s.binary_source, dir, &self.s.ours.binary, *id) {
+                Ok((now, copied)) => {
+                    if copied && id.is_some() {
+                        tracing::warn!(path = %dir.join(&self.s.ours.binary).display(), "put the plugin binary back: something had deleted or replaced it");
+                    } else if copied {
+                        tracing::info!(path = %dir.join(&self.s.ours.binary).display(), "installed the plugin binary");
+                    }
+                    *id = Some(now);
                 }
-                Ok(false) => {}
-                Err(e) => result = Err(format!("cannot install the plugin binary in {}: {e}", dir.display())),
+                Err(e) => {
+                    *id = None;
+                    result = Err(format!("cannot install the plugin binary in {}: {e}", dir.display()));
+                }
             }
         }
-        self.binary_verified |= result.is_ok();
         report_change(&self.binary, &result);
         self.binary = result;
     }
@@ -187,7 +197,7 @@ impl Installer {
             Mode::Chained { conf_name } => plan::wanted(conf_name.as_deref()),
             Mode::Standalone { conf_name } => plan::wanted(Some(conf_name)),
         };
-        let snap = match fsio::snapshot(&self.s.net_dir, wanted) {
+        let snap = match fsio::snapshot(&self.s.net_dir, &self.s.host_net_dir, wanted) {
             Ok(snap) => snap,
             Err(e) => {
                 return self.set_chain(Err((
@@ -229,7 +239,7 @@ impl Installer {
                     Plan::Apply { ops, .. } => ops,
                     _ => Vec::new(),
                 };
-                match write_plan(&self.s.net_dir, &ops, &snap, replan) {
+                match write_plan(&self.s.net_dir, &self.s.host_net_dir, &ops, &snap, replan) {
                     Ok(()) => {
                         let primary = primary.join(", ");
                         if repair {
@@ -252,14 +262,40 @@ impl Installer {
         self.set_chain(result);
     }
 
+    /// Another configuration file of our network (one we did not write) goes out of use,
+    /// renamed, not deleted: see [`plan::strays`].
+    fn set_strays_aside(&self) {
+        let dir = &self.s.net_dir;
+        let (owned, standalone) = match &self.s.mode {
+            Mode::Standalone { conf_name } => (Some(conf_name.as_str()), true),
+            Mode::Chained { .. } => (self.chain.as_ref().ok().map(String::as_str), false),
+        };
+        let Ok(snap) = fsio::snapshot(dir, &self.s.host_net_dir, None) else { return };
+        for name in plan::strays(owned, standalone, &snap, &self.s.ours) {
+            match fsio::set_aside(dir, &name, plan::SET_ASIDE_SUFFIX) {
+                Ok(aside) => tracing::warn!(
+                    path = %dir.join(&name).display(),
+                    renamed_to = %aside,
+                    "set aside a stale configuration of our network that we did not write (Kuma's Go installer leaves one when killed): runtimes and Multus would use it instead of ours"
+                ),
+                // Gone meanwhile: nothing to set aside.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %dir.join(&name).display(), error = %e, "cannot set aside a stale configuration of our network")
+                }
+            }
+        }
+    }
+
     /// Auto-detection moved to another file: take our entry out of the one we used.
     fn leave_previous(&mut self, file: &str) {
         let Some(previous) = self.chained_file.take_if(|p| p.as_str() != file) else {
             return;
         };
         let replan = |s: &plan::Snapshot| plan::unchain(Some(&previous), s, &self.s.ours);
-        let left = fsio::snapshot(&self.s.net_dir, plan::wanted(Some(&previous)))
-            .and_then(|snap| write_plan(&self.s.net_dir, &replan(&snap), &snap, replan));
+        let (dir, host_dir) = (&self.s.net_dir, &self.s.host_net_dir);
+        let left = fsio::snapshot(dir, host_dir, plan::wanted(Some(&previous)))
+            .and_then(|snap| write_plan(dir, host_dir, &replan(&snap), &snap, replan));
         match left {
             Ok(()) => {
                 tracing::info!(from = %previous, to = %file, "the CNI configuration in use changed; took our entry out of the previous one")
@@ -401,9 +437,10 @@ impl Installer {
             Mode::Chained { .. } => plan::unchain(name.as_deref(), snap, &self.s.ours),
             Mode::Standalone { conf_name } => plan::standalone_removal(conf_name, snap, &self.s.ours),
         };
-        let snap = fsio::snapshot(dir, wanted).map_err(InstallError::io("reading", dir))?;
+        let snap = fsio::snapshot(dir, &self.s.host_net_dir, wanted).map_err(InstallError::io("reading", dir))?;
         let ops = replan(&snap);
-        write_plan(dir, &ops, &snap, replan).map_err(InstallError::io("restoring the CNI configuration in", dir))?;
+        write_plan(dir, &self.s.host_net_dir, &ops, &snap, replan)
+            .map_err(InstallError::io("restoring the CNI configuration in", dir))?;
         if !ops.is_empty() {
             tracing::info!(file = name.as_deref().unwrap_or("(auto-detected)"), changes = ?ops_summary(&ops), "took our plugin out of the CNI configuration");
         }
@@ -424,11 +461,12 @@ fn plan_of(mode: &Mode, snap: &plan::Snapshot, ours: &crate::template::Ours) -> 
 /// content back when that needs none.
 fn write_plan(
     dir: &Path,
+    host_dir: &Path,
     ops: &[plan::FileOp],
     snap: &plan::Snapshot,
     replan: impl Fn(&plan::Snapshot) -> Vec<plan::FileOp>,
 ) -> std::io::Result<()> {
-    fsio::apply(dir, ops, snap, |name, theirs| {
+    fsio::apply(dir, host_dir, ops, snap, |name, theirs| {
         let mut now = snap.clone();
         now.insert(name.to_string(), Ok(theirs.to_vec()));
         replan(&now)

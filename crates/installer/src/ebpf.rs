@@ -70,7 +70,6 @@ impl EbpfMode {
         let first = !self.paths.pin_dir().exists();
         match ebpf::install(&self.paths) {
             Ok(installed) => {
-                let (major, minor) = installed.kernel;
                 let how = if installed.replaced {
                     "adopted the pinned maps and links of a previous run and swapped in our programs"
                 } else {
@@ -79,7 +78,7 @@ impl EbpfMode {
                 tracing::info!(
                     bpffs = %self.paths.bpffs.display(),
                     cgroup = %self.paths.cgroup.display(),
-                    kernel = %format!("{major}.{minor}"),
+                    kernel = %installed.kernel,
                     "eBPF programs {how}"
                 );
                 self.state = Ok(());

@@ -11,7 +11,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::plan::{FileOp, Snapshot};
@@ -62,6 +62,15 @@ fn write_temp(
     }
 }
 
+/// Renames `dir/name` to `dir/name<suffix>` durably (over an older copy set aside
+/// under that name) and returns the new name.
+pub fn set_aside(dir: &Path, name: &str, suffix: &str) -> io::Result<String> {
+    let aside = format!("{name}{suffix}");
+    fs::rename(dir.join(name), dir.join(&aside))?;
+    sync_dir(dir)?;
+    Ok(aside)
+}
+
 /// Removes `dir/name` durably; a file that is already gone is fine.
 pub fn remove(dir: &Path, name: &str) -> io::Result<()> {
     match fs::remove_file(dir.join(name)) {
@@ -88,8 +97,10 @@ pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// Reads the configuration files `wanted` names (`None`: every `.conf`/`.conflist`).
-pub fn snapshot(dir: &Path, wanted: Option<Vec<String>>) -> io::Result<Snapshot> {
+/// Reads the configuration files `wanted` names (`None`: every `.conf`/`.conflist`) in
+/// `dir`, the host's net dir `host_dir` as mounted here. A symlink is read where it
+/// points (see [`mounted_target`]); one we cannot follow is an error entry naming it.
+pub fn snapshot(dir: &Path, host_dir: &Path, wanted: Option<Vec<String>>) -> io::Result<Snapshot> {
     let names = match wanted {
         Some(names) => names,
         None => fs::read_dir(dir)?
@@ -99,7 +110,7 @@ pub fn snapshot(dir: &Path, wanted: Option<Vec<String>>) -> io::Result<Snapshot>
     };
     let mut snap = Snapshot::new();
     for name in names {
-        match fs::read(dir.join(&name)) {
+        match resolve_link(dir, host_dir, &name).and_then(fs::read) {
             Ok(bytes) => snap.insert(name, Ok(bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => snap.insert(name, Err(e.to_string())),
@@ -118,12 +129,20 @@ const MAX_REMERGES: usize = 8;
 /// merged: the new file is swapped in with `renameat2(RENAME_EXCHANGE)`, and when what
 /// comes back is not `base` (another agent wrote in between) `remerge(name, theirs)`
 /// gives the content to write over it instead, until what comes back is what was
-/// merged. A file that is a symlink is edited where it points (relative links only).
-pub fn apply(dir: &Path, ops: &[FileOp], base: &Snapshot, remerge: impl Fn(&str, &[u8]) -> Vec<u8>) -> io::Result<()> {
+/// merged. A file that is a symlink is edited where it points (see [`snapshot`]).
+pub fn apply(
+    dir: &Path,
+    host_dir: &Path,
+    ops: &[FileOp],
+    base: &Snapshot,
+    remerge: impl Fn(&str, &[u8]) -> Vec<u8>,
+) -> io::Result<()> {
     for op in ops {
         match op {
             FileOp::Write { name, content } => {
-                let (real_dir, real_name) = resolve_link(dir, name)?;
+                let real = resolve_link(dir, host_dir, name)?;
+                let real_dir = real.parent().unwrap_or(dir).to_path_buf();
+                let real_name = real.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let expected = match base.get(name) {
                     Some(Ok(bytes)) => Some(bytes.clone()),
                     _ => None,
@@ -138,31 +157,43 @@ pub fn apply(dir: &Path, ops: &[FileOp], base: &Snapshot, remerge: impl Fn(&str,
     Ok(())
 }
 
-/// Where `dir/name` really is: itself, or the file its relative symlinks lead to. An
-/// absolute link is refused: the host path it names is not where this process sees it.
-fn resolve_link(dir: &Path, name: &str) -> io::Result<(PathBuf, String)> {
+/// Where `dir/name` really is: itself, or the file its symlinks lead to. A relative
+/// link is followed as it is; an absolute one names a host path, followed through the
+/// mount when it lies under the host's net dir (see [`mounted_target`]), else refused.
+fn resolve_link(dir: &Path, host_dir: &Path, name: &str) -> io::Result<PathBuf> {
     let mut path = dir.join(name);
     for _ in 0..8 {
         match fs::symlink_metadata(&path) {
             Ok(meta) if meta.file_type().is_symlink() => {
                 let target = fs::read_link(&path)?;
-                if target.is_absolute() {
-                    return Err(io::Error::other(format!(
-                        "{} is a symlink to the absolute path {}; not writing through it",
-                        path.display(),
-                        target.display()
-                    )));
-                }
-                path = path.parent().unwrap_or(dir).join(target);
+                path = match target.is_absolute() {
+                    false => path.parent().unwrap_or(dir).join(target),
+                    true => mounted_target(&target, host_dir, dir).ok_or_else(|| {
+                        io::Error::other(format!(
+                            "{} is a symlink to {}, outside the host's net dir {} (mounted here at {}): \
+                             this container cannot see it",
+                            path.display(),
+                            target.display(),
+                            host_dir.display(),
+                            dir.display()
+                        ))
+                    })?,
+                };
             }
-            _ => {
-                let real_dir = path.parent().unwrap_or(dir).to_path_buf();
-                let real_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                return Ok((real_dir, real_name));
-            }
+            _ => return Ok(path),
         }
     }
     Err(io::Error::other(format!("{} is a chain of too many symlinks", dir.join(name).display())))
+}
+
+/// The absolute link target `target`, a host path, as this process sees it: under
+/// `mounted_dir` when it lies under `host_dir` (the host's net dir, mounted there),
+/// else `None`: the host path names nothing we can see (our own `/etc` is not the
+/// host's). A `..` in what follows `host_dir` could climb out of the mount: `None`.
+pub fn mounted_target(target: &Path, host_dir: &Path, mounted_dir: &Path) -> Option<PathBuf> {
+    let rest = target.strip_prefix(host_dir).ok()?;
+    let inside = rest.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    (inside && !rest.as_os_str().is_empty()).then(|| mounted_dir.join(rest))
 }
 
 /// Writes `content` as `dir/name`, which held `expected` (`None`: did not exist), by
@@ -244,23 +275,54 @@ pub fn ensure_file(dir: &Path, name: &str, content: &[u8], mode: u32) -> io::Res
     Ok(true)
 }
 
-/// Makes `dir/name` a copy of `source`, mode 0755. Without `compare_content`, a file
-/// of the same size and mode counts as the copy (the cheap periodic check); with it,
-/// the bytes are compared (at start, so an upgraded image replaces the binary).
-/// Returns whether it copied.
-pub fn ensure_binary(source: &Path, dir: &Path, name: &str, compare_content: bool) -> io::Result<bool> {
-    let size = fs::metadata(source)?.len();
+/// Which file stands at a path, and whether it changed: anything that replaces it
+/// (a rename over it, delete and recreate) or writes or chmods it changes one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mode: u32,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileId {
+    fn of(meta: &fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mode: meta.mode(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Makes `dir/name` a copy of `source`, mode 0755, and returns the file's identity and
+/// whether it copied. A file whose identity is still `trusted` (the copy this returned
+/// last time) is not read again; any other file is compared byte for byte, so that a
+/// binary replaced by another of the same size (another installer's) is put back too.
+pub fn ensure_binary(source: &Path, dir: &Path, name: &str, trusted: Option<FileId>) -> io::Result<(FileId, bool)> {
     let path = dir.join(name);
     if let Ok(meta) = fs::metadata(&path)
         && meta.is_file()
-        && meta.len() == size
-        && meta.permissions().mode() & 0o7777 == 0o755
-        && (!compare_content || same_content(source, &path)?)
     {
-        return Ok(false);
+        let id = FileId::of(&meta);
+        if trusted == Some(id) {
+            return Ok((id, false));
+        }
+        if meta.permissions().mode() & 0o7777 == 0o755
+            && meta.len() == fs::metadata(source)?.len()
+            && same_content(source, &path)?
+        {
+            return Ok((id, false));
+        }
     }
     write_atomic(dir, name, 0o755, |f| io::copy(&mut File::open(source)?, f).map(drop))?;
-    Ok(true)
+    Ok((FileId::of(&fs::metadata(&path)?), true))
 }
 
 fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
@@ -309,7 +371,7 @@ mod tests {
         fs::write(dir.path().join(&stale), "{").unwrap();
         fs::write(dir.path().join("10-calico.conflist"), "{}").unwrap();
         assert_eq!(remove_stale_temps(dir.path()).unwrap(), 1);
-        assert_eq!(snapshot(dir.path(), None).unwrap().keys().collect::<Vec<_>>(), ["10-calico.conflist"]);
+        assert_eq!(snapshot(dir.path(), dir.path(), None).unwrap().keys().collect::<Vec<_>>(), ["10-calico.conflist"]);
     }
 
     #[test]
@@ -320,11 +382,32 @@ mod tests {
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         let base = Snapshot::from([("a.conflist".to_string(), Ok(b"x".to_vec()))]);
         let ops = [FileOp::Write { name: "a.conflist".into(), content: "y".into() }];
-        apply(dir.path(), &ops, &base, |_, _| unreachable!("nothing changed meanwhile")).unwrap();
+        apply(dir.path(), dir.path(), &ops, &base, |_, _| unreachable!("nothing changed meanwhile")).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(ensure_file(dir.path(), "k", b"1", 0o600).unwrap());
         assert!(!ensure_file(dir.path(), "k", b"1", 0o600).unwrap());
         assert!(ensure_file(dir.path(), "k", b"2", 0o600).unwrap());
+    }
+
+    #[test]
+    fn absolute_links_are_followed_through_the_mount_only_under_the_host_net_dir() {
+        let (host, mounted) = (Path::new("/etc/cni/net.d"), Path::new("/host/etc/cni/net.d"));
+        let t = |target: &str| mounted_target(Path::new(target), host, mounted);
+        assert_eq!(t("/etc/cni/net.d/real/x.conflist"), Some(mounted.join("real/x.conflist")));
+        assert_eq!(t("/etc/cni/net.d/./x.conflist"), Some(mounted.join("x.conflist")));
+        assert_eq!(t("/etc/cni/net.d//x.conflist"), Some(mounted.join("x.conflist")));
+        for outside in [
+            "/etc/calico/x.conflist",
+            "/etc/cni/net.d.bak/x.conflist",
+            "/etc/cni/net.d/../x.conflist",
+            "/etc/cni/net.d/real/../../../../x.conflist",
+            "/etc/cni/net.d",
+            "/etc/cni",
+        ] {
+            assert_eq!(t(outside), None, "{outside}");
+        }
+        // An installer run on the host itself sees the dir where it is.
+        assert_eq!(mounted_target(Path::new("/etc/cni/net.d/a"), host, host), Some(host.join("a")));
     }
 
     #[test]
@@ -334,12 +417,23 @@ mod tests {
         fs::write(&src, b"binary-1").unwrap();
         let bin = dir.path().join("bin");
         fs::create_dir(&bin).unwrap();
-        assert!(ensure_binary(&src, &bin, "kong-mesh-cni", true).unwrap());
+        let (id, copied) = ensure_binary(&src, &bin, "kong-mesh-cni", None).unwrap();
+        assert!(copied);
         assert_eq!(fs::metadata(bin.join("kong-mesh-cni")).unwrap().permissions().mode() & 0o777, 0o755);
-        assert!(!ensure_binary(&src, &bin, "kong-mesh-cni", true).unwrap());
-        fs::write(&src, b"binary-2").unwrap();
-        assert!(!ensure_binary(&src, &bin, "kong-mesh-cni", false).unwrap(), "same size: the quick check trusts it");
-        assert!(ensure_binary(&src, &bin, "kong-mesh-cni", true).unwrap());
-        assert_eq!(fs::read(bin.join("kong-mesh-cni")).unwrap(), b"binary-2");
+        assert_eq!(ensure_binary(&src, &bin, "kong-mesh-cni", Some(id)).unwrap(), (id, false));
+        // Compared, not trusted, when unknown: the same bytes are kept as they are.
+        assert_eq!(ensure_binary(&src, &bin, "kong-mesh-cni", None).unwrap(), (id, false));
+        // Another binary of the same size renamed over ours is replaced.
+        fs::write(dir.path().join("theirs"), b"binary-2").unwrap();
+        fs::rename(dir.path().join("theirs"), bin.join("kong-mesh-cni")).unwrap();
+        fs::set_permissions(bin.join("kong-mesh-cni"), fs::Permissions::from_mode(0o755)).unwrap();
+        let (id2, copied) = ensure_binary(&src, &bin, "kong-mesh-cni", Some(id)).unwrap();
+        assert!(copied && id2 != id);
+        assert_eq!(fs::read(bin.join("kong-mesh-cni")).unwrap(), b"binary-1");
+        // A directory in its place cannot be replaced: an error, not a panic.
+        fs::remove_file(bin.join("kong-mesh-cni")).unwrap();
+        fs::create_dir(bin.join("kong-mesh-cni/")).unwrap();
+        fs::write(bin.join("kong-mesh-cni/x"), b"").unwrap();
+        assert!(ensure_binary(&src, &bin, "kong-mesh-cni", Some(id2)).is_err());
     }
 }

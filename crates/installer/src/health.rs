@@ -91,6 +91,7 @@ impl Status {
             fighting.clone(),
         );
         registry.register("state", "Install state: 1 for the current one.", states.clone());
+        ops::register_log_metrics(&mut registry);
         let status = Status {
             state: Mutex::new((State::Starting, "starting".into())),
             heartbeat: Heartbeat::new(stale_after),
@@ -196,6 +197,7 @@ mod tests {
         assert!(m.contains("kong_mesh_cni_installer_state{state=\"ready\"} 1\n"));
         assert!(m.contains("kong_mesh_cni_installer_state{state=\"waiting\"} 0\n"));
         assert!(m.contains("kong_mesh_cni_installer_fighting 0\n"));
+        assert!(m.contains("kong_mesh_cni_installer_log_lines_dropped_total 0\n"), "{m}");
         assert!(!m.contains("kong_mesh_cni_installer_last_repair_timestamp_seconds 0\n"));
     }
 

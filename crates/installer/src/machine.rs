@@ -14,6 +14,8 @@ pub enum Event {
     NetDir,
     /// Our kubeconfig changed (or went) in the net dir.
     Kubeconfig,
+    /// Our binary changed (or went) in a bin dir.
+    Binary,
     /// The service-account token changed (a projected volume swaps its `..data` link).
     Token,
     /// `CFGCHECK_INTERVAL` elapsed: check everything, whatever the watches said.
@@ -75,6 +77,7 @@ impl Machine {
             match event {
                 Event::NetDir | Event::Wake => checks.chain = true,
                 Event::Kubeconfig | Event::Token | Event::TokenTick => checks.kubeconfig = true,
+                Event::Binary => checks.binary = true,
                 Event::Backstop => checks = Checks { chain: true, kubeconfig: true, binary: true },
                 Event::Shutdown => unreachable!("handled above"),
             }
@@ -143,6 +146,7 @@ mod tests {
         assert_eq!(m.decide(&[Event::NetDir], now), check(true, false, false));
         assert_eq!(m.decide(&[Event::Kubeconfig], now), check(false, true, false));
         assert_eq!(m.decide(&[Event::Token], now), check(false, true, false));
+        assert_eq!(m.decide(&[Event::Binary], now), check(false, false, true));
         assert_eq!(m.decide(&[Event::TokenTick, Event::Wake], now), check(true, true, false));
         assert_eq!(m.decide(&[Event::Backstop], now), check(true, true, true));
         assert_eq!(m.decide(&[Event::NetDir, Event::Shutdown], now), Step::Remove);

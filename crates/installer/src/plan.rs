@@ -199,6 +199,36 @@ pub fn standalone_removal(name: &str, snap: &Snapshot, ours: &Ours) -> Vec<FileO
     }
 }
 
+/// What a stale configuration file of our network is renamed to: runtimes and Multus
+/// read only `.conf`, `.conflist` and `.json` files, so it is out of use, and nothing
+/// its owner wrote is lost.
+pub const SET_ASIDE_SUFFIX: &str = ".disabled-by-kong-mesh-cni";
+
+/// Configuration files of our network that we did not write, to be set aside: two
+/// files for one network make Multus (which takes the first in sorted order) and
+/// runtimes use whichever sorts first, e.g. Kuma's Go installer's standalone
+/// `YYY-kuma-cni.conflist` left by a killed pod. `owned` is the file we write (the
+/// standalone conf, or the conflist our entry is in). In standalone mode any other file
+/// naming our network is one; in chained mode, where our template's `name` means
+/// nothing and could be anything, only a file holding nothing but our plugin is.
+pub fn strays(owned: Option<&str>, standalone: bool, snap: &Snapshot, ours: &Ours) -> Vec<String> {
+    let Some(network) = ours.conf.get("name").and_then(serde_json::Value::as_str) else {
+        return Vec::new();
+    };
+    snap.iter()
+        .filter(|(name, _)| Some(name.as_str()) != owned && conflist::is_conf_name(name))
+        .filter_map(|(name, content)| {
+            let parsed = conflist::classify(name, content.as_ref().ok()?, ours).ok()?;
+            let value = match &parsed {
+                Parsed::Conf { value } | Parsed::List { value, .. } => value,
+            };
+            (value.get("name").and_then(serde_json::Value::as_str) == Some(network)
+                && (standalone || parsed.only_ours(ours)))
+            .then(|| name.clone())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,5 +352,26 @@ mod tests {
         assert!(matches!(standalone("kuma-cni.conf", &snap(&[("kuma-cni.conf", "{}")]), &o), Plan::Apply { .. }));
         assert_eq!(standalone_removal("kuma-cni.conf", &s, &o).len(), 1);
         assert!(standalone_removal("kuma-cni.conf", &snap(&[("kuma-cni.conf", FLANNEL)]), &o).is_empty());
+    }
+
+    #[test]
+    fn stale_confs_of_our_network_are_strays_and_nothing_else_is() {
+        let o = ours();
+        // Kuma's Go installer's standalone conf (Multus mode, CNI_CONF_NAME unset).
+        let go = r#"{"cniVersion":"0.3.1","name":"kuma-cni","plugins":[{"type":"kuma-cni","log_level":"info"}]}"#;
+        let foreign_named_ours = r#"{"cniVersion":"0.3.1","name":"kuma-cni","type":"macvlan"}"#;
+        let s = snap(&[
+            ("00-multus.conf", r#"{"cniVersion":"0.3.1","name":"multus","type":"multus"}"#),
+            ("10-calico.conflist", CALICO),
+            ("YYY-kuma-cni.conflist", go),
+            ("50-other.conf", foreign_named_ours),
+            ("kuma-cni.conf", &o.text),
+            ("broken.conflist", "{"),
+        ]);
+        assert_eq!(strays(Some("kuma-cni.conf"), true, &s, &o), ["50-other.conf", "YYY-kuma-cni.conflist"]);
+        // Chained: only files holding nothing but our plugin; here also our old standalone conf.
+        assert_eq!(strays(Some("10-calico.conflist"), false, &s, &o), ["YYY-kuma-cni.conflist", "kuma-cni.conf"]);
+        let aside = format!("YYY-kuma-cni.conflist{SET_ASIDE_SUFFIX}");
+        assert!(!crate::conflist::is_conf_name(&aside) && !aside.ends_with(".json"), "runtimes ignore it");
     }
 }

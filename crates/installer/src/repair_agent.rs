@@ -82,6 +82,8 @@ enum Failure {
     Gone(String),
     /// Worth another try.
     Failed(String),
+    /// The pod's namespace cannot be seen from here: a setting to fix, not a pod gone.
+    Unreachable(String),
 }
 
 impl Agent {
@@ -148,6 +150,10 @@ impl Agent {
                             tracing::info!(pod = %pod, "no in-place repair: {why}");
                             self.forget(&path);
                         }
+                        Err(Failure::Unreachable(why)) => {
+                            tracing::warn!(pod = %pod, "no in-place repair (the repair controller acts on the pod): {why}");
+                            self.forget(&path);
+                        }
                         Err(Failure::Failed(why)) => {
                             let failures = self.failures.entry(path.clone()).or_default();
                             *failures += 1;
@@ -189,8 +195,15 @@ fn program(
         .map_err(|e| Failure::Gone(format!("the recorded plugin configuration does not read: {e}")))?;
     // The run dir as mounted here (the same dir the plugin uses).
     plugin.run_dir = run_dir.to_owned();
-    let ns = match NetNs::open(netns_path(&record.netns)) {
+    let at = netns_path(&record.netns);
+    let ns = match NetNs::open(&at) {
         Ok(ns) => ns,
+        Err(e) if at.parent().is_some_and(|dir| !dir.is_dir()) => {
+            return Err(Failure::Unreachable(format!(
+                "the pod's network namespace is in {}, which is not mounted into this container ({e}); add that directory to the chart value cni.netnsDirs",
+                at.parent().map(Path::display).expect("checked above")
+            )));
+        }
         Err(e @ (NetNsError::Open { .. } | NetNsError::NotNetwork { .. })) => {
             return Err(Failure::Gone(format!("the pod's sandbox is gone ({e})")));
         }
@@ -213,8 +226,9 @@ fn program(
         .map_err(|e| Failure::Failed(e.to_string()))
 }
 
-/// The runtime names the namespace by its host path; the chart mounts the host's
-/// `/var/run/netns` at the same path, and `/run/netns` is the same dir on the host.
+/// The runtime names the namespace by its host path (CNI_NETNS, kept in the record); the
+/// chart mounts the runtime's namespace dirs at the same paths (`cni.netnsDirs`), and
+/// `/run/netns` is `/var/run/netns` on the host.
 fn netns_path(recorded: &str) -> PathBuf {
     let path = PathBuf::from(recorded);
     if path.exists() {

@@ -1,5 +1,5 @@
-//! Where events come from in production: inotify on the net dir and on the token's
-//! dir, the two backstop timers, and SIGTERM/SIGINT. Each source only sends an
+//! Where events come from in production: inotify on the net dir, the bin dirs and the
+//! token's dir, the two backstop timers, and SIGTERM/SIGINT. Each source only sends an
 //! [`Event`]; the loop decides what to do.
 
 use std::ffi::OsStr;
@@ -23,6 +23,17 @@ fn net_dir_mask() -> WatchMask {
     WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM | WatchMask::DELETE | WatchMask::ONLYDIR
 }
 
+/// Our binary deleted, renamed over (another installer copying its own in its slot),
+/// rewritten or chmod-ed; a directory put in its place and removed again.
+fn bin_dir_mask() -> WatchMask {
+    WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::DELETE
+        | WatchMask::ATTRIB
+        | WatchMask::ONLYDIR
+}
+
 /// A projected token is replaced by creating a new timestamped dir and renaming a new
 /// `..data` symlink over the old one; a plain secret file is rewritten.
 fn token_dir_mask() -> WatchMask {
@@ -34,7 +45,7 @@ fn token_dir_mask() -> WatchMask {
 pub fn spawn(settings: &Settings, tx: Sender<Event>) -> Result<(), InstallError> {
     let inotify = Inotify::init().map_err(InstallError::runtime("starting inotify"))?;
     let stream = inotify.into_event_stream([0u8; 4096]).map_err(InstallError::runtime("starting inotify"))?;
-    let relevant = Relevant { kubeconfig: settings.kubeconfig_name.clone() };
+    let relevant = Relevant { kubeconfig: settings.kubeconfig_name.clone(), binary: settings.ours.binary.clone() };
     let token_dir = settings.token_file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
     let mut watches = stream.watches();
     let token_wd = match watches.add(&token_dir, token_dir_mask()) {
@@ -44,6 +55,16 @@ pub fn spawn(settings: &Settings, tx: Sender<Event>) -> Result<(), InstallError>
             None
         }
     };
+    // A bin dir that cannot be watched is still checked every CFGCHECK_INTERVAL.
+    let mut bin_wds: Vec<(WatchDescriptor, PathBuf)> = Vec::new();
+    for dir in &settings.bin_dirs {
+        match watches.add(dir, bin_dir_mask()) {
+            Ok(wd) => bin_wds.push((wd, dir.clone())),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the CNI bin dir; checking the plugin binary every CFGCHECK_INTERVAL only")
+            }
+        }
+    }
     let net_dir = settings.net_dir.clone();
     let retry = settings.cfgcheck_interval;
     let events = tx.clone();
@@ -52,7 +73,7 @@ pub fn spawn(settings: &Settings, tx: Sender<Event>) -> Result<(), InstallError>
         let mut net_wd = arm(&mut watches, &net_dir, retry, &events).await;
         while let Some(Ok(ev)) = stream.next().await {
             if ev.mask.contains(EventMask::Q_OVERFLOW) {
-                for event in [Event::NetDir, Event::Kubeconfig, Event::Token] {
+                for event in [Event::NetDir, Event::Kubeconfig, Event::Token, Event::Binary] {
                     let _ = events.try_send(event);
                 }
             } else if ev.wd == net_wd {
@@ -65,6 +86,16 @@ pub fn spawn(settings: &Settings, tx: Sender<Event>) -> Result<(), InstallError>
                 }
             } else if Some(&ev.wd) == token_wd.as_ref() {
                 let _ = events.try_send(Event::Token);
+            } else if let Some(i) = bin_wds.iter().position(|(wd, _)| *wd == ev.wd) {
+                if ev.mask.contains(EventMask::IGNORED) {
+                    // The bin dir itself went: the check says so (not ready); the
+                    // backstop checks again until it is back.
+                    let (_, dir) = bin_wds.swap_remove(i);
+                    tracing::warn!(dir = %dir.display(), "the CNI bin dir was removed; checking the plugin binary every CFGCHECK_INTERVAL until it is back");
+                    let _ = events.try_send(Event::Binary);
+                } else if ev.name.as_deref().is_some_and(|n| relevant.is_binary(n)) {
+                    let _ = events.try_send(Event::Binary);
+                }
             }
         }
         tracing::error!("the inotify stream ended; relying on CFGCHECK_INTERVAL polling");
@@ -106,6 +137,7 @@ async fn arm(watches: &mut Watches, dir: &Path, retry: Duration, events: &Sender
 
 struct Relevant {
     kubeconfig: String,
+    binary: String,
 }
 
 impl Relevant {
@@ -117,6 +149,11 @@ impl Relevant {
             n if n == self.kubeconfig => Some(Event::Kubeconfig),
             _ => None,
         }
+    }
+
+    /// Whether a name in a bin dir is our binary's (not its temp files, not other plugins).
+    fn is_binary(&self, name: &OsStr) -> bool {
+        name.to_str() == Some(self.binary.as_str())
     }
 }
 

@@ -61,13 +61,20 @@ fn every_behaviour(report: &demo::Report) {
 }
 
 /// The README's main job on a real node (`scripts/demo.sh --node`), run as a test: the
-/// same code, its report's checks asserted.
+/// same code, its report's checks asserted, on a host as a user has it (no shared
+/// /run/netns mount point: the node establishes it, and puts it back).
 #[test]
 fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_the_host_as_it_was() {
     if testkit::skip_heavy("the real-node demo") || !testkit::require_root() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let this = "the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_the_host_as_it_was";
+    if !testkit::node::as_on_a_fresh_host(this) {
+        return;
+    }
+    let netns_dir = std::path::Path::new(testkit::node::NETNS_DIR);
+    assert_eq!(testkit::node::propagation(netns_dir), None, "no netns mount point before the node");
     let report =
         demo::real_node::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni"))).expect("the demo runs");
     println!("{report}");
@@ -92,4 +99,5 @@ fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_
     assert_eq!(report.net_dir_after, ["10-kmc-bridge.conflist"]);
     assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
     assert!(report.host_as_before, "sysctls, iptables chains and host paths as before the node");
+    assert_eq!(testkit::node::propagation(netns_dir), None, "the netns dir put back as it was");
 }

@@ -98,6 +98,58 @@ fn a_symlinked_conflist_is_edited_at_its_target() {
     assert_eq!(std::fs::read_to_string(&real).unwrap(), newer, "restored where it lives");
 }
 
+/// Issue 23: the conflist is an absolute symlink, as the host sees it
+/// (`/etc/cni/net.d/10-calico.conflist -> /etc/cni/net.d/real/10-calico.conflist`), while
+/// the installer sees the host's dir at MOUNTED_CNI_NET_DIR. A target under the host's
+/// net dir is followed through the mount and edited there; one outside it is refused
+/// with a message naming the link and its target, and the node stays not ready.
+#[test]
+fn an_absolute_symlink_under_the_host_net_dir_is_followed_through_the_mount() {
+    // A host path that exists nowhere on this machine: reading it as this process sees
+    // the filesystem (what the old code did) finds nothing.
+    let host_net_dir = format!("/kmc-host-{}/etc/cni/net.d", testkit::unique_suffix());
+    let host = Host::new();
+    std::fs::create_dir(host.net.join("real")).unwrap();
+    let real = host.net.join("real/10-calico.conflist");
+    std::fs::write(&real, CALICO).unwrap();
+    let link = host.net_file("10-calico.conflist");
+    std::os::unix::fs::symlink(format!("{host_net_dir}/real/10-calico.conflist"), &link).unwrap();
+    // The watch is on the net dir, where the link is: the periodic check sees the target.
+    let mut installer =
+        Installer::start(&host, &[("CNI_NET_DIR", &host_net_dir), ("CFGCHECK_INTERVAL", "1"), UNINSTALL]);
+    wait_ready(&host, &installer);
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link is still a link");
+    assert!(chained(&real, PLUGIN), "the target holds our entry; log:\n{}", installer.log());
+    let ours = json(&real).unwrap()["plugins"][3]["kubernetes"]["kubeconfig"].clone();
+    assert_eq!(ours, format!("{host_net_dir}/{KUBECONFIG}"), "paths in our entry are host paths");
+
+    // The primary rewrites its real file: seen through the link, repaired there.
+    let newer = CALICO.replace("\"mtu\": 0", "\"mtu\": 1450");
+    primary_writes(&real, &newer);
+    let repaired = wait_for(Duration::from_secs(10), || chained(&real, PLUGIN));
+    assert!(repaired.is_some(), "{}", installer.log());
+    assert!(installer.terminate().success(), "{}", installer.log());
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(&real).unwrap(), newer, "restored where it lives");
+}
+
+#[test]
+fn an_absolute_symlink_outside_the_host_net_dir_is_refused_by_name() {
+    let host = Host::new();
+    let outside = format!("/kmc-host-{}/etc/calico/10-calico.conflist", testkit::unique_suffix());
+    let link = host.net_file("10-calico.conflist");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let installer = Installer::start(&host, &[NO_POLLING]);
+    let named = wait_for(STARTUP, || {
+        let log = installer.log();
+        log.contains(&link.display().to_string()) && log.contains(&outside)
+    });
+    assert!(named.is_some(), "the log names the link and its target:\n{}", installer.log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!host.ready.exists(), "not ready while the only configuration cannot be read");
+    assert_eq!(std::fs::read_link(&link).unwrap().to_string_lossy(), outside, "the link is untouched");
+}
+
 /// Unmounts on drop: the test's read-only bind mount never outlives it.
 struct BindMount(std::path::PathBuf);
 

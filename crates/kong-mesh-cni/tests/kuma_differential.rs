@@ -1,5 +1,6 @@
 //! Ours against Kuma v2.14.3's own plugin, case by case: every case of
-//! `testenv/kuma-reference/cases` (see its README) is run as Kuma's was, through the
+//! `testenv/kuma-reference/cases` (recorded) and `testenv/kuma-derived/cases` (derived
+//! from Kuma's source; see their READMEs) is run as Kuma's was, through the
 //! reference libcni with bridge + host-local + portmap + ours, against a real API
 //! server holding the pod, in a fresh namespace; then the pod namespace's saved rules
 //! (counters and `#` lines dropped, comment text after the prefix set to `*`) and its
@@ -182,18 +183,12 @@ async fn differential(backend: &str) {
         .map(str::to_owned)
         .collect();
 
-    let dir = testkit::repo_root().join("testenv/kuma-reference/cases");
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-    paths.retain(|p| p.extension().is_some_and(|e| e == "json"));
-    paths.sort();
-    assert_eq!(paths.len(), 38, "the reference cases in {}", dir.display());
-
     let bridge = BridgeGuard(format!("kmc-br-{}", unique_suffix()));
     let mut differing = Vec::new();
-    for path in &paths {
+    for (path, outcome_key) in case_files() {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let doc: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        let (case, kuma) = (&doc["case"], &doc["kuma_v2.14.3"]);
+        let doc: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let (case, kuma) = (&doc["case"], &doc[outcome_key]);
         if let Some(diff) =
             run_case(&f, &bridge.0, backend, &tools, &name, case, kuma, &resolv, &host_v4_nameservers).await
         {
@@ -204,6 +199,23 @@ async fn differential(backend: &str) {
         }
     }
     assert!(differing.is_empty(), "{} cases differ from Kuma v2.14.3 ({backend}): {differing:?}", differing.len());
+}
+
+/// Kuma's outcomes: the recorded cases (`testenv/kuma-reference`, README there), then
+/// those derived from its source for conditions no recorded case exercises
+/// (`testenv/kuma-derived`, README there), each with the key its outcome is under.
+fn case_files() -> Vec<(PathBuf, &'static str)> {
+    let sources = [("kuma-reference", "kuma_v2.14.3", 38), ("kuma-derived", "kuma_v2.14.3_as_read", 6)];
+    let mut out = Vec::new();
+    for (dir, key, count) in sources {
+        let dir = testkit::repo_root().join("testenv").join(dir).join("cases");
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        paths.retain(|p| p.extension().is_some_and(|e| e == "json"));
+        paths.sort();
+        assert_eq!(paths.len(), count, "the cases in {}", dir.display());
+        out.extend(paths.into_iter().map(|p| (p, key)));
+    }
+    out
 }
 
 /// One case; `Some(what differs)` or `None`.

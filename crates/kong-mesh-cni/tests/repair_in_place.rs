@@ -110,6 +110,76 @@ fn a_pod_let_through_while_the_api_was_away_is_repaired_in_place() {
     assert!(records(&node.run_dir.join("applied/k8s-pod-network")).is_empty());
 }
 
+/// A pod's namespace where containerd keeps it with `netns_mounts_under_state_dir`: an
+/// nsfs bind mount in its state dir, not under /var/run/netns. Unmounted on drop.
+struct StateDirNetns {
+    path: std::path::PathBuf,
+}
+
+impl StateDirNetns {
+    fn new(ns: &NamedNetns, state_dir: &Path) -> StateDirNetns {
+        std::fs::create_dir_all(state_dir).unwrap();
+        let path = state_dir.join(format!("cni-{}", testkit::unique_suffix()));
+        std::fs::File::create(&path).unwrap();
+        let kept = StateDirNetns { path };
+        testkit::net::sh("mount", &["--bind", &ns.path(), &kept.path.to_string_lossy()]);
+        kept
+    }
+}
+
+impl Drop for StateDirNetns {
+    fn drop(&mut self) {
+        let path = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: umount2 with a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn a_namespace_outside_var_run_netns_is_repaired_where_the_runtime_keeps_it() {
+    if testkit::skip_heavy("in-place repair") || !require_root() {
+        return;
+    }
+    let node = RepairNode::new(&["get", "patch"]);
+    let mesh = pod("state")
+        .annotation(SIDECAR_INJECTED, "true")
+        .init_container(VALIDATION_CONTAINER)
+        .container("app")
+        .container(SIDECAR_CONTAINER)
+        .build();
+    let (netns, mut a) = node.attach(&node.create_pod(mesh), "inpl-state");
+    let state = node.host.root.path().join("containerd/state/io.containerd.grpc.v1.cri/netns");
+    let kept = StateDirNetns::new(&netns, &state);
+    // The runtime names this path, and only this one, to the plugin.
+    a.netns = kept.path.clone();
+
+    let resume = node.pause();
+    node.cni.add(&a).unwrap_or_else(|e| panic!("ADD while the API is away: {e:?}"));
+    assert_eq!(our_rules(&netns), "", "no redirect yet");
+    let pending = node.pending();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&pending[0]).unwrap()).unwrap();
+    assert_eq!(record["netns"], json!(kept.path), "the record keeps CNI_NETNS as the runtime passed it");
+
+    let back = Instant::now();
+    drop(resume);
+    let took = wait_for(Duration::from_secs(10), || our_rules(&netns).contains("KUMA_MESH_OUTBOUND"));
+    let took = took.unwrap_or_else(|| panic!("not repaired in place; log:\n{}", node.installer.log()));
+    eprintln!(
+        "in-place repair (netns in the runtime's state dir): rules {:?} after the API server was back",
+        back.elapsed()
+    );
+    assert!(took <= REPAIR_DEADLINE, "took {took:?}; log:\n{}", node.installer.log());
+    let passed = validate(&netns);
+    assert!(passed.status.success(), "{}", String::from_utf8_lossy(&passed.stdout));
+
+    // DEL, through the same path, removes what the agent programmed.
+    node.cni.del(&a).unwrap();
+    assert_eq!(our_rules(&netns), "", "DEL left rules");
+    drop(kept);
+}
+
 #[test]
 fn records_of_pods_recreated_gone_or_not_ours_are_dropped() {
     if testkit::skip_heavy("in-place repair") || !require_root() {

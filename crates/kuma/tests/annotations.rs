@@ -33,7 +33,7 @@ fn legacy_every_annotation() {
         (legacy::BUILTIN_DNS, "enabled"),
         (legacy::BUILTIN_DNS_PORT, "16053"),
         (legacy::SIDECAR_UID, "1234"),
-        (legacy::GATEWAY, "enabled"),
+        (legacy::GATEWAY, "disabled"),
         (legacy::EXCLUDE_INBOUND_PORTS, "8080, 8081"),
         (legacy::EXCLUDE_OUTBOUND_PORTS, ""),
         (legacy::EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, "tcp:22:1000;udp:53,5353:1001-1002"),
@@ -48,7 +48,7 @@ fn legacy_every_annotation() {
     assert_eq!((cfg.inbound.port, cfg.outbound.port, cfg.dns.port, cfg.uid), (16006, 16001, 16053, 1234));
     assert_eq!(cfg.ip_family_mode, IpFamilyMode::Ipv4);
     assert!(cfg.dns.enabled && cfg.dns.capture_all && !cfg.dns.skip_conntrack_zone_split);
-    assert!(!cfg.inbound.enabled, "gateway disables inbound redirect");
+    assert!(cfg.inbound.enabled);
     assert_eq!(cfg.inbound.exclude_ports, vec![8080, 8081], "probe port 0 adds nothing");
     assert!(cfg.outbound.exclude_ports.is_empty(), "an empty annotation is an empty list");
     assert_eq!(cfg.outbound.exclude_ports_for_uids.len(), 2);

@@ -230,10 +230,21 @@ fn ebpf_mode_mounts_the_bpffs_and_cgroup2_of_the_node_bidirectionally() {
 fn in_place_repair_and_the_sigterm_question_have_what_they_need() {
     let r = Rendered::new(Some("kind"), &[]);
     // The pods' namespaces at the path the runtime names them by, new ones included.
-    assert_eq!(host_path(r.daemonset(), "netns-dir"), "/var/run/netns");
-    assert_eq!(mount_path(r.installer(), "netns-dir"), "/var/run/netns");
-    let mount = r.installer()["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["name"] == "netns-dir").unwrap();
-    assert_eq!(mount["mountPropagation"], "HostToContainer");
+    // containerd and CRI-O by default, and containerd with netns_mounts_under_state_dir.
+    let dirs = ["/var/run/netns", "/run/containerd/io.containerd.grpc.v1.cri/netns"];
+    for (i, dir) in dirs.iter().enumerate() {
+        let name = format!("netns-dir-{i}");
+        assert_eq!(host_path(r.daemonset(), &name), *dir);
+        assert_eq!(mount_path(r.installer(), &name), *dir);
+        let mounts = r.installer()["volumeMounts"].as_sequence().unwrap().clone();
+        let mount = mounts.iter().find(|m| m["name"] == name.as_str()).unwrap();
+        assert_eq!(mount["mountPropagation"], "HostToContainer");
+    }
+    // Another runtime's state dir instead (k3s).
+    let k3s = "/run/k3s/containerd/io.containerd.grpc.v1.cri/netns";
+    let r = Rendered::new(Some("kind"), &[&format!("cni.netnsDirs={{{k3s}}}")]);
+    assert_eq!(mount_path(r.installer(), "netns-dir-0"), k3s);
+    assert_eq!(host_path(r.daemonset(), "netns-dir-0"), k3s);
     // The DaemonSet it asks about at SIGTERM is this one.
     assert_eq!(env_value(r.installer(), "KMC_DAEMONSET_NAME"), r.daemonset()["metadata"]["name"].as_str().unwrap());
     let namespace = &env(r.installer())["KMC_DAEMONSET_NAMESPACE"];

@@ -1,12 +1,19 @@
 //! What every long-running role of the binary shares (the installer and the controller):
 //! the admin endpoints `/healthz`, `/readyz` and `/metrics` ([`admin`]), one metrics
-//! [`Registry`] type, logging set-up, the shutdown signals, the one duration syntax of
-//! our flags, and the file-descriptor limit.
+//! [`Registry`] type, logging set-up (blocking, or through a bounded queue that drops
+//! and counts rather than stall its caller), the shutdown signals, the one duration
+//! syntax of our flags, and the file-descriptor limit.
 
 pub mod admin;
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
 pub use admin::{Heartbeat, Report, ServeOptions, bind, serve};
 /// The one metrics registry type: each role registers its metrics in its own.
@@ -34,14 +41,75 @@ pub fn render(registry: &Registry) -> String {
 /// `off|error|warn|info|debug|trace` or a filter directive; an unknown level falls
 /// back to info rather than failing the command over its logging.
 pub fn init_logging(level: &str) {
+    init_with(level, std::io::stderr);
+}
+
+/// Log lines queued for stderr by [`init_logging_non_blocking`]; past this they are
+/// dropped and counted.
+const LOG_QUEUE_LINES: usize = 4096;
+
+/// The count of log lines dropped because stderr was not read fast enough.
+static LOG_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Writes out the queued log lines when dropped (at exit; waits at most a second).
+#[must_use = "dropping it stops the log writer"]
+pub struct LogGuard {
+    _writer: WorkerGuard,
+}
+
+/// [`init_logging`] for a long-running role whose loop must never wait for its log:
+/// stderr is written by a thread of its own through a bounded queue, and a line that
+/// does not fit (stderr is a pipe nobody reads: a stalled log collector) is dropped and
+/// counted ([`register_log_metrics`]) instead of stopping the caller.
+pub fn init_logging_non_blocking(level: &str) -> LogGuard {
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let _ = LOG_DROPS.set(writer.error_counter());
+    init_with(level, writer);
+    LogGuard { _writer: guard }
+}
+
+fn init_with<W>(level: &str, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
     // Colours only for a person at a terminal: `kubectl logs` shows escape codes raw.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
+}
+
+/// Log lines dropped so far because stderr was not read (0 with blocking logging).
+pub fn dropped_log_lines() -> u64 {
+    LOG_DROPS.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// Shows [`dropped_log_lines`] as `<prefix>_log_lines_dropped_total` in `registry`.
+pub fn register_log_metrics(registry: &mut Registry) {
+    registry.register_collector(Box::new(LogDrops));
+}
+
+#[derive(Debug)]
+struct LogDrops;
+
+impl Collector for LogDrops {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(dropped_log_lines());
+        let metric = encoder.encode_descriptor(
+            "log_lines_dropped",
+            "Log lines dropped because stderr was not read fast enough (a stalled log collector).",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT. Without signal handlers (which only fails
@@ -102,6 +170,15 @@ mod tests {
             let e = duration(bad).unwrap_err();
             assert!(e.contains(&format!("{:?}", bad.trim())), "{e}");
         }
+    }
+
+    #[test]
+    fn dropped_log_lines_are_a_counter_under_the_registry_prefix() {
+        let mut registry = Registry::with_prefix("kong_mesh_cni_installer");
+        register_log_metrics(&mut registry);
+        let text = render(&registry);
+        assert!(text.contains("# TYPE kong_mesh_cni_installer_log_lines_dropped counter\n"), "{text}");
+        assert!(text.contains("\nkong_mesh_cni_installer_log_lines_dropped_total 0\n"), "{text}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The generated rules against what Kuma v2.14.3's own plugin programmed
-//! (`testenv/kuma-reference/cases`), without root: for every case Kuma accepted, the
+//! (`testenv/kuma-reference/cases`) or, read from its source, would program
+//! (`testenv/kuma-derived/cases`), without root: for every case Kuma accepted, the
 //! rules of each table must be Kuma's, in Kuma's order, once comment text is set aside.
 //! The same cases run end to end, through the plugin in real namespaces, in
 //! `crates/kong-mesh-cni/tests/kuma_differential.rs`.
@@ -51,17 +52,23 @@ fn first_difference(kuma: &[(String, String)], ours: &[(String, String)]) -> Opt
 
 #[test]
 fn generated_rules_are_kumas() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testenv/kuma-reference/cases");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-    paths.sort();
-    assert!(paths.len() >= 38, "the reference cases are missing from {}", dir.display());
+    let testenv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testenv");
+    let mut paths = Vec::new();
+    // Recorded outcomes, then those derived from Kuma's source (see each README).
+    for (dir, key, at_least) in [("kuma-reference", "kuma_v2.14.3", 38), ("kuma-derived", "kuma_v2.14.3_as_read", 6)] {
+        let dir = testenv.join(dir).join("cases");
+        let mut found: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| (e.unwrap().path(), key)).collect();
+        found.sort();
+        assert!(found.len() >= at_least, "the cases are missing from {}", dir.display());
+        paths.extend(found);
+    }
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let mut differing = Vec::new();
     let mut compared = 0;
-    for path in paths.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+    for (path, key) in paths.iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "json")) {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         let doc: Value = serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let (case, kuma) = (&doc["case"], &doc["kuma_v2.14.3"]);
+        let (case, kuma) = (&doc["case"], &doc[*key]);
         let excluded = case["namespace"].as_str() == Some("kube-system");
         if kuma["add"].as_str() != Some("ok") || excluded || case["no_pod"].as_bool() == Some(true) {
             continue;

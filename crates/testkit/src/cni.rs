@@ -310,7 +310,7 @@ impl Drop for CniRuntime {
 
 /// A /24 of 198.18.0.0/15 (reserved for benchmarking, so never a real network), distinct
 /// for each chain of this process and random across processes.
-fn test_subnet() -> String {
+pub fn test_subnet() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     let _ = NEXT.compare_exchange(
         u32::MAX,

@@ -31,7 +31,9 @@ use crate::node_state::{Process, State, alive, kill, start_time, wait_gone};
 use crate::{bin_dir, cached_build, unique_suffix};
 
 use crate::node_state::teardown as teardown_state;
-pub use crate::node_state::{HOST_PATHS, HostView, SYSCTLS, cgroup_mounts, iptables_chains, leftovers, mounts_under};
+pub use crate::node_state::{
+    HOST_PATHS, HostView, NETNS_DIR, SYSCTLS, cgroup_mounts, iptables_chains, leftovers, mounts_under, propagation,
+};
 
 /// The `kubernetes` Service's IP (first of --service-cluster-ip-range).
 pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -100,7 +102,7 @@ pub struct Node {
     /// Time from start to the node registered Ready.
     pub up_time: Duration,
     ctr_socket: PathBuf,
-    state: State,
+    pub(crate) state: State,
     armed: bool,
 }
 
@@ -110,7 +112,7 @@ fn free_port(ip: Ipv4Addr) -> Result<u16, NodeError> {
     Ok(l.local_addr().expect("bound").port())
 }
 
-fn run(program: &str, args: &[&str]) -> Result<String, NodeError> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String, NodeError> {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -181,7 +183,7 @@ impl Node {
                 Ok(node)
             }
             Err(e) => {
-                let logs = node.logs_tail();
+                let logs = format!("{}the node's full logs: {}", node.logs_tail(), node.save_logs());
                 node.armed = false;
                 if let Err(t) = teardown_state(&node.state) {
                     eprintln!("node: {t}");
@@ -197,13 +199,33 @@ impl Node {
         for p in &self.state.processes {
             let log = std::fs::read_to_string(self.root.join(format!("logs/{}.log", p.name))).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
-            out.push_str(&format!("--- {} (last 15 lines)\n", p.name));
-            for l in &lines[lines.len().saturating_sub(15)..] {
+            out.push_str(&format!("--- {} (last 5 lines)\n", p.name));
+            for l in &lines[lines.len().saturating_sub(5)..] {
                 out.push_str(l);
                 out.push('\n');
             }
         }
         out
+    }
+
+    /// Copies the node's logs (every component's, and the pods' under `podLogsDir`) out
+    /// of its root, which its teardown removes, to `$TMPDIR/kmc-node-logs-<id>`; returns
+    /// that dir. Called on a failure only: a passing run leaves nothing behind.
+    pub fn save_logs(&self) -> String {
+        let to = std::env::temp_dir().join(format!("kmc-node-logs-{}", self.state.id));
+        let _ = std::fs::create_dir_all(&to);
+        let copy = Command::new("cp")
+            .args(["-a", "--no-preserve=ownership"])
+            .arg(self.root.join("logs"))
+            .arg(&self.pod_logs_dir)
+            .arg(&to)
+            .stdin(Stdio::null())
+            .output();
+        match copy {
+            Ok(o) if o.status.success() => to.display().to_string(),
+            Ok(o) => format!("{} (copy incomplete: {})", to.display(), String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => format!("not saved (cp: {e}); they were under {}", self.root.display()),
+        }
     }
 
     /// A component's whole log (`kubelet`, `containerd`, `kube-apiserver`...).
@@ -294,6 +316,7 @@ impl Node {
     }
 
     async fn bring_up(&mut self, options: &NodeOptions) -> Result<(), NodeError> {
+        self.share_netns_dir()?;
         let bins = node_bin_dir().to_path_buf();
         let plugins = bin_dir().join("plugins");
         let (node_bridge, pod_bridge, chain) =
@@ -321,25 +344,7 @@ impl Node {
 
         // The kubernetes Service without kube-proxy: pods (PREROUTING) and host-network
         // pods (OUTPUT).
-        run(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                &chain,
-                "-d",
-                &format!("{SERVICE_IP}/32"),
-                "-p",
-                "tcp",
-                "--dport",
-                "443",
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &format!("{ip}:{}", self.api_port),
-            ],
-        )?;
+        self.route_service()?;
         for hook in ["PREROUTING", "OUTPUT"] {
             run("iptables", &["-t", "nat", "-I", hook, "1", "-j", &chain])?;
         }
@@ -436,6 +441,7 @@ impl Node {
         let config = containerd_config(&ctrd, &self.cni_bin_dir, &self.cni_net_dir);
         write(&ctrd.join("config.toml"), config)?;
         let containerd_args = vec![format!("--config={}", p(&ctrd.join("config.toml")))];
+        self.share_runtime_netns_dir()?;
         // The shim is found on PATH, next to containerd.
         let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap_or_default());
         self.spawn_env("containerd", &bins.join("containerd"), &containerd_args, &[("PATH", &path)])?;
@@ -473,16 +479,7 @@ impl Node {
 
         // The kubelet.
         let kubelet_port = free_port(self.node_ip)?;
-        for mount in crate::node_state::cgroup_mounts() {
-            let dir = mount.join(&self.name);
-            std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
-            // A new v1 cpuset cgroup has no CPUs or memory nodes: nothing could join it.
-            for file in ["cpuset.cpus", "cpuset.mems"] {
-                if let Ok(v) = std::fs::read_to_string(mount.join(file)) {
-                    std::fs::write(dir.join(file), v.trim()).map_err(|e| NodeError::io(&dir.join(file), e))?;
-                }
-            }
-        }
+        self.make_cgroups()?;
         let kubelet_config = json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -550,6 +547,60 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         Ok(())
+    }
+
+    /// The kubelet's cgroupRoot, under every hierarchy.
+    pub(crate) fn make_cgroups(&self) -> Result<(), NodeError> {
+        for mount in crate::node_state::cgroup_mounts() {
+            let dir = mount.join(&self.name);
+            std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
+            // A new v1 cpuset cgroup has no CPUs or memory nodes: nothing could join it.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                if let Ok(v) = std::fs::read_to_string(mount.join(file)) {
+                    std::fs::write(dir.join(file), v.trim()).map_err(|e| NodeError::io(&dir.join(file), e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What kube-proxy does for the `kubernetes` Service: 10.96.0.1:443 to the API
+    /// server (a DNAT in the node's nat chain).
+    pub fn route_service(&self) -> Result<(), NodeError> {
+        let to = format!("{}:{}", self.node_ip, self.api_port);
+        let service = format!("{SERVICE_IP}/32");
+        let rule = ["-d", &service, "-p", "tcp", "--dport", "443", "-j", "DNAT", "--to-destination", &to];
+        run("iptables", &[&["-t", "nat", "-A", &self.state.chain][..], &rule].concat()).map(drop)
+    }
+
+    /// Drops what [`Node::route_service`] added, as a node whose kube-proxy has not run
+    /// yet has it: the Service's address leads nowhere.
+    pub fn unroute_service(&self) -> Result<(), NodeError> {
+        run("iptables", &["-t", "nat", "-F", &self.state.chain]).map(drop)
+    }
+
+    /// Where this node's containerd keeps pods' network namespaces
+    /// (`netns_mounts_under_state_dir`): the path it passes the plugin as CNI_NETNS.
+    pub fn runtime_netns_dir(&self) -> PathBuf {
+        self.root.join("containerd/state/io.containerd.grpc.v1.cri/netns")
+    }
+
+    /// Makes [`Node::runtime_netns_dir`] a shared mount point before containerd starts:
+    /// the chart mounts it into our DaemonSet pod (`cni.netnsDirs`) with HostToContainer
+    /// propagation, which the runtime refuses on a private mount (the node's root is in
+    /// /tmp, on the private `/`). The teardown's unmounts take it with the rest.
+    pub(crate) fn share_runtime_netns_dir(&self) -> Result<(), NodeError> {
+        let dir = self.runtime_netns_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
+        crate::net::bind_shared(&dir, &dir).map_err(|e| NodeError::io(&dir, e))
+    }
+
+    /// The host precondition of the chart's HostToContainer mount of the netns dir,
+    /// established here instead of inherited from whatever ran `ip netns add` before.
+    fn share_netns_dir(&mut self) -> Result<(), NodeError> {
+        self.state.netns_dir = crate::node_state::netns_dir_change();
+        self.state.save()?;
+        crate::node_state::share_netns_dir(self.state.netns_dir)
     }
 
     /// eBPF mode's places on this node, as `(bpffs, cgroup)`, both shared mounts under
@@ -654,6 +705,42 @@ impl Drop for Node {
             eprintln!("node {}: {e}", self.name);
         }
     }
+}
+
+/// Runs the calling test (`test`, its name for `--exact`) again in a child process, in
+/// a private mount namespace where the netns dir is no mount point: the host a user
+/// has before anything ran `ip netns add` (CI's earlier tests would have made it one).
+/// Returns `true` in that child, where the test goes on; in the parent, `false` once
+/// the child passed (it panics when the child failed).
+pub fn as_on_a_fresh_host(test: &str) -> bool {
+    const CHILD: &str = "KMC_FRESH_HOST_CHILD";
+    let dir = Path::new(crate::node_state::NETNS_DIR);
+    if std::env::var_os(CHILD).is_some() {
+        // Only this namespace's copies go: the host's mounts are untouched.
+        while crate::node_state::propagation(dir).is_some() {
+            let c = std::ffi::CString::new(crate::node_state::NETNS_DIR).expect("no NUL");
+            // SAFETY: umount2(2) with a NUL-terminated path.
+            let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            assert_eq!(
+                rc,
+                0,
+                "unmounting {} in the private namespace: {}",
+                dir.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let status = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .status()
+        .expect("unshare runs");
+    assert!(status.success(), "{test} as on a fresh host (no {} mount point): {status}", dir.display());
+    false
 }
 
 /// Tears down the node whose root is `root`, from its state file alone.

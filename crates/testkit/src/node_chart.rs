@@ -103,6 +103,7 @@ impl Node {
                 "binDir": self.cni_bin_dir,
                 "confName": file_name(&self.conflist),
                 "runDir": self.root.join("run/kong-mesh-cni"),
+                "netnsDirs": ["/var/run/netns", self.runtime_netns_dir()],
                 "healthPort": 0,
                 "logLevel": "info",
                 "taintController": { "enabled": true },
@@ -319,9 +320,10 @@ pub async fn install_with(
         }
         if applied.elapsed() > timeout {
             let what = if cni_ready.is_some() { "the node kept its NodeReadiness taint" } else { "no Ready CNI pod" };
+            let ours = ListParams::default().labels(CNI_SELECTOR);
             return Err(NodeError::Timeout(format!(
                 "{what} {timeout:?} after the apply\n{}",
-                crate::node_pods::tail(&node.log("kubelet"), 60)
+                crate::node_pods::why_not_ready(client, node, CNI_NAMESPACE, &ours).await
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

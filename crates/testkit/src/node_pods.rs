@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
 use kube::Client;
-use kube::api::{Api, LogParams, PostParams};
+use kube::api::{Api, ListParams, LogParams, PostParams};
 use serde_json::{Value, json};
 
 use crate::node::{Node, NodeError, TOOLS_IMAGE};
@@ -149,9 +149,58 @@ pub fn pod_ip(pod: &Pod) -> String {
     pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default()
 }
 
+/// Why the pods of `namespace` that `params` selects are not Ready, in a few lines a
+/// person can act on: each pod's phase, its containers' states and its last events;
+/// then where the node's full logs were saved (the node's own dir goes with its
+/// teardown).
+pub async fn why_not_ready(client: &Client, node: &Node, namespace: &str, params: &ListParams) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let mut out = String::new();
+    match pods.list(params).await {
+        Ok(list) if list.items.is_empty() => out.push_str(&format!("no pod in {namespace} matches {params:?}\n")),
+        Ok(list) => {
+            for pod in list.items {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let status = pod.status.clone().unwrap_or_default();
+                out.push_str(&format!("pod {namespace}/{name}: {}\n", status.phase.as_deref().unwrap_or("no phase")));
+                let containers =
+                    status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
+                for c in containers {
+                    out.push_str(&format!("  container {}: {}\n", c.name, container_state(c)));
+                }
+                let about = ListParams::default().fields(&format!("involvedObject.name={name}"));
+                let mut list = events.list(&about).await.map(|l| l.items).unwrap_or_default();
+                list.sort_by_key(|e| e.last_timestamp.clone().map(|t| t.0));
+                for e in &list[list.len().saturating_sub(5)..] {
+                    let (reason, note) = (e.reason.as_deref().unwrap_or("-"), e.message.as_deref().unwrap_or(""));
+                    out.push_str(&format!("  event {} {reason}: {}\n", e.type_.as_deref().unwrap_or("-"), note.trim()));
+                }
+            }
+        }
+        Err(e) => out.push_str(&format!("listing pods in {namespace}: {e}\n")),
+    }
+    out.push_str(&format!("the node's full logs (kubelet, containerd, control plane): {}\n", node.save_logs()));
+    out
+}
+
+fn container_state(c: &ContainerStatus) -> String {
+    let state = c.state.clone().unwrap_or_default();
+    if let Some(w) = state.waiting {
+        format!("waiting: {} {}", w.reason.unwrap_or_default(), w.message.unwrap_or_default()).trim_end().to_string()
+    } else if let Some(t) = state.terminated {
+        format!("terminated: {} exit {} {}", t.reason.unwrap_or_default(), t.exit_code, t.message.unwrap_or_default())
+            .trim_end()
+            .to_string()
+    } else if c.ready {
+        "running, ready".into()
+    } else {
+        format!("running, not ready (restarts {})", c.restart_count)
+    }
+}
+
 /// Creates `pod` in `default` and waits until it is Ready (within `timeout`); returns it
-/// and how long that took. A failure tells the pod's status and the end of the
-/// kubelet's and containerd's logs, then `more()`.
+/// and how long that took. A failure says why ([`why_not_ready`]), then `more()`.
 pub async fn run_pod(
     client: &Client,
     node: &Node,
@@ -172,11 +221,10 @@ pub async fn run_pod(
             return Ok((got, start.elapsed()));
         }
         if start.elapsed() > timeout {
+            let this = ListParams::default().fields(&format!("metadata.name={name}"));
             return Err(NodeError::Timeout(format!(
-                "pod {name} not Ready within {timeout:?}: {:#?}\n{}{}{}",
-                got.status,
-                tail(&node.log("kubelet"), 40),
-                tail(&node.log("containerd"), 40),
+                "pod {name} not Ready within {timeout:?}\n{}{}",
+                why_not_ready(client, node, "default", &this).await,
                 more()
             )));
         }

@@ -65,6 +65,107 @@ pub struct State {
     pub host_paths_before: Vec<String>,
     /// The CNI network's name (libcni's cache files are named after it).
     pub network: String,
+    /// What the node did to make the pods' netns dir a shared mount point, to undo.
+    #[serde(default)]
+    pub netns_dir: NetnsDirChange,
+}
+
+/// The runtime's netns dir ([`NETNS_DIR`]) is mounted into the DaemonSet pod with
+/// HostToContainer propagation, which containerd refuses unless the mount holding it is
+/// shared or a slave. `ip netns add` makes it a shared mount point the first time it
+/// runs; a fresh host has none, so the node does the same and records what it did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetnsDirChange {
+    /// It was a shared or slave mount point already.
+    #[default]
+    None,
+    /// It was a private mount point: made shared (put back: private).
+    MadeShared,
+    /// It was no mount point: bound onto itself and made shared (put back: unmounted,
+    /// and removed when `created`).
+    Mounted { created: bool },
+}
+
+/// Where containerd and CRI-O keep pods' network namespaces (`/var/run` is `/run`).
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// The propagation of the mount point at `path`: `Some("shared" | "slave" | "private")`,
+/// or `None` when `path` is no mount point.
+pub fn propagation(path: &Path) -> Option<&'static str> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // The last line for a path is the mount on top.
+    let line = info.lines().rfind(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == path))?;
+    let optional = line.split(" - ").next().unwrap_or_default().split(' ').skip(6);
+    let tags: Vec<&str> = optional.collect();
+    Some(if tags.iter().any(|t| t.starts_with("shared:")) {
+        "shared"
+    } else if tags.iter().any(|t| t.starts_with("master:")) {
+        "slave"
+    } else {
+        "private"
+    })
+}
+
+fn mount_call(source: Option<&Path>, target: &Path, flags: libc::c_ulong) -> Result<(), NodeError> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in a path");
+    let target_c = c(target);
+    let source_c = source.map(c);
+    let source_ptr = source_c.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call (or null).
+    let rc = unsafe { libc::mount(source_ptr, target_c.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+    if rc == 0 { Ok(()) } else { Err(NodeError::io(target, std::io::Error::last_os_error())) }
+}
+
+/// What [`share_netns_dir`] will do to make [`NETNS_DIR`] a shared mount point.
+pub fn netns_dir_change() -> NetnsDirChange {
+    let dir = Path::new(NETNS_DIR);
+    match propagation(dir) {
+        Some("shared" | "slave") => NetnsDirChange::None,
+        Some(_) => NetnsDirChange::MadeShared,
+        None => NetnsDirChange::Mounted { created: !dir.exists() },
+    }
+}
+
+/// Makes [`NETNS_DIR`] a shared mount point as `ip netns add` does: the `change` that
+/// [`netns_dir_change`] planned (recorded by the caller first).
+pub fn share_netns_dir(change: NetnsDirChange) -> Result<(), NodeError> {
+    let dir = Path::new(NETNS_DIR);
+    match change {
+        NetnsDirChange::None => Ok(()),
+        NetnsDirChange::MadeShared => mount_call(None, dir, libc::MS_SHARED),
+        NetnsDirChange::Mounted { .. } => {
+            std::fs::create_dir_all(dir).map_err(|e| NodeError::io(dir, e))?;
+            mount_call(Some(dir), dir, libc::MS_BIND)?;
+            mount_call(None, dir, libc::MS_SHARED)
+        }
+    }
+}
+
+/// Puts [`NETNS_DIR`] back as [`share_netns_dir`] found it. A namespace another program
+/// made under it meanwhile keeps it mounted (unmounting would hide that namespace).
+fn restore_netns_dir(change: NetnsDirChange) -> Result<(), String> {
+    let dir = Path::new(NETNS_DIR);
+    let in_use = || !mounts_under(dir).iter().all(|m| m == dir);
+    match change {
+        NetnsDirChange::None => Ok(()),
+        NetnsDirChange::MadeShared => mount_call(None, dir, libc::MS_PRIVATE).map_err(|e| e.to_string()),
+        NetnsDirChange::Mounted { .. } if in_use() => {
+            eprintln!("node: {NETNS_DIR} stays a shared mount point: namespaces were made under it meanwhile");
+            Ok(())
+        }
+        NetnsDirChange::Mounted { created } => {
+            let c = std::ffi::CString::new(NETNS_DIR).expect("no NUL");
+            // Not mounted: the node was stopped between recording and mounting.
+            // SAFETY: umount2(2) with a NUL-terminated path.
+            if propagation(dir).is_some() && unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+                return Err(format!("unmounting {NETNS_DIR}: {}", std::io::Error::last_os_error()));
+            }
+            if created && std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+                std::fs::remove_dir(dir).map_err(|e| format!("removing {NETNS_DIR}: {e}"))?;
+            }
+            Ok(())
+        }
+    }
 }
 
 impl State {
@@ -176,7 +277,7 @@ pub fn cgroup_mounts() -> Vec<PathBuf> {
 
 /// Processes whose command line names `root` (the shims: containerd starts them with
 /// its socket path, and they outlive containerd).
-fn processes_naming(root: &Path) -> Vec<i32> {
+pub(crate) fn processes_naming(root: &Path) -> Vec<i32> {
     let needle = root.to_string_lossy().into_owned();
     let me = std::process::id() as i32;
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -191,7 +292,7 @@ fn processes_naming(root: &Path) -> Vec<i32> {
 }
 
 /// Kills everything in the cgroup subtree `dir` and removes it, deepest first.
-fn remove_cgroup(dir: &Path) -> Result<(), String> {
+pub(crate) fn remove_cgroup(dir: &Path) -> Result<(), String> {
     let mut dirs = vec![];
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -230,7 +331,7 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
 
 /// Removes the chains `doomed` from one table of one front end, with every rule that
 /// jumps to them, in one `*-restore --noflush` (the saved rules keep their quoting).
-fn remove_chains(front: &str, table: &str, doomed: &[String]) -> Result<(), String> {
+pub(crate) fn remove_chains(front: &str, table: &str, doomed: &[String]) -> Result<(), String> {
     if doomed.is_empty() {
         return Ok(());
     }
@@ -370,7 +471,11 @@ pub fn teardown(state: &State) -> Result<(), NodeError> {
             }
         }
     }
-    // 9. Our files.
+    // 9. The netns dir's mount.
+    if let Err(e) = restore_netns_dir(state.netns_dir) {
+        failures.push(e);
+    }
+    // 10. Our files.
     if failures.is_empty()
         && state.root.exists()
         && let Err(e) = std::fs::remove_dir_all(&state.root)
@@ -386,6 +491,7 @@ pub struct HostView {
     sysctls: BTreeMap<String, String>,
     kube_chains: Vec<String>,
     paths: Vec<(String, bool)>,
+    netns_dir: Option<&'static str>,
 }
 
 impl HostView {
@@ -400,7 +506,7 @@ impl HostView {
             .filter(|c| c.contains(" KUBE-") || c.contains(" KMC-NODE-"))
             .collect();
         let paths = HOST_PATHS.iter().map(|p| (p.to_string(), Path::new(p).exists())).collect();
-        HostView { sysctls, kube_chains, paths }
+        HostView { sysctls, kube_chains, paths, netns_dir: propagation(Path::new(NETNS_DIR)) }
     }
 }
 

@@ -275,3 +275,14 @@ pub async fn taints(admin: &Client, node: &str) -> Vec<String> {
 pub async fn tainted(admin: &Client, node: &str) -> bool {
     taints(admin, node).await.iter().any(|t| t == &format!("{TAINT_KEY}:NoSchedule"))
 }
+
+/// The label of the chart's CNI pods (the controller's `--cni-app`).
+const CNI_LABEL: (&str, &str) = ("app", "kong-mesh-cni");
+
+/// A CNI DaemonSet pod on `node`, made Ready (as its kubelet reports it) if `ready`.
+pub async fn cni_pod(ns: &TestNamespace, name: &str, node: &str, ready: bool) {
+    ns.create_pod(testkit::pod(name).label(CNI_LABEL.0, CNI_LABEL.1).node_name(node).build()).await;
+    if ready {
+        ns.set_pod_running(name, None).await;
+    }
+}

@@ -45,7 +45,15 @@ enum Command {
 /// Parses the command line (as `install` when invoked as `install-cni`) and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse_from(installer::entrypoint_args(std::env::args_os()));
-    ops::init_logging(&cli.log_level);
+    // The installer's event loop must never wait for stderr (a stalled log collector);
+    // the short commands' lines stay in order with their output.
+    let _log_writer = match &cli.command {
+        Command::Install(_) => Some(ops::init_logging_non_blocking(&cli.log_level)),
+        _ => {
+            ops::init_logging(&cli.log_level);
+            None
+        }
+    };
     match cli.command {
         Command::Rules(args) => rules::run(args),
         Command::Validate(args) => validate::run(args),

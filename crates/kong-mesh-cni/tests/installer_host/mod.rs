@@ -114,12 +114,42 @@ impl Installer {
     /// Spawns `program args` with `env` and nothing inherited but PATH.
     pub fn spawn(program: &Path, args: &[&str], env: impl IntoIterator<Item = (String, String)>) -> Installer {
         let log = tempfile::NamedTempFile::new().expect("a file for the installer's log");
+        let stderr = Stdio::from(log.reopen().expect("the log file"));
+        Installer::spawn_with_stderr(program, args, env, stderr, log)
+    }
+
+    /// [`Installer::start`] with stderr a pipe that nobody reads (a stalled log
+    /// collector): once it is full, every write to it blocks. [`Installer::log`] is
+    /// empty; [`Installer::unread_stderr`] says how much waits in the pipe.
+    pub fn start_with_unread_stderr(host: &Host, extra: &[(&str, &str)]) -> Installer {
+        let env = host.env().into_iter().chain(extra.iter().map(|&(k, v)| (k.into(), v.into())));
+        let log = tempfile::NamedTempFile::new().expect("an (unused) log file");
+        Installer::spawn_with_stderr(Path::new(BINARY), &["install"], env, Stdio::piped(), log)
+    }
+
+    fn spawn_with_stderr(
+        program: &Path,
+        args: &[&str],
+        env: impl IntoIterator<Item = (String, String)>,
+        stderr: Stdio,
+        log: tempfile::NamedTempFile,
+    ) -> Installer {
         let mut cmd = Command::new(program);
         cmd.args(args).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("NO_COLOR", "1");
         cmd.envs(env);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log.reopen().expect("the log file"));
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         let child = cmd.spawn().expect("starting the installer");
         Installer { child, log }
+    }
+
+    /// Bytes written to a piped stderr and not read (see [`Installer::start_with_unread_stderr`]).
+    pub fn unread_stderr(&self) -> usize {
+        use std::os::fd::AsRawFd;
+        let pipe = self.child.stderr.as_ref().expect("stderr is a pipe");
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int into `queued`, which outlives the call.
+        unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued as *mut libc::c_int) };
+        usize::try_from(queued).unwrap_or(0)
     }
 
     pub fn pid(&self) -> i32 {
