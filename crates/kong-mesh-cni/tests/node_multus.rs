@@ -93,13 +93,19 @@ async fn wait_gone(client: &Client, node: &Node, namespace: &str, name: &str) {
     while pods.get_opt(name).await.unwrap().is_some() {
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "{namespace}/{name} still there after 60 s\n{}{}{}",
-            node_pods::tail(&node.log("kubelet"), 30),
-            node_pods::tail(&multus_log(node), 30),
+            "{namespace}/{name} still there after 60 s\n--- kubelet\n{}\n--- multus\n{}\n{}",
+            about(&node.log("kubelet"), name, 8),
+            about(&multus_log(node), name, 8),
             node_pods::cni_logs(node)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The last `n` lines of `log` that mention `what`.
+fn about(log: &str, what: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(what)).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The message of the first event about `namespace/pod` whose message contains `needle`.
@@ -119,9 +125,6 @@ async fn event_about(client: &Client, namespace: &str, pod: &str, needle: &str, 
     }
 }
 
-/// One node at a time: each start takes most of both cores.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flavour {
     /// `multus`, run by the runtime.
@@ -130,21 +133,19 @@ enum Flavour {
     Thick,
 }
 
+/// One flavour after the other, each on a node of its own: two nodes at once would
+/// share both cores and see each other's changes to the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn our_chart_defaults_work_behind_thin_multus() {
-    default_mode_behind(Flavour::Thin).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn our_chart_defaults_work_behind_thick_multus() {
-    default_mode_behind(Flavour::Thick).await;
-}
-
-async fn default_mode_behind(flavour: Flavour) {
+async fn our_chart_defaults_work_behind_thin_and_thick_multus() {
     if !testkit::require_root() || testkit::skip_heavy("the Multus node test") {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().await;
+    for flavour in [Flavour::Thin, Flavour::Thick] {
+        default_mode_behind(flavour).await;
+    }
+}
+
+async fn default_mode_behind(flavour: Flavour) {
     let started = Instant::now();
     let before = HostView::now();
     let mut steps = Steps(Instant::now());

@@ -126,6 +126,7 @@ impl Node {
                 "netDir": multus.conf_dir,
                 "binDir": self.cni_bin_dir,
                 "runDir": self.root.join("run/kong-mesh-cni"),
+                "netnsDirs": ["/var/run/netns", self.runtime_netns_dir()],
                 "healthPort": 0,
                 "image": {
                     "registry": image.registry, "repository": image.repository, "tag": image.tag,

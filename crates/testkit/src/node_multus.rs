@@ -129,12 +129,9 @@ impl Node {
             }],
         )?;
         self.ctr(&["images", "import", &archive.to_string_lossy()])?;
-        // The runtime makes the pods' network namespaces (nsfs bind mounts) in here
-        // after the daemon started: shared, so that they reach its view of the host.
-        let netns = self.root.join("containerd/state/io.containerd.grpc.v1.cri/netns");
-        std::fs::create_dir_all(&netns).map_err(|e| NodeError::io(&netns, e))?;
-        crate::net::bind_shared(&netns, &netns).map_err(|e| NodeError::io(&netns, e))?;
-
+        // The runtime's netns dir, a shared mount point (Node::up makes it one): the
+        // pods' namespaces made after the daemon started reach its view of the host.
+        let netns = self.runtime_netns_dir();
         let host_run = self.root.join("run");
         let in_host_run = |p: &Path| Path::new("/host/run").join(p.strip_prefix(&host_run).expect("under run/"));
         let daemon_conf = json!({
