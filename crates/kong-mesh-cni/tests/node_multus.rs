@@ -78,9 +78,10 @@ async fn wait_nad(client: &Client, node: &Node, namespace: &str) -> DynamicObjec
             return nad;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no NAD {NETWORK} in {namespace} within 30 s\n{}--- multus's errors\n{}",
+            start.elapsed() < Duration::from_secs(60),
+            "no NAD {NETWORK} in {namespace} within 60 s\n{}--- controller\n{}--- multus's errors\n{}",
             node_pods::tail(&node.log("kubelet"), 10),
+            node_pods::tail(&node_pods::container_logs(node, "controller"), 20),
             multus_log(node).lines().filter(|l| l.contains("error")).take(10).collect::<Vec<_>>().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
