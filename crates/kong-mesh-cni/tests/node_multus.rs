@@ -174,6 +174,11 @@ async fn default_mode_behind(flavour: Flavour) {
 
     release.uninstall(Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}"));
     let ours = multus.conf_dir.join(format!("{NETWORK}.conf"));
+    // As node_chart's uninstall: the installer removes it on its way out, allowed 10 s.
+    let gone = Instant::now();
+    while ours.exists() && gone.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         !ours.exists(),
         "the uninstall removed {}; the installer's last lines:\n{}",
