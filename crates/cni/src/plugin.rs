@@ -112,10 +112,27 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
     result.map_err(|e| (e, version))
 }
 
+/// Who told us what the pod is.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    NodeAgent,
+    ApiServer,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::NodeAgent => "node agent",
+            Source::ApiServer => "API server",
+        }
+    }
+}
+
 /// What the pod object says, or why there is none to ask.
 enum Verdict {
-    /// The config, and the annotations it was built from (remembered for DEL).
-    Intercept(Box<Config>, std::collections::BTreeMap<String, String>),
+    /// The config, the annotations it was built from (remembered for DEL), and who
+    /// gave the pod.
+    Intercept(Box<Config>, std::collections::BTreeMap<String, String>, Source),
     PassThrough(String),
     /// The API server could not say, and `on_api_error: pass-through` lets the pod start.
     Unanswered(String),
@@ -145,23 +162,22 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
     // The node agent first: it answers from its watch of this node's pods, in
     // microseconds and while the API server is away; the API server when it cannot.
     let uid = Some(env.arg("K8S_POD_UID")).filter(|u| !u.is_empty());
-    let found = match ask::pod(&plugin.run_dir.join(crate::agent::SOCKET_NAME), namespace, name, uid) {
-        ask::Asked::Found(pod) => {
-            tracing::debug!("pod answered by the node agent");
-            Lookup::Found(pod)
+    let asked = ask::pod(&plugin.run_dir.join(crate::agent::SOCKET_NAME), namespace, name, uid);
+    let source = match &asked {
+        ask::Asked::Found(_) => Source::NodeAgent,
+        _ => Source::ApiServer,
+    };
+    let found = match asked {
+        ask::Asked::Found(pod) => Lookup::Found(pod),
+        // Said at warn: a run dir the installer does not share (a plugin run inside
+        // another container's file system) would otherwise only show as slow ADDs.
+        ask::Asked::Unreachable(why) => {
+            tracing::warn!(reason = %why, "cannot reach the node agent (is the installer running, and is run_dir the host's?); asking the API server");
+            api_lookup(plugin, namespace, name)
         }
         ask::Asked::Miss(why) => {
             tracing::debug!(reason = %why, "the node agent did not answer with the pod; asking the API server");
-            match &plugin.kubeconfig {
-                Some(path) if path.exists() => {
-                    runtime().block_on(lookup::pod(path, namespace, name, plugin.lookup_timeout))
-                }
-                Some(path) => Lookup::Unavailable(format!(
-                    "kubeconfig {} does not exist (is the installer running?)",
-                    path.display()
-                )),
-                None => Lookup::Unavailable("the configuration has no kubernetes.kubeconfig".to_owned()),
-            }
+            api_lookup(plugin, namespace, name)
         }
     };
     let pod = match found {
@@ -182,13 +198,26 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
         }
     };
     match kuma::pod::decide(&pod) {
-        Ok(Decision::Intercept(cfg)) => Ok(Verdict::Intercept(cfg, pod.metadata.annotations.unwrap_or_default())),
+        Ok(Decision::Intercept(cfg)) => {
+            Ok(Verdict::Intercept(cfg, pod.metadata.annotations.unwrap_or_default(), source))
+        }
         Ok(Decision::PassThrough(reason)) => Ok(Verdict::PassThrough(reason.to_string())),
         Err(e) => Err(CniError::new(
             code::INVALID_CONFIG,
             format!("invalid transparent-proxy configuration of pod {namespace}/{name}"),
             e.to_string(),
         )),
+    }
+}
+
+/// The pod from the API server, with the kubeconfig the installer wrote.
+fn api_lookup(plugin: &PluginConf, namespace: &str, name: &str) -> Lookup {
+    match &plugin.kubeconfig {
+        Some(path) if path.exists() => runtime().block_on(lookup::pod(path, namespace, name, plugin.lookup_timeout)),
+        Some(path) => {
+            Lookup::Unavailable(format!("kubeconfig {} does not exist (is the installer running?)", path.display()))
+        }
+        None => Lookup::Unavailable("the configuration has no kubernetes.kubeconfig".to_owned()),
     }
 }
 
@@ -244,14 +273,14 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
     let result = pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
     match verdict(env, plugin)? {
         Verdict::PassThrough(reason) => tracing::info!("pass through: {reason}"),
-        Verdict::Intercept(cfg, _) if let Some(bpffs) = &plugin.ebpf_bpffs => {
+        Verdict::Intercept(cfg, _, _) if let Some(bpffs) = &plugin.ebpf_bpffs => {
             ebpf::add(bpffs, &env.container_id, &open_netns(&env.netns)?, &cfg, conf.prev_result.as_ref())?;
         }
         Verdict::Unanswered(why) => {
             tracing::warn!(error = %why, "cannot look the pod up; letting it start without a redirect (on_api_error: pass-through)");
             pending::write(&plugin.run_dir, &pending_record(env, conf));
         }
-        Verdict::Intercept(cfg, annotations) => {
+        Verdict::Intercept(cfg, annotations, source) => {
             // Before the rules: a DEL after a failed ADD must recognise what was applied.
             applied::remember(&plugin.run_dir, &record_key(env, conf), &annotations);
             let ns = open_netns(&env.netns)?;
@@ -263,6 +292,7 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
                 families = %families.join(","),
                 backend = report.backend.as_str(),
                 backend_reason = %report.backend_reason,
+                pod_from = source.as_str(),
                 "redirect programmed"
             );
         }
@@ -272,7 +302,7 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
 
 fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError> {
     pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
-    let Verdict::Intercept(cfg, _) = verdict(env, plugin)? else { return Ok(()) };
+    let Verdict::Intercept(cfg, _, _) = verdict(env, plugin)? else { return Ok(()) };
     let ns = open_netns(&env.netns)?;
     if let Some(bpffs) = &plugin.ebpf_bpffs {
         return ebpf::check(bpffs, &env.container_id, &ns, &cfg, conf.prev_result.as_ref());

@@ -169,7 +169,7 @@ async fn with_a_namespace_allow_list_the_agent_watches_those_namespaces_and_answ
     // API server, as without an agent.
     match agent.ask("kube-system", "coredns", None) {
         Asked::Miss(why) => assert!(why.contains("not watched"), "{why}"),
-        Asked::Found(_) => panic!("answered for a namespace it may not read"),
+        other => panic!("answered {other:?} for a namespace it may not read"),
     }
     let log = agent.installer.log();
     assert!(!log.contains("watch of this node's pods failed"), "no watch was refused:\n{log}");

@@ -215,6 +215,11 @@ async fn standalone_like_multus_without_prev_result() {
     assert_eq!(result["cniVersion"], "1.0.0");
     assert!(result.get("ips").is_none() && result.get("interfaces").is_none(), "an empty result: {result}");
     assert!(saved_rules(&netns).contains("KUMA_MESH_INBOUND"));
+    // No installer listens (as for a plugin whose run dir is not the installer's, e.g.
+    // inside a thick multus-daemon without chrootDir): its own log says so.
+    let log = std::fs::read_to_string(f.scratch.path().join("cni.log")).unwrap();
+    assert!(log.contains("WARN") && log.contains("cannot reach the installer's log socket"), "{log}");
+    assert!(log.contains("cannot reach the node agent") && log.contains("agent.sock"), "{log}");
     rt.del(&a).unwrap();
     assert_eq!(saved_rules(&netns), "");
 }

@@ -20,6 +20,7 @@ pub mod net;
 pub mod node;
 pub mod node_chart;
 mod node_image;
+pub mod node_multus;
 mod node_pki;
 pub mod node_pods;
 pub mod node_reboot;

@@ -115,6 +115,27 @@ impl Node {
         })
     }
 
+    /// The chart's values for this node behind Multus: the chart's defaults (not
+    /// chained: our own `kuma-cni.conf` in Multus's conf dir, where a NAD without a
+    /// config finds it) with only what is this node's changed: its Multus conf dir and
+    /// CNI bin dir, the plugin's run dir under its root, our image as imported, and no
+    /// fixed health port on the shared host.
+    pub fn chart_values_multus(&self, multus: &crate::node_multus::Multus, image: &ImageRef) -> serde_json::Value {
+        json!({
+            "cni": {
+                "netDir": multus.conf_dir,
+                "binDir": self.cni_bin_dir,
+                "runDir": self.root.join("run/kong-mesh-cni"),
+                "netnsDirs": ["/var/run/netns", self.runtime_netns_dir()],
+                "healthPort": 0,
+                "image": {
+                    "registry": image.registry, "repository": image.repository, "tag": image.tag,
+                    "pullPolicy": "Never",
+                },
+            },
+        })
+    }
+
     /// Renders the chart with `kong-mesh-cni manifests -f VALUES [--set SET]...`, the
     /// values written to `<root>/values.json`; returns the YAML stream.
     pub fn render_chart(&self, binary: &Path, values: &serde_json::Value, set: &[&str]) -> Result<String, NodeError> {
@@ -261,11 +282,23 @@ pub async fn install(
     set: &[&str],
     timeout: Duration,
 ) -> Result<Installed, NodeError> {
+    install_with(node, client, binary, &|image| node.chart_values(image), set, timeout).await
+}
+
+/// [`install`] with the values `values` gives for the imported image.
+pub async fn install_with(
+    node: &Node,
+    client: &Client,
+    binary: &Path,
+    values: &dyn Fn(&ImageRef) -> serde_json::Value,
+    set: &[&str],
+    timeout: Duration,
+) -> Result<Installed, NodeError> {
     let start = Instant::now();
     let layout = build_image(binary, &node.root.join("image"))?;
     let image = node.import_image(&layout, "kmc.test", "kong-mesh-cni")?;
     let image_time = start.elapsed();
-    let values = node.chart_values(&image);
+    let values = values(&image);
     let stream = node.render_chart(binary, &values, set)?;
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     let was_tainted = nodes.get(&node.name).await.map(|n| tainted(&n)).unwrap_or(false);

@@ -18,13 +18,20 @@ const ANSWER_TIMEOUT: Duration = Duration::from_millis(WAIT.as_millis() as u64 +
 #[derive(Debug)]
 pub enum Asked {
     Found(Box<Pod>),
-    /// Why the agent did not answer with the pod, for the log.
+    /// The agent answered, or stopped answering, without the pod: why, for the log.
     Miss(String),
+    /// No agent listens at the socket (none runs, or the plugin sees another file
+    /// system than the installer: a run dir that is not the host's).
+    Unreachable(String),
 }
 
 pub fn pod(socket: &Path, namespace: &str, name: &str, uid: Option<&str>) -> Asked {
     let request = Request::new(namespace, name, uid);
-    match exchange(socket, &request) {
+    let stream = match connect(socket) {
+        Ok(stream) => stream,
+        Err(e) => return Asked::Unreachable(format!("{}: {e}", socket.display())),
+    };
+    match exchange(&stream, &request) {
         Ok(line) => match Answer::parse(&line, &request) {
             Ok(Answer { status: Status::Found, pod: Some(pod), .. }) => Asked::Found(pod),
             Ok(answer) => Asked::Miss(format!("{:?}: {}", answer.status, answer.detail.unwrap_or_default())),
@@ -35,11 +42,11 @@ pub fn pod(socket: &Path, namespace: &str, name: &str, uid: Option<&str>) -> Ask
 }
 
 /// Sends the request and reads the answer line, within [`ANSWER_TIMEOUT`] in all.
-fn exchange(socket: &Path, request: &Request) -> std::io::Result<Vec<u8>> {
+fn exchange(stream: &UnixStream, request: &Request) -> std::io::Result<Vec<u8>> {
     let deadline = Instant::now() + ANSWER_TIMEOUT;
-    let stream = connect(socket)?;
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
-    (&stream).write_all(&request.to_line())?;
+    let mut stream = stream;
+    stream.write_all(&request.to_line())?;
     let mut answer = Vec::with_capacity(4096);
     let mut buf = [0u8; 16 * 1024];
     loop {
@@ -48,7 +55,7 @@ fn exchange(socket: &Path, request: &Request) -> std::io::Result<Vec<u8>> {
             return Err(std::io::Error::new(ErrorKind::TimedOut, format!("no answer within {ANSWER_TIMEOUT:?}")));
         }
         stream.set_read_timeout(Some(left))?;
-        let n = match (&stream).read(&mut buf) {
+        let n = match stream.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),

@@ -28,10 +28,14 @@ struct Sink {
 }
 
 impl Sink {
-    fn new(socket_path: &Path, file: &Path) -> Self {
+    /// The sink, and why the socket could not be used (its lines then go to the file).
+    fn new(socket_path: &Path, file: &Path) -> (Self, Option<io::Error>) {
         // Never wait for a slow or stuck installer: a full buffer means the file.
-        let socket = UnixStream::connect(socket_path).ok().filter(|s| s.set_nonblocking(true).is_ok());
-        Sink { socket, file: file.to_owned() }
+        let (socket, error) = match UnixStream::connect(socket_path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e)),
+        };
+        (Sink { socket, file: file.to_owned() }, error)
     }
 
     fn write_line(&self, line: &[u8]) {
@@ -99,7 +103,8 @@ pub fn init(level: &str, socket: &Path, file: &Path) {
     };
     // Targets, not EnvFilter: nothing to parse at run time, in a process started per pod.
     let filter = Targets::new().with_default(level.min(LevelFilter::WARN)).with_targets(OURS.map(|t| (t, level)));
-    let writer = MakeLineWriter(Arc::new(Sink::new(socket, file)));
+    let (sink, unreachable) = Sink::new(socket, file);
+    let writer = MakeLineWriter(Arc::new(sink));
     // fmt's own maximum is info by default: without ours, `debug` would never get through.
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
@@ -109,4 +114,9 @@ pub fn init(level: &str, socket: &Path, file: &Path) {
         .finish()
         .with(filter)
         .try_init();
+    // In the file, first: a plugin whose lines never reach `kubectl logs` says where
+    // it looked (a run dir that is not the host's shows here).
+    if let Some(e) = unreachable {
+        tracing::warn!(socket = %socket.display(), error = %e, "cannot reach the installer's log socket; logging to this file");
+    }
 }

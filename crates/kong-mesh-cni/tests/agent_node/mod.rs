@@ -119,13 +119,13 @@ impl NodeAgent {
         loop {
             match self.ask(namespace, name, Some(uid)) {
                 Asked::Found(_) => return,
-                Asked::Miss(why) if Instant::now() > deadline => {
+                Asked::Miss(why) | Asked::Unreachable(why) if Instant::now() > deadline => {
                     panic!(
                         "the agent does not know {namespace}/{name} after {within:?}: {why}\nlog:\n{}",
                         self.installer.log()
                     )
                 }
-                Asked::Miss(_) => std::thread::sleep(Duration::from_millis(20)),
+                Asked::Miss(_) | Asked::Unreachable(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
     }
