@@ -25,6 +25,7 @@ pub mod health;
 pub mod inplace;
 mod jsontext;
 pub mod kubeconfig;
+pub mod loglevel;
 pub mod logsock;
 pub mod machine;
 pub mod plan;
@@ -81,10 +82,19 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
             let listener = ops::bind(settings.health_address, settings.health_port).await?;
             tokio::spawn(ops::serve(listener, status.clone(), health::SERVE_OPTIONS));
         }
+        let relay_level = loglevel::RelayLevel::new(settings.log_level.unwrap_or(ops::loglevel::Level::Info));
+        if settings.sleep {
+            loglevel::start(
+                settings.log_level_file.clone(),
+                settings.log_level,
+                settings.run_dir.clone(),
+                relay_level.clone(),
+            );
+        }
         // Plugin logs matter only while we run; without the relay the plugin writes
         // them to a file on the host, so a failure here does not stop the install.
         let log_socket = match &settings.log_socket {
-            Some(path) if settings.sleep => LogSocket::start(path, std::io::stderr())
+            Some(path) if settings.sleep => LogSocket::start(path, std::io::stderr(), relay_level)
                 .inspect_err(|e| tracing::warn!("{e}; plugin logs go to its file on the host"))
                 .ok(),
             _ => None,

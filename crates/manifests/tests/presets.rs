@@ -474,3 +474,25 @@ fn switches_and_refusals() {
     let sum = |r: &Rendered| r.daemonset()["spec"]["template"]["metadata"]["annotations"]["checksum/config"].clone();
     assert_ne!(sum(&debug), sum(&Rendered::new(Some("kind"), &[])));
 }
+
+#[test]
+fn the_log_level_is_a_configmap_key_the_installer_follows_without_a_restart() {
+    for (set, level) in [(&[][..], "info"), (&["cni.logLevel=debug"][..], "debug")] {
+        let r = Rendered::new(Some("kind"), set);
+        let config = r.get("ConfigMap", "kong-mesh-cni-config");
+        assert_eq!(config["data"]["logLevel"], level, "cni.logLevel is where it starts: {set:?}");
+        let file = env_value(r.installer(), "KMC_LOG_LEVEL_FILE");
+        let (dir, name) = file.rsplit_once('/').unwrap();
+        let mounted = mount(r.installer(), "config");
+        assert_eq!(mounted["mountPath"], dir);
+        assert_eq!(mounted["readOnly"], true);
+        // A subPath mount would pin the file the pod started with: no update would arrive.
+        assert!(mounted.get("subPath").is_none(), "{mounted:?}");
+        let volumes = r.daemonset()["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap();
+        let volume = volumes.iter().find(|v| v["name"] == "config").expect("the config volume");
+        assert_eq!(volume["configMap"]["name"], "kong-mesh-cni-config");
+        let items = volume["configMap"]["items"].as_sequence().unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!((&items[0]["key"], &items[0]["path"]), (&"logLevel".into(), &name.into()));
+    }
+}

@@ -4,6 +4,7 @@
 //! our flags, and the file-descriptor limit.
 
 pub mod admin;
+pub mod loglevel;
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -36,12 +37,17 @@ pub fn render(registry: &Registry) -> String {
 pub fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
     // Colours only for a person at a terminal: `kubectl logs` shows escape codes raw.
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
-        .try_init();
+        .with_filter_reloading();
+    // The filter can be swapped at run time (loglevel::set): the installer follows a ConfigMap.
+    let handle = builder.reload_handle();
+    if builder.try_init().is_ok() {
+        loglevel::install(Box::new(move |filter| handle.reload(filter).is_ok()));
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT. Without signal handlers (which only fails

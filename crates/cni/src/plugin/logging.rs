@@ -83,6 +83,21 @@ impl<'a> MakeWriter<'a> for MakeLineWriter {
     }
 }
 
+/// The file in the run dir where the installer keeps the node's current log level (its
+/// ConfigMap's), so a level changed at run time reaches the next call without a
+/// conflist rewrite (which would wake the primary CNI's watchers).
+pub const LEVEL_FILE: &str = "log-level";
+
+/// The level the installer left in `run_dir`, if any: a few bytes, read once per call.
+pub fn level_in(run_dir: &Path) -> Option<String> {
+    use std::io::Read;
+    let file = netns::hostfile::open_regular(&run_dir.join(LEVEL_FILE), OpenOptions::new().read(true)).ok()?;
+    let mut text = String::new();
+    // A level is one short word: a larger file is not one the installer wrote.
+    file.take(16).read_to_string(&mut text).ok()?;
+    Some(text.trim().to_owned()).filter(|t| !t.is_empty())
+}
+
 /// The crates under the plugin whose lines it logs at the configured level; the
 /// libraries under them (HTTP, TLS) only their warnings.
 const OURS: [&str; 4] = ["cni::plugin", "netfilter", "ebpf", "kuma"];

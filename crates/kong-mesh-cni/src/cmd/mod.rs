@@ -49,7 +49,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Rules(args) => rules::run(args),
         Command::Validate(args) => validate::run(args),
-        Command::Install(args) => install::run(*args),
+        Command::Install(args) => install::run(*args, &cli.log_level),
         Command::Manifests(args) => manifests::run(args),
         Command::Controller(args) => controller::run(*args),
     }
