@@ -183,6 +183,8 @@ pub struct Settings {
     /// The level we started at (CNI_LOG_LEVEL, set by the binary's global flag); `None`
     /// when it is a filter directive rather than one level.
     pub log_level: Option<ops::loglevel::Level>,
+    /// CNI_LOG_FORMAT, set by the binary's global flag: the relay and the plugin follow it.
+    pub log_format: ops::LogFormat,
     pub repair_limit: usize,
     pub repair_window: Duration,
     /// This node's name: the node agent runs when it is known.
@@ -290,6 +292,7 @@ impl Settings {
             log_socket: Some(args.log_socket).filter(|p| !p.as_os_str().is_empty()),
             log_level_file: Some(args.log_level_file).filter(|p| !p.is_empty()).map(PathBuf::from),
             log_level: None,
+            log_format: ops::LogFormat::Text,
             repair_limit: args.repair_limit,
             repair_window: args.repair_window,
             node_name,

@@ -90,11 +90,12 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
                 settings.run_dir.clone(),
                 relay_level.clone(),
             );
+            loglevel::pass_format(&settings.run_dir, settings.log_format);
         }
         // Plugin logs matter only while we run; without the relay the plugin writes
         // them to a file on the host, so a failure here does not stop the install.
         let log_socket = match &settings.log_socket {
-            Some(path) if settings.sleep => LogSocket::start(path, std::io::stderr(), relay_level)
+            Some(path) if settings.sleep => LogSocket::start(path, std::io::stderr(), relay_level, settings.log_format)
                 .inspect_err(|e| tracing::warn!("{e}; plugin logs go to its file on the host"))
                 .ok(),
             _ => None,

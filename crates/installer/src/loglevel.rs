@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use inotify::{Inotify, WatchMask};
 use ops::loglevel::{Level, LevelError};
 
-use cni::plugin::logging::LEVEL_FILE;
+use cni::plugin::logging::{FORMAT_FILE, LEVEL_FILE};
 
 /// The file is re-read this often even without an inotify event (a missed event, a dir
 /// that appeared later).
@@ -53,6 +53,19 @@ pub enum LevelFileError {
         #[source]
         source: LevelError,
     },
+}
+
+/// Tells the plugin's later calls our log format: `json` in the run dir, nothing for text.
+pub fn pass_format(run_dir: &Path, format: ops::LogFormat) {
+    let passed = match format {
+        ops::LogFormat::Json => std::fs::create_dir_all(run_dir)
+            .and_then(|()| crate::fsio::ensure_file(run_dir, FORMAT_FILE, b"json\n", 0o644).map(drop)),
+        ops::LogFormat::Text => std::fs::remove_file(run_dir.join(FORMAT_FILE))
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
+    };
+    if let Err(e) = passed {
+        tracing::warn!(path = %run_dir.join(FORMAT_FILE).display(), error = %e, "cannot pass the log format on to the plugin");
+    }
 }
 
 /// What the file says: `Ok(None)` when there is no file (yet).

@@ -33,7 +33,12 @@ fn a_stalled_stderr_never_blocks_and_lines_are_clean_and_attributed() {
     let old = unsafe { libc::umask(0) };
     let socket = runtime
         .block_on(async {
-            LogSocket::start(&path, write_end, installer::loglevel::RelayLevel::new(ops::loglevel::Level::Trace))
+            LogSocket::start(
+                &path,
+                write_end,
+                installer::loglevel::RelayLevel::new(ops::loglevel::Level::Trace),
+                ops::LogFormat::Text,
+            )
         })
         .unwrap();
     // SAFETY: as above.

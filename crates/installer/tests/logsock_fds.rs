@@ -19,7 +19,12 @@ fn out_of_descriptors_the_accept_loop_backs_off() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let socket = runtime
         .block_on(async {
-            LogSocket::start(&path, std::io::sink(), installer::loglevel::RelayLevel::new(ops::loglevel::Level::Trace))
+            LogSocket::start(
+                &path,
+                std::io::sink(),
+                installer::loglevel::RelayLevel::new(ops::loglevel::Level::Trace),
+                ops::LogFormat::Text,
+            )
         })
         .unwrap();
     // 50 clients that connect and stay (a flood, or plugins of a pod burst).

@@ -159,3 +159,29 @@ fn relay_marker(host: &Host, installer: &Installer, name: &str) -> String {
     wait_log(installer, "the relay's info line", |log| log.contains(&format!("{marker}-info")));
     marker
 }
+
+#[test]
+fn json_format_makes_every_line_an_object_relayed_plugin_lines_included() {
+    let host = Host::new();
+    std::fs::write(host.net_file("10-calico.conflist"), CALICO).unwrap();
+    let volume = ConfigVolume::new(host.root.path().join("config"), "debug");
+    let file = volume.file();
+    let installer =
+        Installer::start(&host, &[("CNI_LOG_FORMAT", "json"), ("KMC_LOG_LEVEL_FILE", file.to_str().unwrap())]);
+    assert!(wait_for(STARTUP, || host.ready.exists()).is_some(), "not ready:\n{}", installer.log());
+    // The plugin's conf says nothing of the format (nor debug): it learns both from the run dir.
+    plugin_gc(&host);
+    let objects = |log: &str| -> Vec<serde_json::Value> {
+        log.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}\n{log}")))
+            .collect()
+    };
+    let relayed = |o: &serde_json::Value| o["source"] == "plugin" && o["level"] == "DEBUG" && o["message"] == "done";
+    wait_log(&installer, "the plugin's debug line", |log| log.lines().any(|l| l.contains(r#""source":"plugin""#)));
+    let all = objects(&installer.log());
+    let plugin = all.iter().find(|o| relayed(o)).unwrap_or_else(|| panic!("{}", installer.log()));
+    assert_eq!(plugin["span"]["cmd"], "GC", "the call's span as fields: {plugin}");
+    assert!(plugin["pid"].as_u64().is_some_and(|p| p > 0), "who wrote it: {plugin}");
+    let ready = all.iter().find(|o| o["message"].as_str().is_some_and(|m| m.starts_with("ready:")));
+    assert!(ready.is_some_and(|o| o["level"] == "INFO" && o["timestamp"].is_string()), "{}", installer.log());
+}

@@ -252,9 +252,9 @@ fn the_installer_accepts_what_the_chart_gives_it() {
         let r = Rendered::new(Some(preset).filter(|p| !p.is_empty()), set);
         let mut argv = vec!["install".to_string(), "--kubernetes-service-host".into(), "10.96.0.1".into()];
         for (name, entry) in env(r.installer()) {
-            // The binary's global --log-level reads CNI_LOG_LEVEL; every other variable
-            // must be one of the installer's.
-            if name == "CNI_LOG_LEVEL" {
+            // The binary's global --log-level and --log-format read CNI_LOG_LEVEL and
+            // CNI_LOG_FORMAT; every other variable must be one of the installer's.
+            if name == "CNI_LOG_LEVEL" || name == "CNI_LOG_FORMAT" {
                 continue;
             }
             let long = flags.get(&name).unwrap_or_else(|| panic!("{preset}: the installer has no variable {name}"));
@@ -318,7 +318,7 @@ fn the_controller_accepts_what_the_chart_gives_it() {
         );
         let mut argv = Vec::new();
         for (name, entry) in env(ctl) {
-            if name == "CNI_LOG_LEVEL" {
+            if name == "CNI_LOG_LEVEL" || name == "CNI_LOG_FORMAT" {
                 continue;
             }
             let long = flags.get(&name).unwrap_or_else(|| panic!("the controller has no variable {name}"));
@@ -495,4 +495,18 @@ fn the_log_level_is_a_configmap_key_the_installer_follows_without_a_restart() {
         assert_eq!(items.len(), 1);
         assert_eq!((&items[0]["key"], &items[0]["path"]), (&"logLevel".into(), &name.into()));
     }
+}
+
+#[test]
+fn the_log_format_reaches_the_installer_and_the_controller() {
+    for (set, format) in [(&[][..], "text"), (&["cni.logFormat=json"][..], "json")] {
+        let r = Rendered::new(Some("kind"), set);
+        assert_eq!(env_value(r.installer(), "CNI_LOG_FORMAT"), format);
+        assert_eq!(env_value(r.controller(), "CNI_LOG_FORMAT"), format);
+    }
+    let err = Chart::embedded()
+        .render(&Options { set: vec!["cni.logFormat=yaml".into()], ..Options::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/cni/logFormat") && err.contains("'text', 'json'"), "{err}");
 }

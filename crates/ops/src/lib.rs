@@ -31,22 +31,40 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
-/// Logs go to stderr (stdout carries command output), as plain text lines.
+/// How log lines are written: `text` for people, `json` (one object per line) for log
+/// collectors (`CNI_LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Logs go to stderr (stdout carries command output), one line per event.
 /// `off|error|warn|info|debug|trace` or a filter directive; an unknown level falls
 /// back to info rather than failing the command over its logging.
-pub fn init_logging(level: &str) {
+pub fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
     // Colours only for a person at a terminal: `kubectl logs` shows escape codes raw.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .with_filter_reloading();
+        .with_target(false);
     // The filter can be swapped at run time (loglevel::set): the installer follows a ConfigMap.
-    let handle = builder.reload_handle();
-    if builder.try_init().is_ok() {
-        loglevel::install(Box::new(move |filter| handle.reload(filter).is_ok()));
+    macro_rules! init {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() {
+                loglevel::install(Box::new(move |filter| handle.reload(filter).is_ok()));
+            }
+        }};
+    }
+    match format {
+        LogFormat::Text => init!(builder),
+        // The event's fields at the top level, beside timestamp and level.
+        LogFormat::Json => init!(builder.json().flatten_event(true).with_ansi(false)),
     }
 }
 

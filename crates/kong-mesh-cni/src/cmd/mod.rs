@@ -20,6 +20,9 @@ struct Cli {
     /// Log level: off, error, warn, info, debug or trace.
     #[arg(long, global = true, env = "CNI_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// Log lines as text, or as one JSON object per line (the plugin's relayed lines too).
+    #[arg(long, global = true, env = "CNI_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: ops::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,11 +48,11 @@ enum Command {
 /// Parses the command line (as `install` when invoked as `install-cni`) and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse_from(installer::entrypoint_args(std::env::args_os()));
-    ops::init_logging(&cli.log_level);
+    ops::init_logging(&cli.log_level, cli.log_format);
     match cli.command {
         Command::Rules(args) => rules::run(args),
         Command::Validate(args) => validate::run(args),
-        Command::Install(args) => install::run(*args, &cli.log_level),
+        Command::Install(args) => install::run(*args, &cli.log_level, cli.log_format),
         Command::Manifests(args) => manifests::run(args),
         Command::Controller(args) => controller::run(*args),
     }
