@@ -34,6 +34,7 @@ mod repair_agent;
 mod rootsock;
 pub mod shutdown;
 mod sources;
+pub mod status;
 pub mod template;
 pub mod throttle;
 

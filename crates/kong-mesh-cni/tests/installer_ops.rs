@@ -185,3 +185,72 @@ fn json_format_makes_every_line_an_object_relayed_plugin_lines_included() {
     let ready = all.iter().find(|o| o["message"].as_str().is_some_and(|m| m.starts_with("ready:")));
     assert!(ready.is_some_and(|o| o["level"] == "INFO" && o["timestamp"].is_string()), "{}", installer.log());
 }
+
+/// `kong-mesh-cni status` in the installer's environment, as `kubectl exec` runs it.
+fn status(host: &Host, extra: &[(&str, &str)], output: &str) -> (i32, String) {
+    let out = Command::new(BINARY)
+        .args(["status", "--output", output])
+        .env_clear()
+        .envs(host.env())
+        .envs(extra.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn status_shows_the_node_and_exits_non_zero_naming_why_when_not_ready() {
+    let host = Host::new();
+    let port = free_port().to_string();
+    let extra = [("KMC_HEALTH_PORT", port.as_str()), ("CFGCHECK_INTERVAL", "200ms")];
+    let installer = Installer::start(&host, &extra);
+    // No primary CNI configuration yet: the installer waits, and status says so.
+    wait_log(&installer, "waiting", |log| log.contains("waiting for the primary CNI's configuration"));
+    let (code, text) = status(&host, &extra, "text");
+    assert_eq!(code, 1, "{text}");
+    let first = text.lines().next().unwrap();
+    assert!(
+        first.starts_with("node              NOT READY: not chained: no primary CNI configuration in")
+            && first.contains("installer waiting"),
+        "{text}"
+    );
+
+    let conflist = host.net_file("10-calico.conflist");
+    std::fs::write(&conflist, CALICO).unwrap();
+    assert!(wait_for(STARTUP, || host.ready.exists()).is_some(), "not ready:\n{}", installer.log());
+    let (code, text) = status(&host, &extra, "text");
+    assert_eq!(code, 0, "{text}");
+    for want in [
+        "node              READY\n".to_owned(),
+        format!("chained in        {} (plugin 2 of 2: calico -> kong-mesh-cni)\n", conflist.display()),
+        format!("binary            {} (current)\n", host.bin.join("kong-mesh-cni").display()),
+        format!("kubeconfig        {} (current)\n", host.net_file(KUBECONFIG).display()),
+        "installer         ready\n".to_owned(),
+        "repairs           0 (last: none)\n".to_owned(),
+        "fighting          no\n".to_owned(),
+    ] {
+        assert!(text.contains(&want), "{want:?} in:\n{text}");
+    }
+
+    // Another agent drops our entry; once the installer has put it back, the repair shows.
+    std::fs::write(&conflist, CALICO).unwrap();
+    let repaired = || status(&host, &extra, "json");
+    let mut last = String::new();
+    let seen = wait_for(APPLIED, || {
+        let (code, json) = repaired();
+        last = json;
+        let v: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
+        code == 0 && v["installer"]["repairs"] == 1 && v["installer"]["last_repair_unix"].is_u64()
+    });
+    assert!(seen.is_some(), "{last}\n{}", installer.log());
+    let v: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(
+        (v["ready"].clone(), v["chain"]["position"].clone()),
+        (true.into(), serde_json::json!([2, 2])),
+        "{last}"
+    );
+    assert_eq!(v["chain"]["entry"]["type"], "kong-mesh-cni");
+}

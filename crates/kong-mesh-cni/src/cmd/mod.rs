@@ -4,6 +4,7 @@ mod controller;
 mod install;
 mod manifests;
 mod rules;
+mod status;
 mod validate;
 
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ enum Command {
     /// Run the control-plane controllers until SIGTERM: node taint until the CNI is
     /// ready, NetworkAttachmentDefinitions for Multus, repair of pods that raced the CNI.
     Controller(Box<::controller::ControllerArgs>),
+    /// This node's CNI at a glance (run in the DaemonSet's container: `kubectl exec
+    /// ds/kong-mesh-cni -- kong-mesh-cni status`); exits 1 when the node is not ready.
+    Status(Box<status::StatusArgs>),
 }
 
 /// Parses the command line (as `install` when invoked as `install-cni`) and runs it.
@@ -55,6 +59,7 @@ pub fn main() -> ExitCode {
         Command::Install(args) => install::run(*args, &cli.log_level, cli.log_format),
         Command::Manifests(args) => manifests::run(args),
         Command::Controller(args) => controller::run(*args),
+        Command::Status(args) => status::run(*args),
     }
 }
 
