@@ -83,7 +83,8 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
             let listener = ops::bind(settings.health_address, settings.health_port).await?;
             tokio::spawn(ops::serve(listener, status.clone(), health::SERVE_OPTIONS));
         }
-        let relay_level = loglevel::RelayLevel::new(settings.log_level.unwrap_or(ops::loglevel::Level::Info));
+        // Every plugin line, unless a level file says otherwise: the plugin filters at its conf's level.
+        let relay_level = loglevel::RelayLevel::new(ops::loglevel::Level::Trace);
         if settings.sleep {
             loglevel::start(
                 settings.log_level_file.clone(),

@@ -227,6 +227,10 @@ fn the_image_built_here_has_the_entrypoint_user_files_and_labels_the_charts_need
         "drwxr-xr-x 0/0 ./opt/cni/bin/",
         "-rwxr-xr-x 0/0 ./opt/cni/bin/kong-mesh-cni",
         "drwxrwxrwt 0/0 ./tmp/",
+        "drwxr-xr-x 0/0 ./usr/",
+        "drwxr-xr-x 0/0 ./usr/local/",
+        "drwxr-xr-x 0/0 ./usr/local/bin/",
+        "lrwxrwxrwx 0/0 ./usr/local/bin/kong-mesh-cni -> /opt/cni/bin/kong-mesh-cni",
     ];
     assert_eq!(listing, want);
 
