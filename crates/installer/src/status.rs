@@ -114,7 +114,7 @@ pub fn gather(settings: &Settings) -> NodeStatus {
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .map(|d| d.as_secs()),
         agent: agent(settings),
-        pending_repairs: std::fs::read_dir(settings.run_dir.join("pending")).map_or(0, |d| d.count()),
+        pending_repairs: cni::plugin::pending::list(&settings.run_dir).len(),
         backend: match &settings.ebpf {
             Some(paths) => format!("ebpf (programs pinned under {})", paths.bpffs.display()),
             None => "iptables (rules in each mesh pod's namespace)".to_owned(),
@@ -180,10 +180,11 @@ fn chain(s: &Settings) -> Chain {
 
 /// The installed binary against ours (this process's: the same image as the installer's).
 fn binary(path: &Path) -> FileState {
-    let state = match (std::fs::read(path), std::fs::read("/proc/self/exe")) {
-        (Err(_), _) => "missing",
-        (Ok(installed), Ok(ours)) if installed == ours => "current",
-        (Ok(_), _) => "stale",
+    // Compared in chunks: the container's memory limit is far below two binaries.
+    let state = match crate::fsio::same_content(Path::new("/proc/self/exe"), path) {
+        Err(_) if !path.exists() => "missing",
+        Ok(true) => "current",
+        _ => "stale",
     };
     FileState { path: path.display().to_string(), state: state.to_owned() }
 }
@@ -218,7 +219,9 @@ fn agent(s: &Settings) -> String {
         Err(e) => format!("not answering on {}: {e}", s.agent_socket.display()),
         Ok(Err(e)) => format!("answering on {}, but: {e}", s.agent_socket.display()),
         Ok(Ok(answer)) => match answer.status {
-            cni::agent::Status::NotSynced => "not synced yet: the plugin asks the API server".to_owned(),
+            cni::agent::Status::NotSynced => {
+                format!("not synced ({}): the plugin asks the API server", answer.detail.unwrap_or_default())
+            }
             cni::agent::Status::Refused => format!("refusing lookups: {}", answer.detail.unwrap_or_default()),
             _ => "synced".to_owned(),
         },

@@ -1,7 +1,7 @@
 //! Operating the CNI on a real node (testkit::node: kubelet, containerd, runc) without
 //! restarting anything: the chart's ConfigMap key `logLevel` edited while pods run; the
 //! next pod's ADD logs at debug in `kubectl logs` of the DaemonSet pod; no pod
-//! restarted. Prints what each part took: the kubelet's ConfigMap volume sync dominates
+//! restarted; `kong-mesh-cni status` run in the DaemonSet pod shows the node ready. Prints what each part took: the kubelet's ConfigMap volume sync dominates
 //! (the node's `syncFrequency` is 5 s; a kubelet's default is 1 min).
 
 use std::path::Path;
@@ -92,6 +92,40 @@ async fn the_log_level_changes_through_the_configmap_with_no_pod_restarted() {
     .unwrap_or_else(|e| panic!("{e}"));
     let to_plugin_debug = edited.elapsed();
     eprintln!("kubectl logs: {line}");
+
+    // `kubectl exec ds/kong-mesh-cni -- kong-mesh-cni status`, through the node's
+    // containerd (what the kubelet's exec does): the node at a glance, from inside.
+    let cni_now = Api::<Pod>::namespaced(client.clone(), CNI_NAMESPACE).get(&cni_name).await.unwrap();
+    let id =
+        cni_now.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c[0].container_id.clone());
+    let id = id.unwrap().trim_start_matches("containerd://").to_owned();
+    let wants = [
+        "node              READY\n",
+        "(plugin 3 of 3: bridge -> portmap -> kong-mesh-cni)\n",
+        "(current)\n",
+        // The agent's watch may be re-listing for a moment: then status says so, and we ask again.
+        "node agent        synced\n",
+        // The node's chart values turn the health port off: the ready file then.
+        "installer         ready",
+        "log level         debug\n",
+        "exit=0\n",
+    ];
+    let exec = Instant::now();
+    let mut screen = String::new();
+    for attempt in 0..10 {
+        let exec_id = format!("status-{attempt}");
+        let command =
+            ["tasks", "exec", "--exec-id", &exec_id, &id, "/bin/sh", "-c", "kong-mesh-cni status 2>&1; echo exit=$?"];
+        screen = node.ctr(&command).unwrap_or_else(|e| panic!("kong-mesh-cni status in the CNI pod: {e}"));
+        if wants.iter().all(|w| screen.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!("kong-mesh-cni status ({:.1?} to a ready screen):\n{screen}", exec.elapsed());
+    for want in wants {
+        assert!(screen.contains(want), "{want:?} in:\n{screen}");
+    }
 
     // Nothing restarted: the CNI pod and the running pod are the same, with no restarts.
     let pods: Api<Pod> = Api::namespaced(client.clone(), CNI_NAMESPACE);
