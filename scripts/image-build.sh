@@ -52,6 +52,9 @@ trap 'rm -rf "$work"' EXIT
 rootfs=$work/rootfs
 install -D -m 0755 "$binary" "$rootfs/opt/cni/bin/kong-mesh-cni"
 ln -s /opt/cni/bin/kong-mesh-cni "$rootfs/install-cni"
+# On the PATH too: `kubectl exec ds/kong-mesh-cni -- kong-mesh-cni status`.
+install -d -m 0755 "$rootfs/usr" "$rootfs/usr/local" "$rootfs/usr/local/bin"
+ln -s /opt/cni/bin/kong-mesh-cni "$rootfs/usr/local/bin/kong-mesh-cni"
 install -D -m 0755 "$busybox" "$rootfs/bin/busybox"
 # What the charts run in the image: Kuma's `sh -c "sleep N && exec /install-cni"` and
 # `cat /tmp/ready`, ours `/bin/sleep` and `/bin/cat`.

@@ -9,7 +9,7 @@ pub mod applied;
 pub mod ask;
 mod conf;
 pub mod ebpf;
-mod logging;
+pub mod logging;
 mod lookup;
 pub mod pending;
 
@@ -79,8 +79,12 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
         Err(e) if env.command == Command::Del => (PluginConf::default(), Some(e)),
         Err(e) => return Err((e, version)),
     };
-    let level = var("CNI_LOG_LEVEL").unwrap_or_else(|| plugin.log_level.clone());
-    logging::init(&level, &plugin.log_socket, &plugin.log_file);
+    // The installer's file follows its ConfigMap at run time; the conf's level is the default.
+    let level = var("CNI_LOG_LEVEL")
+        .or_else(|| logging::setting_in(&plugin.run_dir, logging::LEVEL_FILE))
+        .unwrap_or_else(|| plugin.log_level.clone());
+    let format = var("CNI_LOG_FORMAT").or_else(|| logging::setting_in(&plugin.run_dir, logging::FORMAT_FILE));
+    logging::init(&level, format.as_deref() == Some("json"), &plugin.log_socket, &plugin.log_file);
     if let Some(e) = conf_error {
         tracing::warn!("{e}; removing with the default settings");
     }

@@ -85,6 +85,11 @@ pub struct InstallArgs {
     /// Empty: no relay (the plugin then logs to its file on the host).
     #[arg(long, env = "KMC_LOG_SOCKET", default_value = "/run/kong-mesh-cni/log.sock")]
     pub log_socket: PathBuf,
+    /// The log level as a file to follow while running (the chart's ConfigMap key
+    /// `logLevel`, mounted): a change applies to us, the relay and the next plugin
+    /// calls, no restart. Empty: CNI_LOG_LEVEL, fixed.
+    #[arg(long, env = "KMC_LOG_LEVEL_FILE", default_value = "")]
+    pub log_level_file: String,
     /// Repairs within --repair-window that run at once; past that another agent is
     /// reverting us: repairs are spaced out and a warning names the file.
     #[arg(long, env = "KMC_REPAIR_LIMIT", default_value_t = 10)]
@@ -176,6 +181,13 @@ pub struct Settings {
     /// `None`: every address.
     pub health_address: Option<IpAddr>,
     pub log_socket: Option<PathBuf>,
+    /// The level file to follow ([`crate::loglevel`]).
+    pub log_level_file: Option<PathBuf>,
+    /// The level we started at (CNI_LOG_LEVEL, set by the binary's global flag); `None`
+    /// when it is a filter directive rather than one level.
+    pub log_level: Option<ops::loglevel::Level>,
+    /// CNI_LOG_FORMAT, set by the binary's global flag: the relay and the plugin follow it.
+    pub log_format: ops::LogFormat,
     pub repair_limit: usize,
     pub repair_window: Duration,
     /// This node's name: the node agent runs when it is known.
@@ -282,6 +294,9 @@ impl Settings {
             health_port: args.health_port,
             health_address: args.health_address.0,
             log_socket: Some(args.log_socket).filter(|p| !p.as_os_str().is_empty()),
+            log_level_file: Some(args.log_level_file).filter(|p| !p.is_empty()).map(PathBuf::from),
+            log_level: None,
+            log_format: ops::LogFormat::Text,
             repair_limit: args.repair_limit,
             repair_window: args.repair_window,
             node_name,

@@ -325,7 +325,7 @@ pub fn ensure_binary(source: &Path, dir: &Path, name: &str, trusted: Option<File
     Ok((FileId::of(&fs::metadata(&path)?), true))
 }
 
-fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
+pub(crate) fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
     let (mut a, mut b) = (File::open(a)?, File::open(b)?);
     let (mut buf_a, mut buf_b) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
     loop {

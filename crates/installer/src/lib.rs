@@ -25,6 +25,7 @@ pub mod health;
 pub mod inplace;
 mod jsontext;
 pub mod kubeconfig;
+pub mod loglevel;
 pub mod logsock;
 pub mod machine;
 pub mod plan;
@@ -33,6 +34,7 @@ mod repair_agent;
 mod rootsock;
 pub mod shutdown;
 mod sources;
+pub mod status;
 pub mod template;
 pub mod throttle;
 
@@ -81,10 +83,21 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
             let listener = ops::bind(settings.health_address, settings.health_port).await?;
             tokio::spawn(ops::serve(listener, status.clone(), health::SERVE_OPTIONS));
         }
+        // Every plugin line, unless a level file says otherwise: the plugin filters at its conf's level.
+        let relay_level = loglevel::RelayLevel::new(ops::loglevel::Level::Trace);
+        if settings.sleep {
+            loglevel::start(
+                settings.log_level_file.clone(),
+                settings.log_level,
+                settings.run_dir.clone(),
+                relay_level.clone(),
+            );
+            loglevel::pass_format(&settings.run_dir, settings.log_format);
+        }
         // Plugin logs matter only while we run; without the relay the plugin writes
         // them to a file on the host, so a failure here does not stop the install.
         let log_socket = match &settings.log_socket {
-            Some(path) if settings.sleep => LogSocket::start(path, std::io::stderr())
+            Some(path) if settings.sleep => LogSocket::start(path, std::io::stderr(), relay_level, settings.log_format)
                 .inspect_err(|e| tracing::warn!("{e}; plugin logs go to its file on the host"))
                 .ok(),
             _ => None,

@@ -31,7 +31,16 @@ fn a_stalled_stderr_never_blocks_and_lines_are_clean_and_attributed() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     // SAFETY: umask has no preconditions; restored right after the bind.
     let old = unsafe { libc::umask(0) };
-    let socket = runtime.block_on(async { LogSocket::start(&path, write_end) }).unwrap();
+    let socket = runtime
+        .block_on(async {
+            LogSocket::start(
+                &path,
+                write_end,
+                installer::loglevel::RelayLevel::new(ops::loglevel::Level::Trace),
+                ops::LogFormat::Text,
+            )
+        })
+        .unwrap();
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "not the umask's 0777");

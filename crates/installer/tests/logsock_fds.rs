@@ -17,7 +17,16 @@ fn out_of_descriptors_the_accept_loop_backs_off() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.sock");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let socket = runtime.block_on(async { LogSocket::start(&path, std::io::sink()) }).unwrap();
+    let socket = runtime
+        .block_on(async {
+            LogSocket::start(
+                &path,
+                std::io::sink(),
+                installer::loglevel::RelayLevel::new(ops::loglevel::Level::Trace),
+                ops::LogFormat::Text,
+            )
+        })
+        .unwrap();
     // 50 clients that connect and stay (a flood, or plugins of a pod burst).
     let script = format!(
         "import socket, time\nc = []\nfor _ in range(50):\n  s = socket.socket(socket.AF_UNIX); s.connect({:?}); c.append(s)\nprint('up', flush=True)\ntime.sleep(6)\n",

@@ -96,6 +96,9 @@ fn binary_path_entrypoint_and_commands_match_the_chart() {
     assert!(joined.contains("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS=\"-C target-feature=+crt-static\""));
     assert!(joined.contains("/rootfs/opt/cni/bin/kong-mesh-cni"));
     assert!(joined.contains("ln -s /opt/cni/bin/kong-mesh-cni /rootfs/install-cni"));
+    // `kubectl exec ds/kong-mesh-cni -- kong-mesh-cni status` finds it on the PATH.
+    assert!(joined.contains("ln -s /opt/cni/bin/kong-mesh-cni /rootfs/usr/local/bin/kong-mesh-cni"));
+    assert!(ins.iter().any(|i| i.starts_with("ENV PATH=/usr/local/bin:") || i.contains(":/usr/local/bin:")));
     let entrypoint = ins.iter().find_map(|i| i.strip_prefix("ENTRYPOINT ")).expect("an ENTRYPOINT");
     let entrypoint: Vec<String> = serde_json::from_str(entrypoint).unwrap();
 
@@ -224,6 +227,10 @@ fn the_image_built_here_has_the_entrypoint_user_files_and_labels_the_charts_need
         "drwxr-xr-x 0/0 ./opt/cni/bin/",
         "-rwxr-xr-x 0/0 ./opt/cni/bin/kong-mesh-cni",
         "drwxrwxrwt 0/0 ./tmp/",
+        "drwxr-xr-x 0/0 ./usr/",
+        "drwxr-xr-x 0/0 ./usr/local/",
+        "drwxr-xr-x 0/0 ./usr/local/bin/",
+        "lrwxrwxrwx 0/0 ./usr/local/bin/kong-mesh-cni -> /opt/cni/bin/kong-mesh-cni",
     ];
     assert_eq!(listing, want);
 

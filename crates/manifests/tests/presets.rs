@@ -263,9 +263,9 @@ fn the_installer_accepts_what_the_chart_gives_it() {
         let r = Rendered::new(Some(preset).filter(|p| !p.is_empty()), set);
         let mut argv = vec!["install".to_string(), "--kubernetes-service-host".into(), "10.96.0.1".into()];
         for (name, entry) in env(r.installer()) {
-            // The binary's global --log-level reads CNI_LOG_LEVEL; every other variable
-            // must be one of the installer's.
-            if name == "CNI_LOG_LEVEL" {
+            // The binary's global --log-level and --log-format read CNI_LOG_LEVEL and
+            // CNI_LOG_FORMAT; every other variable must be one of the installer's.
+            if name == "CNI_LOG_LEVEL" || name == "CNI_LOG_FORMAT" {
                 continue;
             }
             let long = flags.get(&name).unwrap_or_else(|| panic!("{preset}: the installer has no variable {name}"));
@@ -329,7 +329,7 @@ fn the_controller_accepts_what_the_chart_gives_it() {
         );
         let mut argv = Vec::new();
         for (name, entry) in env(ctl) {
-            if name == "CNI_LOG_LEVEL" {
+            if name == "CNI_LOG_LEVEL" || name == "CNI_LOG_FORMAT" {
                 continue;
             }
             let long = flags.get(&name).unwrap_or_else(|| panic!("the controller has no variable {name}"));
@@ -484,4 +484,40 @@ fn switches_and_refusals() {
     // A changed conf rolls the DaemonSet's pods (CNI_NETWORK_CONFIG is read at start).
     let sum = |r: &Rendered| r.daemonset()["spec"]["template"]["metadata"]["annotations"]["checksum/config"].clone();
     assert_ne!(sum(&debug), sum(&Rendered::new(Some("kind"), &[])));
+}
+
+#[test]
+fn the_log_level_is_a_configmap_key_the_installer_follows_without_a_restart() {
+    for (set, level) in [(&[][..], "info"), (&["cni.logLevel=debug"][..], "debug")] {
+        let r = Rendered::new(Some("kind"), set);
+        let config = r.get("ConfigMap", "kong-mesh-cni-config");
+        assert_eq!(config["data"]["logLevel"], level, "cni.logLevel is where it starts: {set:?}");
+        let file = env_value(r.installer(), "KMC_LOG_LEVEL_FILE");
+        let (dir, name) = file.rsplit_once('/').unwrap();
+        let mounted = mount(r.installer(), "config");
+        assert_eq!(mounted["mountPath"], dir);
+        assert_eq!(mounted["readOnly"], true);
+        // A subPath mount would pin the file the pod started with: no update would arrive.
+        assert!(mounted.get("subPath").is_none(), "{mounted:?}");
+        let volumes = r.daemonset()["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap();
+        let volume = volumes.iter().find(|v| v["name"] == "config").expect("the config volume");
+        assert_eq!(volume["configMap"]["name"], "kong-mesh-cni-config");
+        let items = volume["configMap"]["items"].as_sequence().unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!((&items[0]["key"], &items[0]["path"]), (&"logLevel".into(), &name.into()));
+    }
+}
+
+#[test]
+fn the_log_format_reaches_the_installer_and_the_controller() {
+    for (set, format) in [(&[][..], "text"), (&["cni.logFormat=json"][..], "json")] {
+        let r = Rendered::new(Some("kind"), set);
+        assert_eq!(env_value(r.installer(), "CNI_LOG_FORMAT"), format);
+        assert_eq!(env_value(r.controller(), "CNI_LOG_FORMAT"), format);
+    }
+    let err = Chart::embedded()
+        .render(&Options { set: vec!["cni.logFormat=yaml".into()], ..Options::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/cni/logFormat") && err.contains("'text', 'json'"), "{err}");
 }

@@ -5,6 +5,7 @@
 //! syntax of our flags, and the file-descriptor limit.
 
 pub mod admin;
+pub mod loglevel;
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
@@ -37,11 +38,20 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
-/// Logs go to stderr (stdout carries command output), as plain text lines.
+/// How log lines are written: `text` for people, `json` (one object per line) for log
+/// collectors (`CNI_LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Logs go to stderr (stdout carries command output), one line per event.
 /// `off|error|warn|info|debug|trace` or a filter directive; an unknown level falls
 /// back to info rather than failing the command over its logging.
-pub fn init_logging(level: &str) {
-    init_with(level, std::io::stderr);
+pub fn init_logging(level: &str, format: LogFormat) {
+    init_with(level, format, std::io::stderr);
 }
 
 /// Log lines queued for stderr by [`init_logging_non_blocking`]; past this they are
@@ -61,29 +71,43 @@ pub struct LogGuard {
 /// stderr is written by a thread of its own through a bounded queue, and a line that
 /// does not fit (stderr is a pipe nobody reads: a stalled log collector) is dropped and
 /// counted ([`register_log_metrics`]) instead of stopping the caller.
-pub fn init_logging_non_blocking(level: &str) -> LogGuard {
+pub fn init_logging_non_blocking(level: &str, format: LogFormat) -> LogGuard {
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .thread_name("log-writer")
         .finish(std::io::stderr());
     let _ = LOG_DROPS.set(writer.error_counter());
-    init_with(level, writer);
+    init_with(level, format, writer);
     LogGuard { _writer: guard }
 }
 
-fn init_with<W>(level: &str, writer: W)
+fn init_with<W>(level: &str, format: LogFormat, writer: W)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
     // Colours only for a person at a terminal: `kubectl logs` shows escape codes raw.
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    // The filter can be swapped at run time (loglevel::set): the installer follows a ConfigMap.
+    macro_rules! init {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() {
+                loglevel::install(Box::new(move |filter| handle.reload(filter).is_ok()));
+            }
+        }};
+    }
+    match format {
+        LogFormat::Text => init!(builder),
+        // The event's fields at the top level, beside timestamp and level.
+        LogFormat::Json => init!(builder.json().flatten_event(true).with_ansi(false)),
+    }
 }
 
 /// Log lines dropped so far because stderr was not read (0 with blocking logging).

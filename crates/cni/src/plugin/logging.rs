@@ -87,12 +87,31 @@ impl<'a> MakeWriter<'a> for MakeLineWriter {
     }
 }
 
+/// The file in the run dir where the installer keeps the node's current log level (its
+/// ConfigMap's), so a level changed at run time reaches the next call without a
+/// conflist rewrite (which would wake the primary CNI's watchers).
+pub const LEVEL_FILE: &str = "log-level";
+/// Likewise the installer's log format, `json`, when it is not text.
+pub const FORMAT_FILE: &str = "log-format";
+
+/// What the installer left in `run_dir/name` (a level, a format), if anything: a few
+/// bytes, read once per call.
+pub fn setting_in(run_dir: &Path, name: &str) -> Option<String> {
+    use std::io::Read;
+    let file = netns::hostfile::open_regular(&run_dir.join(name), OpenOptions::new().read(true)).ok()?;
+    let mut text = String::new();
+    // A level is one short word: a larger file is not one the installer wrote.
+    file.take(16).read_to_string(&mut text).ok()?;
+    Some(text.trim().to_owned()).filter(|t| !t.is_empty())
+}
+
 /// The crates under the plugin whose lines it logs at the configured level; the
 /// libraries under them (HTTP, TLS) only their warnings.
 const OURS: [&str; 4] = ["cni::plugin", "netfilter", "ebpf", "kuma"];
 
-/// `level` is off, error, warn, info, debug or trace (unknown: info).
-pub fn init(level: &str, socket: &Path, file: &Path) {
+/// `level` is off, error, warn, info, debug or trace (unknown: info); `json`: one JSON
+/// object per line, as the installer writes its own.
+pub fn init(level: &str, json: bool, socket: &Path, file: &Path) {
     let level = match level {
         "off" => LevelFilter::OFF,
         "error" => LevelFilter::ERROR,
@@ -106,14 +125,12 @@ pub fn init(level: &str, socket: &Path, file: &Path) {
     let (sink, unreachable) = Sink::new(socket, file);
     let writer = MakeLineWriter(Arc::new(sink));
     // fmt's own maximum is info by default: without ours, `debug` would never get through.
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(writer)
-        .with_ansi(false)
-        .with_target(false)
-        .finish()
-        .with(filter)
-        .try_init();
+    let builder =
+        tracing_subscriber::fmt().with_max_level(level).with_writer(writer).with_ansi(false).with_target(false);
+    let _ = match json {
+        true => builder.json().flatten_event(true).finish().with(filter).try_init(),
+        false => builder.finish().with(filter).try_init(),
+    };
     // In the file, first: a plugin whose lines never reach `kubectl logs` says where
     // it looked (a run dir that is not the host's shows here).
     if let Some(e) = unreachable {

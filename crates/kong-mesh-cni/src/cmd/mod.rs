@@ -4,6 +4,7 @@ mod controller;
 mod install;
 mod manifests;
 mod rules;
+mod status;
 mod validate;
 
 use std::process::ExitCode;
@@ -20,6 +21,9 @@ struct Cli {
     /// Log level: off, error, warn, info, debug or trace.
     #[arg(long, global = true, env = "CNI_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// Log lines as text, or as one JSON object per line (the plugin's relayed lines too).
+    #[arg(long, global = true, env = "CNI_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: ops::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +44,9 @@ enum Command {
     /// Run the control-plane controllers until SIGTERM: node taint until the CNI is
     /// ready, NetworkAttachmentDefinitions for Multus, repair of pods that raced the CNI.
     Controller(Box<::controller::ControllerArgs>),
+    /// This node's CNI at a glance (run in the DaemonSet's container: `kubectl exec
+    /// ds/kong-mesh-cni -- kong-mesh-cni status`); exits 1 when the node is not ready.
+    Status(Box<status::StatusArgs>),
 }
 
 /// Parses the command line (as `install` when invoked as `install-cni`) and runs it.
@@ -48,18 +55,19 @@ pub fn main() -> ExitCode {
     // The installer's event loop must never wait for stderr (a stalled log collector);
     // the short commands' lines stay in order with their output.
     let _log_writer = match &cli.command {
-        Command::Install(_) => Some(ops::init_logging_non_blocking(&cli.log_level)),
+        Command::Install(_) => Some(ops::init_logging_non_blocking(&cli.log_level, cli.log_format)),
         _ => {
-            ops::init_logging(&cli.log_level);
+            ops::init_logging(&cli.log_level, cli.log_format);
             None
         }
     };
     match cli.command {
         Command::Rules(args) => rules::run(args),
         Command::Validate(args) => validate::run(args),
-        Command::Install(args) => install::run(*args),
+        Command::Install(args) => install::run(*args, &cli.log_level, cli.log_format),
         Command::Manifests(args) => manifests::run(args),
         Command::Controller(args) => controller::run(*args),
+        Command::Status(args) => status::run(*args),
     }
 }
 
