@@ -457,8 +457,8 @@ fn plan_of(mode: &Mode, snap: &plan::Snapshot, ours: &crate::template::Ours) -> 
 }
 
 /// Applies `ops`, made by `replan` from `snap`; a file another agent rewrote meanwhile
-/// gets `replan`'s edit of its new content instead (see [`fsio::apply`]), or its new
-/// content back when that needs none.
+/// gets `replan`'s edit of its new content instead (see [`fsio::apply`]), or is left as
+/// they wrote it when that needs none.
 fn write_plan(
     dir: &Path,
     host_dir: &Path,
@@ -469,13 +469,10 @@ fn write_plan(
     fsio::apply(dir, host_dir, ops, snap, |name, theirs| {
         let mut now = snap.clone();
         now.insert(name.to_string(), Ok(theirs.to_vec()));
-        replan(&now)
-            .into_iter()
-            .find_map(|op| match op {
-                plan::FileOp::Write { name: n, content } if n == name => Some(content.into_bytes()),
-                _ => None,
-            })
-            .unwrap_or_else(|| theirs.to_vec())
+        replan(&now).into_iter().find_map(|op| match op {
+            plan::FileOp::Write { name: n, content } if n == name => Some(content.into_bytes()),
+            _ => None,
+        })
     })
 }
 

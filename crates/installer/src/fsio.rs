@@ -129,13 +129,16 @@ const MAX_REMERGES: usize = 8;
 /// merged: the new file is swapped in with `renameat2(RENAME_EXCHANGE)`, and when what
 /// comes back is not `base` (another agent wrote in between) `remerge(name, theirs)`
 /// gives the content to write over it instead, until what comes back is what was
-/// merged. A file that is a symlink is edited where it points (see [`snapshot`]).
+/// merged. When it gives none (their content is nothing we edit, e.g. a file caught
+/// half-written), their file itself is swapped back in place, not a copy of what was
+/// read: a writer still writing into it then finishes into the file in place. A file
+/// that is a symlink is edited where it points (see [`snapshot`]).
 pub fn apply(
     dir: &Path,
     host_dir: &Path,
     ops: &[FileOp],
     base: &Snapshot,
-    remerge: impl Fn(&str, &[u8]) -> Vec<u8>,
+    remerge: impl Fn(&str, &[u8]) -> Option<Vec<u8>>,
 ) -> io::Result<()> {
     for op in ops {
         match op {
@@ -203,7 +206,7 @@ fn replace_merged(
     name: &str,
     mut content: Vec<u8>,
     mut expected: Option<Vec<u8>>,
-    remerge: impl Fn(&[u8]) -> Vec<u8>,
+    remerge: impl Fn(&[u8]) -> Option<Vec<u8>>,
 ) -> io::Result<()> {
     let target = dir.join(name);
     let mode = fs::metadata(&target).map_or(CONF_MODE, |m| m.permissions().mode() & 0o7777);
@@ -216,16 +219,23 @@ fn replace_merged(
         let theirs = match swapped {
             // Created where nothing was: nothing to compare.
             Ok(()) if expected.is_none() => return sync_dir(dir),
-            Ok(()) => {
-                let theirs = fs::read(&temp);
-                let _ = fs::remove_file(&temp);
-                theirs?
-            }
+            // Theirs is at `temp` now, until it is settled below.
+            Ok(()) => match fs::read(&temp) {
+                Ok(theirs) => theirs,
+                Err(e) => {
+                    let _ = fs::remove_file(&temp);
+                    return Err(e);
+                }
+            },
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 let _ = fs::remove_file(&temp);
                 let theirs = fs::read(&target)?;
-                expected = Some(theirs.clone());
-                content = remerge(&theirs);
+                match remerge(&theirs) {
+                    Some(merged) => content = merged,
+                    // Created meanwhile by another agent, as nothing we edit: theirs stays.
+                    None => return sync_dir(dir),
+                }
+                expected = Some(theirs);
                 continue;
             }
             // A filesystem without renameat2 flags: a plain rename, as before.
@@ -242,15 +252,35 @@ fn replace_merged(
             }
         };
         if expected.as_deref() == Some(&theirs[..]) {
+            let _ = fs::remove_file(&temp);
             return sync_dir(dir);
         }
         // Another writer got in between: what is in place now is our merge of their
         // older content; write our merge of what they wrote over it.
         tracing::info!(path = %target.display(), "the file changed while we wrote it; merging again");
-        expected = Some(std::mem::replace(&mut content, remerge(&theirs)));
+        match remerge(&theirs) {
+            Some(merged) => {
+                let _ = fs::remove_file(&temp);
+                expected = Some(std::mem::replace(&mut content, merged));
+            }
+            None => return give_back(dir, &temp, &target, &content),
+        }
     }
     sync_dir(dir)?;
     Err(io::Error::other(format!("{} kept changing while we wrote it", target.display())))
+}
+
+/// Puts their file (at `temp`, swapped out by our write of `ours`) back at `target`.
+/// If `target` was replaced again meanwhile, the newest file is the one left in place.
+fn give_back(dir: &Path, temp: &Path, target: &Path, ours: &[u8]) -> io::Result<()> {
+    tracing::info!(path = %target.display(), "the file changed while we wrote it into nothing we edit; put it back as it is");
+    let back = rename2(temp, target, libc::RENAME_EXCHANGE);
+    if back.is_ok() && fs::read(temp).is_ok_and(|now| now != ours) {
+        // Someone replaced our write before the exchange: theirs, the newest, goes back.
+        rename2(temp, target, libc::RENAME_EXCHANGE)?;
+    }
+    let _ = fs::remove_file(temp);
+    back.and_then(|()| sync_dir(dir))
 }
 
 fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
@@ -387,6 +417,28 @@ mod tests {
         assert!(ensure_file(dir.path(), "k", b"1", 0o600).unwrap());
         assert!(!ensure_file(dir.path(), "k", b"1", 0o600).unwrap());
         assert!(ensure_file(dir.path(), "k", b"2", 0o600).unwrap());
+    }
+
+    /// A file caught half-written by another agent (here: truncated, as `>` does) is
+    /// nothing we edit: the file itself goes back in place (same inode, so a writer still
+    /// writing into it finishes there), never a copy of the bytes read mid-write.
+    #[test]
+    fn a_file_changed_into_nothing_we_edit_is_given_back_itself() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("10-calico.conflist");
+        fs::write(&p, "").unwrap();
+        let theirs = fs::metadata(&p).unwrap().ino();
+        let base = Snapshot::from([("10-calico.conflist".to_string(), Ok(b"{\"old\":1}".to_vec()))]);
+        let ops = [FileOp::Write { name: "10-calico.conflist".into(), content: "{\"ours\":1}".into() }];
+        apply(dir.path(), dir.path(), &ops, &base, |_, t| {
+            assert_eq!(t, b"", "what came back is theirs");
+            None
+        })
+        .unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().ino(), theirs, "their file, not a copy");
+        assert_eq!(fs::read_to_string(&p).unwrap(), "");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp left");
     }
 
     #[test]

@@ -157,8 +157,22 @@ impl Installer {
     }
 
     /// Everything it logged so far.
+    /// Everything it logged so far. The installer writes its lines from a thread of its
+    /// own (a stalled stderr must not stop it), so a line logged before an effect the
+    /// test saw may still be queued: this waits until the log has not grown for 50 ms
+    /// (at most 2 s, for an installer that never stops logging).
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(self.log.path()).unwrap_or_default()).into_owned()
+        let read = || std::fs::read(self.log.path()).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut seen = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = read();
+            if now.len() == seen.len() || Instant::now() > deadline {
+                return String::from_utf8_lossy(&now).into_owned();
+            }
+            seen = now;
+        }
     }
 
     pub fn signal(&self, signal: i32) {
