@@ -14,7 +14,7 @@
 set -euo pipefail
 
 PACKAGES=(
-	bash dash coreutils findutils grep mawk gzip tar apt dpkg # the scripts
+	bash dash coreutils findutils grep mawk sed gzip tar apt dpkg # the scripts
 	util-linux mount procps # unshare, setpriv, nsenter, flock, mount, sysctl, kill
 	iproute2 iptables nftables # ip netns, veth; both iptables back ends; nft
 	containernetworking-plugins # Debian's reference plugins (1.1.1) in /usr/lib/cni
