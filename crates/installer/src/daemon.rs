@@ -193,11 +193,7 @@ impl Installer {
     }
 
     fn check_chain(&mut self, now: Instant) {
-        let wanted = match &self.s.mode {
-            Mode::Chained { conf_name } => plan::wanted(conf_name.as_deref()),
-            Mode::Standalone { conf_name } => plan::wanted(Some(conf_name)),
-        };
-        let snap = match fsio::snapshot(&self.s.net_dir, &self.s.host_net_dir, wanted) {
+        let snap = match fsio::snapshot(&self.s.net_dir, &self.s.host_net_dir, wanted_of(&self.s.mode)) {
             Ok(snap) => snap,
             Err(e) => {
                 return self.set_chain(Err((
@@ -448,8 +444,16 @@ impl Installer {
     }
 }
 
+/// The files of the net dir the mode's plan reads (`None`: every conf).
+pub(crate) fn wanted_of(mode: &Mode) -> Option<Vec<String>> {
+    match mode {
+        Mode::Chained { conf_name } => plan::wanted(conf_name.as_deref()),
+        Mode::Standalone { conf_name } => plan::wanted(Some(conf_name)),
+    }
+}
+
 /// What the mode wants done with the net dir as `snap` shows it.
-fn plan_of(mode: &Mode, snap: &plan::Snapshot, ours: &crate::template::Ours) -> Plan {
+pub(crate) fn plan_of(mode: &Mode, snap: &plan::Snapshot, ours: &crate::template::Ours) -> Plan {
     match mode {
         Mode::Chained { conf_name } => plan::chain(conf_name.as_deref(), snap, ours),
         Mode::Standalone { conf_name } => plan::standalone(conf_name, snap, ours),

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::args::{Mode, Settings};
+use crate::args::Settings;
 use crate::{kubeconfig, plan};
 
 /// Each question to the installer or the agent; the command must answer promptly.
@@ -131,22 +131,14 @@ pub fn gather(settings: &Settings) -> NodeStatus {
 
 fn chain(s: &Settings) -> Chain {
     let mut chain = Chain { file: None, position: None, plugins: Vec::new(), entry: None, problem: None };
-    let wanted = match &s.mode {
-        Mode::Chained { conf_name } => plan::wanted(conf_name.as_deref()),
-        Mode::Standalone { conf_name } => plan::wanted(Some(conf_name)),
-    };
-    let snap = match crate::fsio::snapshot(&s.net_dir, &s.host_net_dir, wanted) {
+    let snap = match crate::fsio::snapshot(&s.net_dir, &s.host_net_dir, crate::daemon::wanted_of(&s.mode)) {
         Ok(snap) => snap,
         Err(e) => {
             chain.problem = Some(format!("cannot read {}: {e}", s.net_dir.display()));
             return chain;
         }
     };
-    let planned = match &s.mode {
-        Mode::Chained { conf_name } => plan::chain(conf_name.as_deref(), &snap, &s.ours),
-        Mode::Standalone { conf_name } => plan::standalone(conf_name, &snap, &s.ours),
-    };
-    let file = match planned {
+    let file = match crate::daemon::plan_of(&s.mode, &snap, &s.ours) {
         plan::Plan::InPlace { file, .. } => file,
         plan::Plan::Apply { file, .. } => {
             chain.problem = Some(format!("our entry is not (as it should be) in {}", s.net_dir.join(&file).display()));
@@ -206,19 +198,12 @@ fn agent(s: &Settings) -> String {
         return "off (no NODE_NAME): the plugin asks the API server".to_owned();
     }
     let request = cni::agent::Request::new("kube-system", "kong-mesh-cni-status-probe", None);
-    let asked = (|| {
-        let mut stream = std::os::unix::net::UnixStream::connect(&s.agent_socket)?;
-        stream.set_read_timeout(Some(ASK_TIMEOUT))?;
-        stream.set_write_timeout(Some(ASK_TIMEOUT))?;
-        stream.write_all(&request.to_line())?;
-        let mut answer = Vec::new();
-        stream.take(cni::agent::MAX_ANSWER as u64).read_to_end(&mut answer)?;
-        Ok::<_, std::io::Error>(answer)
-    })();
-    match asked.map(|a| cni::agent::Answer::parse(&a, &request)) {
+    match cni::plugin::ask::answer(&s.agent_socket, &request, ASK_TIMEOUT) {
+        Err(e @ cni::plugin::ask::AskError::Protocol(_)) => {
+            format!("answering on {}, but: {e}", s.agent_socket.display())
+        }
         Err(e) => format!("not answering on {}: {e}", s.agent_socket.display()),
-        Ok(Err(e)) => format!("answering on {}, but: {e}", s.agent_socket.display()),
-        Ok(Ok(answer)) => match answer.status {
+        Ok(answer) => match answer.status {
             cni::agent::Status::NotSynced => {
                 format!("not synced ({}): the plugin asks the API server", answer.detail.unwrap_or_default())
             }

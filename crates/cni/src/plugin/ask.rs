@@ -27,24 +27,41 @@ pub enum Asked {
 
 pub fn pod(socket: &Path, namespace: &str, name: &str, uid: Option<&str>) -> Asked {
     let request = Request::new(namespace, name, uid);
-    let stream = match connect(socket) {
-        Ok(stream) => stream,
-        Err(e) => return Asked::Unreachable(format!("{}: {e}", socket.display())),
-    };
-    match exchange(&stream, &request) {
-        Ok(line) => match Answer::parse(&line, &request) {
-            Ok(Answer { status: Status::Found, pod: Some(pod), .. }) => Asked::Found(pod),
-            Ok(answer) => Asked::Miss(format!("{:?}: {}", answer.status, answer.detail.unwrap_or_default())),
-            Err(e) => Asked::Miss(e.to_string()),
-        },
-        Err(e) => Asked::Miss(format!("{}: {e}", socket.display())),
+    match answer(socket, &request, ANSWER_TIMEOUT) {
+        Ok(Answer { status: Status::Found, pod: Some(pod), .. }) => Asked::Found(pod),
+        Ok(answer) => Asked::Miss(format!("{:?}: {}", answer.status, answer.detail.unwrap_or_default())),
+        Err(e @ AskError::Connect(_)) => Asked::Unreachable(format!("{}: {e}", socket.display())),
+        Err(e @ AskError::Exchange(_)) => Asked::Miss(format!("{}: {e}", socket.display())),
+        Err(e @ AskError::Protocol(_)) => Asked::Miss(e.to_string()),
     }
 }
 
-/// Sends the request and reads the answer line, within [`ANSWER_TIMEOUT`] in all.
-fn exchange(stream: &UnixStream, request: &Request) -> std::io::Result<Vec<u8>> {
-    let deadline = Instant::now() + ANSWER_TIMEOUT;
-    stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+/// Why the agent gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// Nothing listens at the socket.
+    #[error("{0}")]
+    Connect(std::io::Error),
+    /// It stopped answering, or answered too late.
+    #[error("{0}")]
+    Exchange(std::io::Error),
+    /// Its answer does not read.
+    #[error("{0}")]
+    Protocol(#[from] crate::agent::ProtocolError),
+}
+
+/// The agent's answer to `request` at `socket`, within `timeout` once connected (the
+/// plugin's lookups, and `kong-mesh-cni status`).
+pub fn answer(socket: &Path, request: &Request, timeout: Duration) -> Result<Answer, AskError> {
+    let stream = connect(socket).map_err(AskError::Connect)?;
+    let line = exchange(&stream, request, timeout).map_err(AskError::Exchange)?;
+    Ok(Answer::parse(&line, request)?)
+}
+
+/// Sends the request and reads the answer line, within `timeout` in all.
+fn exchange(stream: &UnixStream, request: &Request, timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    stream.set_write_timeout(Some(timeout))?;
     let mut stream = stream;
     stream.write_all(&request.to_line())?;
     let mut answer = Vec::with_capacity(4096);
@@ -52,7 +69,7 @@ fn exchange(stream: &UnixStream, request: &Request) -> std::io::Result<Vec<u8>> 
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(std::io::Error::new(ErrorKind::TimedOut, format!("no answer within {ANSWER_TIMEOUT:?}")));
+            return Err(std::io::Error::new(ErrorKind::TimedOut, format!("no answer within {timeout:?}")));
         }
         stream.set_read_timeout(Some(left))?;
         let n = match stream.read(&mut buf) {
