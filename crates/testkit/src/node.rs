@@ -104,6 +104,29 @@ pub struct Node {
     ctr_socket: PathBuf,
     pub(crate) state: State,
     armed: bool,
+    /// Held while the node lives: two nodes on one host both DNAT 10.96.0.1:443 and
+    /// would answer each other's pods (test binaries run in parallel sessions).
+    _one_per_host: std::fs::File,
+}
+
+/// Waits for the host's node lock (`$TMPDIR/kmc-node.lock`), saying so when it waits.
+async fn one_node_per_host() -> Result<std::fs::File, NodeError> {
+    let path = std::env::temp_dir().join("kmc-node.lock");
+    let file = std::fs::File::create(&path).map_err(|e| NodeError::io(&path, e))?;
+    let mut said = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !said {
+                    eprintln!("node: waiting for {} (another node runs on this host)", path.display());
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(NodeError::io(&path, e)),
+        }
+    }
 }
 
 fn free_port(ip: Ipv4Addr) -> Result<u16, NodeError> {
@@ -144,6 +167,7 @@ impl Node {
     /// Brings a node up and waits until it is Ready. On failure everything done so far
     /// is undone before the error is returned.
     pub async fn up(options: NodeOptions) -> Result<Node, NodeError> {
+        let one_per_host = one_node_per_host().await?;
         let started = Instant::now();
         let id = unique_suffix();
         let root = std::env::temp_dir().join(format!("kmc-node-{id}"));
@@ -174,6 +198,7 @@ impl Node {
             name,
             root,
             armed: true,
+            _one_per_host: one_per_host,
         };
         node.state.snapshot_host();
         node.state.save()?;
