@@ -14,6 +14,10 @@ pub const SIDECAR_INJECTION_LABEL: &str = "kuma.io/sidecar-injection";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "kong-mesh-cni";
 pub const CRD_NAME: &str = "network-attachment-definitions.k8s.cni.cncf.io";
+/// Multus's Event on a pod that asks for a network its namespace has no NAD of.
+pub const MULTUS_NO_NETWORK: &str = "NoNetworkFound";
+/// Ours on the same pod, when the fix is to label its namespace.
+pub const HINT_REASON: &str = "NamespaceNotLabelled";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -63,6 +67,24 @@ pub fn new_nad(name: &str, namespace: &str) -> DynamicObject {
         ObjectMeta { labels: Some([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned())].into()), ..nad.metadata };
     nad.data = json!({"spec": {"config": ""}});
     nad
+}
+
+/// What to tell the user about a pod Multus could not attach (`multus_message`, the
+/// message of its `NoNetworkFound` Event in `namespace`): only when the missing NAD is
+/// ours and the namespace lacks the label that makes us create it. With the label the
+/// NAD is on its way and the kubelet's next retry attaches the pod: nothing to say.
+pub fn hint(multus_message: &str, nad_name: &str, namespace: &Namespace) -> Option<String> {
+    let name = namespace.metadata.name.as_deref()?;
+    // Multus v4: "cannot find a network-attachment-definition (NAME) in namespace (NS): ...".
+    let ours = format!("network-attachment-definition ({nad_name}) in namespace ({name})");
+    if !multus_message.contains(&ours) || namespace.labels().contains_key(SIDECAR_INJECTION_LABEL) {
+        return None;
+    }
+    Some(format!(
+        "namespace {name} has no {nad_name} NetworkAttachmentDefinition because it is not labelled \
+         {SIDECAR_INJECTION_LABEL}: label it (kubectl label namespace {name} {SIDECAR_INJECTION_LABEL}=enabled) \
+         and kong-mesh-cni's controller creates it; the kubelet's next retry then attaches the pod"
+    ))
 }
 
 /// The CRD is served (its API answers) once it is Established.
@@ -120,6 +142,34 @@ mod tests {
         assert_eq!(nad["metadata"]["namespace"], "shop");
         assert_eq!(nad["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY);
         assert_eq!(nad["spec"], json!({"config": ""}));
+    }
+
+    fn named(name: &str, label: Option<&str>) -> Namespace {
+        let mut ns = namespace(label);
+        ns.metadata.name = Some(name.into());
+        ns
+    }
+
+    /// Multus v4.2.2's message (pkg/k8sclient/k8sclient.go).
+    fn multus(nad: &str, ns: &str) -> String {
+        format!(
+            "cannot find a network-attachment-definition ({nad}) in namespace ({ns}): \
+             network-attachment-definitions.k8s.cni.cncf.io \"{nad}\" not found"
+        )
+    }
+
+    #[test]
+    fn a_pod_missing_our_nad_in_an_unlabelled_namespace_gets_a_hint() {
+        let hint = hint(&multus("kuma-cni", "shop"), "kuma-cni", &named("shop", None)).unwrap();
+        assert!(hint.contains("kubectl label namespace shop kuma.io/sidecar-injection=enabled"), "{hint}");
+    }
+
+    #[test]
+    fn no_hint_for_a_labelled_namespace_or_another_network() {
+        assert_eq!(hint(&multus("kuma-cni", "shop"), "kuma-cni", &named("shop", Some("enabled"))), None);
+        assert_eq!(hint(&multus("macvlan", "shop"), "kuma-cni", &named("shop", None)), None);
+        // Our NAD asked for in another namespace (`other/kuma-cni`): not this one's label.
+        assert_eq!(hint(&multus("kuma-cni", "other"), "kuma-cni", &named("shop", None)), None);
     }
 
     #[test]

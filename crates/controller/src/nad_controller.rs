@@ -1,21 +1,25 @@
 //! The NAD controller at the edge. A supervisor watches the one CRD by name and runs the
 //! namespace controller only while the CRD is established, so Multus installed (or
-//! removed) after the controller started is handled without a restart.
+//! removed) after the controller started is handled without a restart. While it runs,
+//! Multus's `NoNetworkFound` Events are watched too: a mesh pod in a namespace without
+//! the label gets an Event of ours saying to label it (see [`nad::hint`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, NamespaceStatus};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, NamespaceStatus};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::leader::Leadership;
 use crate::nad::{self, Change};
@@ -24,6 +28,10 @@ use crate::{ControllerArgs, Error, bounded, drain_runs};
 
 const CONCURRENCY: u16 = 8;
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Multus repeats its Event on every retry of the kubelet: one hint per pod this often.
+const HINT_EVERY: Duration = Duration::from_secs(60);
+/// Multus Events older than this (listed after a restart of ours) get no hint.
+const HINT_MAX_AGE: Duration = Duration::from_secs(300);
 
 /// Runs until dropped; the namespace controller, when running, is stopped with it.
 pub async fn run(client: Client, args: ControllerArgs, leader: Leadership, status: Arc<Status>) {
@@ -134,9 +142,63 @@ async fn namespaces(client: Client, args: ControllerArgs, leader: Leadership, st
         .watches_stream_with(nad_events, |nad| nad.namespace().map(|ns| ObjectRef::new(&ns)), resource)
         .reconcile_all_on(leader.gained())
         .with_config(Config::default().concurrency(CONCURRENCY))
-        .run(reconcile, error_policy, ctx);
+        .run(reconcile, error_policy, ctx.clone());
     let controller = drain_runs(controller, &status, "nad");
-    futures::join!(synced, controller);
+    let reporter = Reporter { controller: "kong-mesh-cni-controller".into(), instance: Some(args.identity()) };
+    let hints = hints(Recorder::new(ctx.client.clone(), reporter), ns_reader.clone(), ctx);
+    futures::join!(synced, controller, hints);
+}
+
+/// Answers Multus's `NoNetworkFound` Events about our NAD with what to do (see
+/// [`nad::hint`]), as the leader, on the pod they are about.
+async fn hints(recorder: Recorder, namespaces: Store<Namespace>, ctx: Arc<Ctx>) {
+    let config = watcher::Config::default().fields(&format!("reason={}", nad::MULTUS_NO_NETWORK));
+    let events = watcher(Api::<CoreEvent>::all(ctx.client.clone()), config).default_backoff().applied_objects();
+    let mut events = std::pin::pin!(events);
+    let mut hinted: HashMap<String, Instant> = HashMap::new();
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                ctx.status.report("nad", &Error::Watch(e));
+                continue;
+            }
+        };
+        let pod = &event.involved_object;
+        let (Some(uid), Some(ns)) = (pod.uid.as_deref(), pod.namespace.as_deref()) else { continue };
+        let seen = event.last_timestamp.as_ref().map(|t| t.0).or(event.event_time.as_ref().map(|t| t.0));
+        let stale = seen.is_none_or(|t| {
+            k8s_openapi::jiff::Timestamp::now().duration_since(t).as_secs() > HINT_MAX_AGE.as_secs() as i64
+        });
+        if stale || !ctx.leader.is_leader() {
+            continue;
+        }
+        let Some(namespace) = namespaces.get(&ObjectRef::new(ns)) else { continue };
+        let Some(note) = nad::hint(event.message.as_deref().unwrap_or_default(), &ctx.nad_name, &namespace) else {
+            continue;
+        };
+        let now = Instant::now();
+        hinted.retain(|_, at| now.duration_since(*at) < HINT_EVERY);
+        if hinted.insert(uid.to_owned(), now).is_some() {
+            continue;
+        }
+        let ours = Event {
+            type_: EventType::Warning,
+            reason: nad::HINT_REASON.into(),
+            note: Some(note),
+            action: "Hint".into(),
+            secondary: None,
+        };
+        let what = || format!("hint for pod {ns}/{}", pod.name.as_deref().unwrap_or_default());
+        match bounded(ctx.timeout, what, recorder.publish(&ours, pod)).await {
+            Ok(()) => ctx.status.event(true),
+            Err(e) => {
+                ctx.status.event(false);
+                ctx.status.report("nad", &e);
+                warn!(namespace = %ns, "the hint to label the namespace was not recorded");
+            }
+        }
+    }
 }
 
 async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {

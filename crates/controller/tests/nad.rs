@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use common::{Harness, eventually, metric, throughout};
 use controller::{MANAGED_BY, MANAGED_BY_LABEL, RepairAction, SIDECAR_INJECTION_LABEL, nad_resource};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use testkit::{ApiServer, repo_root, unique_suffix};
@@ -161,4 +161,84 @@ async fn the_crd_installed_after_start_is_picked_up_without_restart() {
     eprintln!("NAD watch errors while the CRD was away: {not_found}");
     ctl.stop().await;
     drop((mesh, second, h));
+}
+
+/// A pod of `ns` that asks Multus for our network, and Multus's `NoNetworkFound` Event
+/// about it, in the shape Multus v4.2.2 writes (client-go's recorder: core/v1). Here
+/// the test writes that Event for Multus; node_multus has the real Multus write it.
+async fn multus_could_not_attach(admin: &Client, ns: &str) -> (Pod, String) {
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "mesh", "annotations": { "k8s.v1.cni.cncf.io/networks": NAD } },
+        "spec": { "containers": [{ "name": "app", "image": "app" }] },
+    }))
+    .unwrap();
+    let pod = pods.create(&PostParams::default(), &pod).await.expect("creating the pod");
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let name = format!("mesh.{}", unique_suffix());
+    let event: Event = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "involvedObject": { "apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": "mesh", "uid": pod.uid() },
+        "reason": "NoNetworkFound",
+        "type": "Warning",
+        "message": format!("cannot find a network-attachment-definition ({NAD}) in namespace ({ns}): network-attachment-definitions.k8s.cni.cncf.io \"{NAD}\" not found"),
+        "source": { "component": "multus" },
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    }))
+    .unwrap();
+    Api::<Event>::namespaced(admin.clone(), ns).create(&PostParams::default(), &event).await.expect("Multus's Event");
+    (pod, name)
+}
+
+/// Our Events about `pod` (core/v1 shows the events.k8s.io ones the recorder writes).
+async fn hints(admin: &Client, pod: &Pod) -> Vec<Event> {
+    let ns = pod.namespace().unwrap();
+    let params =
+        ListParams::default().fields(&format!("involvedObject.uid={},reason=NamespaceNotLabelled", pod.uid().unwrap()));
+    Api::<Event>::namespaced(admin.clone(), &ns).list(&params).await.expect("listing events").items
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_multus_cannot_attach_is_told_to_label_its_namespace() {
+    if testkit::skip_heavy("NAD controller") {
+        return;
+    }
+    let server = ApiServer::shared();
+    let (h, ctl) = Harness::with_controller(server, RepairAction::Off).await;
+    let admin = &h.admin;
+
+    let bare = server.namespace("kmc-bare").await;
+    let (pod, multus_event) = multus_could_not_attach(admin, bare.name()).await;
+    eventually("our hint on the pod", Duration::from_secs(10), || async { !hints(admin, &pod).await.is_empty() }).await;
+    let hint = hints(admin, &pod).await.remove(0);
+    let note = hint.message.unwrap_or_default();
+    assert!(
+        note.contains(&format!("kubectl label namespace {} kuma.io/sidecar-injection=enabled", bare.name())),
+        "{note}"
+    );
+    assert_eq!(hint.type_.as_deref(), Some("Warning"));
+
+    // Multus repeats its Event on each retry of the kubelet (client-go counts it up):
+    // one hint, not one per retry.
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let again = json!({ "count": 2, "lastTimestamp": now });
+    Api::<Event>::namespaced(admin.clone(), bare.name())
+        .patch(&multus_event, &PatchParams::default(), &Patch::Merge(again))
+        .await
+        .expect("Multus's Event, again");
+    throughout("one hint per pod", Duration::from_secs(1), || async { hints(admin, &pod).await.len() == 1 }).await;
+
+    // Labelled, the namespace gets our NAD: the kubelet's retry will attach, no hint.
+    let labelled = server.namespace("kmc-labelled").await;
+    label(admin, labelled.name(), Some("enabled")).await;
+    let (waiting, _) = multus_could_not_attach(admin, labelled.name()).await;
+    throughout("no hint in a labelled namespace", Duration::from_secs(1), || async {
+        hints(admin, &waiting).await.is_empty()
+    })
+    .await;
+
+    let text = ctl.status.render();
+    assert_eq!(metric(&text, "kong_mesh_cni_controller_events_total{change=\"recorded\"}"), 1);
+    common::assert_no_forbidden(&ctl.status);
+    ctl.stop().await;
 }

@@ -10,7 +10,8 @@
 //! interfaces, and our plugin adds none), the plugin's lines are
 //! in `kubectl logs` of our DaemonSet pod and say the node agent gave the pod, DEL
 //! through Multus removes the redirect and leaves no record, a plain pod is untouched,
-//! and a mesh pod in a namespace without the NAD fails with an event naming it. (With the
+//! and a mesh pod in a namespace without the NAD fails with Multus's event naming it and
+//! our controller's saying to label the namespace. (With the
 //! API server away, Multus itself fails the ADD, as it must read the pod: our plugin is
 //! not reached, and thick Multus's recovery afterwards was flaky here, so this test has
 //! no outage.)
@@ -288,12 +289,22 @@ async fn the_default_mode_works(node: &mut Node, client: &Client, image: &str, c
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let event = event_about(client, &bare, "orphan", NETWORK, Duration::from_secs(60)).await;
+    // Multus's Event says what is missing; ours (the controller's) says what to do.
+    let hint = event_about(client, &bare, "orphan", "kubectl label namespace", Duration::from_secs(30)).await;
     namespaces.delete(&bare, &DeleteParams::default()).await.unwrap();
     let event = event.unwrap_or_else(|| panic!("no event about the missing NAD; kubelet:\n{}", node.log("kubelet")));
     let message = event.message.clone().unwrap_or_default();
     eprintln!("event ({}): {message}", event.reason.clone().unwrap_or_default());
     assert!(message.contains("network-attachment-definition") && message.contains(&bare), "{message}");
-    steps.done("mesh pod in a namespace without the NAD: an event");
+    let hint = hint.unwrap_or_else(|| {
+        panic!(
+            "no hint to label {bare}; controller:\n{}",
+            node_pods::tail(&node_pods::container_logs(node, "controller"), 20)
+        )
+    });
+    eprintln!("event ({}): {}", hint.reason.clone().unwrap_or_default(), hint.message.clone().unwrap_or_default());
+    assert_eq!(hint.reason.as_deref(), Some("NamespaceNotLabelled"));
+    steps.done("mesh pod in a namespace without the NAD: Multus's event and our hint");
 
     for name in ["plain", "target"] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
