@@ -10,6 +10,10 @@
 #                            a mesh pod and a plain pod started by the kubelet, the release
 #                            deleted, the node taken down with the host as it was. About
 #                            two minutes once the node's binaries are built.
+#   scripts/demo.sh --node --multus
+#                            the same in the chart's default mode (OpenShift's): thin
+#                            Multus v4.2.2 as the node's CNI, our plugin not chained but
+#                            called by Multus for mesh pods through the kuma-cni NAD.
 # The first run builds the Go test environment (and, for --node, the node's binaries):
 # many minutes, cached by hash afterwards.
 # `--iptables-backend nftables` (or KMC_IPTABLES_BACKEND=nftables) runs the quick variant
@@ -24,6 +28,7 @@ scripts/host-deps.sh
 # The rest of the arguments go to kmc-demo, which checks them.
 if [[ ${1:-} == --node ]]; then
 	eval "$(scripts/node-build.sh --env)"
+	[[ ${2:-} != --multus ]] || eval "$(scripts/multus-build.sh --env)"
 fi
 eval "$(scripts/testenv-build.sh --env)"
 cargo build --release -q -p kong-mesh-cni -p demo

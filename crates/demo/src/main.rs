@@ -1,10 +1,11 @@
-//! `kmc-demo [--node | --iptables-backend B] [BINARY]`: runs the node demo and prints its
+//! `kmc-demo [--node [--multus] | --iptables-backend B] [BINARY]`: runs the node demo and prints its
 //! report. BINARY defaults to the kong-mesh-cni built next to this program. Needs root.
 //!
 //! Without `--node`: the quick demo (a real API server, a node simulated in temporary
 //! directories, pods attached through the reference CNI runtime). With `--node`: a
 //! real node (kubelet, containerd, the control plane), our CNI installed from our chart
-//! and image, pods started by the kubelet.
+//! and image, pods started by the kubelet; `--multus` puts thin Multus in front and uses
+//! the chart's defaults (not chained), as on OpenShift.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +18,9 @@ struct Args {
     /// The real node instead of the simulated one.
     #[arg(long, conflicts_with = "iptables_backend")]
     node: bool,
+    /// With --node: the chart's default mode behind thin Multus instead of chained.
+    #[arg(long, requires = "node")]
+    multus: bool,
     /// The quick demo's plugin iptables_backend: auto, nft, legacy or nftables (the
     /// native nf_tables backend); unset, the plugin's default (auto).
     #[arg(long, env = "KMC_IPTABLES_BACKEND")]
@@ -36,7 +40,10 @@ fn main() -> ExitCode {
         me.with_file_name("kong-mesh-cni")
     });
     let report = match args.node {
-        true => demo::real_node::run(&binary).map(|r| r.to_string()),
+        true => {
+            let mode = if args.multus { demo::real_node::Mode::Multus } else { demo::real_node::Mode::Chained };
+            demo::real_node::run(&binary, mode).map(|r| r.to_string())
+        }
         false => demo::run(&binary, args.iptables_backend.as_deref()).map(|r| r.to_string()),
     };
     match report {

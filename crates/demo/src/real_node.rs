@@ -4,24 +4,42 @@
 //! image, a mesh pod and a plain pod through the real kubelet, the release deleted, the
 //! node taken down. [`run`] returns a [`Report`] whose fields the tests assert and
 //! whose `Display` is what people read.
+//!
+//! Two modes: chained into the node's conflist ([`Mode::Chained`], what the tests'
+//! other nodes run), or the chart's default, behind thin Multus ([`Mode::Multus`]: the
+//! install guide's OpenShift), where the namespace's label makes our controller create
+//! the `kuma-cni` NAD and the mesh pod asks Multus for it.
 
 use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::core::v1::Node as KubeNode;
 use kube::api::{Api, LogParams};
-use testkit::node::HostView;
-use testkit::node_chart::{CNI_NAMESPACE, install, tainted};
+use kube::api::{Patch, PatchParams};
+use testkit::node_chart::{CNI_NAMESPACE, install_with, tainted};
+use testkit::node_multus::{Multus, multus_mesh_pod, wait_for_nad};
 use testkit::node_pods::{Validator, container, log_line, mesh_pod, plain_pod, pod_ip, run_pod, validation_exit};
 use testkit::{Node, NodeOptions};
 
 const POD_READY: Duration = Duration::from_secs(90);
 const LOG_WAIT: Duration = Duration::from_secs(20);
 
+/// How our plugin is reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Chained into the node's bridge conflist (`cni.chained=true`).
+    #[default]
+    Chained,
+    /// The chart's defaults behind thin Multus: our own conf in Multus's conf dir.
+    Multus,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Report {
+    pub mode: Mode,
     pub node: String,
     pub node_up: Duration,
     /// Registered with NodeReadiness:NoSchedule / still tainted once the CNI is Ready.
@@ -33,6 +51,10 @@ pub struct Report {
     pub apply_to_mesh_ready: Duration,
     /// Plugin types of the primary conflist once the CNI pod is Ready.
     pub chained: Vec<String>,
+    /// Multus mode: our conf's file in Multus's conf dir, and the time from labelling
+    /// the namespace to our NAD in it.
+    pub standalone_conf: Option<String>,
+    pub label_to_nad: Option<Duration>,
     pub validator_exit: Option<i32>,
     /// Where the mesh pod's app connects.
     pub target: String,
@@ -46,26 +68,25 @@ pub struct Report {
     /// Files in the node's CNI net dir after the release was deleted.
     pub net_dir_after: Vec<String>,
     pub teardown: Duration,
-    /// What is left of the node on the host (nothing), and whether the host's sysctls,
-    /// iptables chains and paths are as they were.
+    /// What is left of the node on the host (nothing), and what differs in the host's
+    /// sysctls, iptables chains and paths from before (nothing).
     pub leftovers: Vec<String>,
-    pub host_as_before: bool,
+    pub host_changes: Vec<String>,
 }
 
-/// Runs the real-node demo with `binary` (the kong-mesh-cni that goes into the image).
-/// Progress goes to stderr as it happens; the report comes back.
-pub fn run(binary: &Path) -> Result<Report> {
+/// Runs the real-node demo in `mode` with `binary` (the kong-mesh-cni that goes into the
+/// image). Progress goes to stderr as it happens; the report comes back.
+pub fn run(binary: &Path, mode: Mode) -> Result<Report> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(run_async(binary))
+    rt.block_on(run_async(binary, mode))
 }
 
 fn step(what: &str) {
     eprintln!("kmc-demo --node: {what}");
 }
 
-async fn run_async(binary: &Path) -> Result<Report> {
-    let before = HostView::now();
-    let mut report = Report::default();
+async fn run_async(binary: &Path, mode: Mode) -> Result<Report> {
+    let mut report = Report { mode, ..Report::default() };
     step("bringing the node up (kubelet, containerd, control plane)");
     let options = NodeOptions { taints: vec!["NodeReadiness:NoSchedule".into()], ..NodeOptions::default() };
     let node = Node::up(options).await?;
@@ -74,10 +95,23 @@ async fn run_async(binary: &Path) -> Result<Report> {
     let client = node.client().await?;
     let nodes: Api<KubeNode> = Api::all(client.clone());
     report.tainted_at_start = tainted(&nodes.get(&node.name).await?);
-    let primary = std::fs::read(&node.conflist)?;
+    let multus = match mode {
+        Mode::Chained => None,
+        Mode::Multus => {
+            step("installing thin Multus v4.2.2 as the node's CNI, the bridge network its cluster default");
+            Some(node.install_multus_thin().await?)
+        }
+    };
+    // The file our install changes (the chained conflist) or must leave alone (Multus's).
+    let primary_file = multus.as_ref().map_or(node.conflist.clone(), |m| m.conf.clone());
+    let primary = std::fs::read(&primary_file)?;
 
     step("building our image, installing the chart (kong-mesh-cni manifests), waiting for the CNI pod");
-    let installed = install(&node, &client, binary, &[], Duration::from_secs(120)).await?;
+    let values = |image: &_| match &multus {
+        None => node.chart_values(image),
+        Some(multus) => node.chart_values_multus(multus, image),
+    };
+    let installed = install_with(&node, &client, binary, &values, &[], Duration::from_secs(120)).await?;
     report.image = installed.image.to_string();
     report.image_time = installed.image_time;
     report.apply_to_cni_ready = installed.apply_to_cni_ready;
@@ -89,6 +123,15 @@ async fn run_async(binary: &Path) -> Result<Report> {
         .flatten()
         .map(|p| p["type"].as_str().unwrap_or("?").to_owned())
         .collect();
+    if let Some(multus) = &multus {
+        report.standalone_conf = Some(standalone_conf(multus)?);
+        step("labelling namespace default kuma.io/sidecar-injection=enabled, waiting for our NAD");
+        let label = serde_json::json!({ "metadata": { "labels": { "kuma.io/sidecar-injection": "enabled" } } });
+        let labelled = Instant::now();
+        Api::<Namespace>::all(client.clone()).patch("default", &PatchParams::default(), &Patch::Merge(&label)).await?;
+        wait_for_nad(&client, "default", Duration::from_secs(60)).await?;
+        report.label_to_nad = Some(labelled.elapsed());
+    }
 
     step("running a plain server, a mesh pod and a plain client");
     let none = String::new;
@@ -96,8 +139,11 @@ async fn run_async(binary: &Path) -> Result<Report> {
     let (target, _) = run_pod(&client, &node, serve, POD_READY, &none).await?;
     report.target = format!("{}:8080", pod_ip(&target));
     let validator = Validator::image(&report.image);
-    let (mesh, _) =
-        run_pod(&client, &node, mesh_pod("mesh", &node, &report.target, validator), POD_READY, &none).await?;
+    let mesh = match mode {
+        Mode::Chained => mesh_pod("mesh", &node, &report.target, validator),
+        Mode::Multus => multus_mesh_pod("mesh", &node, &report.target, validator),
+    };
+    let (mesh, _) = run_pod(&client, &node, mesh, POD_READY, &none).await?;
     report.apply_to_mesh_ready = installed.applied.elapsed();
     report.validator_exit = validation_exit(&mesh);
     let dial = plain_pod("plain", &node, vec![container("app", &["dial", &report.target])]);
@@ -105,7 +151,12 @@ async fn run_async(binary: &Path) -> Result<Report> {
     report.mesh_line = log_line(&client, "default", "mesh", "app", &["->", "sidecar"], LOG_WAIT).await?;
     report.plain_line = log_line(&client, "default", "plain", "app", &["->"], LOG_WAIT).await?;
     let cni_pod = installed.cni_pod.metadata.name.clone().context("the CNI pod's name")?;
-    for pod in ["default/mesh", "default/plain"] {
+    // Behind Multus our plugin runs for the pods that ask for its network only.
+    let called_for: &[&str] = match mode {
+        Mode::Chained => &["default/mesh", "default/plain"],
+        Mode::Multus => &["default/mesh"],
+    };
+    for pod in called_for {
         log_line(&client, CNI_NAMESPACE, &cni_pod, "install-cni", &[pod], LOG_WAIT).await?;
     }
     let params = LogParams { container: Some("install-cni".into()), ..LogParams::default() };
@@ -122,10 +173,11 @@ async fn run_async(binary: &Path) -> Result<Report> {
     step("deleting the release");
     installed.release.uninstall(Duration::from_secs(90)).await?;
     let restored = Instant::now();
-    while std::fs::read(&node.conflist)? != primary && restored.elapsed() < Duration::from_secs(10) {
+    let ours_gone = || multus.as_ref().is_none_or(|m| !m.conf_dir.join("kuma-cni.conf").exists());
+    while (std::fs::read(&primary_file)? != primary || !ours_gone()) && restored.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    report.restored_exactly = std::fs::read(&node.conflist)? == primary;
+    report.restored_exactly = std::fs::read(&primary_file)? == primary && ours_gone();
     report.net_dir_after = std::fs::read_dir(&node.cni_net_dir)?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
@@ -133,11 +185,19 @@ async fn run_async(binary: &Path) -> Result<Report> {
     step("taking the node down");
     let (root, name) = (node.root.clone(), node.name.clone());
     let down = Instant::now();
-    node.down()?;
+    let host = node.down()?;
     report.teardown = down.elapsed();
     report.leftovers = testkit::node::leftovers(&root, &name);
-    report.host_as_before = HostView::now() == before;
+    report.host_changes = host.changes();
     Ok(report)
+}
+
+/// Our standalone conf in Multus's conf dir: its file name, checked to be our network.
+fn standalone_conf(multus: &Multus) -> Result<String> {
+    let path = multus.conf_dir.join("kuma-cni.conf");
+    let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).context("our conf for Multus")?)?;
+    anyhow::ensure!(conf["name"] == "kuma-cni" && conf["type"] == "kong-mesh-cni", "{}: {conf}", path.display());
+    Ok(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
 }
 
 fn s(d: Duration) -> String {
@@ -159,9 +219,19 @@ impl fmt::Display for Report {
         writeln!(f, "  -> CNI pod Ready             {}", s(self.apply_to_cni_ready))?;
         writeln!(f, "  -> node untainted            {} (by our controller)", s(self.apply_to_untainted))?;
         writeln!(f, "  -> mesh pod Ready            {}", s(self.apply_to_mesh_ready))?;
-        writeln!(f, "  primary conflist now chains  {}", self.chained.join(" -> "))?;
+        match (&self.standalone_conf, self.label_to_nad) {
+            (Some(conf), Some(nad)) => {
+                writeln!(f, "  Multus (thin) is the node's CNI; its cluster network conflist untouched")?;
+                writeln!(f, "  our conf for Multus           {conf} (in Multus's conf dir, not chained)")?;
+                writeln!(f, "  namespace labelled -> NAD    {} (kuma-cni, by our controller)", s(nad))?;
+            }
+            _ => writeln!(f, "  primary conflist now chains  {}", self.chained.join(" -> "))?,
+        }
         writeln!(f, "pods, scheduled and started by the kubelet")?;
         let exit = self.validator_exit.map_or("none".to_owned(), |c| c.to_string());
+        if self.mode == Mode::Multus {
+            writeln!(f, "  mesh   asks Multus for kuma-cni (k8s.v1.cni.cncf.io/networks): our plugin ran on net1")?;
+        }
         writeln!(f, "  mesh   kuma-validation (our validator as UID 5678) exited {exit}")?;
         writeln!(f, "         app: {}", self.mesh_line)?;
         writeln!(f, "  plain  app: {}", self.plain_line)?;
@@ -173,7 +243,8 @@ impl fmt::Display for Report {
         writeln!(f, "removal")?;
         writeln!(
             f,
-            "  release deleted: primary conflist {}; net dir now: {}",
+            "  release deleted: {} {}; net dir now: {}",
+            if self.mode == Mode::Multus { "Multus's conf unchanged, ours removed:" } else { "primary conflist" },
             if self.restored_exactly { "restored byte for byte" } else { "NOT restored" },
             self.net_dir_after.join(", ")
         )?;
@@ -182,7 +253,11 @@ impl fmt::Display for Report {
             "  node down in {}: left on the host: {}; sysctls, iptables and paths as before: {}",
             s(self.teardown),
             if self.leftovers.is_empty() { "nothing".to_owned() } else { self.leftovers.join(", ") },
-            if self.host_as_before { "yes" } else { "NO" }
+            if self.host_changes.is_empty() {
+                "yes".to_owned()
+            } else {
+                format!("NO ({})", self.host_changes.join("; "))
+            }
         )
     }
 }

@@ -241,6 +241,8 @@ impl Installer {
                         if repair {
                             self.status.repaired();
                             tracing::info!(path = %path(&file), primary = %primary, "put our entry back: something had rewritten the file without it");
+                        } else if primary.is_empty() {
+                            tracing::info!(path = %path(&file), "wrote our own CNI configuration (not chained: Multus calls it)");
                         } else {
                             tracing::info!(path = %path(&file), primary = %primary, "chained our plugin into the CNI configuration");
                         }

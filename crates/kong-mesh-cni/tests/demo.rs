@@ -2,6 +2,8 @@
 //! checks asserted (not just "it ran"); once with the plugin's default backend, once
 //! with the native nf_tables one (one after the other: each brings up a node).
 
+use demo::real_node::Mode;
+
 /// One demo at a time: the real node's start takes most of both cores.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -75,8 +77,8 @@ fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_
     }
     let netns_dir = std::path::Path::new(testkit::node::NETNS_DIR);
     assert_eq!(testkit::node::propagation(netns_dir), None, "no netns mount point before the node");
-    let report =
-        demo::real_node::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni"))).expect("the demo runs");
+    let report = demo::real_node::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")), Mode::Chained)
+        .expect("the demo runs");
     println!("{report}");
 
     assert!(report.tainted_at_start, "the node waits for its CNI");
@@ -98,6 +100,35 @@ fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_
     assert!(report.restored_exactly, "deleting the release restored the primary conflist byte for byte");
     assert_eq!(report.net_dir_after, ["10-kmc-bridge.conflist"]);
     assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
-    assert!(report.host_as_before, "sysctls, iptables chains and host paths as before the node");
+    assert_eq!(report.host_changes, Vec::<String>::new(), "sysctls, iptables chains and host paths as before the node");
     assert_eq!(testkit::node::propagation(netns_dir), None, "the netns dir put back as it was");
+}
+
+/// `scripts/demo.sh --node --multus`, run as a test: the chart's default mode (not
+/// chained) behind thin Multus, as on OpenShift. node_multus asserts more of it (thick
+/// Multus, DEL, the missing NAD); this checks what the demo's report says.
+#[test]
+fn the_real_node_demo_behind_multus_uses_the_charts_defaults() {
+    if testkit::skip_heavy("the real-node demo behind Multus") || !testkit::require_root() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let report = demo::real_node::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")), Mode::Multus)
+        .expect("the demo runs");
+    println!("{report}");
+
+    assert_eq!(report.chained, ["bridge", "portmap"], "the cluster network is not chained into");
+    assert_eq!(report.standalone_conf.as_deref(), Some("kuma-cni.conf"));
+    assert!(report.label_to_nad.is_some(), "our controller made the NAD");
+    assert_eq!(report.validator_exit, Some(0), "the validator passed as the mesh pod's init container");
+    assert_eq!(report.mesh_line, format!("dial {0} -> sidecar port=15001 uid=5678 orig={0}", report.target));
+    assert_eq!(report.plain_line, format!("dial {} -> serve port=8080", report.target), "the plain pod is untouched");
+    assert!(
+        report.plugin_lines.iter().any(|l| l.contains("default/mesh") && l.contains("redirect programmed")),
+        "{:#?}",
+        report.plugin_lines
+    );
+    assert!(report.restored_exactly, "Multus's conf unchanged and ours removed by the release's deletion");
+    assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
+    assert_eq!(report.host_changes, Vec::<String>::new(), "sysctls, iptables chains and host paths as before the node");
 }

@@ -60,7 +60,6 @@ async fn node_registers_ready_runs_a_plain_pod_and_a_teardown_from_its_state_fil
         return;
     }
     let _one = ONE_NODE_AT_A_TIME.lock().await;
-    let before = testkit::node::HostView::now();
     let node = up(NodeOptions::default()).await;
     let client = node.client().await.unwrap();
 
@@ -92,13 +91,13 @@ async fn node_registers_ready_runs_a_plain_pod_and_a_teardown_from_its_state_fil
 
     // A crash of the process that brought it up: only the state file is left to go by.
     let name = node.name.clone();
-    let root = node.abandon();
+    let (root, host) = node.abandon();
     let start = Instant::now();
     testkit::node::teardown(&root).unwrap_or_else(|e| panic!("teardown from {}: {e}", root.display()));
     eprintln!("teardown from the state file in {:.1?}", start.elapsed());
     let left = testkit::node::leftovers(&root, &name);
     assert!(left.is_empty(), "left behind: {left:#?}");
-    assert_eq!(testkit::node::HostView::now(), before, "the host is as it was");
+    assert_eq!(host.changes(), Vec::<String>::new(), "the host is as it was");
 }
 
 /// `kong-mesh-cni install` on the host, with the environment the DaemonSet gives it and
@@ -178,7 +177,6 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
         return;
     }
     let _one = ONE_NODE_AT_A_TIME.lock().await;
-    let before = testkit::node::HostView::now();
     let node = up(NodeOptions { kong_mesh_cni: Some(BINARY.into()), ..NodeOptions::default() }).await;
     let client = node.client().await.unwrap();
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
@@ -242,6 +240,6 @@ async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_re
         primary,
         "the primary conflist restored byte for byte"
     );
-    let took = node.down_leaving_the_host_as(&before);
+    let took = node.down_leaving_the_host_as_it_was();
     eprintln!("teardown in {took:.1?}");
 }

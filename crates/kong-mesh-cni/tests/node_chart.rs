@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Event, Node as KubeNode, Pod};
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use testkit::node::{HostView, node_ready};
+use testkit::node::node_ready;
 use testkit::node_chart::{
     CNI_NAMESPACE, Installed, Release, cni_pod_ready, install, plugin_types, tainted, uninstall,
 };
@@ -120,7 +120,6 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
         return;
     }
     let started = Instant::now();
-    let before = HostView::now();
     let mut steps = Steps::new();
     let options = NodeOptions { taints: vec!["NodeReadiness:NoSchedule".into()], ..NodeOptions::default() };
     let mut node = Node::up(options).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
@@ -279,7 +278,7 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     uninstall(&node, release, &primary).await.unwrap_or_else(|e| panic!("{e}"));
     steps.done("uninstall -> primary conflist restored");
 
-    node.down_leaving_the_host_as(&before);
+    node.down_leaving_the_host_as_it_was();
     steps.done("teardown");
 
     eprintln!("--- figures");

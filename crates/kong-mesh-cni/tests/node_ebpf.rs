@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams};
 use serde_json::Value;
-use testkit::node::HostView;
 use testkit::node_chart::{CNI_NAMESPACE, install, plugin_types, uninstall};
 use testkit::node_pods::{
     self, Validator, assert_redirected, container, mesh_pod, plain_pod, pod_ip, redirected_line, sandbox_pids,
@@ -52,7 +51,6 @@ async fn ebpf_mode_from_our_chart_redirects_mesh_pods_under_kubelet_and_containe
         return;
     }
     let started = Instant::now();
-    let before = HostView::now();
     let options = NodeOptions { taints: vec!["NodeReadiness:NoSchedule".into()], ..NodeOptions::default() };
     let node = Node::up(options).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
     let client = node.client().await.unwrap();
@@ -129,6 +127,6 @@ async fn ebpf_mode_from_our_chart_redirects_mesh_pods_under_kubelet_and_containe
     let left: Vec<String> = names.filter(|n| !n.contains('.')).collect();
     assert!(left.is_empty(), "left in the node's bpffs after the uninstall: {left:?}");
 
-    node.down_leaving_the_host_as(&before);
+    node.down_leaving_the_host_as_it_was();
     eprintln!("whole test {:.1?}", started.elapsed());
 }

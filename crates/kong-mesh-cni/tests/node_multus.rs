@@ -23,16 +23,13 @@ use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use testkit::node::HostView;
 use testkit::node_chart::{CNI_NAMESPACE, Installed, install_with};
-use testkit::node_multus::{Multus, NETWORKS_ANNOTATION, nads, network_status};
-use testkit::node_pods::{self, Validator, assert_redirected, container, mesh_pod, plain_pod, pod_ip};
+use testkit::node_multus::{Multus, NETWORK, multus_mesh_pod, network_status, wait_for_nad};
+use testkit::node_pods::{self, Validator, assert_redirected, container, plain_pod, pod_ip};
 use testkit::{Node, NodeOptions, unique_suffix};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 const POD_READY: Duration = Duration::from_secs(90);
-/// The chart's NAD and network name (Kong Mesh's injector names it).
-const NETWORK: &str = "kuma-cni";
 
 /// Prints each step's duration as it ends.
 struct Steps(Instant);
@@ -42,14 +39,6 @@ impl Steps {
         eprintln!("step: {what}: {:.1?}", self.0.elapsed());
         self.0 = Instant::now();
     }
-}
-
-/// A mesh pod as Kong Mesh's injector makes it with the CNI on OpenShift: with the
-/// networks annotation naming our NAD (testenv/kuma-reference/injected/pod-34.yaml).
-fn multus_mesh_pod(name: &str, node: &Node, target: &str, validator: Validator) -> Value {
-    let mut pod = mesh_pod(name, node, target, validator);
-    pod["metadata"]["annotations"][NETWORKS_ANNOTATION] = json!(NETWORK);
-    pod
 }
 
 async fn run_pod(client: &Client, node: &Node, pod: Value) -> Pod {
@@ -71,21 +60,14 @@ fn records(dir: &Path) -> Vec<PathBuf> {
 }
 
 async fn wait_nad(client: &Client, node: &Node, namespace: &str) -> DynamicObject {
-    let nads = nads(client, namespace);
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(nad)) = nads.get_opt(NETWORK).await {
-            return nad;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no NAD {NETWORK} in {namespace} within 60 s\n{}--- controller\n{}--- multus's errors\n{}",
+    wait_for_nad(client, namespace, Duration::from_secs(60)).await.unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}--- controller\n{}--- multus's errors\n{}",
             node_pods::tail(&node.log("kubelet"), 10),
             node_pods::tail(&node_pods::container_logs(node, "controller"), 20),
             multus_log(node).lines().filter(|l| l.contains("error")).take(10).collect::<Vec<_>>().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        )
+    })
 }
 
 async fn wait_gone(client: &Client, node: &Node, namespace: &str, name: &str) {
@@ -148,7 +130,6 @@ async fn our_chart_defaults_work_behind_thin_and_thick_multus() {
 
 async fn default_mode_behind(flavour: Flavour) {
     let started = Instant::now();
-    let before = HostView::now();
     let mut steps = Steps(Instant::now());
     let mut node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
     let (multus, multus_release) = match flavour {
@@ -190,7 +171,7 @@ async fn default_mode_behind(flavour: Flavour) {
         multus_release.uninstall(Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("{e}"));
     }
     steps.done("uninstall");
-    node.down_leaving_the_host_as(&before);
+    node.down_leaving_the_host_as_it_was();
     steps.done("teardown");
     eprintln!("whole test ({flavour:?} Multus): {:.1?}", started.elapsed());
 }

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-use testkit::node::HostView;
 use testkit::node_chart::{CNI_NAMESPACE, Installed, install, uninstall};
 use testkit::node_pods::{self, container, plain_pod};
 use testkit::{Node, NodeOptions};
@@ -30,7 +29,6 @@ async fn the_log_level_changes_through_the_configmap_with_no_pod_restarted() {
     if !testkit::require_root() || testkit::skip_heavy("the node ops test") {
         return;
     }
-    let before = HostView::now();
     let node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
     let client = node.client().await.unwrap();
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
@@ -138,7 +136,7 @@ async fn the_log_level_changes_through_the_configmap_with_no_pod_restarted() {
     assert_eq!(restarts(&running_now), restarts(&running));
 
     uninstall(&node, release, &primary).await.unwrap_or_else(|e| panic!("{e}"));
-    node.down_leaving_the_host_as(&before);
+    node.down_leaving_the_host_as_it_was();
     eprintln!("--- figures");
     eprintln!("configmap edit -> installer applied the level   {to_applied:.1?}");
     eprintln!(

@@ -18,7 +18,6 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 use k8s_openapi::api::core::v1::{Event, Pod, Secret, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use testkit::node::HostView;
 use testkit::node_chart::{CNI_NAMESPACE, install, uninstall};
 use testkit::node_pods::{self, Validator, container, mesh_pod, plain_pod, pod_ip, pod_ready, validation_exit};
 use testkit::{Node, NodeOptions};
@@ -138,7 +137,6 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
     if !testkit::require_root() || testkit::skip_heavy("the node reboot test") {
         return;
     }
-    let before = HostView::now();
     let mut node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
     let client = node.client().await.unwrap();
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
@@ -208,5 +206,5 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
     }
 
     uninstall(&node, installed.release, &primary).await.unwrap_or_else(|e| panic!("{e}"));
-    node.down_leaving_the_host_as(&before);
+    node.down_leaving_the_host_as_it_was();
 }

@@ -104,19 +104,34 @@ pub struct Node {
     ctr_socket: PathBuf,
     pub(crate) state: State,
     armed: bool,
-    /// Held while the node lives: two nodes on one host both DNAT 10.96.0.1:443 and
-    /// would answer each other's pods (test binaries run in parallel sessions).
-    _one_per_host: std::fs::File,
+    /// Taken out only by [`Node::down`] and [`Node::abandon`], which end the node.
+    host: Option<HostLock>,
+}
+
+/// Held while a node lives: two nodes on one host both DNAT 10.96.0.1:443 and would
+/// answer each other's pods (test binaries run in parallel sessions). `before` is the
+/// host as it was when the lock was taken, so "as before" checks made while it is
+/// held see no other node's changes.
+pub struct HostLock {
+    _file: std::fs::File,
+    pub before: HostView,
+}
+
+impl HostLock {
+    /// What differs on the host now from when the lock was taken (empty: nothing).
+    pub fn changes(&self) -> Vec<String> {
+        HostView::now().changes_since(&self.before)
+    }
 }
 
 /// Waits for the host's node lock (`$TMPDIR/kmc-node.lock`), saying so when it waits.
-async fn one_node_per_host() -> Result<std::fs::File, NodeError> {
+async fn one_node_per_host() -> Result<HostLock, NodeError> {
     let path = std::env::temp_dir().join("kmc-node.lock");
     let file = std::fs::File::create(&path).map_err(|e| NodeError::io(&path, e))?;
     let mut said = false;
     loop {
         match file.try_lock() {
-            Ok(()) => return Ok(file),
+            Ok(()) => return Ok(HostLock { _file: file, before: HostView::now() }),
             Err(std::fs::TryLockError::WouldBlock) => {
                 if !said {
                     eprintln!("node: waiting for {} (another node runs on this host)", path.display());
@@ -167,7 +182,7 @@ impl Node {
     /// Brings a node up and waits until it is Ready. On failure everything done so far
     /// is undone before the error is returned.
     pub async fn up(options: NodeOptions) -> Result<Node, NodeError> {
-        let one_per_host = one_node_per_host().await?;
+        let host = one_node_per_host().await?;
         let started = Instant::now();
         let id = unique_suffix();
         let root = std::env::temp_dir().join(format!("kmc-node-{id}"));
@@ -198,7 +213,7 @@ impl Node {
             name,
             root,
             armed: true,
-            _one_per_host: one_per_host,
+            host: Some(host),
         };
         node.state.snapshot_host();
         node.state.save()?;
@@ -694,30 +709,38 @@ impl Node {
         State::path(&self.root)
     }
 
-    /// Stops and removes everything (the same as drop, but reporting failures).
-    pub fn down(mut self) -> Result<(), NodeError> {
+    /// Stops and removes everything (the same as drop, but reporting failures). The
+    /// host lock comes back: compare the host while holding it ([`HostLock::changes`]).
+    pub fn down(mut self) -> Result<HostLock, NodeError> {
         self.armed = false;
-        teardown_state(&self.state)
+        teardown_state(&self.state)?;
+        Ok(self.into_host_lock())
     }
 
     /// [`Node::down`] for a test: panics unless the teardown leaves nothing of the node
-    /// ([`leftovers`]) and the host as `before` saw it; returns how long it took.
-    pub fn down_leaving_the_host_as(self, before: &HostView) -> Duration {
+    /// ([`leftovers`]) and the host as it was before the node; returns how long it took.
+    pub fn down_leaving_the_host_as_it_was(self) -> Duration {
         let (root, name) = (self.root.clone(), self.name.clone());
         let start = Instant::now();
-        self.down().unwrap_or_else(|e| panic!("teardown: {e}"));
+        let host = self.down().unwrap_or_else(|e| panic!("teardown: {e}"));
         let took = start.elapsed();
         let left = leftovers(&root, &name);
         assert!(left.is_empty(), "left behind: {left:#?}");
-        assert_eq!(&HostView::now(), before, "the host is as it was");
+        assert_eq!(host.changes(), Vec::<String>::new(), "the host is as it was");
         took
     }
 
     /// Forgets the node without stopping it, as a crash of this process would: only
-    /// [`teardown`] from the state file can then remove it.
-    pub fn abandon(mut self) -> PathBuf {
+    /// [`teardown`] from the state file can then remove it. The host lock comes back
+    /// with its root, to hold until that teardown is done.
+    pub fn abandon(mut self) -> (PathBuf, HostLock) {
         self.armed = false;
-        self.root.clone()
+        let root = self.root.clone();
+        (root, self.into_host_lock())
+    }
+
+    fn into_host_lock(mut self) -> HostLock {
+        self.host.take().expect("the lock is held while the node lives")
     }
 }
 

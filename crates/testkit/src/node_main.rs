@@ -58,7 +58,7 @@ fn main() -> ExitCode {
             // SAFETY: set holds the signals blocked above.
             unsafe { libc::sigwait(&set, &mut signal) };
             match node.down() {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(_host) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("kmc-node: {e}");
                     ExitCode::FAILURE

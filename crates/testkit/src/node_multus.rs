@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, PostParams};
-use serde_json::json;
+use kube::api::{Api, DynamicObject, PostParams};
+use serde_json::{Value, json};
 
 use crate::node::{Node, NodeError};
+use crate::node_pods::{Validator, mesh_pod};
 use crate::{cached_build, repo_root};
 
 /// The pod annotation Multus reads the extra networks from.
@@ -23,6 +24,8 @@ pub const NETWORKS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/networks";
 /// The pod annotation Multus writes every attachment's result into.
 pub const NETWORK_STATUS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/network-status";
 const NAD_CRD: &str = "network-attachment-definitions.k8s.cni.cncf.io";
+/// Our NAD and network: the name Kong Mesh's injector asks Multus for.
+pub const NETWORK: &str = "kuma-cni";
 /// The image of the multus-daemon pod (its static binary alone).
 pub const MULTUS_IMAGE: &str = "kmc.test/multus:1";
 
@@ -304,8 +307,36 @@ fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// A mesh pod as Kong Mesh's injector makes it with the CNI behind Multus: its networks
+/// annotation names our NAD (../shared/kuma-reference/injected/pod-34.yaml).
+pub fn multus_mesh_pod(name: &str, node: &Node, target: &str, validator: Validator) -> Value {
+    let mut pod = mesh_pod(name, node, target, validator);
+    pod["metadata"]["annotations"][NETWORKS_ANNOTATION] = json!(NETWORK);
+    pod
+}
+
+/// Waits up to `timeout` for our NAD in `namespace` (our controller makes it once the
+/// namespace is labelled).
+pub async fn wait_for_nad(
+    client: &kube::Client,
+    namespace: &str,
+    timeout: Duration,
+) -> Result<DynamicObject, NodeError> {
+    let nads = nads(client, namespace);
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(nad)) = nads.get_opt(NETWORK).await {
+            return Ok(nad);
+        }
+        if start.elapsed() > timeout {
+            return Err(NodeError::Timeout(format!("no NAD {NETWORK} in {namespace} within {timeout:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The NetworkAttachmentDefinitions of `namespace`.
-pub fn nads(client: &kube::Client, namespace: &str) -> Api<kube::api::DynamicObject> {
+pub fn nads(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
     let gvk = kube::api::GroupVersionKind::gvk("k8s.cni.cncf.io", "v1", "NetworkAttachmentDefinition");
     let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, "network-attachment-definitions");
     Api::namespaced_with(client.clone(), namespace, &resource)

@@ -508,6 +508,28 @@ impl HostView {
         let paths = HOST_PATHS.iter().map(|p| (p.to_string(), Path::new(p).exists())).collect();
         HostView { sysctls, kube_chains, paths, netns_dir: propagation(Path::new(NETNS_DIR)) }
     }
+
+    /// What differs in `self` from `before`, a line each (empty when nothing does).
+    pub fn changes_since(&self, before: &HostView) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, value) in &self.sysctls {
+            let was = before.sysctls.get(key).map(String::as_str).unwrap_or_default();
+            if was != value {
+                out.push(format!("sysctl {key}: {} -> {}", was.trim(), value.trim()));
+            }
+        }
+        out.extend(self.kube_chains.iter().filter(|c| !before.kube_chains.contains(c)).map(|c| format!("added {c}")));
+        out.extend(before.kube_chains.iter().filter(|c| !self.kube_chains.contains(c)).map(|c| format!("removed {c}")));
+        for (path, exists) in &self.paths {
+            if !before.paths.contains(&(path.clone(), *exists)) {
+                out.push(format!("{path}: {}", if *exists { "created" } else { "removed" }));
+            }
+        }
+        if self.netns_dir != before.netns_dir {
+            out.push(format!("{NETNS_DIR} propagation: {:?} -> {:?}", before.netns_dir, self.netns_dir));
+        }
+        out
+    }
 }
 
 /// What is left on the host of the node `name` whose root was `root` (empty after a
