@@ -1,5 +1,6 @@
 //! The CNI installed as users install it, on a real node (testkit::node: kubelet,
-//! containerd v2, runc; bridge + host-local + portmap as the primary CNI): our image
+//! containerd v2, runc; bridge + host-local + portmap as the primary CNI, then kind's
+//! kindnet shape, ptp + host-local + portmap, on a second node): our image
 //! (scripts/image-build.sh) imported into the node's containerd, our chart rendered by
 //! `kong-mesh-cni manifests` with values for this node and applied to its API server.
 //! The node registers with `NodeReadiness:NoSchedule`, as a cluster that waits for its
@@ -22,7 +23,7 @@ use k8s_openapi::api::core::v1::{Event, Node as KubeNode, Pod};
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use testkit::node::node_ready;
+use testkit::node::{ClusterNetwork, node_ready};
 use testkit::node_chart::{
     CNI_NAMESPACE, Installed, Release, cni_pod_ready, install, plugin_types, tainted, uninstall,
 };
@@ -114,14 +115,23 @@ async fn rolled_out(client: &Client, timeout: Duration) {
     }
 }
 
+/// The scenario on each cluster network, one after the other (a node each): today's
+/// bridge, and kind's (kindnet's ptp: no bridge, a veth and a /32 route per pod).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_containerd() {
     if !testkit::require_root() || testkit::skip_heavy("the node chart test") {
         return;
     }
+    for network in [ClusterNetwork::Bridge, ClusterNetwork::Kindnet] {
+        eprintln!("=== cluster network: {network:?}");
+        chart_scenario(network).await;
+    }
+}
+
+async fn chart_scenario(network: ClusterNetwork) {
     let started = Instant::now();
     let mut steps = Steps::new();
-    let options = NodeOptions { taints: vec!["NodeReadiness:NoSchedule".into()], ..NodeOptions::default() };
+    let options = NodeOptions { network, taints: vec!["NodeReadiness:NoSchedule".into()], ..NodeOptions::default() };
     let mut node = Node::up(options).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
     eprintln!("node {} Ready {:.1?} after start", node.name, node.up_time);
     steps.done("node up");
@@ -139,7 +149,11 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     steps.done("image built (scripts/image-build.sh) and imported, chart applied, CNI pod Ready, node untainted");
     let cni_pod = cni_pod.metadata.name.clone().unwrap();
     let chained = std::fs::read_to_string(&node.conflist).unwrap();
-    assert_eq!(plugin_types(&chained), ["bridge", "portmap", "kong-mesh-cni"], "chained last:\n{chained}");
+    let primary_type = match network {
+        ClusterNetwork::Bridge => "bridge",
+        ClusterNetwork::Kindnet => "ptp",
+    };
+    assert_eq!(plugin_types(&chained), [primary_type, "portmap", "kong-mesh-cni"], "chained last:\n{chained}");
     assert!(node.cni_bin_dir.join("kong-mesh-cni").is_file(), "the plugin binary in the node's bin dir");
 
     // A mesh pod and a plain one.
@@ -289,7 +303,7 @@ async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_cont
     for (what, took) in &steps.done {
         eprintln!("{what:<48} {took:.1?}");
     }
-    eprintln!("{:<48} {:.1?}", "whole test", started.elapsed());
+    eprintln!("{:<48} {:.1?}", format!("whole scenario ({network:?})"), started.elapsed());
 }
 
 /// The ID of the pod's running `app` container.

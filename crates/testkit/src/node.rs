@@ -71,9 +71,62 @@ pub fn node_bin_dir() -> &'static Path {
     DIR.get_or_init(|| cached_build("KMC_NODE_BIN", "scripts/node-build.sh", "kubelet"))
 }
 
+/// The node's cluster network: its primary CNI, the node's only conflist.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClusterNetwork {
+    /// bridge + host-local + portmap, pods on a bridge of the node's own
+    /// (`10-kmc-bridge.conflist`).
+    #[default]
+    Bridge,
+    /// kind's: kindnet's ptp + host-local + portmap, written as kind writes
+    /// `10-kindnet.conflist` (its whitespace included); each pod on a veth to the host
+    /// with a /32 route, no bridge.
+    Kindnet,
+}
+
+/// kind v0.2x's `10-kindnet.conflist` (kindnetd's template, as the installer's golden
+/// `kindnet/input` recorded it), with NAME, SUBNET and DATA_DIR to fill in.
+const KINDNET_CONFLIST: &str = r#"
+{
+	"cniVersion": "0.3.1",
+	"name": "NAME",
+	"plugins": [
+	{
+		"type": "ptp",
+		"ipMasq": false,
+		"ipam": {
+			"type": "host-local",
+			"dataDir": "DATA_DIR",
+			"routes": [
+				
+				
+				{ "dst": "0.0.0.0/0" }
+			],
+			"ranges": [
+				
+				
+				[ { "subnet": "SUBNET" } ]
+			]
+		}
+		,
+		"mtu": 1500
+		
+	},
+	{
+		"type": "portmap",
+		"capabilities": {
+			"portMappings": true
+		}
+	}
+	]
+}
+"#;
+
 /// What the node is started with.
 #[derive(Debug, Clone, Default)]
 pub struct NodeOptions {
+    /// The primary CNI.
+    pub network: ClusterNetwork,
     /// A static `kong-mesh-cni` binary to put into the tools image (for the validator
     /// init container).
     pub kong_mesh_cni: Option<PathBuf>,
@@ -193,7 +246,10 @@ impl Node {
         let mut node = Node {
             cni_net_dir: root.join("etc/cni/net.d"),
             cni_bin_dir: root.join("opt/cni/bin"),
-            conflist: root.join("etc/cni/net.d/10-kmc-bridge.conflist"),
+            conflist: root.join(match options.network {
+                ClusterNetwork::Bridge => "etc/cni/net.d/10-kmc-bridge.conflist",
+                ClusterNetwork::Kindnet => "etc/cni/net.d/10-kindnet.conflist",
+            }),
             pod_logs_dir: root.join("var/log/pods"),
             kubeconfig: root.join("admin.kubeconfig"),
             node_ip: Ipv4Addr::new(10, 89, octet, 1),
@@ -370,9 +426,11 @@ impl Node {
         for table in ["nat", "filter"] {
             run("iptables", &["-t", table, "-N", &chain])?;
         }
-        // Nothing from the pod bridge leaves the machine, nothing from elsewhere enters it.
-        run("iptables", &["-A", &chain, "-i", &pod_bridge, "!", "-o", &pod_bridge, "-j", "DROP"])?;
-        run("iptables", &["-A", &chain, "-o", &pod_bridge, "!", "-i", &pod_bridge, "-j", "DROP"])?;
+        // Nothing from the pods leaves the machine, nothing from elsewhere reaches them
+        // (by subnet: kindnet's pods have no bridge; pod to pod is still forwarded).
+        let subnet = self.pod_subnet.as_str();
+        run("iptables", &["-A", &chain, "-s", subnet, "!", "-d", subnet, "-j", "DROP"])?;
+        run("iptables", &["-A", &chain, "!", "-s", subnet, "-d", subnet, "-j", "DROP"])?;
         run("iptables", &["-I", "FORWARD", "1", "-j", &chain])?;
 
         // PKI and kubeconfig.
@@ -454,10 +512,11 @@ impl Node {
 
         // The primary CNI.
         std::fs::create_dir_all(&self.cni_bin_dir).map_err(|e| NodeError::io(&self.cni_bin_dir, e))?;
-        for plugin in ["bridge", "host-local", "portmap", "loopback"] {
+        for plugin in ["bridge", "ptp", "host-local", "portmap", "loopback"] {
             copy_exe(&plugins.join(plugin), &self.cni_bin_dir.join(plugin))?;
         }
-        let conflist = json!({
+        let ipam_dir = p(&self.root.join("var/lib/cni/networks"));
+        let bridge = json!({
             "cniVersion": "1.1.0",
             "name": self.state.network,
             "plugins": [
@@ -467,13 +526,22 @@ impl Node {
                         "type": "host-local",
                         "ranges": [[{ "subnet": self.pod_subnet }]],
                         "routes": [{ "dst": "0.0.0.0/0" }],
-                        "dataDir": p(&self.root.join("var/lib/cni/networks")),
+                        "dataDir": ipam_dir,
                     },
                 },
                 { "type": "portmap", "capabilities": { "portMappings": true } },
             ],
         });
-        write(&self.conflist, serde_json::to_string_pretty(&conflist).expect("JSON") + "\n")?;
+        let conflist = match options.network {
+            ClusterNetwork::Bridge => serde_json::to_string_pretty(&bridge).expect("JSON") + "\n",
+            // Named after the node, not `kindnet`: the teardown sweeps libcni's cache
+            // files by network name.
+            ClusterNetwork::Kindnet => KINDNET_CONFLIST
+                .replace("NAME", &self.state.network)
+                .replace("SUBNET", &self.pod_subnet)
+                .replace("DATA_DIR", &ipam_dir),
+        };
+        write(&self.conflist, conflist)?;
 
         // containerd.
         let ctrd = self.root.join("containerd");
