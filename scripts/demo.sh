@@ -14,6 +14,9 @@
 #                            the same in the chart's default mode (OpenShift's): thin
 #                            Multus v4.2.2 as the node's CNI, our plugin not chained but
 #                            called by Multus for mesh pods through the kuma-cni NAD.
+#   scripts/demo.sh --node --network kindnet|flannel
+#                            on kind's cluster network (kindnet's ptp) or K3D's (flanneld
+#                            leasing the node's podCIDR, the flannel plugin -> bridge).
 # The first run builds the Go test environment (and, for --node, the node's binaries):
 # many minutes, cached by hash afterwards.
 # `--iptables-backend nftables` (or KMC_IPTABLES_BACKEND=nftables) runs the quick variant
@@ -28,7 +31,8 @@ scripts/host-deps.sh
 # The rest of the arguments go to kmc-demo, which checks them.
 if [[ ${1:-} == --node ]]; then
 	eval "$(scripts/node-build.sh --env)"
-	[[ ${2:-} != --multus ]] || eval "$(scripts/multus-build.sh --env)"
+	# Multus and flanneld, for --multus and --network flannel (built once, cached).
+	eval "$(scripts/cnis-build.sh --env)"
 fi
 eval "$(scripts/testenv-build.sh --env)"
 cargo build --release -q -p kong-mesh-cni -p demo

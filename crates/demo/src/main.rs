@@ -1,4 +1,4 @@
-//! `kmc-demo [--node [--multus] | --iptables-backend B] [BINARY]`: runs the node demo and prints its
+//! `kmc-demo [--node [--multus] [--network N] | --iptables-backend B] [BINARY]`: runs the node demo and prints its
 //! report. BINARY defaults to the kong-mesh-cni built next to this program. Needs root.
 //!
 //! Without `--node`: the quick demo (a real API server, a node simulated in temporary
@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use testkit::node::ClusterNetwork;
 
 /// Runs the node demo and prints its report (needs root).
 #[derive(Parser)]
@@ -21,12 +22,26 @@ struct Args {
     /// With --node: the chart's default mode behind thin Multus instead of chained.
     #[arg(long, requires = "node")]
     multus: bool,
+    /// With --node: the node's cluster network.
+    #[arg(long, requires = "node", value_enum, default_value_t = Network::Bridge)]
+    network: Network,
     /// The quick demo's plugin iptables_backend: auto, nft, legacy or nftables (the
     /// native nf_tables backend); unset, the plugin's default (auto).
     #[arg(long, env = "KMC_IPTABLES_BACKEND")]
     iptables_backend: Option<String>,
     /// The kong-mesh-cni binary; defaults to the one built next to this program.
     binary: Option<PathBuf>,
+}
+
+/// The node's cluster network (testkit's [`ClusterNetwork`]).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Network {
+    /// bridge + host-local + portmap.
+    Bridge,
+    /// kind's kindnet: ptp + host-local + portmap.
+    Kindnet,
+    /// K3D's Flannel: flanneld (host-gw) and the flannel plugin delegating to bridge.
+    Flannel,
 }
 
 fn main() -> ExitCode {
@@ -42,7 +57,12 @@ fn main() -> ExitCode {
     let report = match args.node {
         true => {
             let mode = if args.multus { demo::real_node::Mode::Multus } else { demo::real_node::Mode::Chained };
-            demo::real_node::run(&binary, mode).map(|r| r.to_string())
+            let network = match args.network {
+                Network::Bridge => ClusterNetwork::Bridge,
+                Network::Kindnet => ClusterNetwork::Kindnet,
+                Network::Flannel => ClusterNetwork::Flannel,
+            };
+            demo::real_node::run(&binary, mode, network).map(|r| r.to_string())
         }
         false => demo::run(&binary, args.iptables_backend.as_deref()).map(|r| r.to_string()),
     };

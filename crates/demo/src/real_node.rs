@@ -8,7 +8,8 @@
 //! Two modes: chained into the node's conflist ([`Mode::Chained`], what the tests'
 //! other nodes run), or the chart's default, behind thin Multus ([`Mode::Multus`]: the
 //! install guide's OpenShift), where the namespace's label makes our controller create
-//! the `kuma-cni` NAD and the mesh pod asks Multus for it.
+//! the `kuma-cni` NAD and the mesh pod asks Multus for it. The node's cluster network is
+//! a [`ClusterNetwork`]: the bridge, kind's kindnet or K3D's Flannel.
 
 use std::fmt;
 use std::path::Path;
@@ -17,8 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::core::v1::Node as KubeNode;
+use kube::ResourceExt;
 use kube::api::{Api, LogParams};
 use kube::api::{Patch, PatchParams};
+use testkit::node::ClusterNetwork;
 use testkit::node_chart::{CNI_NAMESPACE, install_with, tainted};
 use testkit::node_multus::{Multus, multus_mesh_pod, wait_for_nad};
 use testkit::node_pods::{Validator, container, log_line, mesh_pod, plain_pod, pod_ip, run_pod, validation_exit};
@@ -40,6 +43,9 @@ pub enum Mode {
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub mode: Mode,
+    pub network: ClusterNetwork,
+    /// Flannel: the node's podCIDR and the backend flanneld announced on the node.
+    pub flannel_lease: Option<(String, String)>,
     pub node: String,
     pub node_up: Duration,
     /// Registered with NodeReadiness:NoSchedule / still tainted once the CNI is Ready.
@@ -76,25 +82,31 @@ pub struct Report {
 
 /// Runs the real-node demo in `mode` with `binary` (the kong-mesh-cni that goes into the
 /// image). Progress goes to stderr as it happens; the report comes back.
-pub fn run(binary: &Path, mode: Mode) -> Result<Report> {
+pub fn run(binary: &Path, mode: Mode, network: ClusterNetwork) -> Result<Report> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(run_async(binary, mode))
+    rt.block_on(run_async(binary, mode, network))
 }
 
 fn step(what: &str) {
     eprintln!("kmc-demo --node: {what}");
 }
 
-async fn run_async(binary: &Path, mode: Mode) -> Result<Report> {
-    let mut report = Report { mode, ..Report::default() };
-    step("bringing the node up (kubelet, containerd, control plane)");
-    let options = NodeOptions { taints: vec!["NodeReadiness:NoSchedule".into()], ..NodeOptions::default() };
+async fn run_async(binary: &Path, mode: Mode, network: ClusterNetwork) -> Result<Report> {
+    let mut report = Report { mode, network, ..Report::default() };
+    step(&format!("bringing the node up (kubelet, containerd, control plane; cluster network {network:?})"));
+    let options = NodeOptions { network, taints: vec!["NodeReadiness:NoSchedule".into()], ..NodeOptions::default() };
     let node = Node::up(options).await?;
     report.node = node.name.clone();
     report.node_up = node.up_time;
     let client = node.client().await?;
     let nodes: Api<KubeNode> = Api::all(client.clone());
-    report.tainted_at_start = tainted(&nodes.get(&node.name).await?);
+    let registered = nodes.get(&node.name).await?;
+    report.tainted_at_start = tainted(&registered);
+    if network == ClusterNetwork::Flannel {
+        let cidr = registered.spec.as_ref().and_then(|s| s.pod_cidr.clone()).unwrap_or_default();
+        let backend = registered.annotations().get("flannel.alpha.coreos.com/backend-type").cloned();
+        report.flannel_lease = Some((cidr, backend.unwrap_or_default()));
+    }
     let multus = match mode {
         Mode::Chained => None,
         Mode::Multus => {
@@ -207,6 +219,15 @@ fn s(d: Duration) -> String {
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "kong-mesh-cni on a real node (kubelet + containerd v2 + runc, Kubernetes v1.37)")?;
+        let network = match self.network {
+            ClusterNetwork::Bridge => "bridge + host-local + portmap".to_owned(),
+            ClusterNetwork::Kindnet => "kind's kindnet (ptp + host-local + portmap, 10-kindnet.conflist)".to_owned(),
+            ClusterNetwork::Flannel => {
+                let (cidr, backend) = self.flannel_lease.clone().unwrap_or_default();
+                format!("K3D's Flannel (flanneld {backend}, podCIDR {cidr}; flannel -> bridge, 10-flannel.conflist)")
+            }
+        };
+        writeln!(f, "  cluster network: {network}")?;
         writeln!(
             f,
             "  node {} Ready in {}, registered with NodeReadiness:NoSchedule: {}",

@@ -3,6 +3,7 @@
 //! with the native nf_tables one (one after the other: each brings up a node).
 
 use demo::real_node::Mode;
+use testkit::node::ClusterNetwork;
 
 /// One demo at a time: the real node's start takes most of both cores.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -77,8 +78,12 @@ fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_
     }
     let netns_dir = std::path::Path::new(testkit::node::NETNS_DIR);
     assert_eq!(testkit::node::propagation(netns_dir), None, "no netns mount point before the node");
-    let report = demo::real_node::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")), Mode::Chained)
-        .expect("the demo runs");
+    let report = demo::real_node::run(
+        std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")),
+        Mode::Chained,
+        ClusterNetwork::Bridge,
+    )
+    .expect("the demo runs");
     println!("{report}");
 
     assert!(report.tainted_at_start, "the node waits for its CNI");
@@ -113,8 +118,12 @@ fn the_real_node_demo_behind_multus_uses_the_charts_defaults() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let report = demo::real_node::run(std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")), Mode::Multus)
-        .expect("the demo runs");
+    let report = demo::real_node::run(
+        std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")),
+        Mode::Multus,
+        ClusterNetwork::Bridge,
+    )
+    .expect("the demo runs");
     println!("{report}");
 
     assert_eq!(report.chained, ["bridge", "portmap"], "the cluster network is not chained into");
@@ -129,6 +138,39 @@ fn the_real_node_demo_behind_multus_uses_the_charts_defaults() {
         report.plugin_lines
     );
     assert!(report.restored_exactly, "Multus's conf unchanged and ours removed by the release's deletion");
+    assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
+    assert_eq!(report.host_changes, Vec::<String>::new(), "sysctls, iptables chains and host paths as before the node");
+}
+
+/// `scripts/demo.sh --node --network flannel`, run as a test: K3D's cluster network on
+/// the real node (flanneld v0.28 leasing the node's podCIDR through the API server, its
+/// host-gw backend, the flannel plugin delegating to bridge), our plugin chained into
+/// `10-flannel.conflist` as the k3d-flannel preset names it.
+#[test]
+fn the_real_node_demo_on_k3ds_flannel_chains_into_its_conflist() {
+    if testkit::skip_heavy("the real-node demo on Flannel") || !testkit::require_root() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let report = demo::real_node::run(
+        std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")),
+        Mode::Chained,
+        ClusterNetwork::Flannel,
+    )
+    .expect("the demo runs");
+    println!("{report}");
+
+    let (cidr, backend) = report.flannel_lease.clone().expect("flanneld's lease");
+    assert_eq!(backend, "host-gw", "flanneld announced its backend on the node");
+    let pod_ip = report.target.split(':').next().unwrap_or_default();
+    let prefix = cidr.trim_end_matches("0/24");
+    assert!(!cidr.is_empty() && pod_ip.starts_with(prefix), "pod {pod_ip} from flannel's lease {cidr}");
+    assert_eq!(report.chained, ["flannel", "portmap", "bandwidth", "kong-mesh-cni"]);
+    assert_eq!(report.validator_exit, Some(0), "the validator passed as the mesh pod's init container");
+    assert_eq!(report.mesh_line, format!("dial {0} -> sidecar port=15001 uid=5678 orig={0}", report.target));
+    assert_eq!(report.plain_line, format!("dial {} -> serve port=8080", report.target), "the plain pod is untouched");
+    assert!(report.restored_exactly, "deleting the release restored 10-flannel.conflist byte for byte");
+    assert_eq!(report.net_dir_after, ["10-flannel.conflist"]);
     assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
     assert_eq!(report.host_changes, Vec::<String>::new(), "sysctls, iptables chains and host paths as before the node");
 }

@@ -152,6 +152,7 @@ async fn chart_scenario(network: ClusterNetwork) {
     let primary_type = match network {
         ClusterNetwork::Bridge => "bridge",
         ClusterNetwork::Kindnet => "ptp",
+        ClusterNetwork::Flannel => "flannel",
     };
     assert_eq!(plugin_types(&chained), [primary_type, "portmap", "kong-mesh-cni"], "chained last:\n{chained}");
     assert!(node.cni_bin_dir.join("kong-mesh-cni").is_file(), "the plugin binary in the node's bin dir");
@@ -217,6 +218,50 @@ async fn chart_scenario(network: ClusterNetwork) {
     let repaired = repair_events(&client).await;
     eprintln!("rollout: {BURST} mesh pods Ready and redirected ({repaired} repaired by the controller on the way)");
     steps.done("rolling update while mesh pods are created");
+
+    // A primary CNI that rewrites its own file (without our entry) each time its agent
+    // restarts, as Calico's and Cilium's do: restarted every second while mesh pods
+    // start. Each ADD whose sandbox the runtime set up from a file without our entry
+    // shows as a sandbox our plugin never saw.
+    let rewritten = deployment("rewritten", mesh_pod("rewritten", &node, &target_addr, validator), 0);
+    let rewritten: Deployment = serde_json::from_value(rewritten).unwrap();
+    Api::<Deployment>::namespaced(client.clone(), "default").create(&PostParams::default(), &rewritten).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (file, text, stop) = (node.conflist.clone(), primary.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut restarts = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // In place, as the agents write it (the runtime reloads on a write).
+                std::fs::write(&file, &text).expect("the primary rewrites its file");
+                restarts += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            restarts
+        })
+    };
+    for replicas in 1..=BURST {
+        scale(&client, "rewritten", replicas).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let restarts = writer.join().unwrap();
+    let pods = deployment_ready(&client, "rewritten", BURST as usize, Duration::from_secs(240)).await;
+    assert_redirected(&client, &pods, &target_addr).await;
+    let sandboxes = sandbox_ids(&node.log("containerd"), "rewritten-");
+    let seen = node_pods::container_logs(&node, "install-cni");
+    let without_us: Vec<&String> = sandboxes.iter().filter(|id| !seen.contains(&format!("container={id}"))).collect();
+    let chained = std::fs::read_to_string(&node.conflist).unwrap();
+    assert_eq!(plugin_types(&chained).last().map(String::as_str), Some("kong-mesh-cni"), "our entry back:\n{chained}");
+    eprintln!(
+        "primary rewritten {restarts} times while {BURST} mesh pods started: {} sandboxes, {} ADDs without our entry \
+         ({without_us:?}), {} repairs by the controller so far; every pod redirected",
+        sandboxes.len(),
+        without_us.len(),
+        repair_events(&client).await - repaired,
+    );
+    steps.done("primary rewriting its file while mesh pods start");
 
     // The API server away for 30 s; meanwhile two mesh pods get a new sandbox (ADD).
     let ready_before = ready_since(&nodes.get(&node.name).await.unwrap());
@@ -304,6 +349,18 @@ async fn chart_scenario(network: ClusterNetwork) {
         eprintln!("{what:<48} {took:.1?}");
     }
     eprintln!("{:<48} {:.1?}", format!("whole scenario ({network:?})"), started.elapsed());
+}
+
+/// The sandbox IDs containerd returned for pods named `prefix...` (from its log).
+fn sandbox_ids(containerd_log: &str, prefix: &str) -> Vec<String> {
+    let name = format!("RunPodSandbox for name:\\\"{prefix}");
+    containerd_log
+        .lines()
+        .filter(|l| l.contains(&name))
+        .filter_map(|l| l.split("returns sandbox id \\\"").nth(1))
+        .filter_map(|rest| rest.split('\\').next())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The ID of the pod's running `app` container.

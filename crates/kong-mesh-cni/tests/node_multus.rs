@@ -1,5 +1,5 @@
 //! The chart's default mode on the real node: Kong Mesh behind Multus (OpenShift's
-//! first environment), `chained: false`. Multus v4.2.2 (scripts/multus-build.sh) is the
+//! first environment), `chained: false`. Multus v4.2.2 (scripts/cnis-build.sh) is the
 //! node's CNI and delegates every pod's `eth0` to the bridge network; our chart is
 //! installed with its defaults, only the node's paths changed (Node::chart_values_multus).
 //! Labelling a namespace makes our controller create the `kuma-cni` NAD there; a mesh

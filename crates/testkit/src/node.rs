@@ -82,7 +82,17 @@ pub enum ClusterNetwork {
     /// `10-kindnet.conflist` (its whitespace included); each pod on a veth to the host
     /// with a /32 route, no bridge.
     Kindnet,
+    /// K3D's (k3s's built-in Flannel): flanneld v0.28 (scripts/cnis-build.sh) with
+    /// `--kube-subnet-mgr` (the controller-manager allocates the node's podCIDR), its
+    /// host-gw backend, and k3s's `10-flannel.conflist` with the flannel meta plugin
+    /// delegating to bridge. Two changes to k3s's file, both forced: cniVersion 0.4.0
+    /// (the flannel plugin that builds here, v0.9.1, speaks no later), and no
+    /// `firewall` entry (its iptables chains outlive every pod on this shared host).
+    Flannel,
 }
+
+/// The Flannel network: contains every node's podCIDR (flanneld checks it).
+const FLANNEL_NETWORK: &str = "10.88.0.0/16";
 
 /// kind v0.2x's `10-kindnet.conflist` (kindnetd's template, as the installer's golden
 /// `kindnet/input` recorded it), with NAME, SUBNET and DATA_DIR to fill in.
@@ -249,6 +259,7 @@ impl Node {
             conflist: root.join(match options.network {
                 ClusterNetwork::Bridge => "etc/cni/net.d/10-kmc-bridge.conflist",
                 ClusterNetwork::Kindnet => "etc/cni/net.d/10-kindnet.conflist",
+                ClusterNetwork::Flannel => "etc/cni/net.d/10-flannel.conflist",
             }),
             pod_logs_dir: root.join("var/log/pods"),
             kubeconfig: root.join("admin.kubeconfig"),
@@ -491,19 +502,24 @@ impl Node {
                 "--v=0".into(),
             ],
         )?;
-        self.spawn(
-            "kube-controller-manager",
-            &bins.join("kube-controller-manager"),
-            &[
-                format!("--kubeconfig={kc}"),
-                "--secure-port=0".into(),
-                "--leader-elect=false".into(),
-                "--use-service-account-credentials=false".into(),
-                format!("--service-account-private-key-file={}", p(&pki.sa_key)),
-                format!("--root-ca-file={}", p(&pki.ca_cert)),
-                "--v=0".into(),
-            ],
-        )?;
+        let mut controller_manager = vec![
+            format!("--kubeconfig={kc}"),
+            "--secure-port=0".into(),
+            "--leader-elect=false".into(),
+            "--use-service-account-credentials=false".into(),
+            format!("--service-account-private-key-file={}", p(&pki.sa_key)),
+            format!("--root-ca-file={}", p(&pki.ca_cert)),
+            "--v=0".into(),
+        ];
+        if options.network == ClusterNetwork::Flannel {
+            // The node's podCIDR, which flanneld's kube subnet manager leases.
+            controller_manager.extend([
+                "--allocate-node-cidrs=true".into(),
+                format!("--cluster-cidr={}", self.pod_subnet),
+                "--node-cidr-mask-size=24".into(),
+            ]);
+        }
+        self.spawn("kube-controller-manager", &bins.join("kube-controller-manager"), &controller_manager)?;
         self.spawn(
             "kube-scheduler",
             &bins.join("kube-scheduler"),
@@ -532,8 +548,32 @@ impl Node {
                 { "type": "portmap", "capabilities": { "portMappings": true } },
             ],
         });
+        let subnet_file = self.root.join("run/flannel/subnet.env");
         let conflist = match options.network {
             ClusterNetwork::Bridge => serde_json::to_string_pretty(&bridge).expect("JSON") + "\n",
+            ClusterNetwork::Flannel => {
+                copy_exe(&bin_dir().join("primaries/flannel"), &self.cni_bin_dir.join("flannel"))?;
+                copy_exe(&plugins.join("bandwidth"), &self.cni_bin_dir.join("bandwidth"))?;
+                let flannel = json!({
+                    "name": self.state.network,
+                    "cniVersion": "0.4.0",
+                    "plugins": [
+                        {
+                            "type": "flannel",
+                            "subnetFile": subnet_file,
+                            "dataDir": self.root.join("var/lib/cni/flannel"),
+                            "ipam": { "dataDir": ipam_dir },
+                            "delegate": {
+                                "hairpinMode": true, "forceAddress": true, "isDefaultGateway": true,
+                                "bridge": pod_bridge,
+                            },
+                        },
+                        { "type": "portmap", "capabilities": { "portMappings": true } },
+                        { "type": "bandwidth", "capabilities": { "bandwidth": true } },
+                    ],
+                });
+                serde_json::to_string_pretty(&flannel).expect("JSON") + "\n"
+            }
             // Named after the node, not `kindnet`: the teardown sweeps libcni's cache
             // files by network name.
             ClusterNetwork::Kindnet => KINDNET_CONFLIST
@@ -654,7 +694,48 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        if options.network == ClusterNetwork::Flannel {
+            // flanneld exits when its node has no podCIDR yet (k3s starts it after).
+            loop {
+                let node = nodes.get_opt(&self.name).await.ok().flatten();
+                if node.and_then(|n| n.spec).and_then(|s| s.pod_cidr).is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(NodeError::Timeout(format!("node {} got no podCIDR", self.name)));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            self.start_flanneld(&node_bridge, &subnet_file)?;
+        }
         Ok(())
+    }
+
+    /// flanneld as k3s runs it for its node: the kube subnet manager (it waits for the
+    /// kubelet's Node and its podCIDR), host-gw, no iptables rules of its own (no
+    /// masquerade, no FORWARD accepts: nothing leaves this node). Returns once it wrote
+    /// the subnet file the flannel plugin reads.
+    fn start_flanneld(&mut self, iface: &str, subnet_file: &Path) -> Result<(), NodeError> {
+        let net_conf = self.root.join("etc/kube-flannel/net-conf.json");
+        write(&net_conf, json!({ "Network": FLANNEL_NETWORK, "Backend": { "Type": "host-gw" } }).to_string())?;
+        let p = |path: &Path| path.to_string_lossy().into_owned();
+        let args = [
+            "--kube-subnet-mgr".to_owned(),
+            format!("--kubeconfig-file={}", p(&self.kubeconfig)),
+            format!("--iface={iface}"),
+            format!("--net-config-path={}", p(&net_conf)),
+            format!("--subnet-file={}", p(subnet_file)),
+            "--ip-masq=false".into(),
+            "--iptables-forward-rules=false".into(),
+        ];
+        let name = self.name.clone();
+        self.spawn_env(
+            "flanneld",
+            &crate::node_multus::cnis_bin_dir().join("flanneld"),
+            &args,
+            &[("NODE_NAME", &name)],
+        )?;
+        wait_for(Duration::from_secs(60), "flanneld's subnet file", || subnet_file.exists())
     }
 
     /// The kubelet's cgroupRoot, under every hierarchy.

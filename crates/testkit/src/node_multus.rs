@@ -1,4 +1,4 @@
-//! Multus v4 (scripts/multus-build.sh) in front of the node's bridge network, as
+//! Multus v4 (scripts/cnis-build.sh) in front of the node's bridge network, as
 //! OpenShift runs it: Multus's file is the node's first CNI configuration, the bridge
 //! conflist is the cluster default network it delegates every pod's `eth0` to (kept,
 //! as OpenShift keeps OVN-Kubernetes', under `/run/multus/cni/net.d`), and the
@@ -29,11 +29,11 @@ pub const NETWORK: &str = "kuma-cni";
 /// The image of the multus-daemon pod (its static binary alone).
 pub const MULTUS_IMAGE: &str = "kmc.test/multus:1";
 
-/// The bin dir of `scripts/multus-build.sh` (multus, multus-daemon, multus-shim): from
-/// `KMC_MULTUS_BIN`, else built (minutes the first time; then instant).
-pub fn multus_bin_dir() -> &'static Path {
+/// The bin dir of `scripts/cnis-build.sh` (multus, multus-daemon, multus-shim,
+/// flanneld): from `KMC_CNIS_BIN`, else built (minutes the first time; then instant).
+pub fn cnis_bin_dir() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| cached_build("KMC_MULTUS_BIN", "scripts/multus-build.sh", "multus"))
+    DIR.get_or_init(|| cached_build("KMC_CNIS_BIN", "scripts/cnis-build.sh", "multus"))
 }
 
 /// Multus as installed on a node.
@@ -62,7 +62,7 @@ impl Node {
             std::fs::create_dir_all(dir).map_err(|e| NodeError::io(dir, e))?;
         }
         std::fs::copy(&self.conflist, &multus.cluster_network).map_err(|e| NodeError::io(&self.conflist, e))?;
-        let binary = multus_bin_dir().join("multus");
+        let binary = cnis_bin_dir().join("multus");
         std::fs::copy(&binary, self.cni_bin_dir.join("multus")).map_err(|e| NodeError::io(&binary, e))?;
         // Its own credentials, where OpenShift keeps them (an admin's here: Multus reads
         // pods and NADs and writes the pods' network-status).
@@ -118,7 +118,7 @@ impl Node {
             std::fs::create_dir_all(dir).map_err(|e| NodeError::io(dir, e))?;
         }
         std::fs::copy(&self.conflist, &multus.cluster_network).map_err(|e| NodeError::io(&self.conflist, e))?;
-        let bins = multus_bin_dir();
+        let bins = cnis_bin_dir();
         let shim = bins.join("multus-shim");
         std::fs::copy(&shim, self.cni_bin_dir.join("multus-shim")).map_err(|e| NodeError::io(&shim, e))?;
         let archive = self.root.join("multus-image.tar");
