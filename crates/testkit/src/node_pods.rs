@@ -280,14 +280,27 @@ pub fn container_logs(node: &Node, name: &str) -> String {
 
 /// PIDs of the sandbox (pause) processes of the pod with UID `uid` on `node`.
 pub fn sandbox_pids(node: &Node, uid: &str) -> Vec<i32> {
+    pod_pids(node, Some(uid), b"/standin\0pause\0")
+}
+
+/// PIDs of the processes in `node`'s pods running `program` (their command line's
+/// first word): a container's main process, to kill as the kernel's OOM killer would.
+pub fn container_pids(node: &Node, program: &str) -> Vec<i32> {
+    pod_pids(node, None, format!("{program}\0").as_bytes())
+}
+
+/// Processes in the cgroups of `node`'s pods (of the pod with UID `uid` only, if given)
+/// whose command line starts with `cmdline` (NUL-separated words, as in /proc).
+fn pod_pids(node: &Node, uid: Option<&str>, cmdline: &[u8]) -> Vec<i32> {
     let cgroup = format!("/{}/", node.name);
-    let pod = format!("pod{uid}");
+    let pod = uid.map(|uid| format!("pod{uid}"));
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            groups.lines().any(|l| l.contains(&cgroup) && l.contains(&pod)) && cmdline == b"/standin\0pause\0"
+            let ours = |l: &str| l.contains(&cgroup) && pod.as_ref().is_none_or(|p| l.contains(p.as_str()));
+            groups.lines().any(ours)
+                && std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with(cmdline)
         })
         .collect()
 }

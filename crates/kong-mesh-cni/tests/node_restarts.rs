@@ -1,0 +1,233 @@
+//! Restarts while pods start, on one real node (testkit::node) with our chart installed:
+//! three scenarios one after the other, each while mesh and plain pods are being
+//! created: containerd stopped and started again, the kubelet stopped and started
+//! again, and our DaemonSet pod's installer killed with SIGKILL every few seconds. Each
+//! time: every pod of the scenario is Running within a bound (the time printed), none
+//! was deleted or replaced (a failed ADD is retried by the kubelet until it succeeds),
+//! each mesh pod's validator passed, its app's connection lands on its sidecar with its
+//! original destination, and no connection of its app ever reached the target
+//! unredirected (not one `-> serve` line in any of its logs). The kubelet's failed
+//! sandbox creations (`FailedCreatePodSandBox` events) are counted and printed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::Value;
+use testkit::node::HostView;
+use testkit::node_chart::{cni_pod_ready, install, uninstall};
+use testkit::node_pods::{self, Validator, container, mesh_pod, plain_pod, pod_ip, pod_ready, validation_exit};
+use testkit::{Node, NodeOptions};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
+const POD_READY: Duration = Duration::from_secs(90);
+/// Mesh and plain pods created in each scenario (each kind).
+const PODS_EACH: usize = 2;
+/// Between two pod creations.
+const CREATE_EVERY: Duration = Duration::from_millis(700);
+/// How long containerd or the kubelet stays stopped.
+const STOPPED: Duration = Duration::from_secs(3);
+/// Our installer killed this often, for this long.
+const KILL_EVERY: Duration = Duration::from_secs(3);
+const KILLING: Duration = Duration::from_secs(15);
+/// A limit, not a measurement: every pod of a scenario Running after its first creation.
+const RUNNING_WITHIN: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Copy)]
+enum Scenario {
+    ContainerdRestarted,
+    KubeletRestarted,
+    InstallerKilled,
+}
+
+impl Scenario {
+    fn prefix(self) -> &'static str {
+        match self {
+            Scenario::ContainerdRestarted => "containerd",
+            Scenario::KubeletRestarted => "kubelet",
+            Scenario::InstallerKilled => "killed",
+        }
+    }
+}
+
+/// The scenario's pods, mesh and plain alternating.
+fn scenario_pods(scenario: Scenario, node: &Node, target: &str, image: &str) -> Vec<Value> {
+    (0..PODS_EACH)
+        .flat_map(|i| {
+            let mesh = mesh_pod(&format!("{}-mesh-{i}", scenario.prefix()), node, target, Validator::image(image));
+            let plain =
+                plain_pod(&format!("{}-plain-{i}", scenario.prefix()), node, vec![container("app", &["dial", target])]);
+            [mesh, plain]
+        })
+        .collect()
+}
+
+/// Creates `pods` in `default`, [`CREATE_EVERY`] apart.
+async fn create(client: &Client, pods: &[Value]) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for pod in pods {
+        let pod: Pod = serde_json::from_value(pod.clone()).unwrap();
+        api.create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("creating {:?}: {e}", pod.metadata.name));
+        tokio::time::sleep(CREATE_EVERY).await;
+    }
+}
+
+/// SIGKILLs our installer (the DaemonSet pod's container) whenever it runs, every
+/// [`KILL_EVERY`] for [`KILLING`]; returns how many times it did.
+async fn kill_installer(node: &Node) -> usize {
+    let start = Instant::now();
+    let mut kills = 0;
+    while start.elapsed() < KILLING {
+        for pid in node_pods::container_pids(node, "/install-cni") {
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid is our installer's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            kills += 1;
+        }
+        tokio::time::sleep(KILL_EVERY).await;
+    }
+    kills
+}
+
+/// The pods of `default` whose names start with `prefix`: name, UID, Ready.
+async fn seen(client: &Client, prefix: &str) -> Vec<(String, String, bool)> {
+    let list = Api::<Pod>::namespaced(client.clone(), "default").list(&ListParams::default()).await.unwrap();
+    let mut out: Vec<(String, String, bool)> = list
+        .items
+        .iter()
+        .filter_map(|p| {
+            let name = p.metadata.name.clone()?;
+            name.starts_with(prefix).then(|| (name, p.metadata.uid.clone().unwrap_or_default(), pod_ready(p)))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The kubelet's failed sandbox creations (failed ADDs among them) for pods named
+/// `prefix*`: the sum of the events' counts, and their distinct messages.
+async fn failed_sandboxes(client: &Client, prefix: &str) -> (i32, Vec<String>) {
+    let events = Api::<Event>::namespaced(client.clone(), "default").list(&ListParams::default()).await.unwrap();
+    let mut messages = Vec::new();
+    let mut count = 0;
+    for e in events.items {
+        let ours = e.involved_object.name.as_deref().is_some_and(|n| n.starts_with(prefix));
+        if ours && e.reason.as_deref() == Some("FailedCreatePodSandBox") {
+            count += e.count.unwrap_or(1);
+            let message = e.message.unwrap_or_default();
+            if !messages.contains(&message) {
+                messages.push(message);
+            }
+        }
+    }
+    (count, messages)
+}
+
+/// Every line the app containers of pods named `prefix*` wrote, in every instance.
+fn app_logs(node: &Node, prefix: &str) -> String {
+    let mut out = String::new();
+    for pod in std::fs::read_dir(&node.pod_logs_dir).into_iter().flatten().flatten() {
+        if pod.file_name().to_string_lossy().starts_with(&format!("default_{prefix}")) {
+            for file in std::fs::read_dir(pod.path().join("app")).into_iter().flatten().flatten() {
+                out += &std::fs::read_to_string(file.path()).unwrap_or_default();
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_running() {
+    if !testkit::require_root() || testkit::skip_heavy("the node restarts test") {
+        return;
+    }
+    let before = HostView::now();
+    let mut node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
+    let client = node.client().await.unwrap();
+    let primary = std::fs::read_to_string(&node.conflist).unwrap();
+    let installed = install(&node, &client, Path::new(BINARY), &[], Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("installing from the chart: {e}"));
+    let none = String::new;
+    let serve = plain_pod("target", &node, vec![container("serve", &["serve", "8080"])]);
+    let (target, _) =
+        node_pods::run_pod(&client, &node, serve, POD_READY, &none).await.unwrap_or_else(|e| panic!("{e}"));
+    let target_addr = format!("{}:8080", pod_ip(&target));
+    let image = installed.image.to_string();
+
+    for scenario in [Scenario::ContainerdRestarted, Scenario::KubeletRestarted, Scenario::InstallerKilled] {
+        let prefix = format!("{}-", scenario.prefix());
+        let pods = scenario_pods(scenario, &node, &target_addr, &image);
+        let (first, rest) = pods.split_at(2);
+        let start = Instant::now();
+        // Two pods first, so that their sandboxes are being made (ADD in flight) when
+        // the restart or the kills begin; the rest are created meanwhile.
+        create(&client, first).await;
+        let kills = match scenario {
+            Scenario::ContainerdRestarted | Scenario::KubeletRestarted => {
+                let component = if let Scenario::KubeletRestarted = scenario { "kubelet" } else { "containerd" };
+                node.stop(component).unwrap_or_else(|e| panic!("stopping {component}: {e}"));
+                create(&client, rest).await;
+                tokio::time::sleep(STOPPED.saturating_sub(CREATE_EVERY * rest.len() as u32)).await;
+                node.start(component).unwrap_or_else(|e| panic!("starting {component}: {e}"));
+                0
+            }
+            Scenario::InstallerKilled => tokio::join!(kill_installer(&node), create(&client, rest)).0,
+        };
+        let uids = seen(&client, &prefix).await;
+        assert_eq!(uids.len(), pods.len(), "{scenario:?}: every pod created: {uids:?}");
+        loop {
+            let now = seen(&client, &prefix).await;
+            let names: Vec<(&String, &String)> = now.iter().map(|(n, u, _)| (n, u)).collect();
+            let expected: Vec<(&String, &String)> = uids.iter().map(|(n, u, _)| (n, u)).collect();
+            assert_eq!(names, expected, "{scenario:?}: no pod deleted or replaced");
+            if now.iter().all(|(_, _, ready)| *ready) {
+                break;
+            }
+            if start.elapsed() > RUNNING_WITHIN {
+                let all = ListParams::default();
+                panic!(
+                    "{scenario:?}: not every pod Running within {RUNNING_WITHIN:?}\n{}{}",
+                    node_pods::why_not_ready(&client, &node, "default", &all).await,
+                    node_pods::cni_logs(&node)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let running = start.elapsed();
+        let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let mut mesh = Vec::new();
+        for (name, _, _) in uids.iter().filter(|(n, _, _)| n.contains("-mesh-")) {
+            let pod = api.get(name).await.unwrap();
+            assert_eq!(validation_exit(&pod), Some(0), "{scenario:?}: {name}'s validator passed");
+            mesh.push(pod);
+        }
+        node_pods::assert_redirected(&client, &mesh, &target_addr).await;
+        let log = app_logs(&node, &format!("{prefix}mesh-"));
+        let unredirected = log.lines().filter(|l| l.contains("-> serve")).count();
+        assert_eq!(unredirected, 0, "{scenario:?}: a mesh app reached its target unredirected:\n{log}");
+        let (failed, messages) = failed_sandboxes(&client, &prefix).await;
+        eprintln!(
+            "{scenario:?}: {} pods Running {running:.1?} after the first was created; failed sandbox creations: {failed}{}; app connections unredirected: 0 (of {} logged)",
+            pods.len(),
+            if kills > 0 { format!(" (installer killed {kills} times)") } else { String::new() },
+            log.lines().filter(|l| l.contains("->")).count()
+        );
+        for m in messages {
+            eprintln!("  {m}");
+        }
+        // The next scenario starts with our DaemonSet pod Ready and these pods gone.
+        cni_pod_ready(&client, &node.name, Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("{scenario:?}: our DaemonSet pod Ready again: {e}"));
+        for (name, _, _) in &uids {
+            api.delete(name, &DeleteParams::default()).await.unwrap();
+        }
+    }
+
+    uninstall(&node, installed.release, &primary).await.unwrap_or_else(|e| panic!("{e}"));
+    node.down_leaving_the_host_as(&before);
+}
