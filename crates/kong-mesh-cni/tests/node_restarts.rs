@@ -1,7 +1,8 @@
 //! Restarts while pods start, on one real node (testkit::node) with our chart installed:
 //! three scenarios one after the other, each while mesh and plain pods are being
-//! created: containerd stopped and started again, the kubelet stopped and started
-//! again, and our DaemonSet pod's installer killed with SIGKILL every few seconds. Each
+//! created: containerd stopped for 3 s while an ADD of ours runs, the same with the
+//! kubelet, and our DaemonSet pod's installer killed with SIGKILL whenever it runs, at
+//! once when an ADD of ours is in flight, else every 3 s, for 15 s. Each
 //! time: every pod of the scenario is Running within a bound (the time printed), none
 //! was deleted or replaced (a failed ADD is retried by the kubelet until it succeeds),
 //! each mesh pod's validator passed, its app's connection lands on its sidecar with its
@@ -17,7 +18,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::Value;
 use testkit::node::HostView;
-use testkit::node_chart::{cni_pod_ready, install, uninstall};
+use testkit::node_chart::{cni_pod_ready, install, plugin_types, uninstall};
 use testkit::node_pods::{self, Validator, container, mesh_pod, plain_pod, pod_ip, pod_ready, validation_exit};
 use testkit::{Node, NodeOptions};
 
@@ -76,20 +77,47 @@ async fn create(client: &Client, pods: &[Value]) {
     }
 }
 
-/// SIGKILLs our installer (the DaemonSet pod's container) whenever it runs, every
-/// [`KILL_EVERY`] for [`KILLING`]; returns how many times it did.
-async fn kill_installer(node: &Node) -> usize {
+/// Waits (up to `within`) until our plugin runs on the node, an ADD in flight (the
+/// pods being created are the only ones starting); whether it saw one.
+async fn add_in_flight(node: &Node, plugin: &str, within: Duration) -> bool {
     let start = Instant::now();
-    let mut kills = 0;
+    while start.elapsed() < within {
+        if !node_pods::plugin_pids(node, plugin).is_empty() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
+}
+
+/// Stops `component` while an ADD of ours is in flight, for [`STOPPED`], then starts it
+/// again; whether an ADD was in flight when it stopped.
+async fn restart(node: &mut Node, component: &str, plugin: &str) -> bool {
+    let caught = add_in_flight(node, plugin, Duration::from_secs(10)).await;
+    node.stop(component).unwrap_or_else(|e| panic!("stopping {component}: {e}"));
+    tokio::time::sleep(STOPPED).await;
+    node.start(component).unwrap_or_else(|e| panic!("starting {component}: {e}"));
+    caught
+}
+
+/// SIGKILLs our installer (the DaemonSet pod's container) whenever it runs, as soon as
+/// an ADD of ours is in flight or [`KILL_EVERY`] after the last try, for [`KILLING`];
+/// returns how many times it did, and how many of them during an ADD.
+async fn kill_installer(node: &Node, plugin: &str) -> (usize, usize) {
+    let start = Instant::now();
+    let (mut kills, mut during_add) = (0, 0);
     while start.elapsed() < KILLING {
+        let add = add_in_flight(node, plugin, KILL_EVERY).await;
         for pid in node_pods::container_pids(node, "/install-cni") {
             // SAFETY: kill(2) has no memory-safety preconditions; the pid is our installer's.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             kills += 1;
+            during_add += usize::from(add);
         }
-        tokio::time::sleep(KILL_EVERY).await;
+        // Past this ADD.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    kills
+    (kills, during_add)
 }
 
 /// The pods of `default` whose names start with `prefix`: name, UID, Ready.
@@ -157,25 +185,27 @@ async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_
         node_pods::run_pod(&client, &node, serve, POD_READY, &none).await.unwrap_or_else(|e| panic!("{e}"));
     let target_addr = format!("{}:8080", pod_ip(&target));
     let image = installed.image.to_string();
+    // Our entry is the last of the chain: its type names the binary the runtime runs.
+    let types = plugin_types(&std::fs::read_to_string(&node.conflist).unwrap());
+    let plugin = types.last().cloned().unwrap_or_default();
+    assert!(["kuma-cni", "kong-mesh-cni"].contains(&plugin.as_str()), "our entry last in the chain: {types:?}");
 
     for scenario in [Scenario::ContainerdRestarted, Scenario::KubeletRestarted, Scenario::InstallerKilled] {
         let prefix = format!("{}-", scenario.prefix());
         let pods = scenario_pods(scenario, &node, &target_addr, &image);
-        let (first, rest) = pods.split_at(2);
         let start = Instant::now();
-        // Two pods first, so that their sandboxes are being made (ADD in flight) when
-        // the restart or the kills begin; the rest are created meanwhile.
-        create(&client, first).await;
-        let kills = match scenario {
+        let what = match scenario {
             Scenario::ContainerdRestarted | Scenario::KubeletRestarted => {
                 let component = if let Scenario::KubeletRestarted = scenario { "kubelet" } else { "containerd" };
-                node.stop(component).unwrap_or_else(|e| panic!("stopping {component}: {e}"));
-                create(&client, rest).await;
-                tokio::time::sleep(STOPPED.saturating_sub(CREATE_EVERY * rest.len() as u32)).await;
-                node.start(component).unwrap_or_else(|e| panic!("starting {component}: {e}"));
-                0
+                let (_, caught) = tokio::join!(create(&client, &pods), restart(&mut node, component, &plugin));
+                assert!(caught, "{scenario:?}: {component} stopped during an ADD of ours");
+                format!("{component} stopped during an ADD")
             }
-            Scenario::InstallerKilled => tokio::join!(kill_installer(&node), create(&client, rest)).0,
+            Scenario::InstallerKilled => {
+                let ((), (kills, during_add)) = tokio::join!(create(&client, &pods), kill_installer(&node, &plugin));
+                assert!(during_add > 0, "{scenario:?}: our installer killed during an ADD of ours");
+                format!("installer killed {kills} times, {during_add} of them during an ADD")
+            }
         };
         let uids = seen(&client, &prefix).await;
         assert_eq!(uids.len(), pods.len(), "{scenario:?}: every pod created: {uids:?}");
@@ -211,9 +241,8 @@ async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_
         assert_eq!(unredirected, 0, "{scenario:?}: a mesh app reached its target unredirected:\n{log}");
         let (failed, messages) = failed_sandboxes(&client, &prefix).await;
         eprintln!(
-            "{scenario:?}: {} pods Running {running:.1?} after the first was created; failed sandbox creations: {failed}{}; app connections unredirected: 0 (of {} logged)",
+            "{scenario:?} ({what}): {} pods Running {running:.1?} after the first was created; failed sandbox creations: {failed}; app connections unredirected: 0 (of {} logged)",
             pods.len(),
-            if kills > 0 { format!(" (installer killed {kills} times)") } else { String::new() },
             log.lines().filter(|l| l.contains("->")).count()
         );
         for m in messages {

@@ -289,18 +289,30 @@ pub fn container_pids(node: &Node, program: &str) -> Vec<i32> {
     pod_pids(node, None, format!("{program}\0").as_bytes())
 }
 
+/// PIDs of the processes running the CNI plugin `plugin` from `node`'s bin dir (an ADD
+/// or DEL in flight: the runtime runs a plugin by its path).
+pub fn plugin_pids(node: &Node, plugin: &str) -> Vec<i32> {
+    let cmdline = format!("{}\0", node.cni_bin_dir.join(plugin).display());
+    pids(|_| true, cmdline.as_bytes())
+}
+
 /// Processes in the cgroups of `node`'s pods (of the pod with UID `uid` only, if given)
 /// whose command line starts with `cmdline` (NUL-separated words, as in /proc).
 fn pod_pids(node: &Node, uid: Option<&str>, cmdline: &[u8]) -> Vec<i32> {
     let cgroup = format!("/{}/", node.name);
     let pod = uid.map(|uid| format!("pod{uid}"));
+    let ours = |groups: &str| {
+        groups.lines().any(|l| l.contains(&cgroup) && pod.as_ref().is_none_or(|p| l.contains(p.as_str())))
+    };
+    pids(|pid| ours(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()), cmdline)
+}
+
+/// The processes `keep` keeps whose command line starts with `cmdline`.
+fn pids(keep: impl Fn(i32) -> bool, cmdline: &[u8]) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            let ours = |l: &str| l.contains(&cgroup) && pod.as_ref().is_none_or(|p| l.contains(p.as_str()));
-            groups.lines().any(ours)
-                && std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with(cmdline)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with(cmdline) && keep(pid)
         })
         .collect()
 }
