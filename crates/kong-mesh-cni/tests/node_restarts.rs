@@ -8,9 +8,17 @@
 //! each mesh pod's validator passed, its app's connection lands on its sidecar with its
 //! original destination, and no connection of its app ever reached the target
 //! unredirected (not one `-> serve` line in any of its logs). The kubelet's failed
-//! sandbox creations (`FailedCreatePodSandBox` events) are counted and printed.
+//! sandbox creations (`FailedCreatePodSandBox` events) are counted and printed. While
+//! our DaemonSet pod is not Ready (its readiness is an exec that fails while containerd
+//! is down; a killed installer waits out the kubelet's back-off) our controller taints
+//! the node, so pods created meanwhile are scheduled only once it is Ready again: that
+//! wait is most of the times printed.
+//!
+//! First, on the same node, in-place repair (see [`in_place_repair`]): the API server
+//! stopped during a mesh pod's ADD, the pod let through with a pending record, the
+//! redirect programmed into its running sandbox once the API server answers again.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Event, Pod};
@@ -35,6 +43,10 @@ const KILL_EVERY: Duration = Duration::from_secs(3);
 const KILLING: Duration = Duration::from_secs(15);
 /// A limit, not a measurement: every pod of a scenario Running after its first creation.
 const RUNNING_WITHIN: Duration = Duration::from_secs(120);
+/// How long the API server stays stopped in the in-place repair scenario.
+const API_AWAY: Duration = Duration::from_secs(10);
+/// A limit, not a measurement: the redirect in place after the API server answers again.
+const REPAIRED_WITHIN: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
 enum Scenario {
@@ -167,6 +179,127 @@ fn app_logs(node: &Node, prefix: &str) -> String {
     out
 }
 
+/// The IDs of the pod's containers, init containers included.
+fn container_ids(pod: &Pod) -> Vec<String> {
+    let status = pod.status.clone().unwrap_or_default();
+    let all =
+        status.init_container_statuses.into_iter().flatten().chain(status.container_statuses.into_iter().flatten());
+    all.filter_map(|c| c.container_id).collect()
+}
+
+/// How many times each mesh pod's validator ran again (each a sandbox it found without
+/// the redirect, or a failed start), by pod name.
+fn validator_restarts(pods: &[Pod]) -> Vec<(String, i32)> {
+    pods.iter()
+        .map(|p| {
+            let statuses = p.status.as_ref().and_then(|s| s.init_container_statuses.clone()).unwrap_or_default();
+            let restarts = statuses.iter().find(|c| c.name == "kuma-validation").map_or(0, |c| c.restart_count);
+            (p.metadata.name.clone().unwrap_or_default(), restarts)
+        })
+        .collect()
+}
+
+/// Whether the sandbox of `pid` has our redirect (either backend's chains).
+fn redirected(pid: i32) -> bool {
+    let (nft, legacy) = node_pods::rules_in(pid);
+    nft.contains("KUMA_MESH_OUTBOUND") || legacy.contains("KUMA_MESH_OUTBOUND")
+}
+
+/// In-place repair on the node: with the API server stopped and our installer (the node
+/// agent) killed, a running mesh pod's sandbox dies and the kubelet makes a new one; our
+/// plugin cannot look the pod up (the agent's socket is gone, the API server does not
+/// answer), lets the sandbox start without the redirect and leaves a pending record. The
+/// API server started again, the agent programs the redirect into that sandbox (timed
+/// from the API server's first answer), removes the record, and the pod runs again,
+/// redirected, not deleted (the repair controller leaves it to the agent).
+async fn in_place_repair(node: &mut Node, client: &Client, target: &str, image: &str, run_dir: &Path) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let none = String::new;
+    let pod = mesh_pod("inplace-mesh", node, target, Validator::image(image));
+    let (pod, _) = node_pods::run_pod(client, node, pod, POD_READY, &none).await.unwrap_or_else(|e| panic!("{e}"));
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let old = node_pods::sandbox_pids(node, &uid);
+    assert_eq!(old.len(), 1, "one sandbox for {uid}: {old:?}");
+    let pending = run_dir.join("pending");
+    let records = || std::fs::read_dir(&pending).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(records(), 0, "no pending record before");
+
+    node.stop("kube-apiserver").unwrap_or_else(|e| panic!("stopping the API server: {e}"));
+    let down = Instant::now();
+    let installers = node_pods::container_pids(node, "/install-cni");
+    assert!(!installers.is_empty(), "our installer runs");
+    for pid in installers.into_iter().chain(old.iter().copied()) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the pids are our installer's
+        // and the pod's sandbox (pause).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let sandbox = loop {
+        let now: Vec<i32> = node_pods::sandbox_pids(node, &uid).into_iter().filter(|p| !old.contains(p)).collect();
+        if let (Some(&pid), true) = (now.first(), records() > 0) {
+            break pid;
+        }
+        assert!(
+            down.elapsed() < Duration::from_secs(60),
+            "no new sandbox let through with a pending record within 60 s (sandboxes {now:?}, records {})\n{}",
+            records(),
+            node_pods::tail(&node.log("kubelet"), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let let_through = down.elapsed();
+    assert!(!redirected(sandbox), "the new sandbox started without the redirect");
+    tokio::time::sleep(API_AWAY.saturating_sub(down.elapsed())).await;
+
+    node.start("kube-apiserver").unwrap_or_else(|e| panic!("starting the API server: {e}"));
+    let started = Instant::now();
+    while api.get("inplace-mesh").await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the API server did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answered = Instant::now();
+    while !redirected(sandbox) {
+        if answered.elapsed() > REPAIRED_WITHIN {
+            panic!(
+                "the sandbox not repaired in place {REPAIRED_WITHIN:?} after the API server answered\n{}",
+                node_pods::cni_logs(node)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let repaired = answered.elapsed();
+    while records() > 0 {
+        assert!(answered.elapsed() < REPAIRED_WITHIN, "the pending record removed after the repair");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Running again: Ready with containers started in the new sandbox (until the kubelet
+    // reports them, the status is the one from before the outage).
+    let before = container_ids(&pod);
+    let running = loop {
+        let now = api.get("inplace-mesh").await.unwrap();
+        assert_eq!(now.metadata.uid.as_deref(), Some(uid.as_str()), "the pod not deleted or replaced");
+        let ids = container_ids(&now);
+        if pod_ready(&now) && !ids.is_empty() && ids.iter().all(|id| !before.contains(id)) {
+            assert_eq!(validation_exit(&now), Some(0), "the validator passed in the repaired sandbox");
+            break now;
+        }
+        assert!(answered.elapsed() < RUNNING_WITHIN, "the repaired pod Running again within {RUNNING_WITHIN:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(node_pods::sandbox_pids(node, &uid), vec![sandbox], "the same sandbox, repaired in place");
+    node_pods::assert_redirected(client, std::slice::from_ref(&running), target).await;
+    let log = app_logs(node, "inplace-mesh");
+    assert_eq!(log.lines().filter(|l| l.contains("-> serve")).count(), 0, "the app never unredirected:\n{log}");
+    eprintln!(
+        "InPlaceRepair: sandbox let through with a pending record {let_through:.1?} after the API server stopped; redirect in place {repaired:.1?} after it answered again (it answered {:.1?} after its start); pod Running {:.1?} after that",
+        answered.duration_since(started),
+        answered.elapsed()
+    );
+    cni_pod_ready(client, &node.name, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("InPlaceRepair: our DaemonSet pod Ready again: {e}"));
+    api.delete("inplace-mesh", &DeleteParams::default()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_running() {
     if !testkit::require_root() || testkit::skip_heavy("the node restarts test") {
@@ -189,6 +322,9 @@ async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_
     let types = plugin_types(&std::fs::read_to_string(&node.conflist).unwrap());
     let plugin = types.last().cloned().unwrap_or_default();
     assert!(["kuma-cni", "kong-mesh-cni"].contains(&plugin.as_str()), "our entry last in the chain: {types:?}");
+    let run_dir = installed.values["cni"]["runDir"].as_str().map(PathBuf::from).expect("the node's run dir");
+
+    in_place_repair(&mut node, &client, &target_addr, &image, &run_dir).await;
 
     for scenario in [Scenario::ContainerdRestarted, Scenario::KubeletRestarted, Scenario::InstallerKilled] {
         let prefix = format!("{}-", scenario.prefix());
@@ -208,12 +344,18 @@ async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_
             }
         };
         let uids = seen(&client, &prefix).await;
+        let mut ready_at: Vec<(String, Duration)> = Vec::new();
         assert_eq!(uids.len(), pods.len(), "{scenario:?}: every pod created: {uids:?}");
         loop {
             let now = seen(&client, &prefix).await;
             let names: Vec<(&String, &String)> = now.iter().map(|(n, u, _)| (n, u)).collect();
             let expected: Vec<(&String, &String)> = uids.iter().map(|(n, u, _)| (n, u)).collect();
             assert_eq!(names, expected, "{scenario:?}: no pod deleted or replaced");
+            for (name, _, ready) in &now {
+                if *ready && !ready_at.iter().any(|(n, _)| n == name) {
+                    ready_at.push((name.clone(), start.elapsed()));
+                }
+            }
             if now.iter().all(|(_, _, ready)| *ready) {
                 break;
             }
@@ -241,10 +383,13 @@ async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_
         assert_eq!(unredirected, 0, "{scenario:?}: a mesh app reached its target unredirected:\n{log}");
         let (failed, messages) = failed_sandboxes(&client, &prefix).await;
         eprintln!(
-            "{scenario:?} ({what}): {} pods Running {running:.1?} after the first was created; failed sandbox creations: {failed}; app connections unredirected: 0 (of {} logged)",
+            "{scenario:?} ({what}): {} pods Running {running:.1?} after the first was created; failed sandbox creations: {failed}; validator reruns {:?}; app connections unredirected: 0 (of {} logged)",
             pods.len(),
+            validator_restarts(&mesh),
             log.lines().filter(|l| l.contains("->")).count()
         );
+        let ready_at: Vec<String> = ready_at.iter().map(|(n, t)| format!("{n} {t:.1?}")).collect();
+        eprintln!("  Ready: {}", ready_at.join(", "));
         for m in messages {
             eprintln!("  {m}");
         }

@@ -289,6 +289,15 @@ pub fn container_pids(node: &Node, program: &str) -> Vec<i32> {
     pod_pids(node, None, format!("{program}\0").as_bytes())
 }
 
+/// What the network namespace of `pid` (a pod's sandbox) holds of nftables and of
+/// legacy iptables.
+pub fn rules_in(pid: i32) -> (String, String) {
+    let target = pid.to_string();
+    let nft = crate::net::sh("nsenter", &["-t", &target, "-n", "nft", "list", "ruleset"]);
+    let legacy = crate::net::sh("nsenter", &["-t", &target, "-n", "iptables-legacy-save"]);
+    (nft, legacy)
+}
+
 /// PIDs of the processes running the CNI plugin `plugin` from `node`'s bin dir (an ADD
 /// or DEL in flight: the runtime runs a plugin by its path).
 pub fn plugin_pids(node: &Node, plugin: &str) -> Vec<i32> {
