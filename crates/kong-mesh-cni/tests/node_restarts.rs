@@ -257,10 +257,19 @@ async fn in_place_repair(node: &mut Node, client: &Client, target: &str, image: 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let answered = Instant::now();
-    while !redirected(sandbox) {
-        if answered.elapsed() > REPAIRED_WITHIN {
+    let this = ListParams::default().fields("metadata.name=inplace-mesh");
+    loop {
+        // Gone: the pod deleted (the repair controller's way) or its sandbox replaced.
+        let gone = !Path::new(&format!("/proc/{sandbox}/ns/net")).exists();
+        if !gone && redirected(sandbox) {
+            break;
+        }
+        if gone || answered.elapsed() > REPAIRED_WITHIN {
             panic!(
-                "the sandbox not repaired in place {REPAIRED_WITHIN:?} after the API server answered\n{}",
+                "the sandbox not repaired in place {:.1?} after the API server answered ({})\n{}{}",
+                answered.elapsed(),
+                if gone { "it is gone" } else { "still without the redirect" },
+                node_pods::why_not_ready(client, node, "default", &this).await,
                 node_pods::cni_logs(node)
             );
         }
