@@ -199,6 +199,12 @@ fn validator_restarts(pods: &[Pod]) -> Vec<(String, i32)> {
         .collect()
 }
 
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    entries.flat_map(|e| if e.path().is_dir() { walk(&e.path()) } else { vec![e.path()] }).collect()
+}
+
 /// Whether the sandbox of `pid` has our redirect (either backend's chains).
 fn redirected(pid: i32) -> bool {
     let (nft, legacy) = node_pods::rules_in(pid);
@@ -410,6 +416,18 @@ async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_
             api.delete(name, &DeleteParams::default()).await.unwrap();
         }
     }
+
+    // Every pod but the target deleted: no record of ours outlives its sandbox, not even
+    // one whose ADD containerd lost when it stopped mid-way (the kubelet's new sandbox
+    // replaced it).
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let start = Instant::now();
+    while api.list(&ListParams::default()).await.unwrap().items.len() > 1 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the scenarios' pods gone within 60 s");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let left: Vec<PathBuf> = ["applied", "pending"].iter().flat_map(|d| walk(&run_dir.join(d))).collect();
+    assert!(left.is_empty(), "records of gone sandboxes left in the run dir: {left:?}");
 
     uninstall(&node, installed.release, &primary).await.unwrap_or_else(|e| panic!("{e}"));
     node.down_leaving_the_host_as(&before);
