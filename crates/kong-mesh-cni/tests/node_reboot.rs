@@ -188,6 +188,7 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
             tokio::time::sleep(SERVICE_AWAY).await;
             node.route_service().unwrap_or_else(|e| panic!("{variant:?}: routing the Service again: {e}"));
         }
+        let routed = Instant::now();
         // Running again: every pod Ready with containers started after the reboot.
         loop {
             let now = pods(&client).await;
@@ -216,7 +217,8 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
         let log = mesh_app_log(&node);
         let unredirected = log.lines().filter(|l| l.contains("-> serve")).count();
         eprintln!(
-            "{variant:?}: every pod Running {running_after:.1?} after it; app connections unredirected: {unredirected} (of {} logged)",
+            "{variant:?}: every pod Running {running_after:.1?} after it ({:.1?} after the Service was routed); app connections unredirected: {unredirected} (of {} logged)",
+            running_after.saturating_sub(routed.duration_since(booted)),
             log.lines().filter(|l| l.contains("->")).count()
         );
         assert!(log.lines().any(|l| l.contains("-> sidecar")), "{variant:?}: the app ran and was redirected:\n{log}");
