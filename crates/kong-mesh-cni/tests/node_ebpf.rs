@@ -23,14 +23,6 @@ use testkit::{Node, NodeOptions};
 const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 const POD_READY: Duration = Duration::from_secs(90);
 
-/// What the pod namespace of `pid` holds of nftables and of legacy iptables.
-fn rules_in(pid: i32) -> (String, String) {
-    let target = pid.to_string();
-    let nft = testkit::net::sh("nsenter", &["-t", &target, "-n", "nft", "list", "ruleset"]);
-    let legacy = testkit::net::sh("nsenter", &["-t", &target, "-n", "iptables-legacy-save"]);
-    (nft, legacy)
-}
-
 async fn registered_pods_become(paths: &ebpf::Paths, n: usize, timeout: Duration) -> Result<(), String> {
     let start = Instant::now();
     loop {
@@ -93,7 +85,7 @@ async fn ebpf_mode_from_our_chart_redirects_mesh_pods_under_kubelet_and_containe
     let uid = mesh.metadata.uid.clone().unwrap();
     let pids = sandbox_pids(&node, &uid);
     assert_eq!(pids.len(), 1, "one sandbox for the mesh pod: {pids:?}");
-    let (nft, legacy) = rules_in(pids[0]);
+    let (nft, legacy) = node_pods::rules_in(pids[0]);
     assert_eq!(nft.trim(), "", "no nftables (nor iptables-nft) rule in the mesh pod");
     assert!(!legacy.contains("KUMA"), "no legacy iptables rule in the mesh pod:\n{legacy}");
 

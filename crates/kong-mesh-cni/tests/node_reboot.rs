@@ -2,10 +2,13 @@
 //! `cni.delayStartupSeconds`, so that after each reboot the mesh pods' sandboxes are
 //! recreated (and their ADD runs) before our DaemonSet pod is up: no node agent, no log
 //! relay, no run dir; only what the reboot kept (our conflist entry, binary and
-//! kubeconfig). Two reboots of one node, one after the other: as is, and with our
+//! kubeconfig). Three reboots of one node, one after the other: as is; with our
 //! kubeconfig's token no longer valid when the node comes back (a token whose bound
 //! object was deleted: the API server answers 401, as for an expired one; TokenRequest
-//! cannot make one that expires within a test). Each time: every pod is Running again
+//! cannot make one that expires within a test); and with the API server unreachable at
+//! the `kubernetes` Service's address from anywhere on the node (our plugin, our
+//! installer, the controller's pod) for 30 s after the node comes back, as before
+//! kube-proxy has run. Each time: every pod is Running again
 //! within a bound (printed), no pod was deleted (UIDs unchanged), the mesh pod's
 //! validator passed in its new sandbox, and its app (which dials the target every
 //! second) never reached the target unredirected: not one `-> serve` line in any of
@@ -20,12 +23,15 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use testkit::node_chart::{CNI_NAMESPACE, install, uninstall};
 use testkit::node_pods::{self, Validator, container, mesh_pod, plain_pod, pod_ip, pod_ready, validation_exit};
+use testkit::node_reboot::ServiceRoute;
 use testkit::{Node, NodeOptions};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 const POD_READY: Duration = Duration::from_secs(90);
 /// Our DaemonSet pod's init container sleeps this long after every (re)start.
 const CNI_DELAY_S: u64 = 10;
+/// How long the `kubernetes` Service leads nowhere in the third reboot.
+const SERVICE_AWAY: Duration = Duration::from_secs(30);
 /// A limit, not a measurement: every pod Running again after a reboot.
 const RUNNING_AGAIN: Duration = Duration::from_secs(240);
 
@@ -33,6 +39,7 @@ const RUNNING_AGAIN: Duration = Duration::from_secs(240);
 enum Variant {
     AsIs,
     TokenInvalid,
+    ApiUnreachable,
 }
 
 /// Every pod on the node: `namespace/name`, UID, whether it is Ready, and the IDs of
@@ -75,7 +82,8 @@ async fn story(client: &Client, node: &Node) -> String {
                 &format!("event {ns}/{object}: {} {}\n", e.reason.unwrap_or_default(), e.message.unwrap_or_default());
         }
     }
-    out + "--- our CNI pods' logs\n" + &node_pods::cni_logs(node)
+    let controller = node_pods::tail(&node_pods::container_logs(node, "controller"), 40);
+    out + "--- our CNI pods' logs\n" + &node_pods::cni_logs(node) + "--- the controller\n" + &controller
 }
 
 /// Every line the mesh pod's app container wrote, in every instance of it.
@@ -154,15 +162,19 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
     let (mesh, _) = node_pods::run_pod(&client, &node, mesh, POD_READY, &none).await.unwrap_or_else(|e| panic!("{e}"));
     node_pods::assert_redirected(&client, std::slice::from_ref(&mesh), &target_addr).await;
 
-    for variant in [Variant::AsIs, Variant::TokenInvalid] {
+    for variant in [Variant::AsIs, Variant::TokenInvalid, Variant::ApiUnreachable] {
         let seen = pods(&client).await;
         let uids: Vec<(String, String)> = seen.iter().map(|p| (p.name.clone(), p.uid.clone())).collect();
         let old: Vec<String> = seen.into_iter().flat_map(|p| p.containers).collect();
         let token = match variant {
             Variant::TokenInvalid => Some(invalid_token(&client).await),
-            Variant::AsIs => None,
+            Variant::AsIs | Variant::ApiUnreachable => None,
         };
-        node.reboot(|node| {
+        let route = match variant {
+            Variant::ApiUnreachable => ServiceRoute::Later,
+            Variant::AsIs | Variant::TokenInvalid => ServiceRoute::AtBoot,
+        };
+        node.reboot(route, |node| {
             if let Some(token) = &token {
                 replace_token(node, token);
             }
@@ -170,6 +182,11 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
         .await
         .unwrap_or_else(|e| panic!("{variant:?}: rebooting: {e}"));
         let booted = Instant::now();
+        if route == ServiceRoute::Later {
+            tokio::time::sleep(SERVICE_AWAY).await;
+            node.route_service().unwrap_or_else(|e| panic!("{variant:?}: routing the Service again: {e}"));
+        }
+        let routed = Instant::now();
         // Running again: every pod Ready with containers started after the reboot.
         loop {
             let now = pods(&client).await;
@@ -198,7 +215,8 @@ async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again()
         let log = mesh_app_log(&node);
         let unredirected = log.lines().filter(|l| l.contains("-> serve")).count();
         eprintln!(
-            "{variant:?}: every pod Running {running_after:.1?} after it; app connections unredirected: {unredirected} (of {} logged)",
+            "{variant:?}: every pod Running {running_after:.1?} after it ({:.1?} after the Service was routed); app connections unredirected: {unredirected} (of {} logged)",
+            running_after.saturating_sub(routed.duration_since(booted)),
             log.lines().filter(|l| l.contains("->")).count()
         );
         assert!(log.lines().any(|l| l.contains("-> sidecar")), "{variant:?}: the app ran and was redirected:\n{log}");

@@ -280,14 +280,48 @@ pub fn container_logs(node: &Node, name: &str) -> String {
 
 /// PIDs of the sandbox (pause) processes of the pod with UID `uid` on `node`.
 pub fn sandbox_pids(node: &Node, uid: &str) -> Vec<i32> {
+    pod_pids(node, Some(uid), b"/standin\0pause\0")
+}
+
+/// PIDs of the processes in `node`'s pods running `program` (their command line's
+/// first word): a container's main process, to kill as the kernel's OOM killer would.
+pub fn container_pids(node: &Node, program: &str) -> Vec<i32> {
+    pod_pids(node, None, format!("{program}\0").as_bytes())
+}
+
+/// What the network namespace of `pid` (a pod's sandbox) holds of nftables and of
+/// legacy iptables.
+pub fn rules_in(pid: i32) -> (String, String) {
+    let target = pid.to_string();
+    let nft = crate::net::sh("nsenter", &["-t", &target, "-n", "nft", "list", "ruleset"]);
+    let legacy = crate::net::sh("nsenter", &["-t", &target, "-n", "iptables-legacy-save"]);
+    (nft, legacy)
+}
+
+/// PIDs of the processes running the CNI plugin `plugin` from `node`'s bin dir (an ADD
+/// or DEL in flight: the runtime runs a plugin by its path).
+pub fn plugin_pids(node: &Node, plugin: &str) -> Vec<i32> {
+    let cmdline = format!("{}\0", node.cni_bin_dir.join(plugin).display());
+    pids(|_| true, cmdline.as_bytes())
+}
+
+/// Processes in the cgroups of `node`'s pods (of the pod with UID `uid` only, if given)
+/// whose command line starts with `cmdline` (NUL-separated words, as in /proc).
+fn pod_pids(node: &Node, uid: Option<&str>, cmdline: &[u8]) -> Vec<i32> {
     let cgroup = format!("/{}/", node.name);
-    let pod = format!("pod{uid}");
+    let pod = uid.map(|uid| format!("pod{uid}"));
+    let ours = |groups: &str| {
+        groups.lines().any(|l| l.contains(&cgroup) && pod.as_ref().is_none_or(|p| l.contains(p.as_str())))
+    };
+    pids(|pid| ours(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()), cmdline)
+}
+
+/// The processes `keep` keeps whose command line starts with `cmdline`.
+fn pids(keep: impl Fn(i32) -> bool, cmdline: &[u8]) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            groups.lines().any(|l| l.contains(&cgroup) && l.contains(&pod)) && cmdline == b"/standin\0pause\0"
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with(cmdline) && keep(pid)
         })
         .collect()
 }

@@ -18,10 +18,20 @@ use std::time::Duration;
 use crate::node::{Node, NodeError};
 use crate::node_state::{cgroup_mounts, iptables_chains, mounts_under, processes_naming, remove_cgroup, remove_chains};
 
+/// When the `kubernetes` Service's address leads to the API server again after a reboot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceRoute {
+    /// Before the runtime starts, as on a node whose kube-proxy comes up first.
+    AtBoot,
+    /// Only when the caller calls [`Node::route_service`]: until then nothing on the node
+    /// (our plugin, our installer, pods) reaches the API server, as before kube-proxy ran.
+    Later,
+}
+
 impl Node {
     /// Reboots the node: see the module doc. `while_down` runs when everything is
     /// stopped and dropped and before anything starts (to spoil a token, say).
-    pub async fn reboot(&mut self, while_down: impl FnOnce(&Node)) -> Result<(), NodeError> {
+    pub async fn reboot(&mut self, route: ServiceRoute, while_down: impl FnOnce(&Node)) -> Result<(), NodeError> {
         self.stop("kubelet")?;
         self.stop("containerd")?;
         // The shims and containers: every process naming our root but the control
@@ -70,7 +80,9 @@ impl Node {
 
         self.share_runtime_netns_dir()?;
         while_down(self);
-        self.route_service()?;
+        if route == ServiceRoute::AtBoot {
+            self.route_service()?;
+        }
         self.start("containerd")?;
         let sock = self.root.join("containerd/containerd.sock");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
