@@ -25,7 +25,6 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::Value;
-use testkit::node::HostView;
 use testkit::node_chart::{cni_pod_ready, install, plugin_types, uninstall};
 use testkit::node_pods::{self, Validator, container, mesh_pod, plain_pod, pod_ip, pod_ready, validation_exit};
 use testkit::{Node, NodeOptions};
@@ -320,7 +319,6 @@ async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_
     if !testkit::require_root() || testkit::skip_heavy("the node restarts test") {
         return;
     }
-    let before = HostView::now();
     let mut node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
     let client = node.client().await.unwrap();
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
@@ -430,5 +428,5 @@ async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_
     assert!(left.is_empty(), "records of gone sandboxes left in the run dir: {left:?}");
 
     uninstall(&node, installed.release, &primary).await.unwrap_or_else(|e| panic!("{e}"));
-    node.down_leaving_the_host_as(&before);
+    node.down_leaving_the_host_as_it_was();
 }
