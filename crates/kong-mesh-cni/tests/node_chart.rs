@@ -10,7 +10,9 @@
 //! is Ready and its app's connection lands on the UID-5678 sidecar with its original
 //! destination; a plain pod is untouched; the DaemonSet pod's log (as `kubectl logs`)
 //! has the plugin's lines for both; a rolling update of the DaemonSet while mesh pods
-//! are being created leaves every one of them redirected; the API server stopped for
+//! are being created leaves every one of them redirected; a primary rewriting its own
+//! file (without our entry) every second while mesh pods start leaves every one of them
+//! redirected, and the sandboxes our plugin never saw are counted; the API server stopped for
 //! 30 s leaves the node Ready, and mesh pods whose ADD ran meanwhile end up
 //! redirected; deleting the release restores the primary conflist byte for byte.
 //! Every step's duration is printed.
