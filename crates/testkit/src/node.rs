@@ -1,6 +1,7 @@
 //! A real single Kubernetes v1.37 node on this machine: etcd, kube-apiserver,
 //! kube-controller-manager, kube-scheduler, containerd v2 (Debian's runc) and the
-//! kubelet, with bridge + host-local + portmap as the primary CNI.
+//! kubelet, with bridge + host-local + portmap as the primary CNI, or kind's kindnet or
+//! K3D's Flannel ([`ClusterNetwork`]).
 //!
 //! Everything lives under a private root (`/tmp/kmc-node-<id>`: its own CNI conf and
 //! bin dirs, kubelet root, containerd root/state, pod logs, cgroupRoot `/kmc-node-<id>`).
@@ -94,43 +95,10 @@ pub enum ClusterNetwork {
 /// The Flannel network: contains every node's podCIDR (flanneld checks it).
 const FLANNEL_NETWORK: &str = "10.88.0.0/16";
 
-/// kind v0.2x's `10-kindnet.conflist` (kindnetd's template, as the installer's golden
-/// `kindnet/input` recorded it), with NAME, SUBNET and DATA_DIR to fill in.
-const KINDNET_CONFLIST: &str = r#"
-{
-	"cniVersion": "0.3.1",
-	"name": "NAME",
-	"plugins": [
-	{
-		"type": "ptp",
-		"ipMasq": false,
-		"ipam": {
-			"type": "host-local",
-			"dataDir": "DATA_DIR",
-			"routes": [
-				
-				
-				{ "dst": "0.0.0.0/0" }
-			],
-			"ranges": [
-				
-				
-				[ { "subnet": "SUBNET" } ]
-			]
-		}
-		,
-		"mtu": 1500
-		
-	},
-	{
-		"type": "portmap",
-		"capabilities": {
-			"portMappings": true
-		}
-	}
-	]
-}
-"#;
+/// kind's `10-kindnet.conflist` as recorded for the installer's golden tests (kindnetd's
+/// template, whitespace included), and its values the node replaces with its own.
+const KINDNET_RECORDED: &str = "crates/installer/tests/golden/kindnet/input/10-kindnet.conflist";
+const KINDNET_VALUES: [&str; 3] = ["\"kindnet\"", "10.244.1.0/24", "/run/cni-ipam-state"];
 
 /// What the node is started with.
 #[derive(Debug, Clone, Default)]
@@ -576,10 +544,14 @@ impl Node {
             }
             // Named after the node, not `kindnet`: the teardown sweeps libcni's cache
             // files by network name.
-            ClusterNetwork::Kindnet => KINDNET_CONFLIST
-                .replace("NAME", &self.state.network)
-                .replace("SUBNET", &self.pod_subnet)
-                .replace("DATA_DIR", &ipam_dir),
+            ClusterNetwork::Kindnet => {
+                let recorded = crate::repo_root().join(KINDNET_RECORDED);
+                let text = std::fs::read_to_string(&recorded).map_err(|e| NodeError::io(&recorded, e))?;
+                let [name, subnet, data_dir] = KINDNET_VALUES;
+                text.replace(name, &format!("\"{}\"", self.state.network))
+                    .replace(subnet, &self.pod_subnet)
+                    .replace(data_dir, &ipam_dir)
+            }
         };
         write(&self.conflist, conflist)?;
 
