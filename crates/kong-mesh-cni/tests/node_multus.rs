@@ -11,10 +11,10 @@
 //! in `kubectl logs` of our DaemonSet pod and say the node agent gave the pod, DEL
 //! through Multus removes the redirect and leaves no record, a plain pod is untouched,
 //! and a mesh pod in a namespace without the NAD fails with Multus's event naming it and
-//! our controller's saying to label the namespace. (With the
-//! API server away, Multus itself fails the ADD, as it must read the pod: our plugin is
-//! not reached, and thick Multus's recovery afterwards was flaky here, so this test has
-//! no outage.)
+//! our controller's saying to label the namespace. Under thin Multus, with the API
+//! server away while a mesh pod's sandbox is remade, no sandbox starts (Multus must read
+//! the pod first: our plugin is not reached) and the pod is redirected once it is back
+//! (thick Multus's recovery after the outage was flaky here: not run there).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,11 +25,12 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams
 use serde_json::{Value, json};
 use testkit::node_chart::{CNI_NAMESPACE, Installed, install_with};
 use testkit::node_multus::{Multus, NETWORK, multus_mesh_pod, network_status, wait_for_nad};
-use testkit::node_pods::{self, Validator, assert_redirected, container, plain_pod, pod_ip};
+use testkit::node_pods::{self, Validator, assert_redirected, container, plain_pod, pod_ip, pod_ready, sandbox_pids};
 use testkit::{Node, NodeOptions, unique_suffix};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 const POD_READY: Duration = Duration::from_secs(90);
+const OUTAGE: Duration = Duration::from_secs(20);
 
 /// Prints each step's duration as it ends.
 struct Steps(Instant);
@@ -150,7 +151,7 @@ async fn default_mode_behind(flavour: Flavour) {
     steps.done("chart installed with its defaults, CNI pod Ready");
     assert_standalone_conf(&multus, &cluster_network);
 
-    the_default_mode_works(&mut node, &client, &image.to_string(), &cni_pod).await;
+    the_default_mode_works(&mut node, &client, &image.to_string(), &cni_pod, flavour).await;
     steps.done("the default mode's behaviours");
 
     release.uninstall(Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}"));
@@ -189,7 +190,7 @@ fn assert_standalone_conf(multus: &Multus, cluster_network: &str) {
     assert_eq!(std::fs::read_to_string(&multus.cluster_network).unwrap(), cluster_network, "not chained into");
 }
 
-async fn the_default_mode_works(node: &mut Node, client: &Client, image: &str, cni_pod: &str) {
+async fn the_default_mode_works(node: &mut Node, client: &Client, image: &str, cni_pod: &str, flavour: Flavour) {
     let mut steps = Steps(Instant::now());
     let validator = Validator::image(image);
     let run_dir = node.root.join("run/kong-mesh-cni");
@@ -287,6 +288,16 @@ async fn the_default_mode_works(node: &mut Node, client: &Client, image: &str, c
     assert_eq!(hint.reason.as_deref(), Some("NamespaceNotLabelled"));
     steps.done("mesh pod in a namespace without the NAD: Multus's event and our hint");
 
+    // Thin Multus: the API server away while a mesh pod's sandbox is remade. Multus
+    // must read the pod before it calls any delegate, so the ADD fails (no sandbox runs
+    // unredirected, our plugin is not reached) until the API server is back; then the
+    // kubelet's retry attaches the pod, redirected. (Thick Multus's daemon did not
+    // always recover from the outage here, leaving the pod undeletable: not run.)
+    if flavour == Flavour::Thin {
+        api_away_during_an_add(node, client, &pods, &target_addr, validator).await;
+        steps.done("API server away during a mesh pod's ADD -> not started, then redirected");
+    }
+
     for name in ["plain", "target"] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
     }
@@ -295,4 +306,48 @@ async fn the_default_mode_works(node: &mut Node, client: &Client, image: &str, c
     }
     let left = [records(&run_dir.join("applied")), records(&run_dir.join("pending"))].concat();
     assert!(left.is_empty(), "records left after the pods' DEL: {left:?}");
+}
+
+async fn api_away_during_an_add(
+    node: &mut Node,
+    client: &Client,
+    pods: &Api<Pod>,
+    target: &str,
+    validator: Validator<'_>,
+) {
+    let again = run_pod(client, node, multus_mesh_pod("again", node, target, validator)).await;
+    let uid = again.metadata.uid.clone().unwrap();
+    let old = sandbox_pids(node, &uid);
+    assert_eq!(old.len(), 1, "one sandbox for {uid}: {old:?}");
+    node.stop("kube-apiserver").unwrap();
+    // SAFETY: kill has no memory-safety preconditions; the pid is the pod's pause.
+    unsafe { libc::kill(old[0], libc::SIGKILL) };
+    tokio::time::sleep(OUTAGE).await;
+    let during: Vec<i32> = sandbox_pids(node, &uid).into_iter().filter(|p| !old.contains(p)).collect();
+    assert_eq!(during, Vec::<i32>::new(), "no new sandbox while Multus cannot read the pod");
+    node.start("kube-apiserver").unwrap();
+    let back = Instant::now();
+    loop {
+        let pod = pods.get_opt("again").await.ok().flatten();
+        let renewed = sandbox_pids(node, &uid).iter().any(|p| !old.contains(p));
+        if renewed && pod.as_ref().is_some_and(|p| pod_ready(p) && app_restarted(p)) {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(180), "pod again not running again 180 s after the API came back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("API back: the pod running in a new sandbox {:.1?} later", back.elapsed());
+    let again = pods.get("again").await.unwrap();
+    assert_redirected(client, std::slice::from_ref(&again), target).await;
+    pods.delete("again", &DeleteParams::default()).await.unwrap();
+    wait_gone(client, node, "default", "again").await;
+}
+
+/// Whether the pod's app container restarted (a new sandbox runs new containers).
+fn app_restarted(pod: &Pod) -> bool {
+    let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+    statuses
+        .into_iter()
+        .flatten()
+        .any(|s| s.name == "app" && s.restart_count > 0 && s.state.as_ref().is_some_and(|st| st.running.is_some()))
 }
