@@ -43,13 +43,6 @@ impl PodBuilder {
         self
     }
 
-    /// A native sidecar: an init container with `restartPolicy: Always`.
-    pub fn sidecar_init_container(mut self, name: &str) -> Self {
-        let c = Container { restart_policy: Some("Always".into()), ..test_container(name) };
-        self.spec().init_containers.get_or_insert_default().push(c);
-        self
-    }
-
     /// Binds the pod to a node, as the scheduler would.
     pub fn node_name(mut self, node: &str) -> Self {
         self.spec().node_name = Some(node.into());

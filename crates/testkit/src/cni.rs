@@ -193,10 +193,6 @@ impl CniRuntime {
         self.plugin_dirs.insert(0, dir.into());
     }
 
-    pub fn conflist_path(&self) -> &Path {
-        &self.conflist
-    }
-
     pub fn conflist(&self) -> Value {
         let text = std::fs::read(&self.conflist).expect("reading conflist");
         serde_json::from_slice(&text).expect("conflist is JSON")

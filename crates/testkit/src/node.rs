@@ -825,11 +825,6 @@ impl Node {
         Client::try_from(config).map_err(|e| NodeError::Setup(format!("client: {e}")))
     }
 
-    /// The state file a teardown needs.
-    pub fn state_file(&self) -> PathBuf {
-        State::path(&self.root)
-    }
-
     /// Stops and removes everything (the same as drop, but reporting failures). The
     /// host lock comes back: compare the host while holding it ([`HostLock::changes`]).
     pub fn down(mut self) -> Result<HostLock, NodeError> {

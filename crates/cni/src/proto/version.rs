@@ -24,16 +24,6 @@ pub fn format_of(version: &str) -> Option<Format> {
     }
 }
 
-fn parse(version: &str) -> Option<(u32, u32, u32)> {
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
-    Some((parts.next()??, parts.next()??, parts.next()??))
-}
-
-/// Whether `version` is at least `min` (both dotted triples).
-pub fn at_least(version: &str, min: &str) -> bool {
-    matches!((parse(version), parse(min)), (Some(v), Some(m)) if v >= m)
-}
-
 /// The version to speak: the configured `cniVersion`, or the highest supported one of
 /// a `cniVersions` list.
 pub fn choose(cni_version: Option<&str>, cni_versions: Option<&[String]>) -> Result<String, CniError> {
