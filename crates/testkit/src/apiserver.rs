@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
 use kube::api::{Api, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::config::Kubeconfig;
 use serde_json::{Value, json};
 
 use crate::objects::{TestNamespace, TestNode};
-use crate::{bin_dir, repo_root, unique_suffix};
+use crate::{bin_dir, client_from, repo_root, unique_suffix};
 
 /// How long the first start may take (a cold page cache after a build is the slow case).
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
@@ -311,14 +311,6 @@ fn default_crds() -> Vec<PathBuf> {
         .collect();
     crds.sort();
     crds
-}
-
-pub(crate) async fn client_from(kubeconfig: &Path) -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig).unwrap_or_else(|e| panic!("reading {}: {e}", kubeconfig.display()));
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("loading {}: {e}", kubeconfig.display()));
-    Client::try_from(config).expect("building kube client")
 }
 
 fn log_tail(path: &Path) -> String {

@@ -9,9 +9,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 
-use crate::apiserver::client_from;
 use crate::objects::wait_allowed;
-use crate::{ApiServer, block_on_thread, unique_suffix};
+use crate::{ApiServer, block_on_thread, client_from, unique_suffix};
 
 /// ClusterRole and ClusterRoleBinding `kmc-test-xxxxxxxx` granting `rules` to
 /// ServiceAccount `namespace/sa`; both deleted on drop.

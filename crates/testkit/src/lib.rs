@@ -103,6 +103,16 @@ pub fn unique_suffix() -> String {
 
 /// Runs a future to completion on a fresh thread with its own runtime. Used by guards'
 /// `Drop`, which is synchronous and may run inside (or outside) any test runtime.
+/// A client from the kubeconfig file at `kubeconfig` (panics: test setup).
+pub(crate) async fn client_from(kubeconfig: &Path) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", kubeconfig.display()));
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("loading {}: {e}", kubeconfig.display()));
+    kube::Client::try_from(config).expect("building kube client")
+}
+
 pub(crate) fn block_on_thread<F, Fut>(f: F)
 where
     F: FnOnce() -> Fut + Send + 'static,

@@ -11,8 +11,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-use crate::apiserver::client_from;
-use crate::block_on_thread;
+use crate::{block_on_thread, client_from};
 
 /// A namespace that is removed on drop: its pods are deleted at once (grace period 0,
 /// no kubelet would confirm), then the namespace, whose `kubernetes` finalizer is
