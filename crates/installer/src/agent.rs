@@ -223,10 +223,11 @@ async fn lookup(shared: &Shared, request: &Request) -> Answer {
     let mut changes = shared.changed.subscribe();
     let unwatched =
         || Lookup::NotSynced(format!("namespace {} is not watched (namespaceAllowList)", request.namespace));
+    let mut waited = false;
     let found = loop {
         changes.mark_unchanged();
         match shared.cache(&request.namespace).map(|c| c.lookup(request)) {
-            Some(Lookup::Pending) => {}
+            Some(Lookup::Pending) => waited = true,
             other => break other.unwrap_or_else(unwatched),
         }
         if !matches!(timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
@@ -234,7 +235,7 @@ async fn lookup(shared: &Shared, request: &Request) -> Answer {
         }
     };
     match found {
-        Lookup::Found(pod) => Answer::found(Pod::clone(&pod)),
+        Lookup::Found(pod) => Answer { waited, ..Answer::found(Pod::clone(&pod)) },
         Lookup::NotFound(why) => Answer::not(Status::NotFound, why),
         Lookup::NotSynced(why) => Answer::not(Status::NotSynced, why),
         // give_up never leaves it pending.

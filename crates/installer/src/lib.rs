@@ -31,6 +31,7 @@ pub mod machine;
 pub mod plan;
 pub mod podcache;
 mod repair_agent;
+pub mod requests;
 mod rootsock;
 pub mod shutdown;
 mod sources;
@@ -78,6 +79,7 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
         if settings.ebpf.is_some() {
             status.register_ebpf();
         }
+        let plugin_metrics = settings.sleep.then(|| status.register_plugin(&settings.run_dir));
         let status = Arc::new(status);
         if settings.health_port != 0 {
             let listener = ops::bind(settings.health_address, settings.health_port).await?;
@@ -109,6 +111,13 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
                 .ok(),
             _ => None,
         };
+        // Without it the plugin's records are dropped (and counted in the run dir).
+        let records = match plugin_metrics {
+            Some(metrics) => requests::Receiver::start(&settings.run_dir, metrics, |_| {})
+                .inspect_err(|e| tracing::warn!("{e}; the plugin's calls are not counted"))
+                .ok(),
+            None => None,
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         sources::spawn(&settings, tx)?;
         if settings.sleep {
@@ -121,6 +130,9 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
         }
         if let Some(agent) = agent {
             agent.close();
+        }
+        if let Some(records) = records {
+            records.close();
         }
         result
     })

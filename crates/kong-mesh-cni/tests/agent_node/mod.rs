@@ -40,8 +40,20 @@ impl NodeAgent {
     /// goes where the plugin looks, derived as in production). `via` replaces the API
     /// server's port (a proxy in front of it).
     pub async fn start(api: &ApiServer, namespace: &str, node: &str, run_dir: &Path, via: Option<u16>) -> NodeAgent {
+        NodeAgent::start_with(api, namespace, node, run_dir, via, &[]).await
+    }
+
+    /// [`NodeAgent::start`] with more of the installer's environment (which wins).
+    pub async fn start_with(
+        api: &ApiServer,
+        namespace: &str,
+        node: &str,
+        run_dir: &Path,
+        via: Option<u16>,
+        extra: &[(&str, &str)],
+    ) -> NodeAgent {
         let grant = ClusterGrant::new(api, namespace, AGENT_SA, pod_reads()).await;
-        NodeAgent::launch(api, namespace, node, run_dir, via, Some(grant), &[]).await
+        NodeAgent::launch(api, namespace, node, run_dir, via, Some(grant), extra).await
     }
 
     /// As [`NodeAgent::start`], but allowed to read pods in `ns` only (a Role there, as
@@ -118,7 +130,7 @@ impl NodeAgent {
         let deadline = Instant::now() + within;
         loop {
             match self.ask(namespace, name, Some(uid)) {
-                Asked::Found(_) => return,
+                Asked::Found(..) => return,
                 Asked::Miss(why) | Asked::Unreachable(why) if Instant::now() > deadline => {
                     panic!(
                         "the agent does not know {namespace}/{name} after {within:?}: {why}\nlog:\n{}",
