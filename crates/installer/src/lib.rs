@@ -20,6 +20,7 @@ pub mod conflist;
 pub mod daemon;
 mod ebpf;
 mod error;
+pub mod events;
 pub mod fsio;
 pub mod health;
 pub mod inplace;
@@ -111,9 +112,20 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
                 .ok(),
             _ => None,
         };
+        // Events on pods, from the plugin's records and the in-place repairs.
+        let events = match &settings.node_name {
+            Some(node) if settings.sleep => Some(events::Events::start(api::Identity::new(&settings), node.clone())),
+            _ => None,
+        };
+        let to_pods = events.clone();
+        let on_record = move |record: cni::plugin::record::Record| {
+            if let (Some(events), Some(notice)) = (&to_pods, events::Notice::of(&record)) {
+                events.offer(notice);
+            }
+        };
         // Without it the plugin's records are dropped (and counted in the run dir).
         let records = match plugin_metrics {
-            Some(metrics) => requests::Receiver::start(&settings.run_dir, metrics, |_| {})
+            Some(metrics) => requests::Receiver::start(&settings.run_dir, metrics, on_record)
                 .inspect_err(|e| tracing::warn!("{e}; the plugin's calls are not counted"))
                 .ok(),
             None => None,
@@ -122,7 +134,8 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
         sources::spawn(&settings, tx)?;
         if settings.sleep {
             let identity = api::Identity::new(&settings);
-            repair_agent::spawn(settings.run_dir.clone(), identity.clone().pod_lookup(REPAIR_LOOKUP_TIMEOUT), identity);
+            let lookup = identity.clone().pod_lookup(REPAIR_LOOKUP_TIMEOUT);
+            repair_agent::spawn(settings.run_dir.clone(), lookup, identity, events);
         }
         let result = Installer::new(settings, status).run(rx).await;
         if let Some(socket) = log_socket {

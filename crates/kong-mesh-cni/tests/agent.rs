@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use agent_node::NodeAgent;
 use cni::plugin::ask::Asked;
 use cni::plugin::record;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
 use testkit::net::NamedNetns;
@@ -392,7 +392,8 @@ async fn plugin_calls_are_counted_on_the_installers_metrics() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let stranger = f.ns.create_pod(mesh("stranger", &node)).await;
-    rt.add(&attachment(&NamedNetns::new("ams"), &stranger)).expect("pass-through (on_api_error)");
+    let stranger_ns = NamedNetns::new("ams");
+    rt.add(&attachment(&stranger_ns, &stranger)).expect("pass-through (on_api_error)");
     rt.del(&web_at).expect("DEL of the mesh pod");
 
     let metrics = || installer_host::http_get(port, "/metrics").map(|(_, m)| m).unwrap_or_default();
@@ -434,6 +435,40 @@ async fn plugin_calls_are_counted_on_the_installers_metrics() {
     assert_eq!(fast.into_values().collect::<Vec<_>>(), [5], "{text}");
     assert!(text.contains("kong_mesh_cni_installer_plugin_records_dropped_total 0\n"), "{text}");
     assert!(text.contains("kong_mesh_cni_installer_plugin_records_invalid_total 0\n"), "{text}");
+
+    // Back: the events held back are sent, and the stranger is repaired in place.
+    relay.restore();
+    let expected: BTreeMap<(String, String), (String, i32)> = [
+        (("bad", "MeshRedirectFailed"), ("Warning", 2)),
+        (("stranger", "MeshRedirectSkipped"), ("Warning", 1)),
+        (("stranger", "MeshRedirectRepaired"), ("Normal", 1)),
+    ]
+    .into_iter()
+    .map(|((pod, reason), (kind, count))| ((pod.to_owned(), reason.to_owned()), (kind.to_owned(), count)))
+    .collect();
+    let events = f.ns.api::<Event>();
+    let deadline = Instant::now() + SYNC;
+    let seen = loop {
+        let listed = events.list(&Default::default()).await.unwrap().items;
+        let seen: BTreeMap<(String, String), (String, i32)> = listed
+            .iter()
+            .filter(|e| e.source.as_ref().and_then(|s| s.component.as_deref()) == Some("kong-mesh-cni"))
+            .map(|e| {
+                let key = (e.involved_object.name.clone().unwrap(), e.reason.clone().unwrap());
+                (key, (e.type_.clone().unwrap(), e.count.unwrap()))
+            })
+            .collect();
+        if seen == expected || Instant::now() > deadline {
+            break (seen, listed);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(seen.0, expected, "events: {:#?}\nlog:\n{}", seen.1, agent.installer.log());
+    let failed = seen.1.iter().find(|e| e.reason.as_deref() == Some("MeshRedirectFailed")).unwrap();
+    let message = failed.message.as_deref().unwrap();
+    assert!(message.contains("code 7") && message.contains("80,eighty"), "{message}");
+    assert_eq!(failed.involved_object.uid.as_deref(), Some(uid(&bad)));
+    assert!(redirected(&stranger_ns), "repaired in place: {}", saved_rules(&stranger_ns));
 
     // With the installer stopped, a record has nobody to take it: the plugin counts it.
     let mut agent = agent;
@@ -512,6 +547,11 @@ impl Relay {
 
     fn hold(&self, held: bool) {
         self.state.held.store(held, Ordering::SeqCst);
+    }
+
+    /// The server reachable again (after [`Relay::cut`]), for new connections.
+    fn restore(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
     }
 
     fn cut(&self) {

@@ -361,13 +361,15 @@ fn the_controller_accepts_what_the_chart_gives_it() {
 fn rbac_is_least_privilege_and_the_controllers_own() {
     for (preset, ..) in TABLE {
         let r = Rendered::new(Some(preset), &[]);
-        // The plugin gets one pod at a time; the node agent lists and watches pods and
-        // marks the pods it repaired in place, and reads its own DaemonSet only.
+        // The plugin gets one pod at a time; the node agent lists and watches pods,
+        // marks the pods it repaired in place, says on pods what happened (Events,
+        // counted up by patch), and reads its own DaemonSet only.
         let installer = r.get("ClusterRole", "kong-mesh-cni");
         assert_eq!(
             installer["rules"],
             serde_norway::from_str::<Value>(
-                r#"[{apiGroups: [""], resources: [pods], verbs: [get, list, watch, patch]}]"#
+                r#"[{apiGroups: [""], resources: [pods], verbs: [get, list, watch, patch]},
+                    {apiGroups: [""], resources: [events], verbs: [create, patch]}]"#
             )
             .unwrap()
         );

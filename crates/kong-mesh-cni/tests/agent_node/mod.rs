@@ -52,14 +52,14 @@ impl NodeAgent {
         via: Option<u16>,
         extra: &[(&str, &str)],
     ) -> NodeAgent {
-        let grant = ClusterGrant::new(api, namespace, AGENT_SA, pod_reads()).await;
+        let grant = ClusterGrant::new(api, namespace, AGENT_SA, agent_rules()).await;
         NodeAgent::launch(api, namespace, node, run_dir, via, Some(grant), extra).await
     }
 
     /// As [`NodeAgent::start`], but allowed to read pods in `ns` only (a Role there, as
     /// the chart's `namespaceAllowList` grants) and told so, as the chart tells it.
     pub async fn start_allowed_in(api: &ApiServer, ns: &TestNamespace, node: &str, run_dir: &Path) -> NodeAgent {
-        ns.grant(AGENT_SA, "kmc-agent-pods", pod_reads()).await;
+        ns.grant(AGENT_SA, "kmc-agent-pods", agent_rules()).await;
         NodeAgent::launch(api, ns.name(), node, run_dir, None, None, &[("KMC_AGENT_NAMESPACES", ns.name())]).await
     }
 
@@ -143,7 +143,10 @@ impl NodeAgent {
     }
 }
 
-/// What the chart's role lets the agent do with pods.
-fn pod_reads() -> Vec<PolicyRule> {
-    vec![policy_rule(&[""], &["pods"], &["get", "list", "watch"])]
+/// What the chart's role lets the agent do: read pods, and say things on them.
+fn agent_rules() -> Vec<PolicyRule> {
+    vec![
+        policy_rule(&[""], &["pods"], &["get", "list", "watch"]),
+        policy_rule(&[""], &["events"], &["create", "patch"]),
+    ]
 }
