@@ -143,6 +143,17 @@ impl Status {
         );
     }
 
+    /// With the node agent: the pods in its cache are shown.
+    pub fn register_agent(&mut self) -> Gauge {
+        let cached = Gauge::default();
+        self.registry.register(
+            "agent_cached_pods",
+            "Pods of this node in the node agent's cache (what it can answer the plugin from).",
+            cached.clone(),
+        );
+        cached
+    }
+
     /// With the plugin's record socket in `run_dir`: its calls are counted.
     pub fn register_plugin(&mut self, run_dir: &std::path::Path) -> crate::requests::PluginMetrics {
         self.plugin.get_or_insert_with(|| crate::requests::PluginMetrics::register(&mut self.registry, run_dir)).clone()

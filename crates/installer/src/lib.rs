@@ -81,6 +81,8 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
             status.register_ebpf();
         }
         let plugin_metrics = settings.sleep.then(|| status.register_plugin(&settings.run_dir));
+        let agent_settings = settings.agent().filter(|_| settings.sleep);
+        let cached = agent_settings.as_ref().map(|_| status.register_agent());
         let status = Arc::new(status);
         if settings.health_port != 0 {
             let listener = ops::bind(settings.health_address, settings.health_port).await?;
@@ -106,8 +108,8 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
             _ => None,
         };
         // Like the relay: without the agent the plugin asks the API server itself.
-        let agent = match settings.agent() {
-            Some(agent) if settings.sleep => agent::Agent::start(agent)
+        let agent = match (agent_settings, cached) {
+            (Some(agent), Some(cached)) => agent::Agent::start(agent, cached)
                 .inspect_err(|e| tracing::warn!("{e}; the plugin asks the API server for every pod"))
                 .ok(),
             _ => None,

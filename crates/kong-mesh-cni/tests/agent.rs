@@ -357,6 +357,21 @@ async fn plugin_calls_are_counted_on_the_installers_metrics() {
     for p in [&web, &db, &bad] {
         agent.wait_known(f.ns.name(), p.metadata.name.as_deref().unwrap(), uid(p), SYNC);
     }
+    // `status` shows the agent's cache, in both outputs.
+    let status = |output: &str| {
+        let out = std::process::Command::new(BIN)
+            .args(["status", "--output", output])
+            .env_clear()
+            .envs(agent.host.env())
+            .envs(agent.env.iter().cloned())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = status("text");
+    assert!(text.contains("node agent        synced, 3 pods cached\n"), "{text}");
+    let json: Value = serde_json::from_str(&status("json")).unwrap();
+    assert_eq!(json["installer"]["agent_cached_pods"], 3, "{json}");
     let entry = our_entry(
         &agent.plugin_kubeconfig(),
         f.scratch.path(),

@@ -29,6 +29,8 @@ pub struct NodeAgent {
     pub host: Host,
     /// The API server's address as the installer was given it.
     pub server: (String, String),
+    /// The installer's environment beyond the host's (`kong-mesh-cni status` needs it too).
+    pub env: Vec<(String, String)>,
     /// `None`: the grant is a Role in the test's namespace, gone with it.
     _grant: Option<ClusterGrant>,
     _creds: tempfile::TempDir,
@@ -99,12 +101,14 @@ impl NodeAgent {
         ];
         env.extend_from_slice(extra);
         let installer = Installer::start(&host, &env);
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         NodeAgent {
             node: node.to_owned(),
             run_dir: run_dir.to_owned(),
             host,
             installer,
             server: (projected.host, port),
+            env,
             _grant: grant,
             _creds: creds,
         }
