@@ -202,4 +202,35 @@ mod tests {
             assert!(text.contains(&format!("{line}\n")), "{line} in:\n{text}");
         }
     }
+
+    /// Every metric the chart's Grafana dashboard queries is one the installer serves.
+    #[test]
+    fn the_dashboard_queries_metrics_that_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut status = crate::health::Status::default();
+        let metrics = status.register_plugin(dir.path());
+        status.register_agent();
+        let seen = Seen { lookup: Some(LookupPath::Agent), backend: Some(Backend::Nftables), ..Seen::default() };
+        metrics.observe(&Record::of("ADD", &seen, Ok(()), Duration::from_millis(1)));
+        let text = status.metrics();
+        let file = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deployments/charts/kong-mesh-cni/files/grafana/kong-mesh-cni.json"
+        );
+        let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        let mut queried = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for (at, _) in expr.match_indices("kong_mesh_cni_") {
+                    let name: String =
+                        expr[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                    let served = text.lines().any(|l| l.strip_prefix(&name).is_some_and(|r| r.starts_with(['{', ' '])));
+                    assert!(served, "{name} (panel {:?}) is not served:\n{text}", panel["title"]);
+                    queried += 1;
+                }
+            }
+        }
+        assert!(queried >= 8, "{queried} metrics queried");
+    }
 }
