@@ -3,6 +3,7 @@
 //! runtime, and is counted here. Records no agent took are counted by the plugin in the
 //! run dir's drop file; its size is read at every scrape.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -132,6 +133,15 @@ impl Receiver {
         metrics: PluginMetrics,
         then: impl Fn(Record) + Send + 'static,
     ) -> Result<Receiver, InstallError> {
+        // The plugin appends to it only: it counts drops where an installer runs.
+        std::fs::create_dir_all(run_dir).map_err(InstallError::io("creating", run_dir))?;
+        let dropped = run_dir.join(DROPPED_FILE);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&dropped)
+            .map_err(InstallError::io("creating", &dropped))?;
         let (socket, datagrams) = RootSocket::bind_datagram(&run_dir.join(record::SOCKET_NAME))?;
         tokio::spawn(async move {
             // One byte more than a record: a longer datagram is cut, and refused as too long.

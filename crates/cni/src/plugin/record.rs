@@ -10,9 +10,10 @@
 //! Every label is an enum here, so a record cannot grow the metrics' label sets.
 //! When no agent reads the socket (or its queue is full) the record is dropped, and one
 //! byte is appended to [`DROPPED_FILE`] in the run dir: the agent counts those bytes.
+//! The installer creates that file; the plugin only appends to it, so a run dir no
+//! installer ever used (a plugin run by hand, a test) gets no file from us.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -282,14 +283,14 @@ fn offer(socket: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One byte appended (appends of a byte do not interleave), unless the file is at its cap.
+/// One byte appended (appends of a byte do not interleave) to the installer's file, if
+/// there is one and it is not at its cap.
 fn count_drop(run_dir: &Path) {
     let path = run_dir.join(DROPPED_FILE);
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= MAX_DROPPED) {
+    if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() < MAX_DROPPED) {
         return;
     }
-    let file = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(&path);
-    if let Ok(mut file) = file {
+    if let Ok(mut file) = std::fs::OpenOptions::new().append(true).open(&path) {
         let _ = file.write_all(b".");
     }
 }
@@ -388,6 +389,10 @@ mod tests {
     fn without_an_agent_the_drop_is_counted() {
         let dir = tempfile::tempdir().unwrap();
         let record = Record::of("DEL", &Seen::default(), Ok(()), Duration::ZERO);
+        // No installer made the file: nothing is written.
+        send(dir.path(), &record);
+        assert!(!dir.path().join(DROPPED_FILE).exists());
+        std::fs::write(dir.path().join(DROPPED_FILE), "").unwrap();
         send(dir.path(), &record);
         send(dir.path(), &record);
         assert_eq!(std::fs::read(dir.path().join(DROPPED_FILE)).unwrap(), b"..");
