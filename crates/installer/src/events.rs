@@ -107,11 +107,18 @@ struct Counted {
     first: Instant,
 }
 
+/// A pod (a recreated one of the same name is another) and a reason.
+type Key = (String, String, Option<String>, &'static str);
+
+fn key_of(notice: &Notice) -> Key {
+    (notice.pod.namespace.clone(), notice.pod.name.clone(), notice.pod.uid.clone(), notice.reason)
+}
+
 /// Which notices become which calls: the counting up and the rate. Pure but for the
 /// clock it is given.
 #[derive(Debug)]
 pub struct Dedup {
-    counted: HashMap<(String, String, &'static str), Counted>,
+    counted: HashMap<Key, Counted>,
     tokens: u32,
     refilled: Instant,
 }
@@ -126,7 +133,7 @@ impl Dedup {
         self.tokens = BURST.min(self.tokens.saturating_add(earned));
         // A full bucket earns nothing more; a partial one keeps its time towards the next.
         self.refilled = if self.tokens == BURST { now } else { self.refilled + REFILL * earned };
-        let key = (notice.pod.namespace.clone(), notice.pod.name.clone(), notice.reason);
+        let key = key_of(notice);
         let current = self.counted.get(&key).is_some_and(|c| now.duration_since(c.first) < WINDOW);
         let have_token = self.tokens > 0;
         if have_token {
@@ -157,7 +164,7 @@ impl Dedup {
 
     /// The Event is gone from the server (expired): the next notice makes a new one.
     fn lost(&mut self, notice: &Notice) {
-        self.counted.remove(&(notice.pod.namespace.clone(), notice.pod.name.clone(), notice.reason));
+        self.counted.remove(&key_of(notice));
     }
 
     fn forget_oldest(&mut self, now: Instant) {
@@ -345,6 +352,9 @@ mod tests {
         let bad = notice("bad", REASON_FAILED);
         assert_eq!(d.decide(&bad, t0, 0xab), Action::Create { name: "bad.ab".into() });
         assert_eq!(d.decide(&bad, t0, 0xac), Action::Patch { name: "bad.ab".into(), count: 2 });
+        // A pod of the same name, recreated, is another pod.
+        let recreated = Notice { pod: PodRef { uid: Some("u-2".into()), ..bad.pod.clone() }, ..bad.clone() };
+        assert_eq!(d.decide(&recreated, t0, 0xaf), Action::Create { name: "bad.af".into() });
         // Another reason of the same pod is another Event.
         assert_eq!(d.decide(&notice("bad", REASON_SKIPPED), t0, 0xad), Action::Create { name: "bad.ad".into() });
         // After the window, a new Event.
