@@ -5,6 +5,7 @@
 //! ```text
 //! -> {"v":1,"namespace":"shop","name":"web-0","uid":"8e1c..."}
 //! <- {"v":1,"status":"found","pod":{"metadata":{...},"spec":{...}}}
+//! <- {"v":1,"status":"found","pod":{...},"waited":true}   after waiting for its watch event
 //! <- {"v":1,"status":"not-found","detail":"..."}     not in the cache within WAIT
 //! <- {"v":1,"status":"not-synced","detail":"..."}    the cache cannot say (starting, API lost)
 //! <- {"v":1,"status":"refused","detail":"..."}       the request is bad
@@ -100,15 +101,18 @@ pub struct Answer {
     /// Why the answer is not `found`, for the plugin's log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The agent waited for the pod's watch event (it was not in the cache when asked).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waited: bool,
 }
 
 impl Answer {
     pub fn found(pod: Pod) -> Answer {
-        Answer { v: VERSION, status: Status::Found, pod: Some(Box::new(pod)), detail: None }
+        Answer { v: VERSION, status: Status::Found, pod: Some(Box::new(pod)), detail: None, waited: false }
     }
 
     pub fn not(status: Status, detail: impl Into<String>) -> Answer {
-        Answer { v: VERSION, status, pod: None, detail: Some(detail.into()) }
+        Answer { v: VERSION, status, pod: None, detail: Some(detail.into()), waited: false }
     }
 
     pub fn to_line(&self) -> Vec<u8> {

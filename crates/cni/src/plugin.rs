@@ -12,8 +12,10 @@ pub mod ebpf;
 pub mod logging;
 mod lookup;
 pub mod pending;
+pub mod record;
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,16 @@ const APPLY_BUDGET: Duration = Duration::from_secs(15);
 pub struct Outcome {
     pub stdout: String,
     pub exit_code: u8,
+    /// For the node agent, once the runtime has the answer: the run dir and the record.
+    pub record: Option<(PathBuf, record::Record)>,
+}
+
+/// What a call learnt on its way, for its record.
+#[derive(Default)]
+struct Trail {
+    command: Option<&'static str>,
+    run_dir: Option<PathBuf>,
+    seen: record::Seen,
 }
 
 /// The process: stdin in, the outcome out.
@@ -46,31 +58,52 @@ pub fn main() -> ExitCode {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(outcome.stdout.as_bytes());
     let _ = out.flush();
+    drop(out);
+    // After the answer: a non-blocking datagram, never waited for.
+    if let Some((run_dir, record)) = &outcome.record {
+        record::send(run_dir, record);
+    }
     ExitCode::from(outcome.exit_code)
 }
 
 pub fn run(var: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
-    let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&var, stdin))).unwrap_or_else(|_| {
-        Err((CniError::new(code::INTERNAL, "internal error", "the plugin panicked; see its log"), None))
-    });
+    let started = Instant::now();
+    let mut trail = Trail::default();
+    let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&var, stdin, &mut trail)))
+        .unwrap_or_else(|_| {
+            Err((CniError::new(code::INTERNAL, "internal error", "the plugin panicked; see its log"), None))
+        });
+    // VERSION, and calls without a CNI_COMMAND, are not counted.
+    let record = |result: Result<(), &CniError>| {
+        let command = trail.command?;
+        let run_dir = trail.run_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR));
+        Some((run_dir, record::Record::of(command, &trail.seen, result, started.elapsed())))
+    };
     match answer {
-        Ok(Some(value)) => Outcome { stdout: value.to_string(), exit_code: 0 },
-        Ok(None) => Outcome { stdout: String::new(), exit_code: 0 },
+        Ok(Some(value)) => Outcome { stdout: value.to_string(), exit_code: 0, record: record(Ok(())) },
+        Ok(None) => Outcome { stdout: String::new(), exit_code: 0, record: record(Ok(())) },
         Err((error, version)) => {
             tracing::error!(code = error.code, "{error}");
             let version = version.unwrap_or_else(|| crate::proto::version::LATEST.to_owned());
-            Outcome { stdout: error.to_json(&version), exit_code: 1 }
+            Outcome { stdout: error.to_json(&version), exit_code: 1, record: record(Err(&error)) }
         }
     }
 }
 
 type Answer = Result<Option<Value>, (CniError, Option<String>)>;
 
-fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
+fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8], trail: &mut Trail) -> Answer {
     let env = Env::from_vars(var).map_err(|e| (e, None))?;
     if env.command == Command::Version {
         return Ok(Some(version_info()));
     }
+    trail.command = Some(env.command.as_str());
+    let (namespace, name) = (env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME"));
+    trail.seen.pod = (!namespace.is_empty() && !name.is_empty()).then(|| record::PodRef {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        uid: Some(env.arg("K8S_POD_UID")).filter(|u| !u.is_empty()).map(str::to_owned),
+    });
     let conf = NetConf::parse(stdin).map_err(|e| (e, None))?;
     let version = Some(conf.cni_version.clone());
     // DEL never fails: with fields of ours it cannot read, it removes with the defaults.
@@ -79,6 +112,7 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
         Err(e) if env.command == Command::Del => (PluginConf::default(), Some(e)),
         Err(e) => return Err((e, version)),
     };
+    trail.run_dir = Some(plugin.run_dir.clone());
     // The installer's file follows its ConfigMap at run time; the conf's level is the default.
     let level = var("CNI_LOG_LEVEL")
         .or_else(|| logging::setting_in(&plugin.run_dir, logging::LEVEL_FILE))
@@ -93,8 +127,8 @@ fn handle(var: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Answer {
     let _entered = span.enter();
     let started = Instant::now();
     let result = match env.command {
-        Command::Add => add(&env, &conf, &plugin).map(Some),
-        Command::Check => check(&env, &conf, &plugin).map(|()| None),
+        Command::Add => add(&env, &conf, &plugin, &mut trail.seen).map(Some),
+        Command::Check => check(&env, &conf, &plugin, &mut trail.seen).map(|()| None),
         Command::Del => {
             del(&env, &conf, &plugin);
             Ok(None)
@@ -144,9 +178,10 @@ enum Verdict {
 
 /// The decision for the pod of this call: the checks that need no API call first,
 /// then the lookup and the pod decision.
-fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
+fn verdict(env: &Env, plugin: &PluginConf, seen: &mut record::Seen) -> Result<Verdict, CniError> {
     let (namespace, name) = (env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME"));
     if let Some(reason) = kuma::pod::pre_lookup(namespace, name, &plugin.exclude_namespaces) {
+        seen.pass = Some(record::Reason::of(&reason));
         return Ok(Verdict::PassThrough(reason.to_string()));
     }
     // Checked before they go into a request path: `web?watch=true` must not read as `web`.
@@ -168,11 +203,16 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
     let uid = Some(env.arg("K8S_POD_UID")).filter(|u| !u.is_empty());
     let asked = ask::pod(&plugin.run_dir.join(crate::agent::SOCKET_NAME), namespace, name, uid);
     let source = match &asked {
-        ask::Asked::Found(_) => Source::NodeAgent,
+        ask::Asked::Found(..) => Source::NodeAgent,
         _ => Source::ApiServer,
     };
+    seen.lookup = Some(match &asked {
+        ask::Asked::Found(_, false) => record::LookupPath::Agent,
+        ask::Asked::Found(_, true) => record::LookupPath::WatchWait,
+        _ => record::LookupPath::ApiServer,
+    });
     let found = match asked {
-        ask::Asked::Found(pod) => Lookup::Found(pod),
+        ask::Asked::Found(pod, _) => Lookup::Found(pod),
         // Said at warn: a run dir the installer does not share (a plugin run inside
         // another container's file system) would otherwise only show as slow ADDs.
         ask::Asked::Unreachable(why) => {
@@ -186,15 +226,22 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
     };
     let pod = match found {
         Lookup::Found(pod) => pod,
-        Lookup::NotFound => return Ok(Verdict::PassThrough("the pod no longer exists".to_owned())),
+        Lookup::NotFound => {
+            seen.pass = Some(record::Reason::PodGone);
+            return Ok(Verdict::PassThrough("the pod no longer exists".to_owned()));
+        }
         // No record for in-place repair: the installer reads pods with the same identity.
         Lookup::Forbidden(why) if plugin.on_api_error == OnApiError::PassThrough => {
             tracing::warn!(error = %why, "the API server does not let us read this pod (RBAC, or a namespace outside namespaceAllowList); letting it start without a redirect");
+            seen.pass = Some(record::Reason::Forbidden);
             return Ok(Verdict::PassThrough("the pod may not be read".to_owned()));
         }
         Lookup::Unavailable(why) | Lookup::Forbidden(why) => {
             return match plugin.on_api_error {
-                OnApiError::PassThrough => Ok(Verdict::Unanswered(why)),
+                OnApiError::PassThrough => {
+                    seen.pass = Some(record::Reason::ApiUnavailable);
+                    Ok(Verdict::Unanswered(why))
+                }
                 OnApiError::Fail => {
                     Err(CniError::new(code::TRY_AGAIN_LATER, "cannot look the pod up (on_api_error: fail)", why))
                 }
@@ -205,7 +252,10 @@ fn verdict(env: &Env, plugin: &PluginConf) -> Result<Verdict, CniError> {
         Ok(Decision::Intercept(cfg)) => {
             Ok(Verdict::Intercept(cfg, pod.metadata.annotations.unwrap_or_default(), source))
         }
-        Ok(Decision::PassThrough(reason)) => Ok(Verdict::PassThrough(reason.to_string())),
+        Ok(Decision::PassThrough(reason)) => {
+            seen.pass = Some(record::Reason::of(&reason));
+            Ok(Verdict::PassThrough(reason.to_string()))
+        }
         Err(e) => Err(CniError::new(
             code::INVALID_CONFIG,
             format!("invalid transparent-proxy configuration of pod {namespace}/{name}"),
@@ -273,12 +323,13 @@ fn open_netns(path: &str) -> Result<NetNs, CniError> {
         .map_err(|e| CniError::new(code::RULES_FAILED, "cannot open the pod's network namespace", e.to_string()))
 }
 
-fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError> {
+fn add(env: &Env, conf: &NetConf, plugin: &PluginConf, seen: &mut record::Seen) -> Result<Value, CniError> {
     let result = pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
-    match verdict(env, plugin)? {
+    match verdict(env, plugin, seen)? {
         Verdict::PassThrough(reason) => tracing::info!("pass through: {reason}"),
         Verdict::Intercept(cfg, _, _) if let Some(bpffs) = &plugin.ebpf_bpffs => {
             ebpf::add(bpffs, &env.container_id, &open_netns(&env.netns)?, &cfg, conf.prev_result.as_ref())?;
+            seen.backend = Some(record::Backend::Ebpf);
         }
         Verdict::Unanswered(why) => {
             tracing::warn!(error = %why, "cannot look the pod up; letting it start without a redirect (on_api_error: pass-through)");
@@ -290,6 +341,7 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
             let ns = open_netns(&env.netns)?;
             let report = netfilter::apply(&ns, &cfg, &options(plugin, conf.prev_result.as_ref()))
                 .map_err(|e| rules_error("cannot program the transparent-proxy redirect", e))?;
+            seen.backend = Some(record::Backend::of(report.backend));
             let families: Vec<&str> = report.families.iter().map(|f| f.as_str()).collect();
             tracing::info!(
                 rules = report.rules,
@@ -304,9 +356,9 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<Value, CniError
     Ok(result)
 }
 
-fn check(env: &Env, conf: &NetConf, plugin: &PluginConf) -> Result<(), CniError> {
+fn check(env: &Env, conf: &NetConf, plugin: &PluginConf, seen: &mut record::Seen) -> Result<(), CniError> {
     pass_on(conf.prev_result.as_ref(), &conf.cni_version)?;
-    let Verdict::Intercept(cfg, _, _) = verdict(env, plugin)? else { return Ok(()) };
+    let Verdict::Intercept(cfg, _, _) = verdict(env, plugin, seen)? else { return Ok(()) };
     let ns = open_netns(&env.netns)?;
     if let Some(bpffs) = &plugin.ebpf_bpffs {
         return ebpf::check(bpffs, &env.container_id, &ns, &cfg, conf.prev_result.as_ref());

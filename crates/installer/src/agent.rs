@@ -20,6 +20,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::watcher;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::time::{Instant, sleep, timeout_at};
@@ -62,16 +63,18 @@ struct Shared {
     /// By namespace, or one under [`ALL`].
     caches: BTreeMap<String, Mutex<PodCache>>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// The pods in all caches, on `/metrics` (and so in `status`).
+    cached: Gauge,
 }
 
 impl Shared {
-    fn new(namespaces: &[String]) -> Shared {
+    fn new(namespaces: &[String], cached: Gauge) -> Shared {
         let keys = match namespaces {
             [] => vec![ALL.to_owned()],
             some => some.to_vec(),
         };
         let caches = keys.into_iter().map(|ns| (ns, Mutex::new(PodCache::default()))).collect();
-        Shared { caches, changed: tokio::sync::watch::channel(0).0 }
+        Shared { caches, changed: tokio::sync::watch::channel(0).0, cached }
     }
 
     /// The cache that holds `namespace`'s pods, if any watch covers it.
@@ -86,6 +89,8 @@ impl Shared {
         if let Some(cache) = self.caches.get(key) {
             change(&mut cache.lock().unwrap_or_else(|e| e.into_inner()));
         }
+        let pods: usize = self.caches.values().map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).len()).sum();
+        self.cached.set(i64::try_from(pods).unwrap_or(i64::MAX));
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
@@ -94,10 +99,11 @@ impl Shared {
 pub struct Agent(RootSocket);
 
 impl Agent {
-    /// Binds the socket and starts the watch and the server on the current runtime.
-    pub fn start(settings: AgentSettings) -> Result<Agent, InstallError> {
+    /// Binds the socket and starts the watch and the server on the current runtime;
+    /// `cached` follows the number of pods in its cache.
+    pub fn start(settings: AgentSettings, cached: Gauge) -> Result<Agent, InstallError> {
         let (socket, listener) = RootSocket::bind(&settings.socket)?;
-        let shared = Arc::new(Shared::new(&settings.namespaces));
+        let shared = Arc::new(Shared::new(&settings.namespaces, cached));
         tracing::info!(node = %settings.node_name, namespaces = ?settings.namespaces, socket = %settings.socket.display(), "node agent: answering pod lookups from a watch of this node's pods");
         let served = shared.clone();
         tokio::spawn(rootsock::serve(listener, MAX_CONNECTIONS, "node agent socket", move |stream, _| {
@@ -223,10 +229,11 @@ async fn lookup(shared: &Shared, request: &Request) -> Answer {
     let mut changes = shared.changed.subscribe();
     let unwatched =
         || Lookup::NotSynced(format!("namespace {} is not watched (namespaceAllowList)", request.namespace));
+    let mut waited = false;
     let found = loop {
         changes.mark_unchanged();
         match shared.cache(&request.namespace).map(|c| c.lookup(request)) {
-            Some(Lookup::Pending) => {}
+            Some(Lookup::Pending) => waited = true,
             other => break other.unwrap_or_else(unwatched),
         }
         if !matches!(timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
@@ -234,7 +241,7 @@ async fn lookup(shared: &Shared, request: &Request) -> Answer {
         }
     };
     match found {
-        Lookup::Found(pod) => Answer::found(Pod::clone(&pod)),
+        Lookup::Found(pod) => Answer { waited, ..Answer::found(Pod::clone(&pod)) },
         Lookup::NotFound(why) => Answer::not(Status::NotFound, why),
         Lookup::NotSynced(why) => Answer::not(Status::NotSynced, why),
         // give_up never leaves it pending.

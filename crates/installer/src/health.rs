@@ -60,6 +60,7 @@ pub struct Status {
     states: Family<StateLabel, Gauge>,
     ebpf_pods: Gauge,
     ebpf_load_errors: Counter,
+    plugin: Option<crate::requests::PluginMetrics>,
 }
 
 impl Default for Status {
@@ -103,6 +104,7 @@ impl Status {
             states,
             ebpf_pods: Gauge::default(),
             ebpf_load_errors: Counter::default(),
+            plugin: None,
         };
         status.set(State::Starting, "starting");
         status
@@ -139,6 +141,22 @@ impl Status {
             "Times loading or attaching the eBPF programs failed (the log says why).",
             self.ebpf_load_errors.clone(),
         );
+    }
+
+    /// With the node agent: the pods in its cache are shown.
+    pub fn register_agent(&mut self) -> Gauge {
+        let cached = Gauge::default();
+        self.registry.register(
+            "agent_cached_pods",
+            "Pods of this node in the node agent's cache (what it can answer the plugin from).",
+            cached.clone(),
+        );
+        cached
+    }
+
+    /// With the plugin's record socket in `run_dir`: its calls are counted.
+    pub fn register_plugin(&mut self, run_dir: &std::path::Path) -> crate::requests::PluginMetrics {
+        self.plugin.get_or_insert_with(|| crate::requests::PluginMetrics::register(&mut self.registry, run_dir)).clone()
     }
 
     pub fn set_ebpf_pods(&self, pods: usize) {

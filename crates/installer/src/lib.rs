@@ -20,6 +20,7 @@ pub mod conflist;
 pub mod daemon;
 mod ebpf;
 mod error;
+pub mod events;
 pub mod fsio;
 pub mod health;
 pub mod inplace;
@@ -31,6 +32,7 @@ pub mod machine;
 pub mod plan;
 pub mod podcache;
 mod repair_agent;
+pub mod requests;
 mod rootsock;
 pub mod shutdown;
 mod sources;
@@ -78,6 +80,9 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
         if settings.ebpf.is_some() {
             status.register_ebpf();
         }
+        let plugin_metrics = settings.sleep.then(|| status.register_plugin(&settings.run_dir));
+        let agent_settings = settings.agent().filter(|_| settings.sleep);
+        let cached = agent_settings.as_ref().map(|_| status.register_agent());
         let status = Arc::new(status);
         if settings.health_port != 0 {
             let listener = ops::bind(settings.health_address, settings.health_port).await?;
@@ -103,17 +108,36 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
             _ => None,
         };
         // Like the relay: without the agent the plugin asks the API server itself.
-        let agent = match settings.agent() {
-            Some(agent) if settings.sleep => agent::Agent::start(agent)
+        let agent = match (agent_settings, cached) {
+            (Some(agent), Some(cached)) => agent::Agent::start(agent, cached)
                 .inspect_err(|e| tracing::warn!("{e}; the plugin asks the API server for every pod"))
                 .ok(),
             _ => None,
+        };
+        // Events on pods, from the plugin's records and the in-place repairs.
+        let events = match &settings.node_name {
+            Some(node) if settings.sleep => Some(events::Events::start(api::Identity::new(&settings), node.clone())),
+            _ => None,
+        };
+        let to_pods = events.clone();
+        let on_record = move |record: cni::plugin::record::Record| {
+            if let (Some(events), Some(notice)) = (&to_pods, events::Notice::of(&record)) {
+                events.offer(notice);
+            }
+        };
+        // Without it the plugin's records are dropped (and counted in the run dir).
+        let records = match plugin_metrics {
+            Some(metrics) => requests::Receiver::start(&settings.run_dir, metrics, on_record)
+                .inspect_err(|e| tracing::warn!("{e}; the plugin's calls are not counted"))
+                .ok(),
+            None => None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         sources::spawn(&settings, tx)?;
         if settings.sleep {
             let identity = api::Identity::new(&settings);
-            repair_agent::spawn(settings.run_dir.clone(), identity.clone().pod_lookup(REPAIR_LOOKUP_TIMEOUT), identity);
+            let lookup = identity.clone().pod_lookup(REPAIR_LOOKUP_TIMEOUT);
+            repair_agent::spawn(settings.run_dir.clone(), lookup, identity, events);
         }
         let result = Installer::new(settings, status).run(rx).await;
         if let Some(socket) = log_socket {
@@ -121,6 +145,9 @@ pub fn run(settings: Settings) -> Result<(), InstallError> {
         }
         if let Some(agent) = agent {
             agent.close();
+        }
+        if let Some(records) = records {
+            records.close();
         }
         result
     })

@@ -17,6 +17,7 @@ use netns::{NetNs, NetNsError};
 use tokio::sync::mpsc;
 
 use crate::api::{Identity, PodLookup};
+use crate::events::{Events, Notice};
 use crate::inplace::{self, Action};
 
 /// While a record waits for the API server, it is asked again this often (the target is
@@ -33,15 +34,15 @@ const MAX_FAILURES: u32 = 5;
 const MARK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Starts the agent on the current runtime: `lookup` answers for pods, `identity` says
-/// on a pod that it was repaired.
-pub fn spawn(run_dir: PathBuf, lookup: PodLookup, identity: Identity) {
+/// on a pod that it was repaired, and so does an Event through `events`.
+pub fn spawn(run_dir: PathBuf, lookup: PodLookup, identity: Identity, events: Option<Events>) {
     tokio::spawn(async move {
         let (tx, rx) = mpsc::channel(1);
         let watching = watch(&run_dir, tx);
         if !watching {
             tracing::info!(run_dir = %run_dir.display(), "cannot watch the plugin's pending records; looking every {BACKSTOP:?}");
         }
-        Agent { run_dir, lookup, identity, failures: HashMap::new(), waiting: None }.run(rx).await;
+        Agent { run_dir, lookup, identity, events, failures: HashMap::new(), waiting: None }.run(rx).await;
     });
 }
 
@@ -70,6 +71,7 @@ struct Agent {
     run_dir: PathBuf,
     lookup: PodLookup,
     identity: Identity,
+    events: Option<Events>,
     /// Failed rule programmings per record file.
     failures: HashMap<PathBuf, u32>,
     /// Since when the API server has not answered (logged once per outage).
@@ -136,6 +138,9 @@ impl Agent {
                         Ok(rules) => {
                             tracing::info!(pod = %pod, rules, "programmed the redirect in place: the pod started without it while the API server could not be asked");
                             self.forget(&path);
+                            if let Some(events) = &self.events {
+                                events.offer(Notice::repaired(&record.namespace, &record.name, record.uid.as_deref()));
+                            }
                             let marked = self.identity.mark_repaired(
                                 &record.namespace,
                                 &record.name,

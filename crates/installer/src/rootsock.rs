@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{UnixDatagram, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use crate::InstallError;
@@ -27,16 +27,29 @@ impl RootSocket {
     /// Binds `path`, replacing a socket a previous installer left (during a rollout the
     /// newest installer takes over: the plugin connects anew on every call).
     pub fn bind(path: &Path) -> Result<(RootSocket, UnixListener), InstallError> {
+        RootSocket::bind_with(path, |p| UnixListener::bind(p))
+    }
+
+    /// [`RootSocket::bind`] for datagrams (the plugin's records). A datagram carries no
+    /// credentials to check: the file's mode keeps everyone but root from sending.
+    pub fn bind_datagram(path: &Path) -> Result<(RootSocket, UnixDatagram), InstallError> {
+        RootSocket::bind_with(path, |p| UnixDatagram::bind(p))
+    }
+
+    fn bind_with<S>(
+        path: &Path,
+        bind: impl FnOnce(&Path) -> std::io::Result<S>,
+    ) -> Result<(RootSocket, S), InstallError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(InstallError::io("creating the dir of a socket", dir))?;
         }
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(InstallError::io("listening on", path))?;
+        let socket = bind(path).map_err(InstallError::io("listening on", path))?;
         // Root only, whatever the umask; a connection in between is refused by its credentials.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(InstallError::io("setting the mode of", path))?;
         let inode = std::fs::metadata(path).map_err(InstallError::io("reading", path))?.ino();
-        Ok((RootSocket { path: path.to_path_buf(), inode }, listener))
+        Ok((RootSocket { path: path.to_path_buf(), inode }, socket))
     }
 
     /// Removes the socket file, unless another installer has bound its own there since.

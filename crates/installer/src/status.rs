@@ -75,6 +75,8 @@ pub struct Installer {
     pub last_repair_unix: Option<u64>,
     pub fighting: Option<bool>,
     pub ebpf_registered_pods: Option<u64>,
+    /// Pods in the node agent's cache.
+    pub agent_cached_pods: Option<u64>,
 }
 
 impl NodeStatus {
@@ -221,6 +223,7 @@ fn installer(s: &Settings) -> Installer {
         last_repair_unix: None,
         fighting: None,
         ebpf_registered_pods: None,
+        agent_cached_pods: None,
     };
     if s.health_port == 0 {
         // No endpoints: the ready file is all there is.
@@ -248,6 +251,7 @@ fn installer(s: &Settings) -> Installer {
     installer.last_repair_unix = value("kong_mesh_cni_installer_last_repair_timestamp_seconds").filter(|&t| t > 0);
     installer.fighting = value("kong_mesh_cni_installer_fighting").map(|v| v == 1);
     installer.ebpf_registered_pods = value("kong_mesh_cni_installer_ebpf_registered_pods");
+    installer.agent_cached_pods = value("kong_mesh_cni_installer_agent_cached_pods");
     installer.state = metrics
         .lines()
         .find_map(|l| l.strip_prefix("kong_mesh_cni_installer_state{state=\"")?.strip_suffix("\"} 1"))
@@ -297,7 +301,10 @@ pub fn render(s: &NodeStatus, now_unix: u64) -> String {
     }
     line("kubeconfig", &format!("{} ({})", s.kubeconfig.path, s.kubeconfig.state));
     line("token age", &s.token_age_seconds.map_or("unknown".to_owned(), |a| format!("{a}s")));
-    line("node agent", &s.agent);
+    match s.installer.agent_cached_pods {
+        Some(pods) => line("node agent", &format!("{}, {pods} pods cached", s.agent)),
+        None => line("node agent", &s.agent),
+    }
     line("pending repairs", &s.pending_repairs.to_string());
     line("backend", &s.backend);
     if let Some(pods) = s.installer.ebpf_registered_pods {
@@ -353,6 +360,7 @@ mod tests {
                 last_repair_unix: Some(1_000_000 - 95),
                 fighting: Some(false),
                 ebpf_registered_pods: None,
+                agent_cached_pods: Some(12),
             },
             log_level: "debug".into(),
             log_format: "text".into(),

@@ -11,6 +11,7 @@ mod agent_node;
 mod installer_host;
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -20,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use agent_node::NodeAgent;
 use cni::plugin::ask::Asked;
-use k8s_openapi::api::core::v1::Pod;
+use cni::plugin::record;
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
 use testkit::net::NamedNetns;
@@ -141,7 +143,7 @@ async fn add_is_answered_by_the_agent_without_a_request_to_the_api_server() {
     let garbage = answer_to(b"GET / HTTP/1.1\r\n\r\n");
     assert!(garbage.contains("refused") && garbage.contains("not a lookup request"), "{garbage}");
     let started = Instant::now();
-    assert!(matches!(agent.ask(f.ns.name(), "web", Some(uid(&web))), Asked::Found(_)));
+    assert!(matches!(agent.ask(f.ns.name(), "web", Some(uid(&web))), Asked::Found(..)));
     assert!(started.elapsed() < Duration::from_millis(200), "answered in {:?} beside hung clients", started.elapsed());
     drop(hung);
 }
@@ -263,7 +265,7 @@ async fn a_recreated_pod_is_not_answered_from_the_stale_entry() {
     pods.delete("web", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
     let new = pods.create(&PostParams::default(), &plain("web", &node)).await.unwrap();
     assert_ne!(uid(&old), uid(&new));
-    assert!(matches!(agent.ask(f.ns.name(), "web", Some(uid(&old))), Asked::Found(_)), "the stale entry is there");
+    assert!(matches!(agent.ask(f.ns.name(), "web", Some(uid(&old))), Asked::Found(..)), "the stale entry is there");
 
     let rt = chain(plugin_entry(&f, json!({})));
     let netns = NamedNetns::new("agr");
@@ -329,6 +331,180 @@ async fn pods_the_agent_knows_are_decided_while_the_api_server_is_unreachable() 
     assert_eq!(saved_rules(&netns), "", "let through without a redirect");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_calls_are_counted_on_the_installers_metrics() {
+    if skip("plugin request metrics") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fixture().await;
+    let node = node_name();
+    let relay = Relay::start(api_port());
+    let port = installer_host::free_port();
+    let run_dir = f.scratch.path().join("run");
+    let health = [("KMC_HEALTH_PORT", port.to_string())];
+    let health: Vec<(&str, &str)> = health.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent =
+        NodeAgent::start_with(ApiServer::shared(), f.ns.name(), &node, &run_dir, Some(relay.port), &health).await;
+    let web = f.ns.create_pod(mesh("web", &node)).await;
+    let db = f.ns.create_pod(plain("db", &node)).await;
+    let mut bad = mesh("bad", &node);
+    bad.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("traffic.kuma.io/exclude-outbound-ports".into(), "80,eighty".into());
+    let bad = f.ns.create_pod(bad).await;
+    for p in [&web, &db, &bad] {
+        agent.wait_known(f.ns.name(), p.metadata.name.as_deref().unwrap(), uid(p), SYNC);
+    }
+    // `status` shows the agent's cache, in both outputs.
+    let status = |output: &str| {
+        let out = std::process::Command::new(BIN)
+            .args(["status", "--output", output])
+            .env_clear()
+            .envs(agent.host.env())
+            .envs(agent.env.iter().cloned())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = status("text");
+    assert!(text.contains("node agent        synced, 3 pods cached\n"), "{text}");
+    let json: Value = serde_json::from_str(&status("json")).unwrap();
+    assert_eq!(json["installer"]["agent_cached_pods"], 3, "{json}");
+    let entry = our_entry(
+        &agent.plugin_kubeconfig(),
+        f.scratch.path(),
+        json!({"kubernetes": {"kubeconfig": agent.plugin_kubeconfig(), "lookup_timeout_ms": 2000}}),
+    );
+    let rt = chain(entry);
+
+    let web_ns = NamedNetns::new("amw");
+    let web_at = attachment(&web_ns, &web);
+    rt.add(&web_at).expect("ADD of the mesh pod");
+    rt.add(&attachment(&NamedNetns::new("amd"), &db)).expect("ADD of the plain pod");
+    // The same failure twice.
+    let bad_ns = [NamedNetns::new("amb"), NamedNetns::new("amb")];
+    for netns in &bad_ns {
+        let err = rt.add(&attachment(netns, &bad)).unwrap_err();
+        assert_eq!(err.code, Some(7), "{err}");
+    }
+    // A pod whose watch event is held back a little: the agent waits for it.
+    relay.hold(true);
+    let late = f.ns.create_pod(mesh("late", &node)).await;
+    let late_ns = NamedNetns::new("aml");
+    std::thread::scope(|s| {
+        let adding = s.spawn(|| rt.add(&attachment(&late_ns, &late)));
+        std::thread::sleep(Duration::from_millis(100));
+        relay.hold(false);
+        adding.join().unwrap().expect("ADD of a pod whose watch event came late");
+    });
+    // The API server away: a mesh pod the agent does not know is let through.
+    relay.cut();
+    let noticed = Instant::now() + SYNC;
+    while !matches!(agent.ask(f.ns.name(), "nobody", None), Asked::Miss(why) if why.starts_with("NotSynced")) {
+        assert!(Instant::now() < noticed, "the agent did not notice the outage; log:\n{}", agent.installer.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stranger = f.ns.create_pod(mesh("stranger", &node)).await;
+    let stranger_ns = NamedNetns::new("ams");
+    rt.add(&attachment(&stranger_ns, &stranger)).expect("pass-through (on_api_error)");
+    rt.del(&web_at).expect("DEL of the mesh pod");
+
+    let metrics = || installer_host::http_get(port, "/metrics").map(|(_, m)| m).unwrap_or_default();
+    // The records arrive after each answer: wait for the last one.
+    let all_in = |m: &str| m.contains("plugin_request_duration_seconds_count{command=\"DEL\"} 1\n");
+    installer_host::wait_for(Duration::from_secs(10), || all_in(&metrics()));
+    let text = metrics();
+    let requests = samples(&text, "kong_mesh_cni_installer_plugin_requests_total{");
+    let backend = requests
+        .keys()
+        .find_map(|k| k.split("outcome=\"redirected\"").nth(1)?.split("backend=\"").nth(1)?.split('"').next())
+        .unwrap_or_else(|| panic!("no redirect counted:\n{text}"))
+        .to_owned();
+    assert!(["iptables-nft", "iptables-legacy", "nftables"].contains(&backend.as_str()), "{backend}");
+    let series = |name: &str, labels: &str| format!("kong_mesh_cni_installer_plugin_{name}{{{labels}}}");
+    let req = |labels: &str| series("requests_total", labels);
+    let expected: BTreeMap<String, u64> = [
+        (req(&format!(r#"command="ADD",outcome="redirected",reason="",code="",backend="{backend}""#)), 2),
+        (req(r#"command="ADD",outcome="passed-through",reason="no-sidecar",code="",backend="""#), 1),
+        (req(r#"command="ADD",outcome="failed",reason="",code="7",backend="""#), 2),
+        (req(r#"command="ADD",outcome="passed-through",reason="api-unavailable",code="",backend="""#), 1),
+        (req(r#"command="DEL",outcome="ok",reason="",code="",backend="""#), 1),
+    ]
+    .into();
+    assert_eq!(requests, expected, "{text}");
+    let lookups = samples(&text, "kong_mesh_cni_installer_plugin_pod_lookups_total{");
+    let expected: BTreeMap<String, u64> = [
+        (series("pod_lookups_total", r#"command="ADD",path="agent""#), 4),
+        (series("pod_lookups_total", r#"command="ADD",path="api-server""#), 1),
+        (series("pod_lookups_total", r#"command="ADD",path="watch-wait""#), 1),
+    ]
+    .into();
+    assert_eq!(lookups, expected, "{text}");
+    let counts = samples(&text, "kong_mesh_cni_installer_plugin_request_duration_seconds_count{");
+    assert_eq!(counts.into_values().collect::<Vec<_>>(), [6, 1], "ADD then DEL:\n{text}");
+    // The stranger's API lookup took its retries; the agent's answers did not.
+    let fast =
+        samples(&text, r#"kong_mesh_cni_installer_plugin_request_duration_seconds_bucket{le="1.0",command="ADD""#);
+    assert_eq!(fast.into_values().collect::<Vec<_>>(), [5], "{text}");
+    assert!(text.contains("kong_mesh_cni_installer_plugin_records_dropped_total 0\n"), "{text}");
+    assert!(text.contains("kong_mesh_cni_installer_plugin_records_invalid_total 0\n"), "{text}");
+
+    // Back: the events held back are sent, and the stranger is repaired in place.
+    relay.restore();
+    let expected: BTreeMap<(String, String), (String, i32)> = [
+        (("bad", "MeshRedirectFailed"), ("Warning", 2)),
+        (("stranger", "MeshRedirectSkipped"), ("Warning", 1)),
+        (("stranger", "MeshRedirectRepaired"), ("Normal", 1)),
+    ]
+    .into_iter()
+    .map(|((pod, reason), (kind, count))| ((pod.to_owned(), reason.to_owned()), (kind.to_owned(), count)))
+    .collect();
+    let events = f.ns.api::<Event>();
+    let deadline = Instant::now() + SYNC;
+    let seen = loop {
+        let listed = events.list(&Default::default()).await.unwrap().items;
+        let seen: BTreeMap<(String, String), (String, i32)> = listed
+            .iter()
+            .filter(|e| e.source.as_ref().and_then(|s| s.component.as_deref()) == Some("kong-mesh-cni"))
+            .map(|e| {
+                let key = (e.involved_object.name.clone().unwrap(), e.reason.clone().unwrap());
+                (key, (e.type_.clone().unwrap(), e.count.unwrap()))
+            })
+            .collect();
+        if seen == expected || Instant::now() > deadline {
+            break (seen, listed);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(seen.0, expected, "events: {:#?}\nlog:\n{}", seen.1, agent.installer.log());
+    let failed = seen.1.iter().find(|e| e.reason.as_deref() == Some("MeshRedirectFailed")).unwrap();
+    let message = failed.message.as_deref().unwrap();
+    assert!(message.contains("code 7") && message.contains("80,eighty"), "{message}");
+    assert_eq!(failed.involved_object.uid.as_deref(), Some(uid(&bad)));
+    assert!(redirected(&stranger_ns), "repaired in place: {}", saved_rules(&stranger_ns));
+
+    // With the installer stopped, a record has nobody to take it: the plugin counts it.
+    let mut agent = agent;
+    assert!(agent.installer.terminate().success(), "{}", agent.installer.log());
+    assert!(!run_dir.join(record::SOCKET_NAME).exists(), "SIGTERM removes the record socket");
+    rt.del(&attachment(&bad_ns[0], &bad)).expect("DEL without the installer");
+    let dropped = std::fs::read(run_dir.join(record::DROPPED_FILE)).unwrap_or_default();
+    assert_eq!(dropped, b".", "one record dropped, and counted");
+}
+
+/// The samples of `text` whose line starts with `prefix`, by series.
+fn samples(text: &str, prefix: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// The shared API server's port (its address is 127.0.0.1).
 fn api_port() -> u16 {
     let admin = kube::config::Kubeconfig::read_from(ApiServer::shared().kubeconfig_path()).unwrap();
@@ -386,6 +562,11 @@ impl Relay {
 
     fn hold(&self, held: bool) {
         self.state.held.store(held, Ordering::SeqCst);
+    }
+
+    /// The server reachable again (after [`Relay::cut`]), for new connections.
+    fn restore(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
     }
 
     fn cut(&self) {

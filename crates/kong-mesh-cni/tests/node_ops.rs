@@ -1,8 +1,12 @@
 //! Operating the CNI on a real node (testkit::node: kubelet, containerd, runc) without
 //! restarting anything: the chart's ConfigMap key `logLevel` edited while pods run; the
 //! next pod's ADD logs at debug in `kubectl logs` of the DaemonSet pod; no pod
-//! restarted; `kong-mesh-cni status` run in the DaemonSet pod shows the node ready. Prints what each part took: the kubelet's ConfigMap volume sync dominates
-//! (the node's `syncFrequency` is 5 s; a kubelet's default is 1 min).
+//! restarted; `kong-mesh-cni status` run in the DaemonSet pod shows the node ready, and
+//! the installer's `/metrics` counts the pods' ADDs. Prints what each part took: the
+//! kubelet's ConfigMap volume sync dominates (the node's `syncFrequency` is 5 s; a
+//! kubelet's default is 1 min).
+
+mod installer_host;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -32,9 +36,13 @@ async fn the_log_level_changes_through_the_configmap_with_no_pod_restarted() {
     let node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
     let client = node.client().await.unwrap();
     let primary = std::fs::read_to_string(&node.conflist).unwrap();
-    let Installed { release, cni_pod, .. } = install(&node, &client, Path::new(BINARY), &[], Duration::from_secs(120))
-        .await
-        .unwrap_or_else(|e| panic!("installing from the chart: {e}"));
+    // A health port no other test holds (the DaemonSet's pods use the host's network).
+    let port = installer_host::free_port();
+    let health = format!("cni.healthPort={port}");
+    let Installed { release, cni_pod, .. } =
+        install(&node, &client, Path::new(BINARY), &[&health], Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("installing from the chart: {e}"));
     let cni_name = cni_pod.metadata.name.clone().unwrap();
     let installer_log = || node_pods::cni_logs(&node);
     let (running, _) = node_pods::run_pod(
@@ -102,9 +110,9 @@ async fn the_log_level_changes_through_the_configmap_with_no_pod_restarted() {
         "(plugin 3 of 3: bridge -> portmap -> kong-mesh-cni)\n",
         "(current)\n",
         // The agent's watch may be re-listing for a moment: then status says so, and we ask again.
-        "node agent        synced\n",
-        // The node's chart values turn the health port off: the ready file then.
-        "installer         ready",
+        "node agent        synced, ",
+        " pods cached\n",
+        "installer         ready\n",
         "log level         debug\n",
         "exit=0\n",
     ];
@@ -124,6 +132,21 @@ async fn the_log_level_changes_through_the_configmap_with_no_pod_restarted() {
     for want in wants {
         assert!(screen.contains(want), "{want:?} in:\n{screen}");
     }
+
+    // The plugin's calls for the two pods, on the installer's /metrics.
+    let (code, metrics) = installer_host::http_get(port, "/metrics").expect("the installer's /metrics");
+    assert_eq!(code, 200);
+    let count = |series: &str| -> u64 {
+        metrics.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
+    };
+    let plain_adds = count(
+        r#"kong_mesh_cni_installer_plugin_requests_total{command="ADD",outcome="passed-through",reason="no-sidecar",code="",backend=""}"#,
+    );
+    assert!(plain_adds >= 2, "the two plain pods' ADDs (and maybe the controller's):\n{metrics}");
+    assert!(count(r#"kong_mesh_cni_installer_plugin_pod_lookups_total{command="ADD",path="agent"}"#) >= 2, "{metrics}");
+    assert!(!metrics.contains(r#"outcome="failed""#), "no call failed:\n{metrics}");
+    assert!(count(r#"kong_mesh_cni_installer_plugin_request_duration_seconds_count{command="ADD"}"#) >= 2, "{metrics}");
+    assert!(metrics.contains("kong_mesh_cni_installer_agent_cached_pods "), "{metrics}");
 
     // Nothing restarted: the CNI pod and the running pod are the same, with no restarts.
     let pods: Api<Pod> = Api::namespaced(client.clone(), CNI_NAMESPACE);

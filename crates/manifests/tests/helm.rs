@@ -96,6 +96,14 @@ const OVERRIDES: &[(&str, &[&str])] = &[
     ("kind", &["cni.enabled=false"]),
     ("kind", &["experimental.ebpf.enabled=true"]),
     (
+        "kind",
+        &[
+            "cni.metrics.podMonitor.enabled=true",
+            "cni.metrics.podMonitor.labels.release=prometheus",
+            "cni.metrics.dashboard.enabled=true",
+        ],
+    ),
+    (
         "calico",
         &[
             "experimental.ebpf.enabled=true",
@@ -155,6 +163,7 @@ fn refusals_are_the_same_in_both() {
         ("kind", &["cni.onApiError=passthrough"], "must be pass-through or fail"),
         ("kind", &["cni.logLevel=verbose"], "must be off, info or debug"),
         ("kind", &["cni.image.repository="], "cni.image.repository is required"),
+        ("kind", &["cni.metrics.podMonitor.enabled=true", "cni.healthPort=0"], "needs cni.healthPort"),
     ];
     for (preset, set, want) in cases {
         let args = helm_args(set);

@@ -63,6 +63,52 @@ impl Rendered {
     }
 }
 
+#[test]
+fn monitoring_is_off_by_default_and_scrapes_the_installer_when_on() {
+    for (preset, ..) in TABLE {
+        let r = Rendered::new(Some(preset), &[]);
+        assert!(!r.objects.keys().any(|(kind, _)| kind == "PodMonitor"), "{preset}");
+        assert!(!r.objects.contains_key(&("ConfigMap".into(), "kong-mesh-cni-dashboard".into())), "{preset}");
+    }
+    let r = Rendered::new(
+        Some("kind"),
+        &[
+            "cni.metrics.podMonitor.enabled=true",
+            "cni.metrics.podMonitor.labels.release=prometheus",
+            "cni.metrics.dashboard.enabled=true",
+        ],
+    );
+    let monitor = r.get("PodMonitor", "kong-mesh-cni");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    // It selects the DaemonSet's pods, in their namespace, on the installer's port.
+    let pod_labels = &r.daemonset()["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(&pod_labels[k.as_str().unwrap()], v, "the pods carry {k:?}");
+    }
+    assert_eq!(monitor["spec"]["namespaceSelector"]["matchNames"][0], r.daemonset()["metadata"]["namespace"]);
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!((endpoint["path"].as_str(), endpoint["interval"].as_str()), (Some("/metrics"), Some("30s")));
+    let port = r.installer()["ports"].as_sequence().unwrap().iter().find(|p| p["name"] == endpoint["port"]);
+    assert_eq!(port.unwrap()["containerPort"], 9081, "the port it scrapes is the installer's health port");
+    // The dashboard is the chart's file, whole.
+    let dashboard = r.get("ConfigMap", "kong-mesh-cni-dashboard");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let file = include_str!("../../../deployments/charts/kong-mesh-cni/files/grafana/kong-mesh-cni.json");
+    assert_eq!(dashboard["data"]["kong-mesh-cni.json"].as_str().unwrap(), file.trim_end());
+    let json: serde_json::Value = serde_json::from_str(file).unwrap();
+    let titles: Vec<&str> = json["panels"].as_array().unwrap().iter().filter_map(|p| p["title"].as_str()).collect();
+    for want in [
+        "Plugin calls by outcome",
+        "ADD latency p50 / p99",
+        "Passed through, by reason",
+        "Failures by CNI code",
+        "Repairs",
+    ] {
+        assert!(titles.contains(&want), "{want} in {titles:?}");
+    }
+}
+
 fn env(container: &Value) -> BTreeMap<String, Value> {
     container["env"]
         .as_sequence()
@@ -361,13 +407,15 @@ fn the_controller_accepts_what_the_chart_gives_it() {
 fn rbac_is_least_privilege_and_the_controllers_own() {
     for (preset, ..) in TABLE {
         let r = Rendered::new(Some(preset), &[]);
-        // The plugin gets one pod at a time; the node agent lists and watches pods and
-        // marks the pods it repaired in place, and reads its own DaemonSet only.
+        // The plugin gets one pod at a time; the node agent lists and watches pods,
+        // marks the pods it repaired in place, says on pods what happened (Events,
+        // counted up by patch), and reads its own DaemonSet only.
         let installer = r.get("ClusterRole", "kong-mesh-cni");
         assert_eq!(
             installer["rules"],
             serde_norway::from_str::<Value>(
-                r#"[{apiGroups: [""], resources: [pods], verbs: [get, list, watch, patch]}]"#
+                r#"[{apiGroups: [""], resources: [pods], verbs: [get, list, watch, patch]},
+                    {apiGroups: [""], resources: [events], verbs: [create, patch]}]"#
             )
             .unwrap()
         );

@@ -17,7 +17,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_millis(WAIT.as_millis() as u64 +
 
 #[derive(Debug)]
 pub enum Asked {
-    Found(Box<Pod>),
+    /// The pod, and whether the agent waited for its watch event.
+    Found(Box<Pod>, bool),
     /// The agent answered, or stopped answering, without the pod: why, for the log.
     Miss(String),
     /// No agent listens at the socket (none runs, or the plugin sees another file
@@ -28,7 +29,7 @@ pub enum Asked {
 pub fn pod(socket: &Path, namespace: &str, name: &str, uid: Option<&str>) -> Asked {
     let request = Request::new(namespace, name, uid);
     match answer(socket, &request, ANSWER_TIMEOUT) {
-        Ok(Answer { status: Status::Found, pod: Some(pod), .. }) => Asked::Found(pod),
+        Ok(Answer { status: Status::Found, pod: Some(pod), waited, .. }) => Asked::Found(pod, waited),
         Ok(answer) => Asked::Miss(format!("{:?}: {}", answer.status, answer.detail.unwrap_or_default())),
         Err(e @ AskError::Connect(_)) => Asked::Unreachable(format!("{}: {e}", socket.display())),
         Err(e @ AskError::Exchange(_)) => Asked::Miss(format!("{}: {e}", socket.display())),

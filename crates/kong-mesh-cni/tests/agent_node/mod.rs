@@ -29,6 +29,8 @@ pub struct NodeAgent {
     pub host: Host,
     /// The API server's address as the installer was given it.
     pub server: (String, String),
+    /// The installer's environment beyond the host's (`kong-mesh-cni status` needs it too).
+    pub env: Vec<(String, String)>,
     /// `None`: the grant is a Role in the test's namespace, gone with it.
     _grant: Option<ClusterGrant>,
     _creds: tempfile::TempDir,
@@ -40,14 +42,26 @@ impl NodeAgent {
     /// goes where the plugin looks, derived as in production). `via` replaces the API
     /// server's port (a proxy in front of it).
     pub async fn start(api: &ApiServer, namespace: &str, node: &str, run_dir: &Path, via: Option<u16>) -> NodeAgent {
-        let grant = ClusterGrant::new(api, namespace, AGENT_SA, pod_reads()).await;
-        NodeAgent::launch(api, namespace, node, run_dir, via, Some(grant), &[]).await
+        NodeAgent::start_with(api, namespace, node, run_dir, via, &[]).await
+    }
+
+    /// [`NodeAgent::start`] with more of the installer's environment (which wins).
+    pub async fn start_with(
+        api: &ApiServer,
+        namespace: &str,
+        node: &str,
+        run_dir: &Path,
+        via: Option<u16>,
+        extra: &[(&str, &str)],
+    ) -> NodeAgent {
+        let grant = ClusterGrant::new(api, namespace, AGENT_SA, agent_rules()).await;
+        NodeAgent::launch(api, namespace, node, run_dir, via, Some(grant), extra).await
     }
 
     /// As [`NodeAgent::start`], but allowed to read pods in `ns` only (a Role there, as
     /// the chart's `namespaceAllowList` grants) and told so, as the chart tells it.
     pub async fn start_allowed_in(api: &ApiServer, ns: &TestNamespace, node: &str, run_dir: &Path) -> NodeAgent {
-        ns.grant(AGENT_SA, "kmc-agent-pods", pod_reads()).await;
+        ns.grant(AGENT_SA, "kmc-agent-pods", agent_rules()).await;
         NodeAgent::launch(api, ns.name(), node, run_dir, None, None, &[("KMC_AGENT_NAMESPACES", ns.name())]).await
     }
 
@@ -87,12 +101,14 @@ impl NodeAgent {
         ];
         env.extend_from_slice(extra);
         let installer = Installer::start(&host, &env);
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         NodeAgent {
             node: node.to_owned(),
             run_dir: run_dir.to_owned(),
             host,
             installer,
             server: (projected.host, port),
+            env,
             _grant: grant,
             _creds: creds,
         }
@@ -118,7 +134,7 @@ impl NodeAgent {
         let deadline = Instant::now() + within;
         loop {
             match self.ask(namespace, name, Some(uid)) {
-                Asked::Found(_) => return,
+                Asked::Found(..) => return,
                 Asked::Miss(why) | Asked::Unreachable(why) if Instant::now() > deadline => {
                     panic!(
                         "the agent does not know {namespace}/{name} after {within:?}: {why}\nlog:\n{}",
@@ -131,7 +147,10 @@ impl NodeAgent {
     }
 }
 
-/// What the chart's role lets the agent do with pods.
-fn pod_reads() -> Vec<PolicyRule> {
-    vec![policy_rule(&[""], &["pods"], &["get", "list", "watch"])]
+/// What the chart's role lets the agent do: read pods, and say things on them.
+fn agent_rules() -> Vec<PolicyRule> {
+    vec![
+        policy_rule(&[""], &["pods"], &["get", "list", "watch"]),
+        policy_rule(&[""], &["events"], &["create", "patch"]),
+    ]
 }
