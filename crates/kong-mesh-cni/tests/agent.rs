@@ -395,7 +395,15 @@ async fn plugin_calls_are_counted_on_the_installers_metrics() {
     let late_ns = NamedNetns::new("aml");
     std::thread::scope(|s| {
         let adding = s.spawn(|| rt.add(&attachment(&late_ns, &late)));
-        std::thread::sleep(Duration::from_millis(100));
+        // Released once the plugin is connected to the agent (so asking or about to):
+        // a fixed sleep lost the race to a slow exec, and the event came first.
+        let socket = agent.socket();
+        let connected = Instant::now() + Duration::from_secs(10);
+        while connections_to(&socket) == 0 {
+            assert!(Instant::now() < connected, "the plugin never connected to {}", socket.display());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(50));
         relay.hold(false);
         adding.join().unwrap().expect("ADD of a pod whose watch event came late");
     });
@@ -602,4 +610,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, state: &RelayState) {
         }
     }
     let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Connected unix stream sockets bound to `path` (/proc/net/unix: the accepted side of
+/// each connection to a listener carries its path; the listener itself is unconnected).
+fn connections_to(path: &std::path::Path) -> usize {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = path.to_string_lossy();
+    // Num RefCount Protocol Flags Type St Inode Path; St 03 = connected.
+    table.lines().filter(|l| l.ends_with(&*path) && l.split_whitespace().nth(5) == Some("03")).count()
 }
