@@ -86,7 +86,7 @@ fn init_with<W>(level: &str, format: LogFormat, writer: W)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
+    let filter = loglevel::filter(level);
     // Colours only for a person at a terminal: `kubectl logs` shows escape codes raw.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -67,12 +67,34 @@ pub(crate) fn install(reload: Reload) {
 /// Makes `level` this process's level from now on. False when logging was not set up
 /// through [`crate::init_logging`] (a test's own subscriber), so nothing changed.
 pub fn set(level: Level) -> bool {
-    RELOAD.get().is_some_and(|reload| reload(EnvFilter::new(level.as_str())))
+    RELOAD.get().is_some_and(|reload| reload(filter(level.as_str())))
+}
+
+/// kube's HTTP layer logs each failed request at error ("failed with error ..."): a
+/// line per retry while the API server is away, which our own warnings say once.
+const KUBE_HTTP_QUIET: &str = "kube_client::client::builder=off";
+
+/// The filter for `level` (a level, or EnvFilter directives; unparsable means info).
+/// Up to info, kube's HTTP layer is silenced; at debug and trace it is heard.
+pub(crate) fn filter(level: &str) -> EnvFilter {
+    let quiet = matches!(level.parse(), Ok(Level::Off | Level::Error | Level::Warn | Level::Info));
+    let directives = if quiet { format!("{},{KUBE_HTTP_QUIET}", level.trim()) } else { level.to_owned() };
+    EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new(format!("info,{KUBE_HTTP_QUIET}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubes_http_failures_are_quiet_up_to_info_only() {
+        for (level, quiet) in
+            [("info", true), ("WARN\n", true), ("debug", false), ("trace", false), ("kmc=notalevel", true)]
+        {
+            let text = filter(level).to_string();
+            assert_eq!(text.contains(KUBE_HTTP_QUIET), quiet, "{level:?}: {text}");
+        }
+    }
 
     #[test]
     fn levels_parse_as_users_write_them() {
