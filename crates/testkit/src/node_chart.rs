@@ -34,6 +34,8 @@ pub fn build_image(binary: &Path, out: &Path) -> Result<PathBuf, NodeError> {
         .arg(binary)
         .arg("--out")
         .arg(out)
+        // Fast compression: the tests' debug binaries are 100 MB (11 s of CPU at 9).
+        .env("KMC_IMAGE_GZIP", "1")
         .stdin(Stdio::null())
         .output()
         .map_err(|e| NodeError::Command(format!("{}: {e}", script.display())))?;
