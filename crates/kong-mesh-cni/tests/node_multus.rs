@@ -150,6 +150,12 @@ async fn default_mode_behind(flavour: Flavour) {
     let cni_pod = cni_pod.metadata.name.clone().unwrap();
     steps.done("chart installed with its defaults, CNI pod Ready");
     assert_standalone_conf(&multus, &cluster_network);
+    let installer_log = node_pods::container_logs(&node, "install-cni");
+    assert!(
+        installer_log.contains("wrote our own CNI configuration (not chained: Multus calls it)"),
+        "the installer says what it did:\n{}",
+        node_pods::tail(&installer_log, 15)
+    );
 
     the_default_mode_works(&mut node, &client, &image.to_string(), &cni_pod, flavour).await;
     steps.done("the default mode's behaviours");
