@@ -26,9 +26,7 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
 use testkit::net::NamedNetns;
-use testkit::{
-    ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod, request_count, require_root, skip_heavy,
-};
+use testkit::{ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod, request_count};
 
 use support::{BIN, Fixture, fixture, our_entry, saved_rules};
 
@@ -37,10 +35,6 @@ const SYNC: Duration = Duration::from_secs(30);
 
 /// The request counter is server-wide: one test at a time in this binary.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn skip(what: &str) -> bool {
-    skip_heavy(what) || !require_root()
-}
 
 fn chain(entry: Value) -> CniRuntime {
     let mut rt = CniRuntime::bridge(Plugins::Upstream);
@@ -101,7 +95,7 @@ async fn agent_for(f: &Fixture, node: &str, via: Option<u16>) -> NodeAgent {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn add_is_answered_by_the_agent_without_a_request_to_the_api_server() {
-    if skip("ADD answered by the node agent") {
+    if testkit::skip_privileged("ADD answered by the node agent") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -150,7 +144,7 @@ async fn add_is_answered_by_the_agent_without_a_request_to_the_api_server() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_a_namespace_allow_list_the_agent_watches_those_namespaces_and_answers() {
-    if skip("the node agent under namespaceAllowList") {
+    if testkit::skip_privileged("the node agent under namespaceAllowList") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -179,7 +173,7 @@ async fn with_a_namespace_allow_list_the_agent_watches_those_namespaces_and_answ
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_the_agent_the_plugin_asks_the_api_server() {
-    if skip("fallback when the node agent is stopped") {
+    if testkit::skip_privileged("fallback when the node agent is stopped") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -216,7 +210,7 @@ async fn without_the_agent_the_plugin_asks_the_api_server() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_created_just_before_its_add_is_answered_by_the_agent() {
-    if skip("a pod created milliseconds before its ADD") {
+    if testkit::skip_privileged("a pod created milliseconds before its ADD") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -247,7 +241,7 @@ async fn a_pod_created_just_before_its_add_is_answered_by_the_agent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_recreated_pod_is_not_answered_from_the_stale_entry() {
-    if skip("pod deleted and recreated under the same name") {
+    if testkit::skip_privileged("pod deleted and recreated under the same name") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -280,7 +274,7 @@ async fn a_recreated_pod_is_not_answered_from_the_stale_entry() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_the_agent_knows_are_decided_while_the_api_server_is_unreachable() {
-    if skip("pods decided from the agent's cache during an API outage") {
+    if testkit::skip_privileged("pods decided from the agent's cache during an API outage") {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -333,7 +327,7 @@ async fn pods_the_agent_knows_are_decided_while_the_api_server_is_unreachable() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn plugin_calls_are_counted_on_the_installers_metrics() {
-    if skip("plugin request metrics") {
+    if testkit::skip_privileged("plugin request metrics") {
         return;
     }
     let _serial = SERIAL.lock().await;

@@ -10,7 +10,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn the_node_demo_shows_every_behaviour() {
-    if testkit::skip_heavy("the node demo") || !testkit::require_root() {
+    if testkit::skip_privileged("the node demo") {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -68,7 +68,7 @@ fn every_behaviour(report: &demo::Report) {
 /// /run/netns mount point: the node establishes it, and puts it back).
 #[test]
 fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_the_host_as_it_was() {
-    if testkit::skip_heavy("the real-node demo") || !testkit::require_root() {
+    if testkit::skip_privileged("the real-node demo") {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -114,7 +114,7 @@ fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_
 /// Multus, DEL, the missing NAD); this checks what the demo's report says.
 #[test]
 fn the_real_node_demo_behind_multus_uses_the_charts_defaults() {
-    if testkit::skip_heavy("the real-node demo behind Multus") || !testkit::require_root() {
+    if testkit::skip_privileged("the real-node demo behind Multus") {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -148,7 +148,7 @@ fn the_real_node_demo_behind_multus_uses_the_charts_defaults() {
 /// `10-flannel.conflist` as the k3d-flannel preset names it.
 #[test]
 fn the_real_node_demo_on_k3ds_flannel_chains_into_its_conflist() {
-    if testkit::skip_heavy("the real-node demo on Flannel") || !testkit::require_root() {
+    if testkit::skip_privileged("the real-node demo on Flannel") {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -22,7 +22,7 @@ use std::process::Command;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use testkit::net::NamedNetns;
-use testkit::{Attachment, CniRuntime, Plugins, require_root, skip_heavy, unique_suffix};
+use testkit::{Attachment, CniRuntime, Plugins, unique_suffix};
 
 mod support;
 use support::{BIN, fixture, our_entry, saved_rules};
@@ -324,13 +324,9 @@ fn first_difference(key: &str, kuma: &BTreeMap<String, Vec<String>>, ours: &BTre
     format!("{key}: differs")
 }
 
-fn skip(what: &str) -> bool {
-    skip_heavy(what) || !require_root()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn same_rules_as_kuma_nft() {
-    if skip("Kuma differential (nft)") {
+    if testkit::skip_privileged("Kuma differential (nft)") {
         return;
     }
     differential("nft").await;
@@ -338,7 +334,7 @@ async fn same_rules_as_kuma_nft() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn same_rules_as_kuma_legacy() {
-    if skip("Kuma differential (legacy)") {
+    if testkit::skip_privileged("Kuma differential (legacy)") {
         return;
     }
     differential("legacy").await;

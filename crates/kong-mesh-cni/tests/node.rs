@@ -27,10 +27,6 @@ const POD_READY: Duration = Duration::from_secs(60);
 
 static ONE_NODE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn skip() -> bool {
-    !testkit::require_root() || testkit::skip_heavy("node tests")
-}
-
 async fn up(options: NodeOptions) -> Node {
     let node = Node::up(options).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));
     eprintln!("node {} Ready {:.1?} after start", node.name, node.up_time);
@@ -56,7 +52,7 @@ async fn log_line(client: &Client, pod: &str, container: &str, needle: &str) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_registers_ready_runs_a_plain_pod_and_a_teardown_from_its_state_file_restores_the_host() {
-    if skip() {
+    if testkit::skip_privileged("node tests") {
         return;
     }
     let _one = ONE_NODE_AT_A_TIME.lock().await;
@@ -173,7 +169,7 @@ fn chained(conflist: &Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_pod_under_our_chained_plugin_is_redirected_and_the_node_stays_ready() {
-    if skip() {
+    if testkit::skip_privileged("node tests") {
         return;
     }
     let _one = ONE_NODE_AT_A_TIME.lock().await;

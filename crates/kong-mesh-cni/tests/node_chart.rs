@@ -121,7 +121,7 @@ async fn rolled_out(client: &Client, timeout: Duration) {
 /// bridge, and kind's (kindnet's ptp: no bridge, a veth and a /32 route per pod).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cni_installed_from_our_chart_and_image_works_under_kubelet_and_containerd() {
-    if !testkit::require_root() || testkit::skip_heavy("the node chart test") {
+    if testkit::skip_privileged("the node chart test") {
         return;
     }
     for network in [ClusterNetwork::Bridge, ClusterNetwork::Kindnet] {

@@ -39,7 +39,7 @@ async fn registered_pods_become(paths: &ebpf::Paths, n: usize, timeout: Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_mode_from_our_chart_redirects_mesh_pods_under_kubelet_and_containerd() {
-    if !testkit::require_root() || testkit::skip_heavy("the node eBPF test") {
+    if testkit::skip_privileged("the node eBPF test") {
         return;
     }
     let started = Instant::now();

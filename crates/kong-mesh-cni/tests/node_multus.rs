@@ -121,7 +121,7 @@ enum Flavour {
 /// share both cores and see each other's changes to the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_chart_defaults_work_behind_thin_and_thick_multus() {
-    if !testkit::require_root() || testkit::skip_heavy("the Multus node test") {
+    if testkit::skip_privileged("the Multus node test") {
         return;
     }
     for flavour in [Flavour::Thin, Flavour::Thick] {

@@ -30,7 +30,7 @@ fn restarts(pod: &Pod) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_level_changes_through_the_configmap_with_no_pod_restarted() {
-    if !testkit::require_root() || testkit::skip_heavy("the node ops test") {
+    if testkit::skip_privileged("the node ops test") {
         return;
     }
     let node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));

@@ -142,7 +142,7 @@ fn replace_token(node: &Node, token: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reboot_no_mesh_app_runs_unredirected_and_every_pod_runs_again() {
-    if !testkit::require_root() || testkit::skip_heavy("the node reboot test") {
+    if testkit::skip_privileged("the node reboot test") {
         return;
     }
     let mut node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));

@@ -316,7 +316,7 @@ async fn in_place_repair(node: &mut Node, client: &Client, target: &str, image: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_while_pods_start_leave_no_mesh_pod_unredirected_and_every_pod_running() {
-    if !testkit::require_root() || testkit::skip_heavy("the node restarts test") {
+    if testkit::skip_privileged("the node restarts test") {
         return;
     }
     let mut node = Node::up(NodeOptions::default()).await.unwrap_or_else(|e| panic!("bringing the node up: {e}"));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use testkit::net::{NamedNetns, accept_within, connect_tcp, listen_tcp, read_exact};
-use testkit::{ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod, require_root, skip_heavy};
+use testkit::{ApiServer, Attachment, CniRuntime, Plugins, TestNamespace, pod};
 use validator::original_destination;
 
 mod support;
@@ -34,13 +34,9 @@ fn rt_ip(ns: &NamedNetns) -> String {
     text.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap().split('/').next().unwrap().to_owned()
 }
 
-fn skip(what: &str) -> bool {
-    skip_heavy(what) || !require_root()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mesh_pod_gets_its_address_from_bridge_and_its_redirect_from_us() {
-    if skip("mesh pod through libcni") {
+    if testkit::skip_privileged("mesh pod through libcni") {
         return;
     }
     let f = fixture().await;
@@ -98,7 +94,7 @@ async fn a_mesh_pod_gets_its_address_from_bridge_and_its_redirect_from_us() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_that_are_not_ours_pass_through_untouched() {
-    if skip("pass-through pods") {
+    if testkit::skip_privileged("pass-through pods") {
         return;
     }
     let f = fixture().await;
@@ -142,7 +138,7 @@ async fn pods_that_are_not_ours_pass_through_untouched() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_annotation_fails_add_with_code_7() {
-    if skip("invalid annotation") {
+    if testkit::skip_privileged("invalid annotation") {
         return;
     }
     let f = fixture().await;
@@ -162,7 +158,7 @@ async fn an_invalid_annotation_fails_add_with_code_7() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_spec_version_round_trips() {
-    if skip("spec versions") {
+    if testkit::skip_privileged("spec versions") {
         return;
     }
     let f = fixture().await;
@@ -199,7 +195,7 @@ async fn every_spec_version_round_trips() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn standalone_like_multus_without_prev_result() {
-    if skip("standalone") {
+    if testkit::skip_privileged("standalone") {
         return;
     }
     let f = fixture().await;
@@ -226,7 +222,7 @@ async fn standalone_like_multus_without_prev_result() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_and_gc() {
-    if skip("status and gc") {
+    if testkit::skip_privileged("status and gc") {
         return;
     }
     let f = fixture().await;
@@ -249,7 +245,7 @@ async fn status_and_gc() {
 /// The API server stops: the plugin answers within its deadline, as configured.
 #[tokio::test(flavor = "multi_thread")]
 async fn api_server_down() {
-    if skip("API server down") {
+    if testkit::skip_privileged("API server down") {
         return;
     }
     let private = ApiServer::start(&[]);
@@ -294,7 +290,7 @@ async fn api_server_down() {
 /// 200 ms for as long as the pod lives).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_our_identity_may_not_read_passes_through_without_a_repair_record() {
-    if skip("a pod the plugin may not read") {
+    if testkit::skip_privileged("a pod the plugin may not read") {
         return;
     }
     let f = fixture().await;
@@ -326,7 +322,7 @@ async fn a_pod_our_identity_may_not_read_passes_through_without_a_repair_record(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_reach_the_installer_socket_and_a_broken_log_never_fails_add() {
-    if skip("logging") {
+    if testkit::skip_privileged("logging") {
         return;
     }
     let f = fixture().await;
@@ -362,7 +358,7 @@ async fn logs_reach_the_installer_socket_and_a_broken_log_never_fails_add() {
 /// Installed as `kuma-cni` (the Go implementation's name), it works the same.
 #[tokio::test(flavor = "multi_thread")]
 async fn installed_as_kuma_cni() {
-    if skip("kuma-cni name") {
+    if testkit::skip_privileged("kuma-cni name") {
         return;
     }
     let f = fixture().await;
@@ -417,7 +413,7 @@ fn invoke(command: &str, args: &str, stdin: &[u8]) -> (serde_json::Value, Option
 /// precision included, in every spec version.
 #[tokio::test(flavor = "multi_thread")]
 async fn pass_through_returns_the_previous_result_unchanged() {
-    if skip("prevResult identity") {
+    if testkit::skip_privileged("prevResult identity") {
         return;
     }
     let f = fixture().await;
@@ -506,7 +502,7 @@ fn without_iptables(dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_native_backend_needs_no_iptables_binary() {
-    if skip("native backend through libcni") {
+    if testkit::skip_privileged("native backend through libcni") {
         return;
     }
     let f = fixture().await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use testkit::net::NamedNetns;
-use testkit::{ApiServer, TestNamespace, policy_rule, require_root, skip_heavy};
+use testkit::{ApiServer, TestNamespace, policy_rule};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kong-mesh-cni");
 
@@ -103,17 +103,13 @@ fn saved_rules(ns: &NamedNetns) -> String {
         .collect()
 }
 
-fn skip(what: &str) -> bool {
-    skip_heavy(what) || !require_root()
-}
-
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// Item 1: `redirect.dns.resolvConfigPath` names a host file; only the files the plugin
 /// configuration allows are read, and only if they are small regular files.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_cannot_make_the_plugin_read_host_files() {
-    if skip("resolvConfigPath") {
+    if testkit::skip_privileged("resolvConfigPath") {
         return;
     }
     let f = fixture().await;
@@ -170,7 +166,7 @@ async fn a_pod_cannot_make_the_plugin_read_host_files() {
 /// Item 8: DEL succeeds, and removes our rules, whatever our fields say.
 #[tokio::test(flavor = "multi_thread")]
 async fn del_succeeds_with_invalid_fields_of_ours() {
-    if skip("DEL with invalid fields") {
+    if testkit::skip_privileged("DEL with invalid fields") {
         return;
     }
     let f = fixture().await;
@@ -198,7 +194,7 @@ async fn del_succeeds_with_invalid_fields_of_ours() {
 /// log file should be: an answer at once, never a hang or unbounded memory.
 #[tokio::test(flavor = "multi_thread")]
 async fn special_files_never_hang_the_plugin() {
-    if skip("special files") {
+    if testkit::skip_privileged("special files") {
         return;
     }
     let f = fixture().await;
@@ -239,7 +235,7 @@ async fn special_files_never_hang_the_plugin() {
 /// `web` that `web?watch=true` would have resolved to is not intercepted.
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_names_are_validated_before_the_lookup() {
-    if skip("pod names") {
+    if testkit::skip_privileged("pod names") {
         return;
     }
     let f = fixture().await;
@@ -262,7 +258,7 @@ async fn pod_names_are_validated_before_the_lookup() {
 /// the whole lookup budget.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_that_cannot_be_built_fails_at_once() {
-    if skip("unbuildable request") {
+    if testkit::skip_privileged("unbuildable request") {
         return;
     }
     let f = fixture().await;

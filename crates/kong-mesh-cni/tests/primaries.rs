@@ -23,7 +23,7 @@ use installer::plan::{self, FileOp, Plan, Snapshot};
 use installer::template::{DEFAULT_TEMPLATE, Ours};
 use serde_json::{Value, json};
 use testkit::net::{NamedNetns, accept_within, connect_tcp, listen_tcp, read_exact};
-use testkit::{Attachment, CniRuntime, Plugins, bin_dir, require_root, skip_heavy, test_subnet, unique_suffix};
+use testkit::{Attachment, CniRuntime, Plugins, bin_dir, test_subnet, unique_suffix};
 use validator::original_destination;
 
 mod support;
@@ -252,7 +252,7 @@ fn validate(netns: &NamedNetns) -> std::process::Output {
 }
 
 async fn run_case(case: &str) {
-    if skip_heavy(case) || !require_root() {
+    if testkit::skip_privileged(case) {
         return;
     }
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../installer/tests/golden").join(case);

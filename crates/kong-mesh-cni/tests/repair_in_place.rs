@@ -42,7 +42,7 @@ fn injected_pod() -> Pod {
 
 #[test]
 fn a_pod_let_through_while_the_api_was_away_is_repaired_in_place() {
-    if testkit::skip_heavy("in-place repair") || !require_root() {
+    if testkit::skip_privileged("in-place repair") {
         return;
     }
     // The chart's rules: get pods, and patch them to say they were repaired.
@@ -138,7 +138,7 @@ impl Drop for StateDirNetns {
 
 #[test]
 fn a_namespace_outside_var_run_netns_is_repaired_where_the_runtime_keeps_it() {
-    if testkit::skip_heavy("in-place repair") || !require_root() {
+    if testkit::skip_privileged("in-place repair") {
         return;
     }
     let node = RepairNode::new(&["get", "patch"]);
@@ -182,7 +182,7 @@ fn a_namespace_outside_var_run_netns_is_repaired_where_the_runtime_keeps_it() {
 
 #[test]
 fn records_of_pods_recreated_gone_or_not_ours_are_dropped() {
-    if testkit::skip_heavy("in-place repair") || !require_root() {
+    if testkit::skip_privileged("in-place repair") {
         return;
     }
     let node = RepairNode::new(&["get"]);

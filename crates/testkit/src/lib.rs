@@ -76,6 +76,12 @@ pub(crate) fn cached_build(env: &str, script: &str, probe: &str) -> PathBuf {
     PathBuf::from(last)
 }
 
+/// [`skip_heavy`] for a test that also needs root (namespaces, mounts, a node): true
+/// when it should return at once. Both refuse to skip under `CI`.
+pub fn skip_privileged(what: &str) -> bool {
+    skip_heavy(what) || !net::require_root()
+}
+
 /// True when the developer asked to skip tests that need the Go-built test environment
 /// (`KMC_SKIP_TESTENV=1`, for a fast run without the first build). Panics if that is
 /// asked under `CI`.

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde_json::{Value, json};
-use testkit::{Attachment, CniRuntime, NamedNetns, Plugins, require_root, skip_heavy, unique_suffix};
+use testkit::{Attachment, CniRuntime, NamedNetns, Plugins, skip_heavy, unique_suffix};
 
 /// The IPv4 address (CIDR) of the result's first IP.
 fn first_ip(result: &Value) -> String {
@@ -61,7 +61,7 @@ fn host_link_exists(dev: &str) -> bool {
 
 #[test]
 fn bridge_host_local_with_debian_plugins() {
-    if skip_heavy("bridge_host_local_with_debian_plugins") || !require_root() {
+    if testkit::skip_privileged("bridge_host_local_with_debian_plugins") {
         return;
     }
     bridge_add_check_del(Plugins::Debian);
@@ -69,7 +69,7 @@ fn bridge_host_local_with_debian_plugins() {
 
 #[test]
 fn bridge_host_local_with_upstream_plugins() {
-    if skip_heavy("bridge_host_local_with_upstream_plugins") || !require_root() {
+    if testkit::skip_privileged("bridge_host_local_with_upstream_plugins") {
         return;
     }
     bridge_add_check_del(Plugins::Upstream);
@@ -77,7 +77,7 @@ fn bridge_host_local_with_upstream_plugins() {
 
 #[test]
 fn ptp_host_local_with_upstream_plugins() {
-    if skip_heavy("ptp_host_local_with_upstream_plugins") || !require_root() {
+    if testkit::skip_privileged("ptp_host_local_with_upstream_plugins") {
         return;
     }
     let rt = CniRuntime::ptp(Plugins::Upstream);
@@ -91,7 +91,7 @@ fn ptp_host_local_with_upstream_plugins() {
 
 #[test]
 fn guards_remove_netns_bridge_and_state() {
-    if skip_heavy("guards_remove_netns_bridge_and_state") || !require_root() {
+    if testkit::skip_privileged("guards_remove_netns_bridge_and_state") {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
@@ -174,7 +174,7 @@ fn gc_reaches_host_local() {
 /// lists, through the whole chain.
 #[test]
 fn gc_deletes_stale_attachments_through_the_chain() {
-    if skip_heavy("gc_deletes_stale_attachments_through_the_chain") || !require_root() {
+    if testkit::skip_privileged("gc_deletes_stale_attachments_through_the_chain") {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
@@ -194,7 +194,7 @@ fn gc_deletes_stale_attachments_through_the_chain() {
 /// A plugin's CNI error reaches the test with its code.
 #[test]
 fn plugin_errors_carry_their_code() {
-    if skip_heavy("plugin_errors_carry_their_code") || !require_root() {
+    if testkit::skip_privileged("plugin_errors_carry_their_code") {
         return;
     }
     let rt = CniRuntime::bridge(Plugins::Upstream);
