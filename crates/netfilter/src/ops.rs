@@ -13,7 +13,7 @@ use rules::{Family, RuleSet, dns, families, generate};
 
 use crate::facts::NsFacts;
 use crate::iptables::{ExecContext, Iptables};
-use crate::select::{BackendChoice, Selection, select};
+use crate::select::{BackendChoice, Prepared, Selection, select};
 use crate::{Backend, BackendKind, FirewallError, netlink};
 
 /// How operations run.
@@ -160,9 +160,9 @@ impl Drop for LockGuard {
     }
 }
 
-fn choose(ns: &NetNs, facts: &NsFacts, opts: &Options, ctx: &ExecContext) -> Result<Selection, FirewallError> {
-    // The host's facts are read on this thread, which is in the host namespace.
-    let selection = select(opts.backend, facts, NsFacts::read, ctx)?;
+/// The backend for a namespace whose facts are `facts`; on a thread in that namespace.
+fn choose(ns: &NetNs, prepared: Prepared, facts: &NsFacts, ctx: &ExecContext) -> Result<Selection, FirewallError> {
+    let selection = select(prepared, facts, ctx)?;
     tracing::debug!(netns = %ns.path().display(), backend = selection.backend.kind().as_str(), reason = %selection.reason, "firewall backend");
     Ok(selection)
 }
@@ -170,22 +170,27 @@ fn choose(ns: &NetNs, facts: &NsFacts, opts: &Options, ctx: &ExecContext) -> Res
 /// Programs the config's rules into the namespace. Idempotent: rules of ours already
 /// there are replaced in the same transaction, and nothing of others is touched.
 pub fn apply(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<ApplyReport, FirewallError> {
-    let facts = ns.run(NsFacts::read)?;
     let ctx = exec_context(ns, Some(cfg), opts);
-    let Selection { backend, reason } = choose(ns, &facts, opts, &ctx)?;
-    let sets = plan(cfg, &facts, opts)?;
-    let env = Env { ns, facts: &facts, ctx: &ctx, cfg: Some(cfg), opts };
-    let replaced_existing = backend.apply(&env, &sets)?;
-    if backend.kind() == BackendKind::Native {
-        take_over_from_iptables(&env, &sets);
-    }
-    Ok(ApplyReport {
-        backend: backend.kind(),
-        backend_reason: reason,
-        families: sets.iter().map(|s| s.family).collect(),
-        rules: sets.iter().map(RuleSet::rule_count).sum(),
-        replaced_existing,
-    })
+    let prepared = Prepared::new(opts.backend, &ctx);
+    // One hop into the namespace for the facts, the choice and the programming: each
+    // thread started and entered costs a scheduling round on a loaded node.
+    ns.run(|| {
+        let facts = NsFacts::read();
+        let Selection { backend, reason } = choose(ns, prepared, &facts, &ctx)?;
+        let sets = plan(cfg, &facts, opts)?;
+        let env = Env { ns, facts: &facts, ctx: &ctx, cfg: Some(cfg), opts };
+        let replaced_existing = backend.apply(&env, &sets)?;
+        if backend.kind() == BackendKind::Native {
+            take_over_from_iptables(&env, &sets);
+        }
+        Ok(ApplyReport {
+            backend: backend.kind(),
+            backend_reason: reason,
+            families: sets.iter().map(|s| s.family).collect(),
+            rules: sets.iter().map(RuleSet::rule_count).sum(),
+            replaced_existing,
+        })
+    })?
 }
 
 /// Once the native rules are in, our iptables rules of an older version (if the
@@ -216,14 +221,26 @@ impl Backend for Iptables {
         Iptables::kind(self)
     }
 
-    /// All rules of a family in one restore transaction, both families at once, each
-    /// on one thread in the pod's namespace (its retries too).
+    /// All rules of a family in one restore transaction (its retries too), both
+    /// families at once: the first on this thread, the others each on a thread started
+    /// from it, which starts in this thread's namespace (the pod's), entering nothing.
     fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError> {
         let _lock = LockGuard::new(env.ctx, self.kind());
-        let works: Vec<_> =
-            sets.iter().map(|set| move || with_retries(env, || apply_family(self, env.facts, set, env.ctx))).collect();
+        let work = |set| with_retries(env, || apply_family(self, env.facts, set, env.ctx));
+        let Some((first, others)) = sets.split_first() else { return Ok(false) };
+        let results = std::thread::scope(|scope| -> Result<Vec<Result<bool, FirewallError>>, FirewallError> {
+            let mut handles = Vec::with_capacity(others.len());
+            for set in others {
+                let spawned = std::thread::Builder::new().name("netns".into()).spawn_scoped(scope, move || work(set));
+                handles
+                    .push(spawned.map_err(|source| netns::NetNsError::Thread { path: env.ns.path().into(), source })?);
+            }
+            let mut results = vec![work(first)];
+            results.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+            Ok(results)
+        })?;
         let mut replaced_existing = false;
-        for result in env.ns.run_each(works)? {
+        for result in results {
             replaced_existing |= result?;
         }
         Ok(replaced_existing)
@@ -305,9 +322,14 @@ fn with_retries<T>(env: &Env<'_>, mut attempt: impl FnMut() -> Result<T, Firewal
 
 /// Checks that every rule the config yields is present.
 pub fn verify(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<VerifyReport, FirewallError> {
-    let facts = ns.run(NsFacts::read)?;
     let ctx = exec_context(ns, Some(cfg), opts);
-    let Selection { backend, .. } = choose(ns, &facts, opts, &ctx)?;
+    let prepared = Prepared::new(opts.backend, &ctx);
+    let (facts, selection) = ns.run(|| {
+        let facts = NsFacts::read();
+        let selection = choose(ns, prepared, &facts, &ctx);
+        (facts, selection)
+    })?;
+    let Selection { backend, .. } = selection?;
     let sets = plan(cfg, &facts, opts)?;
     let env = Env { ns, facts: &facts, ctx: &ctx, cfg: Some(cfg), opts };
     let missing = backend.missing(&env, &sets)?;

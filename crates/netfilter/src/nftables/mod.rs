@@ -142,12 +142,10 @@ impl Backend for Native {
     fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError> {
         let create = tables(sets);
         let delete = ours(env);
-        env.ns.run(|| {
-            if sets.iter().any(|s| s.family == Family::V6) {
-                crate::ops::add_passthrough_address()?;
-            }
-            commit(&delete, &create)
-        })??;
+        if sets.iter().any(|s| s.family == Family::V6) {
+            crate::ops::add_passthrough_address()?;
+        }
+        commit(&delete, &create)?;
         Ok(!delete.is_empty())
     }
 
