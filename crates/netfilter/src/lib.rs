@@ -17,7 +17,7 @@ mod select;
 
 use rules::{Family, RuleSet};
 
-use crate::ops::Env;
+use crate::ops::{Applied, Env};
 
 pub use error::FirewallError;
 pub use facts::NsFacts;
@@ -59,8 +59,8 @@ impl BackendKind {
 pub(crate) trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// Installs `sets`, replacing ours and leaving others' rules alone, in the calling
-    /// thread's namespace. Returns whether existing state had to be merged with.
-    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError>;
+    /// thread's namespace.
+    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Applied, FirewallError>;
     /// Each expected chain or rule that is absent, prefixed with its family.
     fn missing(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError>;
     /// Removes everything of ours (`expected`, when known, also recognises our rules that

@@ -32,6 +32,10 @@ pub struct Options {
     /// The caller knows the pod has IPv6 (the CNI previous result lists an IPv6
     /// address), whatever the namespace says yet.
     pub ipv6: bool,
+    /// iptables-nft into a namespace without iptables-nft tables of the family: write
+    /// the rules over netlink in iptables-nft-restore's own form (no process), where
+    /// every rule has a shape written that way; otherwise, or when false, the tool runs.
+    pub iptables_nft_netlink: bool,
 }
 
 impl Default for Options {
@@ -43,6 +47,7 @@ impl Default for Options {
             deadline: None,
             resolv_conf_paths: vec![PathBuf::from(kuma::DEFAULT_RESOLV_CONF)],
             ipv6: false,
+            iptables_nft_netlink: true,
         }
     }
 }
@@ -73,6 +78,15 @@ pub struct RemoveReport {
 
 /// resolv.conf files are a few lines; anything this large is not one.
 const MAX_RESOLV_CONF: u64 = 64 * 1024;
+
+/// What a backend's apply did.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// Rules of ours (or others') were already there and had to be merged with.
+    pub replaced_existing: bool,
+    /// How the rules were written, where that is not the backend's usual way.
+    pub notes: Vec<String>,
+}
 
 /// What a backend operation works with.
 pub(crate) struct Env<'a> {
@@ -179,13 +193,14 @@ pub fn apply(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<ApplyReport, Fi
         let Selection { backend, reason } = choose(ns, prepared, &facts, &ctx)?;
         let sets = plan(cfg, &facts, opts)?;
         let env = Env { ns, facts: &facts, ctx: &ctx, cfg: Some(cfg), opts };
-        let replaced_existing = backend.apply(&env, &sets)?;
+        let Applied { replaced_existing, notes } = backend.apply(&env, &sets)?;
         if backend.kind() == BackendKind::Native {
             take_over_from_iptables(&env, &sets);
         }
+        let backend_reason = notes.into_iter().fold(reason, |r, note| format!("{r}; {note}"));
         Ok(ApplyReport {
             backend: backend.kind(),
-            backend_reason: reason,
+            backend_reason,
             families: sets.iter().map(|s| s.family).collect(),
             rules: sets.iter().map(RuleSet::rule_count).sum(),
             replaced_existing,
@@ -224,11 +239,12 @@ impl Backend for Iptables {
     /// All rules of a family in one restore transaction (its retries too), both
     /// families at once: the first on this thread, the others each on a thread started
     /// from it, which starts in this thread's namespace (the pod's), entering nothing.
-    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError> {
+    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Applied, FirewallError> {
         let _lock = LockGuard::new(env.ctx, self.kind());
-        let work = |set| with_retries(env, || apply_family(self, env.facts, set, env.ctx));
-        let Some((first, others)) = sets.split_first() else { return Ok(false) };
-        let results = std::thread::scope(|scope| -> Result<Vec<Result<bool, FirewallError>>, FirewallError> {
+        let work = |set| with_retries(env, || apply_family(self, env, set));
+        let Some((first, others)) = sets.split_first() else { return Ok(Applied::default()) };
+        type Family = Result<(bool, Option<String>), FirewallError>;
+        let results = std::thread::scope(|scope| -> Result<Vec<Family>, FirewallError> {
             let mut handles = Vec::with_capacity(others.len());
             for set in others {
                 let spawned = std::thread::Builder::new().name("netns".into()).spawn_scoped(scope, move || work(set));
@@ -239,11 +255,13 @@ impl Backend for Iptables {
             results.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
             Ok(results)
         })?;
-        let mut replaced_existing = false;
+        let mut applied = Applied::default();
         for result in results {
-            replaced_existing |= result?;
+            let (replaced, note) = result?;
+            applied.replaced_existing |= replaced;
+            applied.notes.extend(note);
         }
-        Ok(replaced_existing)
+        Ok(applied)
     }
 
     fn missing(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {
@@ -283,20 +301,31 @@ impl Backend for Iptables {
     }
 }
 
-/// Returns whether existing tables had to be merged with. Runs in the pod's namespace.
-fn apply_family(backend: &Iptables, facts: &NsFacts, set: &RuleSet, ctx: &ExecContext) -> Result<bool, FirewallError> {
+/// Returns whether existing tables had to be merged with, and how the rules were
+/// written when not by the tool in the usual way. Runs in the pod's namespace.
+fn apply_family(backend: &Iptables, env: &Env<'_>, set: &RuleSet) -> Result<(bool, Option<String>), FirewallError> {
     if set.family == Family::V6 {
         add_passthrough_address()?;
     }
-    if !backend.has_tables(facts, set.family) {
-        // A fresh namespace (the common case): one transaction, no save first.
-        backend.restore(set.family, &install_payload(set), ctx)?;
-        return Ok(false);
+    if !backend.has_tables(env.facts, set.family) {
+        // A fresh namespace (the common case): one transaction, no save first; with
+        // iptables-nft, over netlink in the tool's own form where every rule allows.
+        let mut note = None;
+        if backend.kind() == BackendKind::Nft && env.opts.iptables_nft_netlink {
+            match crate::nftables::write_iptables_nft(set)? {
+                Ok(()) => {
+                    return Ok((false, Some(format!("{}: written over netlink in iptables-nft's form", set.family))));
+                }
+                Err(shape) => note = Some(format!("{}: iptables-nft-restore run for {shape}", set.family)),
+            }
+        }
+        backend.restore(set.family, &install_payload(set), env.ctx)?;
+        return Ok((false, note));
     }
-    let saved = parse_save(&backend.save(set.family, ctx)?);
+    let saved = parse_save(&backend.save(set.family, env.ctx)?);
     let payload = replace_payload(&saved, Some(set), Some(set)).expect("a rule set always has rules to add");
-    backend.restore(set.family, &payload, ctx)?;
-    Ok(true)
+    backend.restore(set.family, &payload, env.ctx)?;
+    Ok((true, None))
 }
 
 fn with_retries<T>(env: &Env<'_>, mut attempt: impl FnMut() -> Result<T, FirewallError>) -> Result<T, FirewallError> {
