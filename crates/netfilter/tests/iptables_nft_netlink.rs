@@ -91,7 +91,7 @@ fn netlink_writes_exactly_what_iptables_nft_restore_writes() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     // The defaults and the common exclusions go over netlink: the check above is no
     // comparison of the tool with itself.
-    for case in ["defaults-legacy-dualstack", "exclusions", "gateway", "port-sets"] {
+    for case in ["defaults-legacy-dualstack", "exclusions", "gateway", "port-sets", "dns-per-nameserver"] {
         assert!(written.iter().any(|w| w == case), "{case} was not written over netlink: {left:#?}");
     }
 }

@@ -10,15 +10,16 @@
 //!   another loads the address and masks it), then each `-m` in order: `tcp`/`udp`
 //!   ports natively (transport header payload), `comment`, `multiport` and `owner` as
 //!   xt compat `match` expressions carrying the extension's own struct; then a
-//!   `counter`; then the verdict (`immediate`), or `REDIRECT` as an xt `target`;
+//!   `counter`; then the verdict (`immediate`), or `REDIRECT` or `CT --zone` as an xt
+//!   `target`;
 //! - every rule carries the compat attribute (the `-p` protocol number, no flags);
 //! - our chains are declared first, a built-in chain is created where a rule first
 //!   goes into it (type, hook, priority and policy ACCEPT of iptables-nft's table).
 //!
 //! Only the shapes proven identical here are written (the test compares both tools'
-//! output for every golden rule set); any other shape (`-j CT`, `-j LOG`, `-j DROP`,
-//! `-m conntrack`, `-I`, tables other than nat) is named in an `Err` and the caller
-//! runs `iptables-nft-restore` for that family.
+//! output for every golden rule set); any other shape (`-j LOG`, `-j DROP`,
+//! `-m conntrack`, `-I`, the mangle table) is named in an `Err` and the caller runs
+//! `iptables-nft-restore` for that family.
 
 use netlink_packet_core::{DefaultNla, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_netfilter::nftables::{
@@ -54,6 +55,8 @@ const MULTI_PORTS: usize = 15;
 const NAT_PROTO_SPECIFIED: u32 = 2;
 /// xt_comment_info's text buffer.
 const COMMENT_SIZE: usize = 256;
+/// struct xt_ct_target_info_v1 (CT revision 2) with its kernel pointer, aligned.
+const CT_INFO_SIZE: usize = 72;
 
 /// Extension structs go to the kernel padded to XT_ALIGN (8 on 64-bit).
 fn xt_align(mut info: Vec<u8>) -> Vec<u8> {
@@ -169,6 +172,15 @@ fn redirect(family: Family, port: u16) -> Vec<u8> {
     info
 }
 
+/// struct xt_ct_target_info_v1: flags, zone (host order), then events, helper and
+/// timeout names and the kernel's pointer, all zero.
+fn ct_zone(zone: u16) -> Vec<u8> {
+    let mut info = vec![0, 0];
+    info.extend_from_slice(&zone.to_ne_bytes());
+    info.resize(CT_INFO_SIZE, 0);
+    info
+}
+
 /// The expressions of a rule in iptables-nft's order, or `None` for a shape not written
 /// here.
 fn expressions(family: Family, rule: &Rule) -> Option<Vec<ListAttribute<ExpressionAttribute>>> {
@@ -224,6 +236,7 @@ fn expressions(family: Family, rule: &Rule) -> Option<Vec<ListAttribute<Expressi
         Target::Return => wire::verdict(Verdict::Return, None),
         Target::Chain(chain) => wire::verdict(Verdict::Jump, Some(chain)),
         Target::Redirect(port) if spec.protocol.is_some() => xt("target", "REDIRECT", 0, redirect(family, *port)),
+        Target::CtZone(zone) => xt("target", "CT", 2, ct_zone(*zone)),
         _ => return None,
     });
     Some(out)
@@ -233,13 +246,15 @@ fn proto_number(p: Option<Protocol>) -> u32 {
     p.map_or(0, |p| u32::from(wire::proto_number(p)))
 }
 
-/// The built-in chains of iptables-nft's nat table: (hook, priority).
-fn nat_builtin(chain: &str) -> Option<(InetHookNumber, i32)> {
-    match chain {
-        "PREROUTING" => Some((InetHookNumber::PreRouting, -100)),
-        "INPUT" => Some((InetHookNumber::LocalIn, 100)),
-        "OUTPUT" => Some((InetHookNumber::LocalOut, -100)),
-        "POSTROUTING" => Some((InetHookNumber::PostRouting, 100)),
+/// A built-in chain of iptables-nft's tables: (hook, priority, chain type).
+fn builtin(table: Table, chain: &str) -> Option<(InetHookNumber, i32, &'static str)> {
+    match (table, chain) {
+        (Table::Nat, "PREROUTING") => Some((InetHookNumber::PreRouting, -100, "nat")),
+        (Table::Nat, "INPUT") => Some((InetHookNumber::LocalIn, 100, "nat")),
+        (Table::Nat, "OUTPUT") => Some((InetHookNumber::LocalOut, -100, "nat")),
+        (Table::Nat, "POSTROUTING") => Some((InetHookNumber::PostRouting, 100, "nat")),
+        (Table::Raw, "PREROUTING") => Some((InetHookNumber::PreRouting, -300, "filter")),
+        (Table::Raw, "OUTPUT") => Some((InetHookNumber::LocalOut, -300, "filter")),
         _ => None,
     }
 }
@@ -253,8 +268,8 @@ pub(crate) fn batch(set: &RuleSet) -> Result<Batch, String> {
     let mut out = Batch { messages: Vec::new(), what: Vec::new() };
     out.push(NLM_F_REQUEST, wire::control(ControlMessage::BatchBegin), "batch begin".into());
     for t in &set.tables {
-        if t.table != Table::Nat {
-            return Err(format!("a rule in the {} table", t.table.as_str()));
+        if t.table == Table::Mangle {
+            return Err("a rule in the mangle table".into());
         }
         let table = t.table.as_str();
         let tm = TableMessage { attributes: vec![TableAttribute::Name(table.into())] };
@@ -269,7 +284,7 @@ pub(crate) fn batch(set: &RuleSet) -> Result<Batch, String> {
         for rule in &t.rules {
             let chain = rule.chain.as_str();
             if !created.contains(&chain) {
-                let Some((hook, priority)) = nat_builtin(chain) else {
+                let Some((hook, priority, kind)) = builtin(t.table, chain) else {
                     return Err(format!("a rule in chain {chain}, neither ours nor built in"));
                 };
                 let attributes = vec![
@@ -277,7 +292,7 @@ pub(crate) fn batch(set: &RuleSet) -> Result<Batch, String> {
                     ChainAttribute::Name(chain.into()),
                     ChainAttribute::Hook(vec![Hook::Number(HookNumber::Inet(hook)), Hook::Priority(priority as u32)]),
                     ChainAttribute::Policy(NF_ACCEPT),
-                    ChainAttribute::Type(table.into()),
+                    ChainAttribute::Type(kind.into()),
                 ];
                 let m = wire::msg(family, NfTablesMessage::NewChain(ChainMessage { attributes }));
                 out.push(ack | NLM_F_CREATE, m, format!("add chain {table} {chain}"));
