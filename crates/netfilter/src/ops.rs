@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kuma::Config;
@@ -12,7 +13,7 @@ use rules::restore::{install_payload, missing, parse_save, replace_payload};
 use rules::{Family, RuleSet, dns, families, generate};
 
 use crate::facts::NsFacts;
-use crate::iptables::{ExecContext, Iptables};
+use crate::iptables::{ExecContext, Iptables, NETLINK_FORM_VERSION};
 use crate::select::{BackendChoice, Prepared, Selection, select};
 use crate::{Backend, BackendKind, FirewallError, netlink};
 
@@ -241,7 +242,8 @@ impl Backend for Iptables {
     /// from it, which starts in this thread's namespace (the pod's), entering nothing.
     fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Applied, FirewallError> {
         let _lock = LockGuard::new(env.ctx, self.kind());
-        let work = |set| with_retries(env, || apply_family(self, env, set));
+        let form = OnceLock::new();
+        let work = |set| with_retries(env, || apply_family(self, env, set, &form));
         let Some((first, others)) = sets.split_first() else { return Ok(Applied::default()) };
         type Family = Result<(bool, Option<String>), FirewallError>;
         let results = std::thread::scope(|scope| -> Result<Vec<Family>, FirewallError> {
@@ -303,7 +305,12 @@ impl Backend for Iptables {
 
 /// Returns whether existing tables had to be merged with, and how the rules were
 /// written when not by the tool in the usual way. Runs in the pod's namespace.
-fn apply_family(backend: &Iptables, env: &Env<'_>, set: &RuleSet) -> Result<(bool, Option<String>), FirewallError> {
+fn apply_family(
+    backend: &Iptables,
+    env: &Env<'_>,
+    set: &RuleSet,
+    form: &OnceLock<Option<Result<(), String>>>,
+) -> Result<(bool, Option<String>), FirewallError> {
     if set.family == Family::V6 {
         add_passthrough_address()?;
     }
@@ -311,13 +318,15 @@ fn apply_family(backend: &Iptables, env: &Env<'_>, set: &RuleSet) -> Result<(boo
         // A fresh namespace (the common case): one transaction, no save first; with
         // iptables-nft, over netlink in the tool's own form where every rule allows.
         let mut note = None;
-        if backend.kind() == BackendKind::Nft && env.opts.iptables_nft_netlink {
-            match crate::nftables::write_iptables_nft(set)? {
+        match form.get_or_init(|| netlink_form(backend, env)) {
+            None => {}
+            Some(Err(why)) => note = Some(format!("{}: iptables-nft-restore run: {why}", set.family)),
+            Some(Ok(())) => match crate::nftables::write_iptables_nft(set)? {
                 Ok(()) => {
                     return Ok((false, Some(format!("{}: written over netlink in iptables-nft's form", set.family))));
                 }
                 Err(shape) => note = Some(format!("{}: iptables-nft-restore run for {shape}", set.family)),
-            }
+            },
         }
         backend.restore(set.family, &install_payload(set), env.ctx)?;
         return Ok((false, note));
@@ -326,6 +335,19 @@ fn apply_family(backend: &Iptables, env: &Env<'_>, set: &RuleSet) -> Result<(boo
     let payload = replace_payload(&saved, Some(set), Some(set)).expect("a rule set always has rules to add");
     backend.restore(set.family, &payload, env.ctx)?;
     Ok((true, None))
+}
+
+/// Whether the iptables-nft rules may be written over netlink (`None`: not asked for):
+/// only where the installed tool is the version whose form `nftables::xt` writes.
+fn netlink_form(backend: &Iptables, env: &Env<'_>) -> Option<Result<(), String>> {
+    if backend.kind() != BackendKind::Nft || !env.opts.iptables_nft_netlink {
+        return None;
+    }
+    Some(match backend.version(&env.opts.lock_dir, env.ctx) {
+        Some(v) if v == NETLINK_FORM_VERSION => Ok(()),
+        Some(v) => Err(format!("the installed iptables-nft is v{v}, the netlink form is v{NETLINK_FORM_VERSION}'s")),
+        None => Err("the installed iptables-nft's version is unknown".to_owned()),
+    })
 }
 
 fn with_retries<T>(env: &Env<'_>, mut attempt: impl FnMut() -> Result<T, FirewallError>) -> Result<T, FirewallError> {

@@ -95,3 +95,36 @@ fn netlink_writes_exactly_what_iptables_nft_restore_writes() {
         assert!(written.iter().any(|w| w == case), "{case} was not written over netlink: {left:#?}");
     }
 }
+
+/// The form is the one of the installed tool's version only: the version is asked once
+/// (`-V`) and cached under the tool's identity in the run dir. Another version is a
+/// FAKE here (this host has one iptables): the cache is edited to name it, as an
+/// upgrade of the package would make `-V` say; then the tool writes the rules.
+#[test]
+fn only_the_proven_iptables_nft_version_is_written_over_netlink() {
+    if !require_root() {
+        return;
+    }
+    let run_dir = tempfile::tempdir().unwrap();
+    let opts = Options { lock_dir: run_dir.path().to_owned(), ..options(true) };
+    let cfg = kuma::Config::default();
+    let first = apply(&Topology::new("xtv1", false).pod.open(), &cfg, &opts).unwrap();
+    assert!(first.backend_reason.contains("ipv4: written over netlink"), "{}", first.backend_reason);
+    let cache = run_dir.path().join("iptables-nft-version");
+    let cached = std::fs::read_to_string(&cache).unwrap();
+    assert!(cached.ends_with("\t1.8.9\n"), "{cached:?}");
+
+    std::fs::write(&cache, cached.replace("\t1.8.9\n", "\t1.8.10\n")).unwrap();
+    let other = apply(&Topology::new("xtv2", false).pod.open(), &cfg, &opts).unwrap();
+    assert!(
+        other.backend_reason.contains("ipv4: iptables-nft-restore run: the installed iptables-nft is v1.8.10"),
+        "{}",
+        other.backend_reason
+    );
+
+    // A cache of another tool (its identity differs) is not believed: the tool is asked.
+    std::fs::write(&cache, cached.replacen("/", "/x", 1).replace("\t1.8.9\n", "\t1.8.10\n")).unwrap();
+    let again = apply(&Topology::new("xtv3", false).pod.open(), &cfg, &opts).unwrap();
+    assert!(again.backend_reason.contains("ipv4: written over netlink"), "{}", again.backend_reason);
+    assert_eq!(std::fs::read_to_string(&cache).unwrap(), cached);
+}
