@@ -243,10 +243,25 @@ impl Backend for Iptables {
     fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Applied, FirewallError> {
         let _lock = LockGuard::new(env.ctx, self.kind());
         let form = OnceLock::new();
+        // A new pod (the common case): both families in one netlink batch from this
+        // thread, no other thread.
+        if sets.iter().all(|s| !self.has_tables(env.facts, s.family))
+            && let Some(Ok(())) = form.get_or_init(|| netlink_form(self, env))
+        {
+            if sets.iter().any(|s| s.family == Family::V6) {
+                add_passthrough_address()?;
+            }
+            let all: Vec<&RuleSet> = sets.iter().collect();
+            if let Ok(()) = crate::nftables::write_iptables_nft(&all)? {
+                let notes = sets.iter().map(|s| written_over_netlink(s.family)).collect();
+                return Ok(Applied { replaced_existing: false, notes });
+            }
+            // A family has a shape written only by the tool: each family its own way.
+        }
         let work = |set| with_retries(env, || apply_family(self, env, set, &form));
         let Some((first, others)) = sets.split_first() else { return Ok(Applied::default()) };
-        type Family = Result<(bool, Option<String>), FirewallError>;
-        let results = std::thread::scope(|scope| -> Result<Vec<Family>, FirewallError> {
+        type Outcome = Result<(bool, Option<String>), FirewallError>;
+        let results = std::thread::scope(|scope| -> Result<Vec<Outcome>, FirewallError> {
             let mut handles = Vec::with_capacity(others.len());
             for set in others {
                 let spawned = std::thread::Builder::new().name("netns".into()).spawn_scoped(scope, move || work(set));
@@ -321,10 +336,8 @@ fn apply_family(
         match form.get_or_init(|| netlink_form(backend, env)) {
             None => {}
             Some(Err(why)) => note = Some(format!("{}: iptables-nft-restore run: {why}", set.family)),
-            Some(Ok(())) => match crate::nftables::write_iptables_nft(set)? {
-                Ok(()) => {
-                    return Ok((false, Some(format!("{}: written over netlink in iptables-nft's form", set.family))));
-                }
+            Some(Ok(())) => match crate::nftables::write_iptables_nft(&[set])? {
+                Ok(()) => return Ok((false, Some(written_over_netlink(set.family)))),
                 Err(shape) => note = Some(format!("{}: iptables-nft-restore run for {shape}", set.family)),
             },
         }
@@ -335,6 +348,10 @@ fn apply_family(
     let payload = replace_payload(&saved, Some(set), Some(set)).expect("a rule set always has rules to add");
     backend.restore(set.family, &payload, env.ctx)?;
     Ok((true, None))
+}
+
+fn written_over_netlink(family: Family) -> String {
+    format!("{family}: written over netlink in iptables-nft's form")
 }
 
 /// Whether the iptables-nft rules may be written over netlink (`None`: not asked for):

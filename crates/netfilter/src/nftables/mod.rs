@@ -45,11 +45,11 @@ fn send(batch: wire::Batch) -> Result<(), FirewallError> {
     })
 }
 
-/// Writes `set` in iptables-nft's own form (see [`xt`]) into the calling thread's
-/// namespace, which has no iptables-nft table of the family. `Ok(Err(shape))`: nothing
-/// was written, a rule has a shape not written that way.
-pub(crate) fn write_iptables_nft(set: &RuleSet) -> Result<Result<(), String>, FirewallError> {
-    match xt::batch(set) {
+/// Writes `sets` in iptables-nft's own form (see [`xt`]) into the calling thread's
+/// namespace, which has no iptables-nft table of their families, in one transaction.
+/// `Ok(Err(shape))`: nothing was written, a rule has a shape not written that way.
+pub(crate) fn write_iptables_nft(sets: &[&RuleSet]) -> Result<Result<(), String>, FirewallError> {
+    match xt::batch(sets) {
         Ok(batch) => send(batch).map(Ok),
         Err(shape) => Ok(Err(shape)),
     }

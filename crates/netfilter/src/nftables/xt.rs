@@ -259,14 +259,24 @@ fn builtin(table: Table, chain: &str) -> Option<(InetHookNumber, i32, &'static s
     }
 }
 
-/// The batch that writes `set` into a namespace without iptables-nft tables of its
-/// family, as iptables-nft-restore would; the first shape not written here otherwise
-/// (then the tool runs), for the log.
-pub(crate) fn batch(set: &RuleSet) -> Result<Batch, String> {
-    let family = set.family;
-    let ack = NLM_F_REQUEST | NLM_F_ACK;
+/// The batch that writes `sets` into a namespace without iptables-nft tables of their
+/// families, as iptables-nft-restore would (one family's messages after the other's:
+/// one transaction where the tool makes one per family, to the same end); the first
+/// shape not written here otherwise (then the tool runs), for the log.
+pub(crate) fn batch(sets: &[&RuleSet]) -> Result<Batch, String> {
     let mut out = Batch { messages: Vec::new(), what: Vec::new() };
     out.push(NLM_F_REQUEST, wire::control(ControlMessage::BatchBegin), "batch begin".into());
+    for set in sets {
+        family_messages(&mut out, set)?;
+    }
+    out.push(NLM_F_REQUEST, wire::control(ControlMessage::BatchEnd), "batch end".into());
+    Ok(out)
+}
+
+/// The messages of one family's rules (the tool's one transaction).
+fn family_messages(out: &mut Batch, set: &RuleSet) -> Result<(), String> {
+    let family = set.family;
+    let ack = NLM_F_REQUEST | NLM_F_ACK;
     for t in &set.tables {
         if t.table == Table::Mangle {
             return Err("a rule in the mangle table".into());
@@ -315,6 +325,5 @@ pub(crate) fn batch(set: &RuleSet) -> Result<Batch, String> {
             out.push(ack | NLM_F_CREATE | NLM_F_APPEND, m, format!("add rule {table} {}", rule.restore_line()));
         }
     }
-    out.push(NLM_F_REQUEST, wire::control(ControlMessage::BatchEnd), "batch end".into());
-    Ok(out)
+    Ok(())
 }
