@@ -337,7 +337,11 @@ fn add(env: &Env, conf: &NetConf, plugin: &PluginConf, seen: &mut record::Seen) 
         }
         Verdict::Intercept(cfg, annotations, source) => {
             // Before the rules: a DEL after a failed ADD must recognise what was applied.
-            applied::remember(&plugin.run_dir, &record_key(env, conf), &annotations);
+            // Not for native nftables, whose DEL drops our tables whole: a file less to
+            // write on the hot path.
+            if plugin.iptables_backend != netfilter::BackendChoice::Forced(netfilter::BackendKind::Native) {
+                applied::remember(&plugin.run_dir, &record_key(env, conf), &annotations);
+            }
             let ns = open_netns(&env.netns)?;
             let report = netfilter::apply(&ns, &cfg, &options(plugin, conf.prev_result.as_ref()))
                 .map_err(|e| rules_error("cannot program the transparent-proxy redirect", e))?;

@@ -24,7 +24,8 @@
 //! `cargo bench -p kong-mesh-cni --bench plugin_add` (ROUNDS=N, default 200;
 //! BACKENDS=ebpf,nft for some of nft, legacy, nftables and ebpf; STRACE=DIR: then one
 //! more ADD per backend with the agent, ours under `strace -f -tt`, the traces in
-//! DIR/BACKEND.ADD.strace and DIR/BACKEND.DEL.strace, for the step by step breakdown).
+//! DIR/BACKEND.ADD.strace and DIR/BACKEND.DEL.strace, for the step by step breakdown;
+//! TRACER=perf for `perf trace` instead).
 
 #[path = "../tests/agent_node/mod.rs"]
 mod agent_node;
@@ -180,11 +181,22 @@ fn strace_wrapper(trace: &std::path::Path) -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni"));
-    let script = format!(
-        "#!/bin/sh\nexec strace -f -tt --seccomp-bpf -e trace=execve,clone,clone3,setns,unshare,mount,openat,connect,exit_group -o {}.$CNI_COMMAND.strace {}\n",
-        trace.display(),
-        bin.display()
-    );
+    // TRACER=perf: `perf trace` (tracepoints, no ptrace stop per syscall: timings
+    // closer to an untraced run than strace's).
+    const SYSCALLS: &str =
+        "execve,clone,clone3,setns,unshare,mount,openat,connect,sendto,sendmsg,recvmsg,write,rename,wait4,exit_group";
+    let script = match std::env::var("TRACER").as_deref() {
+        Ok("perf") => format!(
+            "#!/bin/sh\nexec perf trace -T -e {SYSCALLS} -o {}.$CNI_COMMAND.strace -- {}\n",
+            trace.display(),
+            bin.display()
+        ),
+        _ => format!(
+            "#!/bin/sh\nexec strace -f -tt --seccomp-bpf -e trace={SYSCALLS} -o {}.$CNI_COMMAND.strace {}\n",
+            trace.display(),
+            bin.display()
+        ),
+    };
     let path = dir.path().join("kong-mesh-cni");
     std::fs::write(&path, script).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -144,3 +144,59 @@ impl Iptables {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 }
+
+/// The iptables-nft version whose form `nftables::xt` writes (the form was learned from
+/// it and is proven against it): another version's tool may write other expressions.
+pub(crate) const NETLINK_FORM_VERSION: &str = "1.8.9";
+
+/// `1.8.9` of `iptables-nft-restore v1.8.9 (nf_tables)`.
+fn parse_version(out: &str) -> Option<&str> {
+    out.split_whitespace().find_map(|w| w.strip_prefix('v')).filter(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+impl Iptables {
+    /// The version of this backend's IPv4 restore tool, as `-V` prints it. Cached in
+    /// `cache_dir` under the tool's identity (inode, size, change time: an upgrade
+    /// changes it), so that an ADD pays one stat and one small read, not a process.
+    pub(crate) fn version(&self, cache_dir: &Path, ctx: &ExecContext) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let tool = &self.tools[0].restore;
+        let meta = std::fs::metadata(tool).ok()?;
+        let identity =
+            format!("{} {} {} {}.{}", tool.display(), meta.ino(), meta.size(), meta.ctime(), meta.ctime_nsec());
+        let cache = cache_dir.join(format!("{}-version", self.kind.label()));
+        if let Ok(text) = std::fs::read_to_string(&cache)
+            && let Some((id, version)) = text.rsplit_once('\n').and_then(|(first, _)| first.rsplit_once('\t'))
+            && id == identity
+        {
+            return Some(version.to_owned());
+        }
+        let mut cmd = self.command(tool, ctx);
+        cmd.arg("-V");
+        let out = exec::run(cmd, "", ctx.timeout).ok()?;
+        let version = parse_version(&String::from_utf8_lossy(&out.stdout))?.to_owned();
+        // Best effort, atomic: a torn or lost cache only means the tool is asked again.
+        let tmp = cache.with_extension(format!("{}.tmp", std::process::id()));
+        let written = std::fs::create_dir_all(cache_dir)
+            .and_then(|()| std::fs::write(&tmp, format!("{identity}\t{version}\n")))
+            .and_then(|()| std::fs::rename(&tmp, &cache));
+        if let Err(error) = written {
+            tracing::debug!(path = %cache.display(), %error, "cannot cache the iptables version");
+        }
+        Some(version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_version;
+
+    #[test]
+    fn reads_the_version_the_tools_print() {
+        assert_eq!(parse_version("iptables-nft-restore v1.8.9 (nf_tables)\n"), Some("1.8.9"));
+        assert_eq!(parse_version("ip6tables-restore v1.8.11 (nf_tables)"), Some("1.8.11"));
+        assert_eq!(parse_version("iptables-restore v1.8.4 (legacy)"), Some("1.8.4"));
+        assert_eq!(parse_version("verbose output"), None);
+        assert_eq!(parse_version(""), None);
+    }
+}

@@ -17,7 +17,7 @@ mod select;
 
 use rules::{Family, RuleSet};
 
-use crate::ops::Env;
+use crate::ops::{Applied, Env};
 
 pub use error::FirewallError;
 pub use facts::NsFacts;
@@ -53,13 +53,14 @@ impl BackendKind {
     }
 }
 
-/// A firewall backend. Each operation enters the pod's namespace itself (through
-/// `env.ns`), so a backend decides how many namespace hops and transactions it needs.
+/// A firewall backend. `apply` runs on a thread already in the pod's namespace (the
+/// hot path: one hop per ADD); the others enter it themselves (through `env.ns`), so a
+/// backend decides how many namespace hops and transactions they need.
 pub(crate) trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
-    /// Installs `sets`, replacing ours and leaving others' rules alone. Returns whether
-    /// existing state had to be merged with.
-    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError>;
+    /// Installs `sets`, replacing ours and leaving others' rules alone, in the calling
+    /// thread's namespace.
+    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Applied, FirewallError>;
     /// Each expected chain or rule that is absent, prefixed with its family.
     fn missing(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError>;
     /// Removes everything of ours (`expected`, when known, also recognises our rules that

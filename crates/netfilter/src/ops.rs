@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kuma::Config;
@@ -12,8 +13,8 @@ use rules::restore::{install_payload, missing, parse_save, replace_payload};
 use rules::{Family, RuleSet, dns, families, generate};
 
 use crate::facts::NsFacts;
-use crate::iptables::{ExecContext, Iptables};
-use crate::select::{BackendChoice, Selection, select};
+use crate::iptables::{ExecContext, Iptables, NETLINK_FORM_VERSION};
+use crate::select::{BackendChoice, Prepared, Selection, select};
 use crate::{Backend, BackendKind, FirewallError, netlink};
 
 /// How operations run.
@@ -32,6 +33,10 @@ pub struct Options {
     /// The caller knows the pod has IPv6 (the CNI previous result lists an IPv6
     /// address), whatever the namespace says yet.
     pub ipv6: bool,
+    /// iptables-nft into a namespace without iptables-nft tables of the family: write
+    /// the rules over netlink in iptables-nft-restore's own form (no process), where
+    /// every rule has a shape written that way; otherwise, or when false, the tool runs.
+    pub iptables_nft_netlink: bool,
 }
 
 impl Default for Options {
@@ -43,6 +48,7 @@ impl Default for Options {
             deadline: None,
             resolv_conf_paths: vec![PathBuf::from(kuma::DEFAULT_RESOLV_CONF)],
             ipv6: false,
+            iptables_nft_netlink: true,
         }
     }
 }
@@ -73,6 +79,15 @@ pub struct RemoveReport {
 
 /// resolv.conf files are a few lines; anything this large is not one.
 const MAX_RESOLV_CONF: u64 = 64 * 1024;
+
+/// What a backend's apply did.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// Rules of ours (or others') were already there and had to be merged with.
+    pub replaced_existing: bool,
+    /// How the rules were written, where that is not the backend's usual way.
+    pub notes: Vec<String>,
+}
 
 /// What a backend operation works with.
 pub(crate) struct Env<'a> {
@@ -160,9 +175,9 @@ impl Drop for LockGuard {
     }
 }
 
-fn choose(ns: &NetNs, facts: &NsFacts, opts: &Options, ctx: &ExecContext) -> Result<Selection, FirewallError> {
-    // The host's facts are read on this thread, which is in the host namespace.
-    let selection = select(opts.backend, facts, NsFacts::read, ctx)?;
+/// The backend for a namespace whose facts are `facts`; on a thread in that namespace.
+fn choose(ns: &NetNs, prepared: Prepared, facts: &NsFacts, ctx: &ExecContext) -> Result<Selection, FirewallError> {
+    let selection = select(prepared, facts, ctx)?;
     tracing::debug!(netns = %ns.path().display(), backend = selection.backend.kind().as_str(), reason = %selection.reason, "firewall backend");
     Ok(selection)
 }
@@ -170,22 +185,28 @@ fn choose(ns: &NetNs, facts: &NsFacts, opts: &Options, ctx: &ExecContext) -> Res
 /// Programs the config's rules into the namespace. Idempotent: rules of ours already
 /// there are replaced in the same transaction, and nothing of others is touched.
 pub fn apply(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<ApplyReport, FirewallError> {
-    let facts = ns.run(NsFacts::read)?;
     let ctx = exec_context(ns, Some(cfg), opts);
-    let Selection { backend, reason } = choose(ns, &facts, opts, &ctx)?;
-    let sets = plan(cfg, &facts, opts)?;
-    let env = Env { ns, facts: &facts, ctx: &ctx, cfg: Some(cfg), opts };
-    let replaced_existing = backend.apply(&env, &sets)?;
-    if backend.kind() == BackendKind::Native {
-        take_over_from_iptables(&env, &sets);
-    }
-    Ok(ApplyReport {
-        backend: backend.kind(),
-        backend_reason: reason,
-        families: sets.iter().map(|s| s.family).collect(),
-        rules: sets.iter().map(RuleSet::rule_count).sum(),
-        replaced_existing,
-    })
+    let prepared = Prepared::new(opts.backend, &ctx);
+    // One hop into the namespace for the facts, the choice and the programming: each
+    // thread started and entered costs a scheduling round on a loaded node.
+    ns.run(|| {
+        let facts = NsFacts::read();
+        let Selection { backend, reason } = choose(ns, prepared, &facts, &ctx)?;
+        let sets = plan(cfg, &facts, opts)?;
+        let env = Env { ns, facts: &facts, ctx: &ctx, cfg: Some(cfg), opts };
+        let Applied { replaced_existing, notes } = backend.apply(&env, &sets)?;
+        if backend.kind() == BackendKind::Native {
+            take_over_from_iptables(&env, &sets);
+        }
+        let backend_reason = notes.into_iter().fold(reason, |r, note| format!("{r}; {note}"));
+        Ok(ApplyReport {
+            backend: backend.kind(),
+            backend_reason,
+            families: sets.iter().map(|s| s.family).collect(),
+            rules: sets.iter().map(RuleSet::rule_count).sum(),
+            replaced_existing,
+        })
+    })?
 }
 
 /// Once the native rules are in, our iptables rules of an older version (if the
@@ -216,17 +237,48 @@ impl Backend for Iptables {
         Iptables::kind(self)
     }
 
-    /// All rules of a family in one restore transaction, both families at once, each
-    /// on one thread in the pod's namespace (its retries too).
-    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError> {
+    /// All rules of a family in one restore transaction (its retries too), both
+    /// families at once: the first on this thread, the others each on a thread started
+    /// from it, which starts in this thread's namespace (the pod's), entering nothing.
+    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Applied, FirewallError> {
         let _lock = LockGuard::new(env.ctx, self.kind());
-        let works: Vec<_> =
-            sets.iter().map(|set| move || with_retries(env, || apply_family(self, env.facts, set, env.ctx))).collect();
-        let mut replaced_existing = false;
-        for result in env.ns.run_each(works)? {
-            replaced_existing |= result?;
+        let form = OnceLock::new();
+        // A new pod (the common case): both families in one netlink batch from this
+        // thread, no other thread.
+        if sets.iter().all(|s| !self.has_tables(env.facts, s.family))
+            && let Some(Ok(())) = form.get_or_init(|| netlink_form(self, env))
+        {
+            if sets.iter().any(|s| s.family == Family::V6) {
+                add_passthrough_address()?;
+            }
+            let all: Vec<&RuleSet> = sets.iter().collect();
+            if let Ok(()) = crate::nftables::write_iptables_nft(&all)? {
+                let notes = sets.iter().map(|s| written_over_netlink(s.family)).collect();
+                return Ok(Applied { replaced_existing: false, notes });
+            }
+            // A family has a shape written only by the tool: each family its own way.
         }
-        Ok(replaced_existing)
+        let work = |set| with_retries(env, || apply_family(self, env, set, &form));
+        let Some((first, others)) = sets.split_first() else { return Ok(Applied::default()) };
+        type Outcome = Result<(bool, Option<String>), FirewallError>;
+        let results = std::thread::scope(|scope| -> Result<Vec<Outcome>, FirewallError> {
+            let mut handles = Vec::with_capacity(others.len());
+            for set in others {
+                let spawned = std::thread::Builder::new().name("netns".into()).spawn_scoped(scope, move || work(set));
+                handles
+                    .push(spawned.map_err(|source| netns::NetNsError::Thread { path: env.ns.path().into(), source })?);
+            }
+            let mut results = vec![work(first)];
+            results.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+            Ok(results)
+        })?;
+        let mut applied = Applied::default();
+        for result in results {
+            let (replaced, note) = result?;
+            applied.replaced_existing |= replaced;
+            applied.notes.extend(note);
+        }
+        Ok(applied)
     }
 
     fn missing(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {
@@ -266,20 +318,53 @@ impl Backend for Iptables {
     }
 }
 
-/// Returns whether existing tables had to be merged with. Runs in the pod's namespace.
-fn apply_family(backend: &Iptables, facts: &NsFacts, set: &RuleSet, ctx: &ExecContext) -> Result<bool, FirewallError> {
+/// Returns whether existing tables had to be merged with, and how the rules were
+/// written when not by the tool in the usual way. Runs in the pod's namespace.
+fn apply_family(
+    backend: &Iptables,
+    env: &Env<'_>,
+    set: &RuleSet,
+    form: &OnceLock<Option<Result<(), String>>>,
+) -> Result<(bool, Option<String>), FirewallError> {
     if set.family == Family::V6 {
         add_passthrough_address()?;
     }
-    if !backend.has_tables(facts, set.family) {
-        // A fresh namespace (the common case): one transaction, no save first.
-        backend.restore(set.family, &install_payload(set), ctx)?;
-        return Ok(false);
+    if !backend.has_tables(env.facts, set.family) {
+        // A fresh namespace (the common case): one transaction, no save first; with
+        // iptables-nft, over netlink in the tool's own form where every rule allows.
+        let mut note = None;
+        match form.get_or_init(|| netlink_form(backend, env)) {
+            None => {}
+            Some(Err(why)) => note = Some(format!("{}: iptables-nft-restore run: {why}", set.family)),
+            Some(Ok(())) => match crate::nftables::write_iptables_nft(&[set])? {
+                Ok(()) => return Ok((false, Some(written_over_netlink(set.family)))),
+                Err(shape) => note = Some(format!("{}: iptables-nft-restore run for {shape}", set.family)),
+            },
+        }
+        backend.restore(set.family, &install_payload(set), env.ctx)?;
+        return Ok((false, note));
     }
-    let saved = parse_save(&backend.save(set.family, ctx)?);
+    let saved = parse_save(&backend.save(set.family, env.ctx)?);
     let payload = replace_payload(&saved, Some(set), Some(set)).expect("a rule set always has rules to add");
-    backend.restore(set.family, &payload, ctx)?;
-    Ok(true)
+    backend.restore(set.family, &payload, env.ctx)?;
+    Ok((true, None))
+}
+
+fn written_over_netlink(family: Family) -> String {
+    format!("{family}: written over netlink in iptables-nft's form")
+}
+
+/// Whether the iptables-nft rules may be written over netlink (`None`: not asked for):
+/// only where the installed tool is the version whose form `nftables::xt` writes.
+fn netlink_form(backend: &Iptables, env: &Env<'_>) -> Option<Result<(), String>> {
+    if backend.kind() != BackendKind::Nft || !env.opts.iptables_nft_netlink {
+        return None;
+    }
+    Some(match backend.version(&env.opts.lock_dir, env.ctx) {
+        Some(v) if v == NETLINK_FORM_VERSION => Ok(()),
+        Some(v) => Err(format!("the installed iptables-nft is v{v}, the netlink form is v{NETLINK_FORM_VERSION}'s")),
+        None => Err("the installed iptables-nft's version is unknown".to_owned()),
+    })
 }
 
 fn with_retries<T>(env: &Env<'_>, mut attempt: impl FnMut() -> Result<T, FirewallError>) -> Result<T, FirewallError> {
@@ -305,9 +390,14 @@ fn with_retries<T>(env: &Env<'_>, mut attempt: impl FnMut() -> Result<T, Firewal
 
 /// Checks that every rule the config yields is present.
 pub fn verify(ns: &NetNs, cfg: &Config, opts: &Options) -> Result<VerifyReport, FirewallError> {
-    let facts = ns.run(NsFacts::read)?;
     let ctx = exec_context(ns, Some(cfg), opts);
-    let Selection { backend, .. } = choose(ns, &facts, opts, &ctx)?;
+    let prepared = Prepared::new(opts.backend, &ctx);
+    let (facts, selection) = ns.run(|| {
+        let facts = NsFacts::read();
+        let selection = choose(ns, prepared, &facts, &ctx);
+        (facts, selection)
+    })?;
+    let Selection { backend, .. } = selection?;
     let sets = plan(cfg, &facts, opts)?;
     let env = Env { ns, facts: &facts, ctx: &ctx, cfg: Some(cfg), opts };
     let missing = backend.missing(&env, &sets)?;

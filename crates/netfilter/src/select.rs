@@ -58,35 +58,60 @@ fn chosen(backend: impl Backend + 'static, reason: impl Into<String>) -> Selecti
     Selection { backend: Box::new(backend), reason: reason.into() }
 }
 
-/// Decides from the pod namespace's facts and, when they say nothing, the host's
-/// (read lazily: most pod namespaces are fresh, so the host decides).
-pub(crate) fn select(
-    choice: BackendChoice,
-    pod: &NsFacts,
-    host: impl FnOnce() -> NsFacts,
-    ctx: &ExecContext,
-) -> Result<Selection, FirewallError> {
-    if let BackendChoice::Forced(kind) = choice {
-        return Ok(Selection { backend: backend(kind)?, reason: "configured".into() });
+/// What the choice needs from outside the pod namespace, read before entering it: for
+/// `auto`, the tools installed and what the host's state says. Made on a thread in the
+/// host's namespace (the host's facts, and its saves when both kinds of tables are
+/// there, are the host's only there), so that the pod's facts, the choice and the rules
+/// then take one hop into the pod's namespace.
+pub(crate) enum Prepared {
+    Forced(BackendKind),
+    Auto(Box<HostView>),
+}
+
+pub(crate) struct HostView {
+    nft: Option<Iptables>,
+    legacy: Option<Iptables>,
+    /// The backend the host's state points to, and why.
+    by_host: Option<(Iptables, String)>,
+}
+
+impl Prepared {
+    pub(crate) fn new(choice: BackendChoice, ctx: &ExecContext) -> Self {
+        let BackendChoice::Forced(kind) = choice else {
+            let nft = Iptables::discover(BackendKind::Nft).ok();
+            let legacy = Iptables::discover(BackendKind::Legacy).ok();
+            let by_host = match (&nft, &legacy) {
+                (Some(nft), Some(legacy)) => by_state(&NsFacts::read(), nft, legacy, ctx),
+                _ => None,
+            };
+            return Prepared::Auto(Box::new(HostView { nft, legacy, by_host }));
+        };
+        Prepared::Forced(kind)
     }
+}
+
+/// Decides from the pod namespace's facts and, when they say nothing, the host's.
+/// Runs on a thread in the pod's namespace (its saves, if any, are the pod's).
+pub(crate) fn select(prepared: Prepared, pod: &NsFacts, ctx: &ExecContext) -> Result<Selection, FirewallError> {
+    let (nft, legacy, by_host) = match prepared {
+        Prepared::Forced(kind) => return Ok(Selection { backend: backend(kind)?, reason: "configured".into() }),
+        Prepared::Auto(host) => (host.nft, host.legacy, host.by_host),
+    };
     if pod.native.iter().any(|n| *n) {
         return Ok(chosen(Native, "the pod namespace has our nftables table"));
     }
-    let nft = Iptables::discover(BackendKind::Nft);
-    let legacy = Iptables::discover(BackendKind::Legacy);
     let (nft, legacy) = match (nft, legacy) {
-        (Ok(n), Ok(l)) => (n, l),
-        (Ok(n), Err(_)) => return Ok(chosen(n, "only the nft tools are installed")),
-        (Err(_), Ok(l)) => return Ok(chosen(l, "only the legacy tools are installed")),
-        (Err(_), Err(_)) => {
+        (Some(n), Some(l)) => (n, l),
+        (Some(n), None) => return Ok(chosen(n, "only the nft tools are installed")),
+        (None, Some(l)) => return Ok(chosen(l, "only the legacy tools are installed")),
+        (None, None) => {
             return Ok(chosen(Native, "no iptables tools are installed: native nftables, which needs none"));
         }
     };
     if let Some((backend, why)) = by_state(pod, &nft, &legacy, ctx) {
         return Ok(chosen(backend, format!("the pod namespace {why}")));
     }
-    let host = host();
-    if let Some((backend, why)) = by_state(&host, &nft, &legacy, ctx) {
+    if let Some((backend, why)) = by_host {
         return Ok(chosen(backend, format!("the host {why}")));
     }
     Ok(chosen(nft, "no iptables state on the host or in the pod: the default"))

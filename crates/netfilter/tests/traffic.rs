@@ -361,3 +361,27 @@ fn auto_detection_follows_the_namespace_then_the_host() {
         assert!(report.backend_reason.contains("pod namespace"), "{}", report.backend_reason);
     }
 }
+
+/// A pod namespace with both kinds of tables: its own rules are counted (in it, not in
+/// the host's namespace, where the counting saves once ran), and the kind holding more
+/// of them is chosen.
+#[test]
+fn auto_detection_counts_the_pod_namespaces_rules_when_both_kinds_are_there() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new("fwboth", false);
+    for (tool, chains) in [("iptables-legacy", ["L1", "L2", "L3"].as_slice()), ("iptables-nft", ["N1"].as_slice())] {
+        for chain in chains {
+            topo.pod.exec(tool, &["-t", "filter", "-N", chain]);
+            topo.pod.exec(tool, &["-t", "filter", "-A", "INPUT", "-j", chain]);
+        }
+    }
+    let auto = Options { backend: BackendChoice::Auto, ..options(BackendKind::Nft) };
+    let report = apply(&topo.pod.open(), &Config::default(), &auto).unwrap();
+    assert_eq!(report.backend, BackendKind::Legacy, "{}", report.backend_reason);
+    assert_eq!(
+        report.backend_reason,
+        "the pod namespace has more iptables-legacy rules (3) than iptables-nft rules (1)"
+    );
+}

@@ -5,6 +5,7 @@
 //! tables and creates the new ones; remove is one batch deleting them.
 
 mod wire;
+pub(crate) mod xt;
 
 use std::collections::HashMap;
 use std::io;
@@ -16,7 +17,7 @@ use rules::nft::{NftTable, TABLE, family_name, translate};
 use rules::{Family, RuleSet};
 
 use crate::netlink::{Conn, NlError, netfilter_message};
-use crate::ops::Env;
+use crate::ops::{Applied, Env};
 use crate::{Backend, BackendKind, FirewallError};
 
 #[derive(Debug, Clone, Copy)]
@@ -28,15 +29,30 @@ fn netlink_error(what: String, e: NlError) -> FirewallError {
 
 /// One transaction: delete our tables of `delete`, create `create`.
 fn commit(delete: &[Family], create: &[NftTable]) -> Result<(), FirewallError> {
+    send(wire::batch(delete, create))
+}
+
+/// Sends one batch; a refusal names the refused message.
+fn send(batch: wire::Batch) -> Result<(), FirewallError> {
     let mut conn = Conn::open(NETLINK_NETFILTER)
         .map_err(|e| FirewallError::Netlink { what: "open a netfilter netlink socket".into(), error: e.to_string() })?;
-    let wire::Batch { messages, what } = wire::batch(delete, create);
+    let wire::Batch { messages, what } = batch;
     conn.transact(messages).map_err(|e| match e {
         NlError::Refused(ref r) => {
             netlink_error(what.get(r.index).cloned().unwrap_or_else(|| format!("message {}", r.index)), e)
         }
         e => netlink_error("nf_tables batch".into(), e),
     })
+}
+
+/// Writes `sets` in iptables-nft's own form (see [`xt`]) into the calling thread's
+/// namespace, which has no iptables-nft table of their families, in one transaction.
+/// `Ok(Err(shape))`: nothing was written, a rule has a shape not written that way.
+pub(crate) fn write_iptables_nft(sets: &[&RuleSet]) -> Result<Result<(), String>, FirewallError> {
+    match xt::batch(sets) {
+        Ok(batch) => send(batch).map(Ok),
+        Err(shape) => Ok(Err(shape)),
+    }
 }
 
 /// A rule of ours as the kernel lists it: chain, canonical expressions, comment.
@@ -139,16 +155,14 @@ impl Backend for Native {
         BackendKind::Native
     }
 
-    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<bool, FirewallError> {
+    fn apply(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Applied, FirewallError> {
         let create = tables(sets);
         let delete = ours(env);
-        env.ns.run(|| {
-            if sets.iter().any(|s| s.family == Family::V6) {
-                crate::ops::add_passthrough_address()?;
-            }
-            commit(&delete, &create)
-        })??;
-        Ok(!delete.is_empty())
+        if sets.iter().any(|s| s.family == Family::V6) {
+            crate::ops::add_passthrough_address()?;
+        }
+        commit(&delete, &create)?;
+        Ok(Applied { replaced_existing: !delete.is_empty(), notes: Vec::new() })
     }
 
     fn missing(&self, env: &Env<'_>, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {

@@ -54,8 +54,8 @@ const NFTA_BYTEORDER_LEN: u16 = 4;
 const NFTA_BYTEORDER_SIZE: u16 = 5;
 const NFT_BYTEORDER_HTON: u32 = 1;
 const NFT_REG_1: u32 = 1;
-const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
-const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+pub(super) const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+pub(super) const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SET_ID: u16 = 4;
 const NFTA_LOOKUP_FLAGS: u16 = 5;
@@ -71,12 +71,12 @@ pub fn nfproto(family: Family) -> u8 {
     }
 }
 
-fn msg(family: Family, inner: NfTablesMessage) -> NetfilterMessage {
+pub(super) fn msg(family: Family, inner: NfTablesMessage) -> NetfilterMessage {
     netfilter_message(nfproto(family), inner)
 }
 
 /// The batch framing: its header names the nf_tables subsystem.
-fn control(inner: ControlMessage) -> NetfilterMessage {
+pub(super) fn control(inner: ControlMessage) -> NetfilterMessage {
     NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES), inner)
 }
 
@@ -87,7 +87,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, flags: u16, m: NetfilterMessage, what: String) {
+    pub(super) fn push(&mut self, flags: u16, m: NetfilterMessage, what: String) {
         self.messages.push((flags, m));
         self.what.push(what);
     }
@@ -335,7 +335,7 @@ pub fn userdata_comment(data: &[u8]) -> Option<String> {
     None
 }
 
-fn u32_be(kind: u16, v: u32) -> DefaultNla {
+pub(super) fn u32_be(kind: u16, v: u32) -> DefaultNla {
     DefaultNla::new(kind, v.to_be_bytes().to_vec())
 }
 
@@ -347,15 +347,15 @@ fn data_nla(kind: u16, value: &[u8]) -> DefaultNla {
     DefaultNla::new(kind | NLA_F_NESTED, buf)
 }
 
-fn other(name: &str, attributes: Vec<DefaultNla>) -> ListAttribute<ExpressionAttribute> {
+pub(super) fn other(name: &str, attributes: Vec<DefaultNla>) -> ListAttribute<ExpressionAttribute> {
     Expressions::Other { expression_type: name.into(), attributes }.into()
 }
 
-fn load_meta(key: MetaKey) -> ListAttribute<ExpressionAttribute> {
+pub(super) fn load_meta(key: MetaKey) -> ListAttribute<ExpressionAttribute> {
     Expressions::Meta(vec![Meta::Key(key), Meta::DestinationRegister(Register::Reg1)]).into()
 }
 
-fn load_payload(base: u32, offset: u32, len: u32) -> ListAttribute<ExpressionAttribute> {
+pub(super) fn load_payload(base: u32, offset: u32, len: u32) -> ListAttribute<ExpressionAttribute> {
     Expressions::Payload(vec![
         Payload::DestinationRegister(Register::Reg1),
         Payload::Base(base),
@@ -365,7 +365,7 @@ fn load_payload(base: u32, offset: u32, len: u32) -> ListAttribute<ExpressionAtt
     .into()
 }
 
-fn cmp(negated: bool, data: Vec<u8>) -> ListAttribute<ExpressionAttribute> {
+pub(super) fn cmp(negated: bool, data: Vec<u8>) -> ListAttribute<ExpressionAttribute> {
     let op = if negated { Operator::NotEqual } else { Operator::Equal };
     Expressions::Cmp(vec![Cmp::SourceRegister(Register::Reg1), Cmp::Op(op), Cmp::Data(DataAttribute::Value(data))])
         .into()
@@ -383,7 +383,7 @@ fn range(negated: bool, from: &[u8], to: &[u8]) -> ListAttribute<ExpressionAttri
     )
 }
 
-fn bitwise(len: u32, mask: Vec<u8>) -> ListAttribute<ExpressionAttribute> {
+pub(super) fn bitwise(len: u32, mask: Vec<u8>) -> ListAttribute<ExpressionAttribute> {
     let xor = vec![0; mask.len()];
     Expressions::Bitwise(vec![
         Bitwise::SourceRegister(Register::Reg1),
@@ -399,7 +399,7 @@ fn immediate(data: DataAttribute, register: Register) -> ListAttribute<Expressio
     Expressions::Immediate(vec![Immediate::DestinationRegister(register), Immediate::Data(data)]).into()
 }
 
-fn verdict(code: Verdict, chain: Option<&str>) -> ListAttribute<ExpressionAttribute> {
+pub(super) fn verdict(code: Verdict, chain: Option<&str>) -> ListAttribute<ExpressionAttribute> {
     let mut v = vec![VerdictAttribute::Code(code)];
     if let Some(c) = chain {
         v.push(VerdictAttribute::Chain(c.into()));
@@ -407,7 +407,7 @@ fn verdict(code: Verdict, chain: Option<&str>) -> ListAttribute<ExpressionAttrib
     immediate(DataAttribute::Verdict(v), Register::Verdict)
 }
 
-fn proto_number(p: Protocol) -> u8 {
+pub(super) fn proto_number(p: Protocol) -> u8 {
     match p {
         Protocol::Tcp => libc::IPPROTO_TCP as u8,
         Protocol::Udp => libc::IPPROTO_UDP as u8,
