@@ -106,7 +106,12 @@ async fn start_installer(node: &Node, client: &Client) -> Installer {
     std::fs::write(sa_dir.join("ca.crt"), ca).unwrap();
     let ready = node.root.join("installer-ready");
     let p = |p: &Path| p.to_string_lossy().into_owned();
+    // The chart's default template with the plugin's run dir under the node's root, as
+    // the chart's `cni.runDir` puts it: the host's /run/kong-mesh-cni stays untouched.
+    let mut template: Value = serde_json::from_str(installer::template::DEFAULT_TEMPLATE).unwrap();
+    template["run_dir"] = json!(node.root.join("run/kong-mesh-cni"));
     let env = [
+        ("CNI_NETWORK_CONFIG", template.to_string()),
         ("KUBERNETES_SERVICE_HOST", node.node_ip.to_string()),
         ("KUBERNETES_SERVICE_PORT", node.api_port.to_string()),
         ("CNI_NET_DIR", p(&node.cni_net_dir)),
