@@ -16,14 +16,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::api::core::v1::Node as KubeNode;
+use k8s_openapi::api::core::v1::{Namespace, Node as KubeNode};
 use kube::ResourceExt;
-use kube::api::{Api, LogParams};
-use kube::api::{Patch, PatchParams};
+use kube::api::{Api, LogParams, Patch, PatchParams};
 use testkit::node::ClusterNetwork;
 use testkit::node_chart::{CNI_NAMESPACE, install_with, tainted};
-use testkit::node_multus::{Multus, multus_mesh_pod, wait_for_nad};
+use testkit::node_multus::{Multus, NETWORK, multus_mesh_pod, wait_for_nad};
 use testkit::node_pods::{Validator, container, log_line, mesh_pod, plain_pod, pod_ip, run_pod, validation_exit};
 use testkit::{Node, NodeOptions};
 
@@ -33,7 +31,7 @@ const LOG_WAIT: Duration = Duration::from_secs(20);
 /// How our plugin is reached.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Mode {
-    /// Chained into the node's bridge conflist (`cni.chained=true`).
+    /// Chained into the node's primary conflist (`cni.chained=true`).
     #[default]
     Chained,
     /// The chart's defaults behind thin Multus: our own conf in Multus's conf dir.
@@ -185,7 +183,7 @@ async fn run_async(binary: &Path, mode: Mode, network: ClusterNetwork) -> Result
     step("deleting the release");
     installed.release.uninstall(Duration::from_secs(90)).await?;
     let restored = Instant::now();
-    let ours_gone = || multus.as_ref().is_none_or(|m| !m.conf_dir.join("kuma-cni.conf").exists());
+    let ours_gone = || multus.as_ref().is_none_or(|m| !m.conf_dir.join(format!("{NETWORK}.conf")).exists());
     while (std::fs::read(&primary_file)? != primary || !ours_gone()) && restored.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -206,9 +204,9 @@ async fn run_async(binary: &Path, mode: Mode, network: ClusterNetwork) -> Result
 
 /// Our standalone conf in Multus's conf dir: its file name, checked to be our network.
 fn standalone_conf(multus: &Multus) -> Result<String> {
-    let path = multus.conf_dir.join("kuma-cni.conf");
+    let path = multus.conf_dir.join(format!("{NETWORK}.conf"));
     let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).context("our conf for Multus")?)?;
-    anyhow::ensure!(conf["name"] == "kuma-cni" && conf["type"] == "kong-mesh-cni", "{}: {conf}", path.display());
+    anyhow::ensure!(conf["name"] == NETWORK && conf["type"] == "kong-mesh-cni", "{}: {conf}", path.display());
     Ok(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
 }
 

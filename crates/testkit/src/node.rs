@@ -72,6 +72,13 @@ pub fn node_bin_dir() -> &'static Path {
     DIR.get_or_init(|| cached_build("KMC_NODE_BIN", "scripts/node-build.sh", "kubelet"))
 }
 
+/// The bin dir of `scripts/cnis-build.sh` (multus, multus-daemon, multus-shim,
+/// flanneld): from `KMC_CNIS_BIN`, else built (minutes the first time; then instant).
+pub fn cnis_bin_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| cached_build("KMC_CNIS_BIN", "scripts/cnis-build.sh", "multus"))
+}
+
 /// The node's cluster network: its primary CNI, the node's only conflist.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ClusterNetwork {
@@ -701,12 +708,7 @@ impl Node {
             "--iptables-forward-rules=false".into(),
         ];
         let name = self.name.clone();
-        self.spawn_env(
-            "flanneld",
-            &crate::node_multus::cnis_bin_dir().join("flanneld"),
-            &args,
-            &[("NODE_NAME", &name)],
-        )?;
+        self.spawn_env("flanneld", &cnis_bin_dir().join("flanneld"), &args, &[("NODE_NAME", &name)])?;
         wait_for(Duration::from_secs(60), "flanneld's subnet file", || subnet_file.exists())
     }
 

@@ -15,9 +15,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
-use crate::node::{Node, NodeError};
+use crate::node::{Node, NodeError, cnis_bin_dir};
 use crate::node_pods::{Validator, mesh_pod};
-use crate::{cached_build, repo_root};
+use crate::repo_root;
 
 /// The pod annotation Multus reads the extra networks from.
 pub const NETWORKS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/networks";
@@ -28,13 +28,6 @@ const NAD_CRD: &str = "network-attachment-definitions.k8s.cni.cncf.io";
 pub const NETWORK: &str = "kuma-cni";
 /// The image of the multus-daemon pod (its static binary alone).
 pub const MULTUS_IMAGE: &str = "kmc.test/multus:1";
-
-/// The bin dir of `scripts/cnis-build.sh` (multus, multus-daemon, multus-shim,
-/// flanneld): from `KMC_CNIS_BIN`, else built (minutes the first time; then instant).
-pub fn cnis_bin_dir() -> &'static Path {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| cached_build("KMC_CNIS_BIN", "scripts/cnis-build.sh", "multus"))
-}
 
 /// Multus as installed on a node.
 #[derive(Debug, Clone)]
