@@ -252,6 +252,7 @@ async fn chart_scenario(network: ClusterNetwork) {
     let pods = deployment_ready(&client, "rewritten", BURST as usize, Duration::from_secs(240)).await;
     assert_redirected(&client, &pods, &target_addr).await;
     let sandboxes = sandbox_ids(&node.log("containerd"), "rewritten-");
+    assert!(sandboxes.len() >= BURST as usize, "a sandbox per pod in containerd's log: {sandboxes:?}");
     let seen = node_pods::container_logs(&node, "install-cni");
     let without_us: Vec<&String> = sandboxes.iter().filter(|id| !seen.contains(&format!("container={id}"))).collect();
     let chained = std::fs::read_to_string(&node.conflist).unwrap();
