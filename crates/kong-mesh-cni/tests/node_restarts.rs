@@ -91,14 +91,12 @@ async fn create(client: &Client, pods: &[Value]) {
 /// Waits (up to `within`) until our plugin runs on the node, an ADD in flight (the
 /// pods being created are the only ones starting); whether it saw one.
 async fn add_in_flight(node: &Node, plugin: &str, within: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if !node_pods::plugin_pids(node, plugin).is_empty() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    false
+    // Blocking (fanotify and poll): off this task, which creates the pods meanwhile.
+    let binary = node.cni_bin_dir.join(plugin);
+    tokio::task::spawn_blocking(move || node_pods::plugin_starts(&binary, within))
+        .await
+        .expect("the watch for our plugin's exec")
+        .unwrap_or_else(|e| panic!("watching for our plugin's exec: {e}"))
 }
 
 /// Stops `component` while an ADD of ours is in flight, for [`STOPPED`], then starts it

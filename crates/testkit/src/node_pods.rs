@@ -298,11 +298,54 @@ pub fn rules_in(pid: i32) -> (String, String) {
     (nft, legacy)
 }
 
-/// PIDs of the processes running the CNI plugin `plugin` from `node`'s bin dir (an ADD
-/// or DEL in flight: the runtime runs a plugin by its path).
-pub fn plugin_pids(node: &Node, plugin: &str) -> Vec<i32> {
-    let cmdline = format!("{}\0", node.cni_bin_dir.join(plugin).display());
-    pids(|_| true, cmdline.as_bytes())
+/// Waits up to `within` for the CNI plugin at `binary` to be run, and returns as it
+/// starts: true then, with its call (a few ms) in flight. An fanotify mark for exec
+/// opens of the binary, set before waiting: polling /proc for the process misses a
+/// call that short. Blocking.
+pub fn plugin_starts(binary: &std::path::Path, within: Duration) -> std::io::Result<bool> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let path = std::ffi::CString::new(binary.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: fanotify_init(2) takes flags only; the result is checked.
+    let fd = unsafe { libc::fanotify_init(libc::FAN_CLASS_NOTIF | libc::FAN_CLOEXEC, libc::O_RDONLY as u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a valid descriptor and a NUL-terminated path.
+    let rc = unsafe {
+        libc::fanotify_mark(fd.as_raw_fd(), libc::FAN_MARK_ADD, libc::FAN_OPEN_EXEC, libc::AT_FDCWD, path.as_ptr())
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let timeout = i32::try_from(within.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut poll, 1, timeout) };
+    if ready < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if ready == 0 {
+        return Ok(false);
+    }
+    // Each event carries a descriptor of the binary: read them to close them.
+    let mut buf = [0u8; 4096];
+    // SAFETY: buf is valid for its length.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    let size = std::mem::size_of::<libc::fanotify_event_metadata>();
+    let mut at = 0;
+    while n > 0 && at + size <= n as usize {
+        // SAFETY: the kernel wrote whole events; read_unaligned copes with the offset.
+        let event: libc::fanotify_event_metadata = unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+        if event.fd >= 0 {
+            // SAFETY: the event's descriptor is ours to close.
+            drop(unsafe { OwnedFd::from_raw_fd(event.fd) });
+        }
+        at += (event.event_len as usize).max(size);
+    }
+    Ok(true)
 }
 
 /// Processes in the cgroups of `node`'s pods (of the pod with UID `uid` only, if given)
