@@ -162,10 +162,11 @@ impl HostLock {
     }
 }
 
-/// Waits for the host's node lock (`$TMPDIR/kmc-node.lock`), saying so when it waits.
+/// Waits for the host's node lock, saying so when it waits: an flock of `$TMPDIR`
+/// itself, which every session shares and no test creates or leaves behind.
 async fn one_node_per_host() -> Result<HostLock, NodeError> {
-    let path = std::env::temp_dir().join("kmc-node.lock");
-    let file = std::fs::File::create(&path).map_err(|e| NodeError::io(&path, e))?;
+    let path = std::env::temp_dir();
+    let file = std::fs::File::open(&path).map_err(|e| NodeError::io(&path, e))?;
     let mut said = false;
     loop {
         match file.try_lock() {
