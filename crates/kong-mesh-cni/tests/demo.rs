@@ -78,25 +78,11 @@ fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_
     }
     let netns_dir = std::path::Path::new(testkit::node::NETNS_DIR);
     assert_eq!(testkit::node::propagation(netns_dir), None, "no netns mount point before the node");
-    let report = demo::real_node::run(
-        std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")),
-        Mode::Chained,
-        ClusterNetwork::Bridge,
-    )
-    .expect("the demo runs");
-    println!("{report}");
+    let report = real_node_demo(Mode::Chained, ClusterNetwork::Bridge);
 
     assert!(report.tainted_at_start, "the node waits for its CNI");
     assert_eq!(report.chained, ["bridge", "portmap", "kong-mesh-cni"]);
     assert!(report.apply_to_cni_ready <= report.apply_to_untainted, "untainted only once the CNI pod is Ready");
-    assert_eq!(report.validator_exit, Some(0), "the validator passed as the mesh pod's init container");
-    assert_eq!(report.mesh_line, format!("dial {0} -> sidecar port=15001 uid=5678 orig={0}", report.target));
-    assert_eq!(report.plain_line, format!("dial {} -> serve port=8080", report.target), "the plain pod is untouched");
-    assert!(
-        report.plugin_lines.iter().any(|l| l.contains("default/mesh") && l.contains("redirect programmed")),
-        "{:#?}",
-        report.plugin_lines
-    );
     assert!(
         report.plugin_lines.iter().any(|l| l.contains("default/plain") && l.contains("pass through")),
         "{:#?}",
@@ -104,8 +90,7 @@ fn the_real_node_demo_installs_from_the_chart_redirects_the_mesh_pod_and_leaves_
     );
     assert!(report.restored_exactly, "deleting the release restored the primary conflist byte for byte");
     assert_eq!(report.net_dir_after, ["10-kmc-bridge.conflist"]);
-    assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
-    assert_eq!(report.host_changes, Vec::<String>::new(), "sysctls, iptables chains and host paths as before the node");
+    pods_redirected_and_host_as_before(&report);
     assert_eq!(testkit::node::propagation(netns_dir), None, "the netns dir put back as it was");
 }
 
@@ -118,28 +103,13 @@ fn the_real_node_demo_behind_multus_uses_the_charts_defaults() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let report = demo::real_node::run(
-        std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")),
-        Mode::Multus,
-        ClusterNetwork::Bridge,
-    )
-    .expect("the demo runs");
-    println!("{report}");
+    let report = real_node_demo(Mode::Multus, ClusterNetwork::Bridge);
 
     assert_eq!(report.chained, ["bridge", "portmap"], "the cluster network is not chained into");
     assert_eq!(report.standalone_conf.as_deref(), Some("kuma-cni.conf"));
     assert!(report.label_to_nad.is_some(), "our controller made the NAD");
-    assert_eq!(report.validator_exit, Some(0), "the validator passed as the mesh pod's init container");
-    assert_eq!(report.mesh_line, format!("dial {0} -> sidecar port=15001 uid=5678 orig={0}", report.target));
-    assert_eq!(report.plain_line, format!("dial {} -> serve port=8080", report.target), "the plain pod is untouched");
-    assert!(
-        report.plugin_lines.iter().any(|l| l.contains("default/mesh") && l.contains("redirect programmed")),
-        "{:#?}",
-        report.plugin_lines
-    );
     assert!(report.restored_exactly, "Multus's conf unchanged and ours removed by the release's deletion");
-    assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
-    assert_eq!(report.host_changes, Vec::<String>::new(), "sysctls, iptables chains and host paths as before the node");
+    pods_redirected_and_host_as_before(&report);
 }
 
 /// `scripts/demo.sh --node --network flannel`, run as a test: K3D's cluster network on
@@ -152,13 +122,7 @@ fn the_real_node_demo_on_k3ds_flannel_chains_into_its_conflist() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let report = demo::real_node::run(
-        std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni")),
-        Mode::Chained,
-        ClusterNetwork::Flannel,
-    )
-    .expect("the demo runs");
-    println!("{report}");
+    let report = real_node_demo(Mode::Chained, ClusterNetwork::Flannel);
 
     let (cidr, backend) = report.flannel_lease.clone().expect("flanneld's lease");
     assert_eq!(backend, "host-gw", "flanneld announced its backend on the node");
@@ -166,11 +130,32 @@ fn the_real_node_demo_on_k3ds_flannel_chains_into_its_conflist() {
     let prefix = cidr.trim_end_matches("0/24");
     assert!(!cidr.is_empty() && pod_ip.starts_with(prefix), "pod {pod_ip} from flannel's lease {cidr}");
     assert_eq!(report.chained, ["flannel", "portmap", "bandwidth", "kong-mesh-cni"]);
+    assert!(report.restored_exactly, "deleting the release restored 10-flannel.conflist byte for byte");
+    assert_eq!(report.net_dir_after, ["10-flannel.conflist"]);
+    pods_redirected_and_host_as_before(&report);
+}
+
+/// The real-node demo in `mode` on `network`, its report printed.
+fn real_node_demo(mode: Mode, network: ClusterNetwork) -> demo::real_node::Report {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_kong-mesh-cni"));
+    let report = demo::real_node::run(binary, mode, network).expect("the demo runs");
+    println!("{report}");
+    report
+}
+
+/// What every real-node demo shows, whatever its mode and network: the validator
+/// passed, the mesh app's connection landed on the sidecar with its original
+/// destination, the plain pod is untouched, the plugin's line for the mesh pod is in
+/// `kubectl logs`, and nothing of the node is left on the host.
+fn pods_redirected_and_host_as_before(report: &demo::real_node::Report) {
     assert_eq!(report.validator_exit, Some(0), "the validator passed as the mesh pod's init container");
     assert_eq!(report.mesh_line, format!("dial {0} -> sidecar port=15001 uid=5678 orig={0}", report.target));
     assert_eq!(report.plain_line, format!("dial {} -> serve port=8080", report.target), "the plain pod is untouched");
-    assert!(report.restored_exactly, "deleting the release restored 10-flannel.conflist byte for byte");
-    assert_eq!(report.net_dir_after, ["10-flannel.conflist"]);
+    assert!(
+        report.plugin_lines.iter().any(|l| l.contains("default/mesh") && l.contains("redirect programmed")),
+        "{:#?}",
+        report.plugin_lines
+    );
     assert!(report.leftovers.is_empty(), "left behind: {:?}", report.leftovers);
     assert_eq!(report.host_changes, Vec::<String>::new(), "sysctls, iptables chains and host paths as before the node");
 }
